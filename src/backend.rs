@@ -1,0 +1,131 @@
+//! Where servers come from: Docker containers or local PostgreSQL binaries.
+//!
+//! Both backends find servers by a deterministic name, so that every process of a run
+//! (nextest runs each test in its own process) shares them, create each one exactly
+//! once even when many processes ask at the same moment, and stop it by itself once no
+//! connection has been open for the grace period. The stopping needs no code in the test
+//! processes: a watchdog beside each server counts the server's TCP connections (in
+//! `/proc/net/tcp`), so a process that is killed still lets its servers go.
+
+mod docker;
+mod local;
+
+use std::time::Instant;
+
+use crate::config::{Backend, Config};
+use crate::server::Server;
+use crate::{Error, Result};
+
+/// A resolved backend.
+#[derive(Debug)]
+pub(crate) enum Source {
+    Docker(docker::Docker),
+    Local(local::Local),
+}
+
+/// The watchdog's idle loop, shared by both backends. `$pg` is the server's pid,
+/// `$port` the port it listens on inside its network namespace, `$grace` seconds.
+/// Idle time counts from the moment the server listens on TCP (the official image's
+/// temporary init server does not) and restarts whenever a connection is open; a
+/// server that never comes up is given up after five minutes.
+const IDLE_LOOP: &str = r#"
+hex=$(printf '%04X' "$port")
+trap 'kill -INT $pg 2>/dev/null' INT TERM HUP
+seen=0
+idle=0
+waited=0
+while kill -0 "$pg" 2>/dev/null; do
+    sleep 1
+    if grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 01 " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
+        seen=1
+        idle=0
+    elif [ "$seen" = 1 ] || grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 0A " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
+        seen=1
+        idle=$((idle + 1))
+    else
+        waited=$((waited + 1))
+    fi
+    if { [ "$idle" -gt 0 ] && [ "$idle" -ge "$grace" ]; } || [ "$waited" -ge 300 ]; then
+        kill -INT "$pg" 2>/dev/null
+        break
+    fi
+done
+wait "$pg"
+"#;
+
+/// `-c name=value` arguments for `postgres`.
+fn server_args() -> Vec<String> {
+    crate::server::THROWAWAY_SETTINGS
+        .iter()
+        .flat_map(|(k, v)| ["-c".to_owned(), format!("{k}={v}")])
+        .collect()
+}
+
+impl Source {
+    /// Docker when it answers (and has the image, or can pull it), else local binaries.
+    pub(crate) async fn resolve(config: &Config) -> Result<Source> {
+        match config.backend {
+            Backend::Docker => Ok(Source::Docker(docker::Docker::connect(config, true).await?)),
+            Backend::Local => Ok(Source::Local(local::Local::find(config).map_err(|message| Error::Local {
+                message: format!("{message} (install the Debian package 'postgresql' or set PGFIXTURE_PG_BIN)"),
+            })?)),
+            Backend::Auto => {
+                let docker_error = match docker::Docker::connect(config, config.require_docker).await {
+                    Ok(docker) => return Ok(Source::Docker(docker)),
+                    Err(e) if config.require_docker => return Err(e),
+                    Err(e) => e.to_string(),
+                };
+                match local::Local::find(config) {
+                    Ok(local) => {
+                        tracing::info!(reason = %docker_error, "Docker is not usable; using local PostgreSQL binaries");
+                        Ok(Source::Local(local))
+                    }
+                    Err(local_error) => Err(Error::NoBackend {
+                        docker: docker_error,
+                        local: local_error,
+                    }),
+                }
+            }
+        }
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Source::Docker(_) => "docker",
+            Source::Local(_) => "local",
+        }
+    }
+
+    /// What servers are made of: the image or the binaries' directory.
+    pub(crate) fn flavour(&self) -> String {
+        match self {
+            Source::Docker(d) => d.image().to_owned(),
+            Source::Local(l) => l.bin().display().to_string(),
+        }
+    }
+
+    /// The server called `name`, started if no process of this run has started it yet.
+    /// Returns whether this call started it.
+    pub(crate) async fn server(
+        &self,
+        name: &str,
+        config: &Config,
+        deadline: Instant,
+    ) -> Result<(Server, bool)> {
+        match self {
+            Source::Docker(d) => d.server(name, config, deadline).await,
+            Source::Local(l) => l.server(name, config, deadline).await,
+        }
+    }
+}
+
+/// A readiness timeout reports the configured limit the user can raise.
+pub(crate) fn timeout_with(error: Error, config: &Config) -> Error {
+    match error {
+        Error::AcquireTimeout { waiting_for, .. } => Error::AcquireTimeout {
+            timeout: config.acquire_timeout,
+            waiting_for,
+        },
+        other => other,
+    }
+}

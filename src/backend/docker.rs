@@ -1,0 +1,304 @@
+//! Servers in Docker containers.
+//!
+//! The containers are created through bollard, the Docker client that testcontainers
+//! is built on (re-exported as `testcontainers::bollard`), with API version
+//! negotiation: testcontainers pins the newest Docker API, which the daemons of
+//! Debian 12 (`docker.io` 20.10, API 1.41) reject, and its containers are removed when
+//! the handle that started them drops, while pgfixture's must outlive the test process
+//! that started them (nextest runs every test in its own process).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use testcontainers::bollard;
+use testcontainers::bollard::errors::Error as DockerError;
+use testcontainers::bollard::models::{
+    ContainerCreateBody, ContainerStateStatusEnum, HostConfig, PortBinding,
+};
+use testcontainers::bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+
+use super::{IDLE_LOOP, server_args, timeout_with};
+use crate::config::Config;
+use crate::server::{SUPERUSER, Server, SlowNotice, random_password};
+use crate::{Error, Result};
+
+/// A Docker daemon that answers, and the image servers are made of.
+#[derive(Debug)]
+pub(crate) struct Docker {
+    client: bollard::Docker,
+    image: String,
+}
+
+/// Answering a ping takes milliseconds; a daemon that has not answered in this time is
+/// treated as unreachable instead of hanging the first test.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Labels on every container: who made it, and for which run.
+pub(crate) const LABEL: &str = "pgfixture";
+pub(crate) const LABEL_RUN: &str = "pgfixture.run";
+const PORT: &str = "5432/tcp";
+
+fn status_of(error: &DockerError) -> Option<u16> {
+    match error {
+        DockerError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+impl Docker {
+    /// Connects to the daemon and makes sure the image is there (pulling it if needed).
+    pub(crate) async fn connect(config: &Config, _strict: bool) -> Result<Self> {
+        let host = config.docker_host.clone();
+        let unreachable = |reason: String| Error::Docker {
+            message: format!(
+                "no Docker daemon answers at {}: {reason} (start dockerd, set DOCKER_HOST, or set PGFIXTURE_BACKEND=local)",
+                host.as_deref().unwrap_or("the default socket")
+            ),
+        };
+        let client = match &config.docker_host {
+            Some(h) => bollard::Docker::connect_with_host(h),
+            None => bollard::Docker::connect_with_local_defaults(),
+        }
+        .map_err(|e| unreachable(e.to_string()))?;
+        let client = tokio::time::timeout(PING_TIMEOUT, client.negotiate_version())
+            .await
+            .map_err(|_| unreachable(format!("no answer within {PING_TIMEOUT:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let docker = Docker {
+            client,
+            image: config.image.clone(),
+        };
+        docker.ensure_image().await?;
+        Ok(docker)
+    }
+
+    pub(crate) fn image(&self) -> &str {
+        &self.image
+    }
+
+    async fn ensure_image(&self) -> Result<()> {
+        match self.client.inspect_image(&self.image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if status_of(&e) == Some(404) => {}
+            Err(e) => {
+                return Err(Error::Image {
+                    image: self.image.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        let _notice = SlowNotice::new(format!("pulling image {}", self.image));
+        tracing::info!(image = %self.image, "pulling image");
+        let options = CreateImageOptionsBuilder::new()
+            .from_image(&self.image)
+            .build();
+        let mut pull = self.client.create_image(Some(options), None, None);
+        while let Some(step) = pull.next().await {
+            if let Err(e) = step {
+                return Err(Error::Image {
+                    image: self.image.clone(),
+                    message: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The container `name`, created and started unless it runs already.
+    pub(crate) async fn server(
+        &self,
+        name: &str,
+        config: &Config,
+        deadline: Instant,
+    ) -> Result<(Server, bool)> {
+        loop {
+            if let Some(server) = self.running(name).await? {
+                server
+                    .wait_ready(deadline, || async { Ok(()) })
+                    .await
+                    .map_err(|e| timeout_with(e, config))?;
+                tracing::debug!(container = name, "reusing server");
+                return Ok((server, false));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::AcquireTimeout {
+                    timeout: config.acquire_timeout,
+                    waiting_for: format!("container {name} to be removed or to start"),
+                });
+            }
+            match self.create(name, config).await {
+                Ok(password) => {
+                    let _notice = SlowNotice::new(format!(
+                        "starting PostgreSQL container {name} from {}",
+                        self.image
+                    ));
+                    let port = self.port(name).await?.ok_or_else(|| Error::Docker {
+                        message: format!("container {name} exited right after its start; try `docker run --rm {}`", self.image),
+                    })?;
+                    let server = Server {
+                        host: "127.0.0.1".to_owned(),
+                        port,
+                        user: SUPERUSER.to_owned(),
+                        password,
+                        name: name.to_owned(),
+                    };
+                    let started = Instant::now();
+                    server
+                        .wait_ready(deadline, || self.still_running(name))
+                        .await
+                        .map_err(|e| timeout_with(e, config))?;
+                    tracing::info!(container = name, image = %self.image, elapsed = ?started.elapsed(), "server started");
+                    return Ok((server, true));
+                }
+                // Another process created it first: use theirs.
+                Err(e) if status_of(&e) == Some(409) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    return Err(Error::Docker {
+                        message: format!("cannot create container {name} from {}: {e}", self.image),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The running container `name`; `None` when there is none (waiting for one that
+    /// is stopping to be removed).
+    async fn running(&self, name: &str) -> Result<Option<Server>> {
+        let info = match self.client.inspect_container(name, None).await {
+            Ok(info) => info,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) => {
+                return Err(Error::Docker {
+                    message: format!("cannot inspect container {name}: {e}"),
+                });
+            }
+        };
+        let status = info.state.as_ref().and_then(|s| s.status);
+        match status {
+            Some(ContainerStateStatusEnum::RUNNING) | Some(ContainerStateStatusEnum::CREATED) => {}
+            _ => {
+                // Exited or being removed (auto-remove): make sure it goes, then create anew.
+                let options = RemoveContainerOptionsBuilder::new().force(true).build();
+                let _ = self.client.remove_container(name, Some(options)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Ok(None);
+            }
+        }
+        let password = info
+            .config
+            .as_ref()
+            .and_then(|c| c.env.as_ref())
+            .and_then(|env| {
+                env.iter()
+                    .find_map(|e| e.strip_prefix("POSTGRES_PASSWORD="))
+            })
+            .map(str::to_owned);
+        let port = port_of(&info);
+        match (password, port) {
+            (Some(password), Some(port)) => Ok(Some(Server {
+                host: "127.0.0.1".to_owned(),
+                port,
+                user: SUPERUSER.to_owned(),
+                password,
+                name: name.to_owned(),
+            })),
+            // Created but not started yet by the process that creates it.
+            _ => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Box::pin(self.running(name)).await
+            }
+        }
+    }
+
+    async fn port(&self, name: &str) -> Result<Option<u16>> {
+        let info = self
+            .client
+            .inspect_container(name, None)
+            .await
+            .map_err(|e| Error::Docker {
+                message: format!("cannot inspect container {name}: {e}"),
+            })?;
+        Ok(port_of(&info))
+    }
+
+    async fn still_running(&self, name: &str) -> Result<()> {
+        match self.client.inspect_container(name, None).await {
+            Ok(info) if info.state.as_ref().and_then(|s| s.running) == Some(true) => Ok(()),
+            _ => Err(Error::Docker {
+                message: format!(
+                    "container {name} stopped while starting; run `docker run --rm -e POSTGRES_PASSWORD=x {}` to see why",
+                    self.image
+                ),
+            }),
+        }
+    }
+
+    /// Creates and starts the container; returns its password.
+    async fn create(&self, name: &str, config: &Config) -> Result<String, DockerError> {
+        let password = random_password().map_err(|e| DockerError::IOError {
+            err: std::io::Error::other(e.to_string()),
+        })?;
+        // The official image's entry point runs any command that is not `postgres`
+        // as is; the watchdog starts the entry point with `postgres` in the background.
+        let mut script = String::from("docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\n");
+        script.push_str(IDLE_LOOP);
+        let mut cmd = vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            script,
+            "pgfixture-watchdog".to_owned(),
+        ];
+        cmd.extend(server_args());
+        let labels = HashMap::from([
+            (LABEL.to_owned(), "1".to_owned()),
+            (LABEL_RUN.to_owned(), config.run_id.clone()),
+        ]);
+        let body = ContainerCreateBody {
+            image: Some(self.image.clone()),
+            cmd: Some(cmd),
+            env: Some(vec![
+                format!("POSTGRES_USER={SUPERUSER}"),
+                format!("POSTGRES_PASSWORD={password}"),
+                "POSTGRES_DB=postgres".to_owned(),
+                format!("grace={}", config.grace.as_secs()),
+            ]),
+            labels: Some(labels),
+            exposed_ports: Some(vec![PORT.to_owned()]),
+            host_config: Some(HostConfig {
+                auto_remove: Some(true),
+                port_bindings: Some(HashMap::from([(
+                    PORT.to_owned(),
+                    Some(vec![PortBinding {
+                        host_ip: Some("127.0.0.1".to_owned()),
+                        host_port: Some(String::new()),
+                    }]),
+                )])),
+                ..HostConfig::default()
+            }),
+            ..ContainerCreateBody::default()
+        };
+        let options = CreateContainerOptionsBuilder::new().name(name).build();
+        self.client.create_container(Some(options), body).await?;
+        if let Err(e) = self.client.start_container(name, None).await {
+            let options = RemoveContainerOptionsBuilder::new().force(true).build();
+            let _ = self.client.remove_container(name, Some(options)).await;
+            return Err(e);
+        }
+        Ok(password)
+    }
+}
+
+fn port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
+    info.network_settings
+        .as_ref()?
+        .ports
+        .as_ref()?
+        .get(PORT)?
+        .as_ref()?
+        .iter()
+        .find_map(|b| b.host_port.as_deref()?.parse().ok())
+}

@@ -1,0 +1,456 @@
+//! Servers spawned from locally installed PostgreSQL binaries.
+//!
+//! Each server lives in its own directory under `$TMPDIR/pgfixture-<uid>/` (data
+//! directory, log, socket), listens on a free loopback port, and is started by a small
+//! `sh` watchdog that runs detached from the test process: it stops the server once no
+//! connection has been open for the grace period and then removes the directory. The
+//! directory's creation is the cross-process claim to start the server; a `ready` file
+//! written once the server accepts connections tells the other processes where it is.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{IDLE_LOOP, server_args, timeout_with};
+use crate::config::Config;
+use crate::server::{SUPERUSER, Server, SlowNotice, random_password};
+use crate::{Error, Result};
+
+/// Installed PostgreSQL binaries.
+#[derive(Debug)]
+pub(crate) struct Local {
+    bin: PathBuf,
+    base: PathBuf,
+    /// PostgreSQL refuses to run as root; as root, servers run as this (uid, gid).
+    run_as: Option<(u32, u32)>,
+}
+
+fn has_server(dir: &Path) -> bool {
+    dir.join("postgres").is_file() && dir.join("initdb").is_file()
+}
+
+fn major_of(dir: &Path) -> u32 {
+    dir.parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Local {
+    /// Finds the binaries: `PGFIXTURE_PG_BIN`, `PATH`, `pg_config --bindir`, then
+    /// `/usr/lib/postgresql/*/bin` (newest major first). The error says what was tried.
+    pub(crate) fn find(config: &Config) -> std::result::Result<Self, String> {
+        let bin = if let Some(dir) = &config.pg_bin {
+            if !has_server(dir) {
+                return Err(format!(
+                    "PGFIXTURE_PG_BIN={} holds no postgres and initdb",
+                    dir.display()
+                ));
+            }
+            dir.clone()
+        } else {
+            let on_path = config
+                .path
+                .as_deref()
+                .unwrap_or_default()
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| {
+                    // Follow symlinks (Debian links /usr/local/bin/postgres into the real bindir).
+                    std::fs::canonicalize(Path::new(d).join("postgres"))
+                        .ok()
+                        .and_then(|p| p.parent().map(Path::to_path_buf))
+                        .unwrap_or_else(|| PathBuf::from(d))
+                })
+                .find(|d| has_server(d));
+            let from_pg_config = || {
+                Command::new("pg_config")
+                    .arg("--bindir")
+                    .stderr(Stdio::null())
+                    .output()
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+                    .filter(|d| has_server(d))
+            };
+            let from_debian = || {
+                let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path().join("bin"))
+                    .filter(|d| has_server(d))
+                    .collect();
+                dirs.sort_by_key(|d| std::cmp::Reverse(major_of(d)));
+                dirs.into_iter().next()
+            };
+            on_path.or_else(from_pg_config).or_else(from_debian).ok_or_else(|| {
+                "no PostgreSQL server binaries (postgres, initdb) on PATH, from pg_config --bindir, or under /usr/lib/postgresql/*/bin"
+                    .to_owned()
+            })?
+        };
+        let uid = current_uid();
+        let run_as = if uid == Some(0) {
+            Some(unprivileged_user())
+        } else {
+            None
+        };
+        if run_as.is_some() && which("setpriv").is_none() {
+            return Err("running as root, PostgreSQL must run as another user, which needs setpriv (Debian package util-linux)".to_owned());
+        }
+        let base = std::env::temp_dir().join(format!("pgfixture-{}", uid.unwrap_or(0)));
+        Ok(Local { bin, base, run_as })
+    }
+
+    pub(crate) fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The command line that runs `program` as the server's user.
+    fn command(&self, program: &str) -> Vec<String> {
+        let mut cmd = Vec::new();
+        if let Some((uid, gid)) = self.run_as {
+            cmd.extend([
+                "setpriv".to_owned(),
+                format!("--reuid={uid}"),
+                format!("--regid={gid}"),
+                "--clear-groups".to_owned(),
+                "--".to_owned(),
+            ]);
+        }
+        cmd.push(self.bin.join(program).display().to_string());
+        cmd
+    }
+
+    /// The server `name`, started unless a process of this run started it already.
+    pub(crate) async fn server(
+        &self,
+        name: &str,
+        config: &Config,
+        deadline: Instant,
+    ) -> Result<(Server, bool)> {
+        std::fs::create_dir_all(&self.base)
+            .map_err(Error::io(format!("creating {}", self.base.display())))?;
+        let dir = self.base.join(name);
+        loop {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    // Removes the directory if the start fails or is cancelled (acquire
+                    // timeout) before the watchdog, which cleans up after itself, runs.
+                    let mut claim = Claim(Some(dir.clone()));
+                    let result = self.start(&dir, config, deadline, &mut claim).await;
+                    if result.is_err() {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                    claim.0 = None;
+                    return result.map(|server| (server, true));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if let Some(server) = self.attach(&dir, deadline).await? {
+                        tracing::debug!(dir = %dir.display(), "reusing server");
+                        return Ok((server, false));
+                    }
+                }
+                Err(e) => return Err(Error::io(format!("creating {}", dir.display()))(e)),
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::AcquireTimeout {
+                    timeout: config.acquire_timeout,
+                    waiting_for: format!("local server in {}", dir.display()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Uses the server another process started (or is starting) in `dir`. `None` means
+    /// `dir` is gone or going, and the caller should try to create it again.
+    async fn attach(&self, dir: &Path, deadline: Instant) -> Result<Option<Server>> {
+        loop {
+            if dir.join("exited").exists() || !dir.exists() {
+                return Ok(None);
+            }
+            if let Ok(ready) = std::fs::read_to_string(dir.join("ready")) {
+                let mut lines = ready.lines();
+                if let (Some(port), Some(password)) =
+                    (lines.next().and_then(|p| p.parse().ok()), lines.next())
+                {
+                    let server = Server {
+                        host: "127.0.0.1".to_owned(),
+                        port,
+                        user: SUPERUSER.to_owned(),
+                        password: password.to_owned(),
+                        name: dir.display().to_string(),
+                    };
+                    let alive = || async {
+                        if dir.join("exited").exists() {
+                            Err(Error::Local {
+                                message: "server exited".to_owned(),
+                            })
+                        } else {
+                            Ok(())
+                        }
+                    };
+                    return match server.wait_ready(deadline, alive).await {
+                        Ok(()) => Ok(Some(server)),
+                        Err(Error::Local { .. }) => Ok(None),
+                        Err(e) => Err(e),
+                    };
+                }
+            } else if let Ok(pid) = std::fs::read_to_string(dir.join("creator")) {
+                // The creator died before the server was ready: clear its leftovers.
+                if !Path::new("/proc").join(pid.trim()).exists() && !dir.join("ready").exists() {
+                    tracing::warn!(dir = %dir.display(), "removing a server directory whose creator died");
+                    let _ = std::fs::remove_dir_all(dir);
+                    return Ok(None);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::AcquireTimeout {
+                    timeout: Duration::ZERO,
+                    waiting_for: format!(
+                        "the local server in {} to be started by another process",
+                        dir.display()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn start(
+        &self,
+        dir: &Path,
+        config: &Config,
+        deadline: Instant,
+        claim: &mut Claim,
+    ) -> Result<Server> {
+        let _notice = SlowNotice::new(format!(
+            "initializing a PostgreSQL server in {}",
+            dir.display()
+        ));
+        let started = Instant::now();
+        std::fs::write(dir.join("creator"), std::process::id().to_string()).map_err(Error::io(
+            format!("writing {}", dir.join("creator").display()),
+        ))?;
+        set_private(dir)?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .map_err(Error::io(format!("chown {}", dir.display())))?;
+        }
+        let password = random_password()?;
+        let pwfile = dir.join("pwfile");
+        write_private(&pwfile, &password, self.run_as)?;
+        let data = dir.join("data");
+        let mut initdb = self.command("initdb");
+        initdb.extend([
+            "-D".to_owned(),
+            data.display().to_string(),
+            format!("--username={SUPERUSER}"),
+            format!("--pwfile={}", pwfile.display()),
+            "--auth-host=scram-sha-256".to_owned(),
+            "--auth-local=trust".to_owned(),
+            "--encoding=UTF8".to_owned(),
+            "--locale=C".to_owned(),
+            "--no-sync".to_owned(),
+        ]);
+        let output = tokio::process::Command::new(&initdb[0])
+            .args(&initdb[1..])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(Error::io(format!("running {}", initdb.join(" "))))?;
+        let _ = std::fs::remove_file(&pwfile);
+        if !output.status.success() {
+            return Err(Error::Local {
+                message: format!(
+                    "initdb failed ({}): {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            });
+        }
+        // A free port can be taken by someone else between our check and the server's
+        // bind; then the server exits and the next port is tried.
+        for _ in 0..5 {
+            let port = free_port()?;
+            let mut postgres = self.command("postgres");
+            postgres.extend([
+                "-D".to_owned(),
+                data.display().to_string(),
+                "-p".to_owned(),
+                port.to_string(),
+                "-c".to_owned(),
+                "listen_addresses=127.0.0.1".to_owned(),
+                "-c".to_owned(),
+                format!("unix_socket_directories={}", dir.display()),
+            ]);
+            postgres.extend(server_args());
+            self.spawn_watchdog(dir, port, config.grace.as_secs(), &postgres)?;
+            claim.0 = None;
+            let server = Server {
+                host: "127.0.0.1".to_owned(),
+                port,
+                user: SUPERUSER.to_owned(),
+                password: password.clone(),
+                name: dir.display().to_string(),
+            };
+            let exited = dir.join("exited");
+            let alive = || async {
+                if exited.exists() {
+                    Err(Error::Local {
+                        message: "exited".to_owned(),
+                    })
+                } else {
+                    Ok(())
+                }
+            };
+            match server.wait_ready(deadline, alive).await {
+                Ok(()) => {
+                    write_private(
+                        &dir.join("ready.tmp"),
+                        &format!("{port}\n{password}\n"),
+                        None,
+                    )?;
+                    std::fs::rename(dir.join("ready.tmp"), dir.join("ready")).map_err(
+                        Error::io(format!("writing {}", dir.join("ready").display())),
+                    )?;
+                    tracing::info!(dir = %dir.display(), port, elapsed = ?started.elapsed(), "server started");
+                    return Ok(server);
+                }
+                Err(Error::Local { .. }) => {
+                    let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                    if !log.contains("could not bind") && !log.contains("Address already in use") {
+                        return Err(Error::Local {
+                            message: format!("postgres exited during start: {}", log.trim()),
+                        });
+                    }
+                    // The watchdog removes the directory after a failed start; take it back.
+                    wait_gone(dir).await;
+                    std::fs::create_dir(dir)
+                        .map_err(Error::io(format!("creating {}", dir.display())))?;
+                    claim.0 = Some(dir.to_owned());
+                    return Box::pin(self.start(dir, config, deadline, claim)).await;
+                }
+                Err(e) => return Err(timeout_with(e, config)),
+            }
+        }
+        Err(Error::Local {
+            message: "no free loopback port could be bound".to_owned(),
+        })
+    }
+
+    /// Starts the detached watchdog that runs `postgres` and stops it when idle.
+    fn spawn_watchdog(&self, dir: &Path, port: u16, grace: u64, postgres: &[String]) -> Result<()> {
+        let script = format!(
+            "dir=$1; port=$2; grace=$3; shift 3\n\"$@\" >\"$dir/server.log\" 2>&1 &\npg=$!\n{IDLE_LOOP}\
+             echo $? > \"$dir/exited\"\n[ \"$seen\" = 1 ] || sleep 5\nrm -rf \"$dir\"\n"
+        );
+        // The outer shell puts the watchdog in the background and exits at once, so the
+        // watchdog belongs to no test process: not to its process group (Ctrl-C, nextest
+        // timeouts), not to its pipes (nextest waits for those), not to its zombies.
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg("sh -c \"$0\" pgfixture-watchdog \"$@\" </dev/null >/dev/null 2>&1 &")
+            .arg(&script)
+            .arg(dir)
+            .arg(port.to_string())
+            .arg(grace.to_string())
+            .args(postgres)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(Error::io("spawning the local server's watchdog with sh"))?;
+        if !status.success() {
+            return Err(Error::Local {
+                message: format!("sh failed to start the watchdog: {status}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A server directory this process created and must remove unless it hands it over.
+struct Claim(Option<PathBuf>);
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+async fn wait_gone(dir: &Path) {
+    for _ in 0..200 {
+        if !dir.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(Error::io("finding a free loopback port"))?;
+    Ok(listener
+        .local_addr()
+        .map_err(Error::io("finding a free loopback port"))?
+        .port())
+}
+
+fn set_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(format!("chmod {}", path.display())))
+}
+
+fn write_private(path: &Path, content: &str, owner: Option<(u32, u32)>) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(Error::io(format!("writing {}", path.display())))?;
+    file.write_all(content.as_bytes())
+        .map_err(Error::io(format!("writing {}", path.display())))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(Error::io(format!("chown {}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn current_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    // The owner of a file this process just created is its effective uid.
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// `nobody` from /etc/passwd, else 65534.
+fn unprivileged_user() -> (u32, u32) {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                if fields.first() == Some(&"nobody") && fields.len() > 3 {
+                    Some((fields[2].parse().ok()?, fields[3].parse().ok()?))
+                } else {
+                    None
+                }
+            })
+        })
+        .unwrap_or((65534, 65534))
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}

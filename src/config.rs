@@ -1,0 +1,526 @@
+//! Configuration, and the only place where the environment is read.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::worker::WorkerId;
+use crate::{Error, Result};
+
+/// The official image, current major, alpine flavour.
+pub const DEFAULT_IMAGE: &str = "postgres:18-alpine";
+/// In-process worker slots when neither `PGFIXTURE_WORKERS` nor `RUST_TEST_THREADS` says.
+const FALLBACK_WORKERS: usize = 4;
+/// More workers than this is a typo, not a test machine: each one is a database or a server.
+const MAX_WORKERS: usize = 256;
+/// Connections per worker pool above this would not fit any server's `max_connections`.
+const MAX_POOL_SIZE: usize = 100;
+/// An hour is longer than any sane server start; a bigger value is a typo.
+const MAX_SECONDS: f64 = 3600.0;
+/// Idle time after the last connection before a server is stopped (nextest has no
+/// teardown hook, so a server cannot know the run is over).
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How workers are kept apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Isolation {
+    /// One server per worker. Strongest isolation (roles, extensions, settings and
+    /// server crashes stay per worker); costs a server start per worker (about a second
+    /// with initdb) and memory per server.
+    Container,
+    /// One shared server, one database per worker cloned from a template database that
+    /// holds the fixtures. A clone costs tens of milliseconds; roles and server
+    /// settings are shared between workers.
+    #[default]
+    Database,
+    /// One shared server and database, one schema per worker, selected through the
+    /// connections' `search_path`. Cheapest to provision; fixtures run once per schema,
+    /// and anything that is not schema-scoped (extensions, roles, databases) is shared.
+    Schema,
+}
+
+impl Isolation {
+    fn parse(value: &str) -> Result<Self> {
+        match value {
+            "container" => Ok(Isolation::Container),
+            "database" => Ok(Isolation::Database),
+            "schema" => Ok(Isolation::Schema),
+            _ => Err(Error::config(
+                "PGFIXTURE_ISOLATION",
+                value,
+                "must be one of container, database, schema",
+            )),
+        }
+    }
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Container => "container",
+            Isolation::Database => "database",
+            Isolation::Schema => "schema",
+        }
+    }
+}
+
+/// Where servers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Backend {
+    /// Docker when a daemon answers, else local binaries, else an error listing the fixes.
+    #[default]
+    Auto,
+    /// Containers of `image` on the Docker daemon (`DOCKER_HOST` or the default socket).
+    Docker,
+    /// Servers spawned from installed PostgreSQL binaries, each in its own temporary
+    /// data directory on a free loopback port.
+    Local,
+}
+
+impl Backend {
+    fn parse(value: &str) -> Result<Self> {
+        match value {
+            "auto" => Ok(Backend::Auto),
+            "docker" => Ok(Backend::Docker),
+            "local" => Ok(Backend::Local),
+            _ => Err(Error::config(
+                "PGFIXTURE_BACKEND",
+                value,
+                "must be one of auto, docker, local",
+            )),
+        }
+    }
+}
+
+/// Everything a [`Fixture`](crate::Fixture) needs to know.
+///
+/// [`Config::from_env`] reads it from the environment (the table in the README);
+/// [`Config::default`] gives the defaults without reading anything.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// How workers are kept apart. `PGFIXTURE_ISOLATION`; default [`Isolation::Database`].
+    pub isolation: Isolation,
+    /// Where servers come from. `PGFIXTURE_BACKEND`; default [`Backend::Auto`].
+    pub backend: Backend,
+    /// Image for the Docker backend. `PGFIXTURE_IMAGE`; default [`DEFAULT_IMAGE`].
+    pub image: String,
+    /// Directory of `*.sql` fixtures, applied in file-name order. `PGFIXTURE_FIXTURES`;
+    /// default `$CARGO_MANIFEST_DIR/fixtures` when it exists, else none.
+    pub fixtures: Option<PathBuf>,
+    /// A fixed worker id for this process. `PGFIXTURE_WORKER`, else
+    /// `NEXTEST_TEST_GLOBAL_SLOT`; default none: in-process slots.
+    pub worker: Option<WorkerId>,
+    /// In-process worker slots. `PGFIXTURE_WORKERS`; default `RUST_TEST_THREADS`, else
+    /// the available parallelism (at least 2, so that a test that waits on another does
+    /// not starve).
+    pub workers: usize,
+    /// Connections per worker pool. `PGFIXTURE_POOL_SIZE`; default 4, lowered so that
+    /// every pool fits the server's `max_connections`.
+    pub pool_size: Option<usize>,
+    /// Limit on waiting for a free worker plus starting its server.
+    /// `PGFIXTURE_ACQUIRE_TIMEOUT` (seconds); default 30 s.
+    pub acquire_timeout: Duration,
+    /// Fail instead of falling back to local binaries when Docker does not answer.
+    /// `PGFIXTURE_REQUIRE_DOCKER=1`; default off.
+    pub require_docker: bool,
+    /// How long a server stays up after its last connection closed. `PGFIXTURE_GRACE`
+    /// (seconds); default 10 s.
+    pub grace: Duration,
+    /// Directory of the PostgreSQL server binaries for the local backend.
+    /// `PGFIXTURE_PG_BIN`; default: `PATH`, then `pg_config --bindir`, then
+    /// `/usr/lib/postgresql/*/bin` (newest first).
+    pub pg_bin: Option<PathBuf>,
+    /// The run that servers and databases belong to. `PGFIXTURE_RUN_ID`, else
+    /// `NEXTEST_RUN_ID`; default: this process.
+    pub run_id: String,
+    pub(crate) docker_host: Option<String>,
+    pub(crate) path: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            isolation: Isolation::default(),
+            backend: Backend::default(),
+            image: DEFAULT_IMAGE.to_owned(),
+            fixtures: None,
+            worker: None,
+            workers: default_workers(None),
+            pool_size: None,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            require_docker: false,
+            grace: DEFAULT_GRACE,
+            pg_bin: None,
+            run_id: process_run_id(),
+            docker_host: None,
+            path: None,
+        }
+    }
+}
+
+/// A source of environment variables: the process environment, or a map in unit tests.
+pub trait Env {
+    /// The value of `name`, if set (an empty value counts as unset).
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OsEnv;
+
+impl Env for OsEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Env for HashMap<&str, &str> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| (*v).to_owned())
+    }
+}
+
+impl Config {
+    /// The configuration the environment describes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the variable when a value is invalid.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(&OsEnv)
+    }
+
+    /// The configuration `env` describes; [`Config::from_env`] with a fake environment.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the variable when a value is invalid.
+    pub fn from_lookup(env: &impl Env) -> Result<Self> {
+        let mut config = Config {
+            docker_host: env.var("DOCKER_HOST"),
+            path: env.var("PATH"),
+            ..Config::default()
+        };
+        if let Some(v) = env.var("PGFIXTURE_ISOLATION") {
+            config.isolation = Isolation::parse(v.trim())?;
+        }
+        if let Some(v) = env.var("PGFIXTURE_BACKEND") {
+            config.backend = Backend::parse(v.trim())?;
+        }
+        if let Some(v) = env.var("PGFIXTURE_IMAGE") {
+            config.image = parse_image(&v)?;
+        }
+        config.fixtures = match env.var("PGFIXTURE_FIXTURES") {
+            Some(dir) => Some(PathBuf::from(dir)),
+            None => env
+                .var("CARGO_MANIFEST_DIR")
+                .map(|dir| PathBuf::from(dir).join("fixtures"))
+                .filter(|dir| dir.is_dir()),
+        };
+        config.worker = match (
+            env.var("PGFIXTURE_WORKER"),
+            env.var("NEXTEST_TEST_GLOBAL_SLOT"),
+        ) {
+            (Some(id), _) => Some(
+                WorkerId::parse(&id)
+                    .map_err(|expected| Error::config("PGFIXTURE_WORKER", id.clone(), expected))?,
+            ),
+            (None, Some(slot)) => Some(slot.trim().parse::<u32>().map(WorkerId::slot).map_err(
+                |_| {
+                    Error::config(
+                        "NEXTEST_TEST_GLOBAL_SLOT",
+                        slot.clone(),
+                        "must be a slot number",
+                    )
+                },
+            )?),
+            (None, None) => None,
+        };
+        let test_threads = match env.var("RUST_TEST_THREADS") {
+            Some(v) => Some(parse_count("RUST_TEST_THREADS", &v, MAX_WORKERS)?),
+            None => None,
+        };
+        config.workers = match env.var("PGFIXTURE_WORKERS") {
+            Some(v) => parse_count("PGFIXTURE_WORKERS", &v, MAX_WORKERS)?,
+            None => default_workers(test_threads),
+        };
+        if let Some(v) = env.var("PGFIXTURE_POOL_SIZE") {
+            config.pool_size = Some(parse_count("PGFIXTURE_POOL_SIZE", &v, MAX_POOL_SIZE)?);
+        }
+        if let Some(v) = env.var("PGFIXTURE_ACQUIRE_TIMEOUT") {
+            config.acquire_timeout = parse_seconds("PGFIXTURE_ACQUIRE_TIMEOUT", &v, false)?;
+        }
+        if let Some(v) = env.var("PGFIXTURE_GRACE") {
+            config.grace = parse_seconds("PGFIXTURE_GRACE", &v, true)?;
+        }
+        if let Some(v) = env.var("PGFIXTURE_REQUIRE_DOCKER") {
+            config.require_docker = parse_flag("PGFIXTURE_REQUIRE_DOCKER", &v)?;
+        }
+        if let Some(v) = env.var("PGFIXTURE_PG_BIN") {
+            config.pg_bin = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env.var("PGFIXTURE_RUN_ID") {
+            config.run_id = parse_run_id("PGFIXTURE_RUN_ID", &v)?;
+        } else if let Some(v) = env.var("NEXTEST_RUN_ID") {
+            config.run_id = parse_run_id("NEXTEST_RUN_ID", &v)?;
+        }
+        Ok(config)
+    }
+}
+
+fn default_workers(test_threads: Option<usize>) -> usize {
+    test_threads
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(FALLBACK_WORKERS)
+        })
+        .max(2)
+}
+
+pub(crate) fn parse_count(var: &'static str, value: &str, max: usize) -> Result<usize> {
+    let expected = || format!("must be a whole number from 1 to {max}");
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(Error::config(var, value, expected())),
+    }
+}
+
+fn parse_seconds(var: &'static str, value: &str, zero_ok: bool) -> Result<Duration> {
+    let low = if zero_ok { "0" } else { "more than 0" };
+    let expected = format!("must be a number of seconds, {low} and at most {MAX_SECONDS}");
+    match value.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s <= MAX_SECONDS && (s > 0.0 || (zero_ok && s == 0.0)) => {
+            Ok(Duration::from_secs_f64(s))
+        }
+        _ => Err(Error::config(var, value, expected)),
+    }
+}
+
+fn parse_flag(var: &'static str, value: &str) -> Result<bool> {
+    match value.trim() {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" => Ok(false),
+        _ => Err(Error::config(var, value, "must be 1 or 0")),
+    }
+}
+
+/// Image references are `[registry/]name[:tag][@digest]`, lowercase names, no spaces.
+pub(crate) fn parse_image(value: &str) -> Result<String> {
+    let v = value.trim();
+    let (name_tag, digest) = match v.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (v, None),
+    };
+    let (name, tag) = match name_tag.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, Some(t)),
+        _ => (name_tag, None),
+    };
+    let name_ok = !name.is_empty()
+        && name.split('/').enumerate().all(|(i, part)| {
+            !part.is_empty()
+                && part.chars().all(|c| {
+                    c.is_ascii_lowercase()
+                        || c.is_ascii_digit()
+                        || "._-".contains(c)
+                        || (i == 0 && (c == ':' || c.is_ascii_uppercase()))
+                })
+        });
+    let tag_ok = tag.is_none_or(|t| {
+        !t.is_empty()
+            && t.len() <= 128
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    });
+    let digest_ok = digest.is_none_or(|d| {
+        d.split_once(':').is_some_and(|(alg, hex)| {
+            !alg.is_empty() && !hex.is_empty() && hex.chars().all(|c| c.is_ascii_hexdigit())
+        })
+    });
+    if name_ok && tag_ok && digest_ok {
+        Ok(v.to_owned())
+    } else {
+        Err(Error::config(
+            "PGFIXTURE_IMAGE",
+            value,
+            "must be an image reference such as postgres:18-alpine or registry.example/team/postgres:15",
+        ))
+    }
+}
+
+fn parse_run_id(var: &'static str, value: &str) -> Result<String> {
+    let cleaned: String = value
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .take(12)
+        .collect();
+    if cleaned.len() < 4 {
+        return Err(Error::config(
+            var,
+            value,
+            "must hold at least 4 letters or digits",
+        ));
+    }
+    Ok(cleaned)
+}
+
+/// A run id for a process that is not part of a nextest run: its pid and start time.
+fn process_run_id() -> String {
+    use std::sync::OnceLock;
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("p{:x}{:04x}", std::process::id(), (nanos & 0xffff) as u16)
+    })
+    .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&'static str, &'static str)]) -> HashMap<&'static str, &'static str> {
+        pairs.iter().copied().collect()
+    }
+
+    fn err_var(pairs: &[(&'static str, &'static str)]) -> &'static str {
+        match Config::from_lookup(&env(pairs)) {
+            Err(Error::Config { var, .. }) => var,
+            other => panic!("expected a config error for {pairs:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_lookup(&env(&[])).unwrap();
+        assert_eq!(c.isolation, Isolation::Database);
+        assert_eq!(c.backend, Backend::Auto);
+        assert_eq!(c.image, DEFAULT_IMAGE);
+        assert_eq!(c.worker, None);
+        assert!(c.workers >= 2);
+        assert_eq!(c.acquire_timeout, Duration::from_secs(30));
+        assert!(c.grace <= Duration::from_secs(15));
+        assert!(!c.require_docker);
+    }
+
+    #[test]
+    fn reads_every_variable() {
+        let c = Config::from_lookup(&env(&[
+            ("PGFIXTURE_ISOLATION", "schema"),
+            ("PGFIXTURE_BACKEND", "local"),
+            ("PGFIXTURE_IMAGE", "pgfixture/postgres-offline:15"),
+            ("PGFIXTURE_FIXTURES", "/x/fixtures"),
+            ("PGFIXTURE_WORKER", "w7"),
+            ("PGFIXTURE_WORKERS", "3"),
+            ("PGFIXTURE_POOL_SIZE", "2"),
+            ("PGFIXTURE_ACQUIRE_TIMEOUT", "1.5"),
+            ("PGFIXTURE_GRACE", "0"),
+            ("PGFIXTURE_REQUIRE_DOCKER", "1"),
+            ("PGFIXTURE_PG_BIN", "/opt/pg/bin"),
+            ("NEXTEST_RUN_ID", "0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
+        ]))
+        .unwrap();
+        assert_eq!(c.isolation, Isolation::Schema);
+        assert_eq!(c.backend, Backend::Local);
+        assert_eq!(c.fixtures, Some(PathBuf::from("/x/fixtures")));
+        assert_eq!(c.worker.as_ref().map(|w| w.as_str()), Some("w7"));
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.pool_size, Some(2));
+        assert_eq!(c.acquire_timeout, Duration::from_millis(1500));
+        assert_eq!(c.grace, Duration::ZERO);
+        assert!(c.require_docker);
+        assert_eq!(c.pg_bin, Some(PathBuf::from("/opt/pg/bin")));
+        assert_eq!(c.run_id, "0a1b2c3d4e5f");
+    }
+
+    #[test]
+    fn nextest_slot_is_the_worker_and_explicit_worker_wins() {
+        let c = Config::from_lookup(&env(&[("NEXTEST_TEST_GLOBAL_SLOT", "5")])).unwrap();
+        assert_eq!(c.worker, Some(WorkerId::slot(5)));
+        let c = Config::from_lookup(&env(&[
+            ("NEXTEST_TEST_GLOBAL_SLOT", "5"),
+            ("PGFIXTURE_WORKER", "a"),
+        ]))
+        .unwrap();
+        assert_eq!(c.worker.unwrap().as_str(), "a");
+    }
+
+    #[test]
+    fn workers_default_to_test_threads() {
+        let c = Config::from_lookup(&env(&[("RUST_TEST_THREADS", "6")])).unwrap();
+        assert_eq!(c.workers, 6);
+        let c = Config::from_lookup(&env(&[
+            ("RUST_TEST_THREADS", "6"),
+            ("PGFIXTURE_WORKERS", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(c.workers, 2);
+    }
+
+    #[test]
+    fn every_invalid_value_names_its_variable() {
+        let cases: &[(&str, &[&str])] = &[
+            ("PGFIXTURE_ISOLATION", &["containers", "DATABASE", "none"]),
+            ("PGFIXTURE_BACKEND", &["podman", "Docker", "url"]),
+            (
+                "PGFIXTURE_IMAGE",
+                &[
+                    "Postgres:15",
+                    "postgres:",
+                    "post gres",
+                    "postgres@sha256:xyz",
+                    ":15",
+                ],
+            ),
+            (
+                "PGFIXTURE_WORKER",
+                &["a-b", "Worker", "x".repeat(40).leak(), "é", "a b"],
+            ),
+            ("NEXTEST_TEST_GLOBAL_SLOT", &["x", "-1"]),
+            ("PGFIXTURE_WORKERS", &["0", "four", "-2", "100000", "1.5"]),
+            ("PGFIXTURE_POOL_SIZE", &["0", "zero", "1000000", "-1"]),
+            ("RUST_TEST_THREADS", &["0", "many"]),
+            (
+                "PGFIXTURE_ACQUIRE_TIMEOUT",
+                &["0", "soon", "-3", "1e9", "NaN", "inf"],
+            ),
+            ("PGFIXTURE_GRACE", &["-1", "later", "99999"]),
+            ("PGFIXTURE_REQUIRE_DOCKER", &["maybe", "2"]),
+            ("PGFIXTURE_RUN_ID", &["!!", "ab"]),
+            ("NEXTEST_RUN_ID", &["-"]),
+        ];
+        for (var, values) in cases {
+            for value in *values {
+                let pairs: Vec<(&'static str, &'static str)> =
+                    vec![(*var, value.to_string().leak() as &'static str)];
+                assert_eq!(err_var(&pairs), *var, "{var}={value:?}");
+                let message = Config::from_lookup(&env(&pairs)).unwrap_err().to_string();
+                assert!(
+                    message.starts_with(var),
+                    "message names the variable: {message}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn image_references() {
+        for ok in [
+            "postgres",
+            "postgres:18-alpine",
+            "pgfixture/postgres-offline:15",
+            "localhost:5000/team/pg:15.4",
+            "postgres@sha256:abcdef0123",
+            "ghcr.io/org/pg:latest@sha256:00ff",
+        ] {
+            assert_eq!(parse_image(ok).unwrap(), ok);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while providing a test database.
+///
+/// Every message says what to change: the environment variable, the fixture file, or
+/// the command to run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An environment variable (or the matching builder value) holds an invalid value.
+    #[error("{var} {expected}, got {value:?}")]
+    Config {
+        /// The variable to change, e.g. `PGFIXTURE_POOL_SIZE`.
+        var: &'static str,
+        /// The rejected value.
+        value: String,
+        /// What a valid value looks like.
+        expected: String,
+    },
+
+    /// The fixtures directory cannot be read.
+    #[error(
+        "cannot read fixtures directory {}: {source} (set PGFIXTURE_FIXTURES to a readable directory of *.sql files)",
+        path.display()
+    )]
+    FixturesDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
+
+    /// A fixture file cannot be read or is not UTF-8.
+    #[error("cannot read fixture {}: {reason}", path.display())]
+    FixtureRead {
+        /// The file to fix.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
+    /// The server rejected a fixture file.
+    #[error("fixture {}{} failed: {message}", path.display(), line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Fixture {
+        /// The file to fix.
+        path: PathBuf,
+        /// The line the server pointed at, when it did.
+        line: Option<usize>,
+        /// The server's message.
+        message: String,
+    },
+
+    /// Neither Docker nor local PostgreSQL binaries can be used.
+    #[error(
+        "no PostgreSQL backend is available:\n  docker: {docker}\n  local: {local}\nfix one of: start a Docker daemon (or point DOCKER_HOST at one); \
+         install PostgreSQL server binaries (Debian: apt-get install postgresql) or set PGFIXTURE_PG_BIN to their directory; \
+         or set PGFIXTURE_BACKEND to the backend you have"
+    )]
+    NoBackend {
+        /// Why Docker cannot be used.
+        docker: String,
+        /// Why local binaries cannot be used.
+        local: String,
+    },
+
+    /// Docker was required (`PGFIXTURE_REQUIRE_DOCKER=1` or `PGFIXTURE_BACKEND=docker`) but fails.
+    #[error("docker: {message}")]
+    Docker {
+        /// What failed and what to do about it.
+        message: String,
+    },
+
+    /// The container image is missing and cannot be pulled.
+    #[error(
+        "image {image:?} is not available: {message} (build it with docker/build-offline-image.sh, pull it, or set PGFIXTURE_IMAGE to an image you have)"
+    )]
+    Image {
+        /// The image reference.
+        image: String,
+        /// The daemon's message.
+        message: String,
+    },
+
+    /// Starting a server from local PostgreSQL binaries failed.
+    #[error("local PostgreSQL: {message}")]
+    Local {
+        /// What failed, with the server's output when there is some.
+        message: String,
+    },
+
+    /// Waiting for a free worker or for a server to start took longer than allowed.
+    #[error(
+        "timed out after {timeout:?} waiting for {waiting_for} (raise PGFIXTURE_ACQUIRE_TIMEOUT, or lower PGFIXTURE_WORKERS)"
+    )]
+    AcquireTimeout {
+        /// The limit that was reached.
+        timeout: Duration,
+        /// What was being waited for.
+        waiting_for: String,
+    },
+
+    /// A statement pgfixture runs failed.
+    #[error("{context}: {source}")]
+    Postgres {
+        /// What pgfixture was doing.
+        context: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// The worker's connection pool could not give a connection.
+    #[error(
+        "worker {worker}: no pooled connection: {source} (raise PGFIXTURE_POOL_SIZE or PGFIXTURE_ACQUIRE_TIMEOUT)"
+    )]
+    Pool {
+        /// The worker whose pool failed.
+        worker: String,
+        /// The pool's error.
+        #[source]
+        source: deadpool_postgres::PoolError,
+    },
+
+    /// A file-system operation of pgfixture's own failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What pgfixture was doing.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn config(
+        var: &'static str,
+        value: impl Into<String>,
+        expected: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            var,
+            value: value.into(),
+            expected: expected.into(),
+        }
+    }
+
+    pub(crate) fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Postgres { context, source }
+    }
+
+    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Io { context, source }
+    }
+}

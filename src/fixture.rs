@@ -1,0 +1,473 @@
+//! `Fixture`: the servers, workers and pools of one configuration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+use crate::backend::Source;
+use crate::config::{Backend, Config, Isolation};
+use crate::fixtures::FixtureSet;
+use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
+use crate::server::Server;
+use crate::testdb::TestDb;
+use crate::worker::{SlotLease, Slots, WorkerId};
+use crate::{Error, Result, provision, runtime};
+
+/// Per-worker isolated PostgreSQL for tests, as one configuration describes it.
+///
+/// [`crate::worker_db`] uses the one the environment describes; build your own with
+/// [`Fixture::builder`] to set values in code. Fixtures with equal configurations share
+/// their servers, workers and pools, so building one in every test costs nothing.
+#[derive(Clone)]
+pub struct Fixture {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Fixture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fixture")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Fixture`]; starts from the environment ([`Config::from_env`]).
+#[derive(Debug)]
+#[must_use]
+pub struct FixtureBuilder {
+    config: Result<Config>,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty => |$c:ident, $v:ident| $body:expr) => {
+        $(#[$doc])*
+        pub fn $name(mut self, $v: $ty) -> Self {
+            if let Ok($c) = &mut self.config {
+                $body;
+            }
+            self
+        }
+    };
+}
+
+impl FixtureBuilder {
+    setter!(
+        /// How workers are kept apart (`PGFIXTURE_ISOLATION`).
+        isolation: Isolation => |c, v| c.isolation = v);
+    setter!(
+        /// Where servers come from (`PGFIXTURE_BACKEND`).
+        backend: Backend => |c, v| c.backend = v);
+    setter!(
+        /// The image of the Docker backend (`PGFIXTURE_IMAGE`).
+        image: impl Into<String> => |c, v| c.image = v.into());
+    setter!(
+        /// The directory of `*.sql` fixtures (`PGFIXTURE_FIXTURES`).
+        fixtures: impl Into<std::path::PathBuf> => |c, v| c.fixtures = Some(v.into()));
+    setter!(
+        /// No fixtures at all.
+        no_fixtures: () => |c, _v| c.fixtures = None);
+    setter!(
+        /// Connections per worker pool (`PGFIXTURE_POOL_SIZE`).
+        pool_size: usize => |c, v| c.pool_size = Some(v));
+    setter!(
+        /// In-process worker slots (`PGFIXTURE_WORKERS`).
+        workers: usize => |c, v| c.workers = v);
+    setter!(
+        /// Limit on waiting for a worker and starting its server (`PGFIXTURE_ACQUIRE_TIMEOUT`).
+        acquire_timeout: Duration => |c, v| c.acquire_timeout = v);
+    setter!(
+        /// How long servers stay up after their last connection (`PGFIXTURE_GRACE`).
+        grace: Duration => |c, v| c.grace = v);
+    setter!(
+        /// Fail instead of falling back when Docker does not answer (`PGFIXTURE_REQUIRE_DOCKER`).
+        require_docker: bool => |c, v| c.require_docker = v);
+
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Ok(config);
+        self
+    }
+
+    /// The fixture; reads and checks the fixture files now.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an invalid environment value or setting,
+    /// [`Error::FixturesDir`] / [`Error::FixtureRead`] for unreadable fixtures.
+    pub fn build(self) -> Result<Fixture> {
+        let config = self.config?;
+        if config.workers == 0 || config.workers > 256 {
+            return Err(Error::config(
+                "PGFIXTURE_WORKERS",
+                config.workers.to_string(),
+                "must be a whole number from 1 to 256",
+            ));
+        }
+        if config.pool_size == Some(0) || config.pool_size.is_some_and(|p| p > 100) {
+            return Err(Error::config(
+                "PGFIXTURE_POOL_SIZE",
+                format!("{:?}", config.pool_size),
+                "must be a whole number from 1 to 100",
+            ));
+        }
+        if config.acquire_timeout.is_zero() {
+            return Err(Error::config(
+                "PGFIXTURE_ACQUIRE_TIMEOUT",
+                "0",
+                "must be more than 0 seconds",
+            ));
+        }
+        crate::config::parse_image(&config.image)?;
+        static REGISTRY: OnceLock<Mutex<Vec<Arc<Inner>>>> = OnceLock::new();
+        let mut registry = REGISTRY
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(inner) = registry.iter().find(|i| i.config == config) {
+            return Ok(Fixture {
+                inner: Arc::clone(inner),
+            });
+        }
+        let fixtures = FixtureSet::load(config.fixtures.as_deref())?;
+        let instance = {
+            let mut key = config.clone();
+            key.worker = None;
+            let digest = Sha256::digest(format!("{key:?}").as_bytes());
+            digest[..3].iter().map(|b| format!("{b:02x}")).collect()
+        };
+        let inner = Arc::new(Inner {
+            slots: config.worker.is_none().then(|| Slots::new(config.workers)),
+            id: registry.len() + 1,
+            instance,
+            fixtures,
+            config,
+            source: OnceCell::new(),
+            shared: OnceCell::new(),
+            workers: Mutex::new(HashMap::new()),
+            stats: Counters::default(),
+        });
+        registry.push(Arc::clone(&inner));
+        Ok(Fixture { inner })
+    }
+}
+
+struct Inner {
+    config: Config,
+    fixtures: FixtureSet,
+    slots: Option<Arc<Slots>>,
+    /// Identifies this fixture among the slots a thread holds.
+    id: usize,
+    /// Distinguishes the worker databases of different configurations in one run.
+    instance: String,
+    source: OnceCell<Source>,
+    /// The shared server of database and schema modes.
+    shared: OnceCell<Server>,
+    workers: Mutex<HashMap<WorkerId, Arc<OnceCell<Arc<Worker>>>>>,
+    stats: Counters,
+}
+
+struct Worker {
+    pool: Pool,
+    served: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counters {
+    servers_started: AtomicU64,
+    servers_reused: AtomicU64,
+    templates_built: AtomicU64,
+    workers_provisioned: AtomicU64,
+    workers_reused: AtomicU64,
+}
+
+/// What a [`Fixture`] did in this process, for reports and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// `docker` or `local`, once a server was needed.
+    pub backend: Option<&'static str>,
+    /// The image or binaries' directory servers are made of.
+    pub flavour: Option<String>,
+    /// Servers this process started.
+    pub servers_started: u64,
+    /// Servers this process found already running (started by another process).
+    pub servers_reused: u64,
+    /// Template databases this process built (fixtures applied).
+    pub templates_built: u64,
+    /// Worker databases or schemas this process created.
+    pub workers_provisioned: u64,
+    /// Worker databases or schemas this process found already made.
+    pub workers_reused: u64,
+    /// Test handles given out, per worker.
+    pub served: BTreeMap<WorkerId, u64>,
+}
+
+impl Fixture {
+    /// A builder that starts from the environment.
+    pub fn builder() -> FixtureBuilder {
+        FixtureBuilder {
+            config: Config::from_env(),
+        }
+    }
+
+    /// The fixture the environment describes (what [`crate::worker_db`] uses).
+    ///
+    /// # Errors
+    ///
+    /// As [`FixtureBuilder::build`].
+    pub fn from_env() -> Result<Fixture> {
+        Self::builder().build()
+    }
+
+    /// This fixture's configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// A connection to this worker's database inside a fresh transaction, rolled back
+    /// when the handle drops. In-process, it first takes a free worker slot (the one
+    /// this thread already holds, if any), waiting up to the acquire timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::AcquireTimeout`] when no slot frees up or the server does not start in
+    /// time; the backend's, fixture's or server's error when provisioning fails.
+    pub async fn worker_db(&self) -> Result<TestDb> {
+        let inner = Arc::clone(&self.inner);
+        let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
+        let reused_lease = held.is_some();
+        let db = runtime::run(async move { inner.acquire(held).await }).await?;
+        if !reused_lease && let Some(lease) = db.lease() {
+            Slots::remember(self.inner.id, lease);
+        }
+        Ok(db)
+    }
+
+    /// The worker id of the calling test: the fixed id of this process, else the slot
+    /// this thread holds, else `None` (no handle held yet).
+    pub fn worker_id(&self) -> Option<WorkerId> {
+        self.inner
+            .config
+            .worker
+            .clone()
+            .or_else(|| Slots::held(self.inner.id).map(|lease| lease.worker()))
+    }
+
+    /// What this fixture did so far in this process.
+    pub fn stats(&self) -> Stats {
+        let inner = &self.inner;
+        let c = &inner.stats;
+        let served = inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(id, cell)| Some((id.clone(), cell.get()?.served.load(Ordering::Relaxed))))
+            .collect();
+        Stats {
+            backend: inner.source.get().map(Source::kind),
+            flavour: inner.source.get().map(Source::flavour),
+            servers_started: c.servers_started.load(Ordering::Relaxed),
+            servers_reused: c.servers_reused.load(Ordering::Relaxed),
+            templates_built: c.templates_built.load(Ordering::Relaxed),
+            workers_provisioned: c.workers_provisioned.load(Ordering::Relaxed),
+            workers_reused: c.workers_reused.load(Ordering::Relaxed),
+            served,
+        }
+    }
+}
+
+impl Inner {
+    async fn acquire(self: Arc<Self>, held: Option<Arc<SlotLease>>) -> Result<TestDb> {
+        let timeout = self.config.acquire_timeout;
+        let deadline = Instant::now() + timeout;
+        let phase = Mutex::new(String::new());
+        let set_phase = |p: String| *phase.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        let work = async {
+            let lease = match (&self.slots, held) {
+                (Some(_), Some(lease)) => Some(lease),
+                (Some(slots), None) => {
+                    set_phase(format!(
+                        "a free worker slot (all {} in use; a test holding handles of two fixtures can wait on itself)",
+                        self.config.workers
+                    ));
+                    Some(slots.acquire().await)
+                }
+                (None, _) => None,
+            };
+            let worker_id = match (&lease, &self.config.worker) {
+                (Some(lease), _) => lease.worker(),
+                (None, Some(id)) => id.clone(),
+                (None, None) => unreachable!("a fixture without a fixed worker has slots"),
+            };
+            set_phase(format!("worker {worker_id} to be provisioned"));
+            let worker = self.worker(&worker_id, deadline).await?;
+            set_phase(format!("a pooled connection of worker {worker_id}"));
+            let client = worker.pool.get().await.map_err(|source| Error::Pool {
+                worker: worker_id.to_string(),
+                source,
+            })?;
+            client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(Error::pg(format!(
+                    "starting the test transaction on worker {worker_id}"
+                )))?;
+            worker.served.fetch_add(1, Ordering::Relaxed);
+            Ok(TestDb::new(client, worker_id, lease))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::AcquireTimeout {
+                timeout,
+                waiting_for: phase.into_inner().unwrap_or_else(|e| e.into_inner()),
+            }),
+        }
+    }
+
+    async fn source(&self) -> Result<&Source> {
+        self.source
+            .get_or_try_init(|| Source::resolve(&self.config))
+            .await
+    }
+
+    /// The name of a server: run, backend flavour, and what it is for.
+    fn server_name(&self, source: &Source, role: &str) -> String {
+        let digest = Sha256::digest(format!("{}:{}", source.kind(), source.flavour()).as_bytes());
+        let flavour: String = digest[..3].iter().map(|b| format!("{b:02x}")).collect();
+        format!("pgfixture-{}-{flavour}-{role}", self.config.run_id)
+    }
+
+    async fn server(&self, role: &str, deadline: Instant) -> Result<Server> {
+        let source = self.source().await?;
+        let name = self.server_name(source, role);
+        let (server, started) = source.server(&name, &self.config, deadline).await?;
+        let counter = if started {
+            &self.stats.servers_started
+        } else {
+            &self.stats.servers_reused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(server)
+    }
+
+    async fn shared_server(&self, deadline: Instant) -> Result<&Server> {
+        self.shared
+            .get_or_try_init(|| self.server("shared", deadline))
+            .await
+    }
+
+    async fn worker(&self, id: &WorkerId, deadline: Instant) -> Result<Arc<Worker>> {
+        let cell = Arc::clone(
+            self.workers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(id.clone())
+                .or_default(),
+        );
+        cell.get_or_try_init(|| self.provision(id, deadline))
+            .await
+            .cloned()
+    }
+
+    /// Makes (or finds) the worker's database or schema and its pool.
+    async fn provision(&self, id: &WorkerId, deadline: Instant) -> Result<Arc<Worker>> {
+        let started = Instant::now();
+        let worker_name = format!("pgfx_w_{}_{}_{id}", self.fixtures.hash(12), self.instance);
+        debug_assert!(worker_name.len() + 4 <= provision::MAX_IDENT);
+        let (server, dbname, search_path, created) = match self.config.isolation {
+            Isolation::Database | Isolation::Container => {
+                let server = match self.config.isolation {
+                    Isolation::Container => {
+                        self.server(&format!("{}-w{id}", self.instance), deadline)
+                            .await?
+                    }
+                    _ => self.shared_server(deadline).await?.clone(),
+                };
+                let (template, built) = provision::template(&server, &self.fixtures).await?;
+                if built {
+                    self.stats.templates_built.fetch_add(1, Ordering::Relaxed);
+                }
+                let created = provision::clone_database(&server, &template, &worker_name).await?;
+                (server, worker_name.clone(), None, created)
+            }
+            Isolation::Schema => {
+                let server = self.shared_server(deadline).await?.clone();
+                let dbname = "pgfx_schemas";
+                provision::schema_database(&server, dbname).await?;
+                let client = server
+                    .connect(dbname)
+                    .await
+                    .map_err(Error::pg(format!("connecting to {dbname}")))?;
+                let created = provision::schema(&client, &worker_name, &self.fixtures).await?;
+                (
+                    server,
+                    dbname.to_owned(),
+                    Some(worker_name.clone()),
+                    created,
+                )
+            }
+        };
+        let counter = if created {
+            &self.stats.workers_provisioned
+        } else {
+            &self.stats.workers_reused
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let size = self.pool_size(&server).await?;
+        let pool = crate::pool::build(
+            &server,
+            &dbname,
+            search_path.as_deref(),
+            size,
+            self.config.acquire_timeout,
+        );
+        tracing::info!(
+            worker = %id,
+            mode = self.config.isolation.as_str(),
+            target = %worker_name,
+            created,
+            pool_size = size,
+            elapsed = ?started.elapsed(),
+            "worker ready"
+        );
+        Ok(Arc::new(Worker {
+            pool,
+            served: AtomicU64::new(0),
+        }))
+    }
+
+    /// The pool size asked for, lowered so that every worker's pool fits the server's
+    /// `max_connections`.
+    async fn pool_size(&self, server: &Server) -> Result<usize> {
+        let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        let pools_per_server = match self.config.isolation {
+            Isolation::Container => 1,
+            _ => self.config.workers,
+        };
+        let admin = server.admin().await?;
+        let max: i32 = admin
+            .query_one("SELECT current_setting('max_connections')::int", &[])
+            .await
+            .map_err(Error::pg("reading max_connections"))?
+            .get(0);
+        let budget =
+            (max.max(0) as usize).saturating_sub(RESERVED_CONNECTIONS) / pools_per_server.max(1);
+        let size = wanted.min(budget.max(1));
+        if size < wanted {
+            tracing::warn!(
+                wanted,
+                size,
+                max_connections = max,
+                "pool size lowered to fit max_connections"
+            );
+        }
+        Ok(size)
+    }
+}

@@ -1,0 +1,200 @@
+//! Fixture files: loading, ordering, content hashing, and applying them.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Client;
+use tokio_postgres::error::ErrorPosition;
+
+use crate::{Error, Result};
+
+/// One `*.sql` file.
+#[derive(Debug, Clone)]
+pub(crate) struct FixtureFile {
+    pub(crate) path: PathBuf,
+    pub(crate) sql: String,
+}
+
+/// The fixture files of a run, in the order they are applied, and a hash of their
+/// content that names the templates and schemas built from them.
+#[derive(Debug, Clone)]
+pub(crate) struct FixtureSet {
+    pub(crate) files: Vec<FixtureFile>,
+    hash: String,
+}
+
+impl FixtureSet {
+    /// Reads `dir`'s `*.sql` files in file-name order; no directory means no fixtures.
+    pub(crate) fn load(dir: Option<&Path>) -> Result<Self> {
+        let mut files = Vec::new();
+        if let Some(dir) = dir {
+            let entries = std::fs::read_dir(dir).map_err(|source| Error::FixturesDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            let mut paths = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|source| Error::FixturesDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "sql") && path.is_file() {
+                    paths.push(path);
+                }
+            }
+            paths.sort_by(|a, b| a.file_name().cmp(&b.file_name()));
+            for path in paths {
+                let bytes = std::fs::read(&path).map_err(|e| Error::FixtureRead {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                let sql = String::from_utf8(bytes).map_err(|e| Error::FixtureRead {
+                    path: path.clone(),
+                    reason: format!(
+                        "not valid UTF-8 (first bad byte at offset {}); save it as UTF-8",
+                        e.utf8_error().valid_up_to()
+                    ),
+                })?;
+                files.push(FixtureFile { path, sql });
+            }
+        }
+        Ok(Self::from_files(files))
+    }
+
+    pub(crate) fn from_files(files: Vec<FixtureFile>) -> Self {
+        let mut digest = Sha256::new();
+        for file in &files {
+            let name = file
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            digest.update((name.len() as u64).to_le_bytes());
+            digest.update(name.as_bytes());
+            digest.update((file.sql.len() as u64).to_le_bytes());
+            digest.update(file.sql.as_bytes());
+        }
+        let hash = digest
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        FixtureSet { files, hash }
+    }
+
+    /// The first `n` hex digits of the content hash.
+    pub(crate) fn hash(&self, n: usize) -> &str {
+        &self.hash[..n.min(self.hash.len())]
+    }
+
+    /// Runs every file on `client`, in order; an error names the file and the line.
+    pub(crate) async fn apply(&self, client: &Client) -> Result<()> {
+        for file in &self.files {
+            client
+                .batch_execute(&file.sql)
+                .await
+                .map_err(|e| fixture_error(file, &e))?;
+        }
+        Ok(())
+    }
+}
+
+fn fixture_error(file: &FixtureFile, error: &tokio_postgres::Error) -> Error {
+    let (message, line) = match error.as_db_error() {
+        Some(db) => {
+            let mut message = db.message().to_owned();
+            if let Some(detail) = db.detail() {
+                message.push_str(&format!(" (detail: {detail})"));
+            }
+            if let Some(hint) = db.hint() {
+                message.push_str(&format!(" (hint: {hint})"));
+            }
+            let line = match db.position() {
+                Some(ErrorPosition::Original(pos)) => Some(line_of(&file.sql, *pos as usize)),
+                _ => None,
+            };
+            (message, line)
+        }
+        None => (error.to_string(), None),
+    };
+    Error::Fixture {
+        path: file.path.clone(),
+        line,
+        message,
+    }
+}
+
+/// The 1-based line of the 1-based character position `pos` in `sql`.
+pub(crate) fn line_of(sql: &str, pos: usize) -> usize {
+    1 + sql
+        .chars()
+        .take(pos.saturating_sub(1))
+        .filter(|&c| c == '\n')
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("pgfixture-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn files_apply_in_name_order_and_other_files_are_ignored() {
+        let d = dir("order");
+        std::fs::write(d.join("10_b.sql"), "b").unwrap();
+        std::fs::write(d.join("02_a.sql"), "a").unwrap();
+        std::fs::write(d.join("README.md"), "x").unwrap();
+        std::fs::create_dir(d.join("sub.sql")).unwrap();
+        let set = FixtureSet::load(Some(&d)).unwrap();
+        let names: Vec<_> = set
+            .files
+            .iter()
+            .map(|f| f.path.file_name().unwrap().to_owned())
+            .collect();
+        assert_eq!(names, ["02_a.sql", "10_b.sql"]);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn hash_follows_content_and_names() {
+        let f = |name: &str, sql: &str| FixtureFile {
+            path: PathBuf::from(name),
+            sql: sql.into(),
+        };
+        let a = FixtureSet::from_files(vec![f("a.sql", "x"), f("b.sql", "y")]);
+        let same = FixtureSet::from_files(vec![f("/other/a.sql", "x"), f("/other/b.sql", "y")]);
+        let changed = FixtureSet::from_files(vec![f("a.sql", "x"), f("b.sql", "y ")]);
+        let shifted = FixtureSet::from_files(vec![f("a.sql", "xy"), f("b.sql", "")]);
+        assert_eq!(a.hash(16), same.hash(16));
+        assert_ne!(a.hash(16), changed.hash(16));
+        assert_ne!(a.hash(16), shifted.hash(16));
+        assert_eq!(a.hash(12).len(), 12);
+    }
+
+    #[test]
+    fn missing_dir_and_bad_utf8_are_named() {
+        let err = FixtureSet::load(Some(Path::new("/nonexistent/pgfixture"))).unwrap_err();
+        assert!(err.to_string().contains("PGFIXTURE_FIXTURES"), "{err}");
+        let d = dir("utf8");
+        std::fs::write(d.join("bad.sql"), b"select '\xff';").unwrap();
+        let err = FixtureSet::load(Some(&d)).unwrap_err().to_string();
+        assert!(err.contains("bad.sql") && err.contains("UTF-8"), "{err}");
+        std::fs::remove_dir_all(d).unwrap();
+        assert!(FixtureSet::load(None).unwrap().files.is_empty());
+    }
+
+    #[test]
+    fn positions_map_to_lines() {
+        let sql = "create table a();\ncreate tabel b();\n";
+        assert_eq!(line_of(sql, 1), 1);
+        assert_eq!(line_of(sql, 19), 2);
+        assert_eq!(line_of("é\nx", 3), 2);
+    }
+}

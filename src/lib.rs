@@ -1,0 +1,61 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
+
+mod backend;
+mod config;
+mod error;
+mod fixture;
+mod fixtures;
+mod pool;
+mod provision;
+mod runtime;
+mod server;
+mod testdb;
+mod worker;
+
+pub use config::{Backend, Config, DEFAULT_IMAGE, Env, Isolation, OsEnv};
+pub use error::{Error, Result};
+pub use fixture::{Fixture, FixtureBuilder, Stats};
+pub use testdb::{Savepoint, TestDb};
+pub use worker::WorkerId;
+
+pub use deadpool_postgres;
+pub use testcontainers;
+pub use tokio_postgres;
+
+use std::sync::OnceLock;
+
+/// The fixture the environment describes, built on first use.
+fn default_fixture() -> Result<&'static Fixture> {
+    static DEFAULT: OnceLock<Fixture> = OnceLock::new();
+    if let Some(f) = DEFAULT.get() {
+        return Ok(f);
+    }
+    let fixture = Fixture::from_env()?;
+    Ok(DEFAULT.get_or_init(|| fixture))
+}
+
+/// The calling test's connection: from the current worker's pool, inside an open
+/// transaction that is rolled back when the handle drops.
+///
+/// Configured by the environment (see the README's table); [`Fixture::builder`] does
+/// the same in code.
+///
+/// # Errors
+///
+/// [`Error::Config`] for an invalid environment value, and everything
+/// [`Fixture::worker_db`] can return.
+pub async fn worker_db() -> Result<TestDb> {
+    default_fixture()?.worker_db().await
+}
+
+/// This process's or test's worker id: `PGFIXTURE_WORKER`, else nextest's slot, else the
+/// in-process slot the calling thread holds. A thread that holds no slot yet (or an
+/// invalid environment) gets the id `unassigned`.
+pub fn worker_id() -> WorkerId {
+    default_fixture()
+        .ok()
+        .and_then(Fixture::worker_id)
+        .unwrap_or_else(WorkerId::unassigned)
+}

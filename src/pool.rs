@@ -1,0 +1,72 @@
+//! One deadpool-postgres pool per worker, with connections that outlive test runtimes.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Connect, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use futures::future::BoxFuture;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, Config as PgConfig, NoTls};
+
+use crate::runtime;
+use crate::server::Server;
+
+/// Connections per worker when `PGFIXTURE_POOL_SIZE` is not set: a test that holds a
+/// handle and asks for another, or runs a few queries at once, does not wait.
+pub(crate) const DEFAULT_POOL_SIZE: usize = 4;
+/// Connections kept free on every server for pgfixture's maintenance connections and
+/// PostgreSQL's `superuser_reserved_connections` (3 by default).
+pub(crate) const RESERVED_CONNECTIONS: usize = 10;
+
+/// Opens connections on pgfixture's background runtime, so that their tasks survive
+/// the runtime of the test that happened to need a new one.
+#[derive(Debug, Clone, Copy)]
+struct BackgroundConnect;
+
+impl Connect for BackgroundConnect {
+    fn connect(
+        &self,
+        pg_config: &PgConfig,
+    ) -> BoxFuture<'_, Result<(Client, JoinHandle<()>), tokio_postgres::Error>> {
+        let pg_config = pg_config.clone();
+        Box::pin(runtime::run(async move {
+            let (client, connection) = pg_config.connect(NoTls).await?;
+            let task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "pooled connection closed");
+                }
+            });
+            Ok((client, task))
+        }))
+    }
+}
+
+/// The pool of worker connections to `dbname` on `server`, optionally with a
+/// `search_path` set at connection start (schema mode).
+pub(crate) fn build(
+    server: &Server,
+    dbname: &str,
+    search_path: Option<&str>,
+    size: usize,
+    wait: Duration,
+) -> Pool {
+    let mut pg_config = server.pg_config(dbname);
+    if let Some(schema) = search_path {
+        pg_config.options(format!("-c search_path={schema}"));
+    }
+    let manager = Manager::from_connect(
+        pg_config,
+        BackgroundConnect,
+        ManagerConfig {
+            // A test's transaction always ends in ROLLBACK, so a returned connection is
+            // clean; a closed one is detected without a query.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(wait))
+        .build()
+        .expect("a pool with a runtime and a size always builds")
+}

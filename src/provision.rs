@@ -1,0 +1,214 @@
+//! Templates, worker databases and worker schemas on a server, built exactly once.
+//!
+//! Every step runs under a PostgreSQL advisory lock named after the object it builds,
+//! so processes that start at the same moment wait for one builder instead of racing;
+//! a lock of a process that dies is released by the server. Objects are built under a
+//! temporary name and renamed when complete, so a half-applied template or schema is
+//! never found under its real name.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::fixtures::FixtureSet;
+use crate::server::Server;
+use crate::{Error, Result};
+
+/// PostgreSQL's identifier limit, in bytes.
+pub(crate) const MAX_IDENT: usize = 63;
+
+/// Quotes an identifier pgfixture built itself (checked to be short and plain).
+pub(crate) fn ident(name: &str) -> String {
+    debug_assert!(
+        name.len() <= MAX_IDENT
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    );
+    format!("\"{name}\"")
+}
+
+fn lock_key(name: &str) -> i64 {
+    let digest = Sha256::digest(format!("pgfixture:{name}").as_bytes());
+    i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+async fn with_lock<T>(
+    client: &Client,
+    name: &str,
+    work: impl AsyncFnOnce() -> Result<T>,
+) -> Result<T> {
+    let key = lock_key(name);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .map_err(Error::pg(format!("locking {name}")))?;
+    let result = work().await;
+    // Closing the connection would release the lock too; unlock now to let waiters in.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await;
+    result
+}
+
+async fn database_exists(client: &Client, name: &str) -> Result<bool> {
+    let row = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .map_err(Error::pg(format!("looking up database {name}")))?;
+    Ok(row.is_some())
+}
+
+/// Runs DDL that fails while a just-closed connection's backend is still exiting
+/// ("being accessed by other users"): retried for a moment.
+async fn ddl(client: &Client, sql: &str) -> Result<()> {
+    let mut tries = 0;
+    loop {
+        match client.batch_execute(sql).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(Error::pg(format!("running {sql}"))(e)),
+        }
+    }
+}
+
+/// Builds the template database holding the fixtures, unless it exists. Returns its
+/// name and whether this call built it.
+pub(crate) async fn template(server: &Server, fixtures: &FixtureSet) -> Result<(String, bool)> {
+    let name = format!("pgfx_t_{}", fixtures.hash(16));
+    let admin = server.admin().await?;
+    if database_exists(&admin, &name).await? {
+        return Ok((name, false));
+    }
+    with_lock(&admin, &name, async || {
+        if database_exists(&admin, &name).await? {
+            return Ok((name.clone(), false));
+        }
+        let building = format!("{name}_new");
+        ddl(&admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await?;
+        ddl(&admin, &format!("CREATE DATABASE {}", ident(&building))).await?;
+        let applied = async {
+            let client = server
+                .connect(&building)
+                .await
+                .map_err(Error::pg(format!("connecting to {building}")))?;
+            fixtures.apply(&client).await
+        }
+        .await;
+        if let Err(e) = applied {
+            let _ = ddl(&admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await;
+            return Err(e);
+        }
+        ddl(&admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(&name))).await?;
+        ddl(&admin, &format!("COMMENT ON DATABASE {} IS 'pgfixture template'", ident(&name))).await?;
+        tracing::info!(template = %name, files = fixtures.files.len(), server = %server.name, "template built");
+        Ok((name.clone(), true))
+    })
+    .await
+}
+
+/// Clones `template` into the worker database `name`, unless it exists.
+/// Returns whether this call created it.
+pub(crate) async fn clone_database(server: &Server, template: &str, name: &str) -> Result<bool> {
+    let admin = server.admin().await?;
+    with_lock(&admin, name, async || {
+        if database_exists(&admin, name).await? {
+            return Ok(false);
+        }
+        let version: i32 = admin
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(Error::pg("reading server_version_num"))?
+            .get(0);
+        // FILE_COPY (PostgreSQL 15+) copies files instead of WAL-logging every block,
+        // which is faster for small templates when fsync is off.
+        let strategy = if version >= 150000 { " STRATEGY = FILE_COPY" } else { "" };
+        ddl(
+            &admin,
+            &format!("CREATE DATABASE {} TEMPLATE {}{strategy}", ident(name), ident(template)),
+        )
+        .await?;
+        ddl(&admin, &format!("COMMENT ON DATABASE {} IS 'pgfixture worker'", ident(name))).await?;
+        tracing::info!(database = name, template, server = %server.name, "worker database provisioned");
+        Ok(true)
+    })
+    .await
+}
+
+/// The database that holds the worker schemas of schema mode.
+pub(crate) async fn schema_database(server: &Server, name: &str) -> Result<()> {
+    let admin = server.admin().await?;
+    if database_exists(&admin, name).await? {
+        return Ok(());
+    }
+    with_lock(&admin, name, async || {
+        if !database_exists(&admin, name).await? {
+            ddl(&admin, &format!("CREATE DATABASE {}", ident(name))).await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn schema_exists(client: &Client, schema: &str) -> Result<bool> {
+    let row = client
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await
+        .map_err(Error::pg(format!("looking up schema {schema}")))?;
+    Ok(row.is_some())
+}
+
+/// Creates the worker schema `schema` with the fixtures applied inside it, unless it
+/// exists. Returns whether this call created it.
+pub(crate) async fn schema(client: &Client, schema: &str, fixtures: &FixtureSet) -> Result<bool> {
+    if schema_exists(client, schema).await? {
+        return Ok(false);
+    }
+    with_lock(client, schema, async || {
+        if schema_exists(client, schema).await? {
+            return Ok(false);
+        }
+        let building = format!("{schema}_new");
+        let run = async {
+            client
+                .batch_execute(&format!(
+                    "BEGIN; DROP SCHEMA IF EXISTS {b} CASCADE; CREATE SCHEMA {b}; SET LOCAL search_path TO {b};",
+                    b = ident(&building)
+                ))
+                .await
+                .map_err(Error::pg(format!("creating schema {building}")))?;
+            fixtures.apply(client).await?;
+            client
+                .batch_execute(&format!(
+                    "ALTER SCHEMA {} RENAME TO {}; COMMIT;",
+                    ident(&building),
+                    ident(schema)
+                ))
+                .await
+                .map_err(Error::pg(format!("renaming schema {building}")))
+        };
+        if let Err(e) = run.await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+        tracing::info!(schema, files = fixtures.files.len(), "worker schema provisioned");
+        Ok(true)
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_are_stable_and_distinct() {
+        assert_eq!(lock_key("a"), lock_key("a"));
+        assert_ne!(lock_key("a"), lock_key("b"));
+    }
+}

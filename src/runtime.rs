@@ -1,0 +1,41 @@
+//! The background runtime that owns every connection pgfixture opens.
+//!
+//! Each `#[tokio::test]` builds its own runtime and drops it when the test ends; a
+//! connection whose task ran on that runtime dies with it. pgfixture therefore opens
+//! connections, and runs their tasks, on one runtime of its own that lives as long as
+//! the process. Callers only await a `JoinHandle`, which works from any runtime flavour.
+
+use std::future::Future;
+use std::sync::OnceLock;
+
+use tokio::runtime::{Builder, Handle, Runtime};
+
+/// Two threads: connection I/O is light, and these machines have two cores.
+const THREADS: usize = 2;
+
+pub(crate) fn handle() -> &'static Handle {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            Builder::new_multi_thread()
+                .worker_threads(THREADS)
+                .thread_name("pgfixture")
+                .enable_all()
+                .build()
+                .expect("pgfixture: cannot start its background runtime")
+        })
+        .handle()
+}
+
+/// Runs `future` on the background runtime and waits for it from wherever the caller is.
+pub(crate) async fn run<F>(future: F) -> F::Output
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match handle().spawn(future).await {
+        Ok(output) => output,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("pgfixture: background task cancelled: {e}"),
+    }
+}

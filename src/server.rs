@@ -1,0 +1,156 @@
+//! A running PostgreSQL server and the connections pgfixture makes to it.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use crate::{Error, Result};
+
+/// Settings for throwaway data: nothing needs to survive a crash of a test server.
+pub(crate) const THROWAWAY_SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "off"),
+    ("synchronous_commit", "off"),
+    ("full_page_writes", "off"),
+    // Room for every worker pool of a run plus pgfixture's own short-lived
+    // maintenance connections; each slot costs a few hundred bytes of shared memory.
+    ("max_connections", "300"),
+];
+
+/// Superuser of every server pgfixture starts.
+pub(crate) const SUPERUSER: &str = "postgres";
+
+/// How to reach a server. The password never appears in `Debug` output.
+#[derive(Clone)]
+pub(crate) struct Server {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) user: String,
+    pub(crate) password: String,
+    /// Container name or data directory, for messages.
+    pub(crate) name: String,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl Server {
+    pub(crate) fn pg_config(&self, dbname: &str) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .password(&self.password)
+            .dbname(dbname)
+            .application_name("pgfixture")
+            .connect_timeout(Duration::from_secs(5));
+        config
+    }
+
+    /// A connection whose task runs on the current runtime (pgfixture calls this on its
+    /// background runtime only).
+    pub(crate) async fn connect(&self, dbname: &str) -> Result<Client, tokio_postgres::Error> {
+        let (client, connection) = self.pg_config(dbname).connect(NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(client)
+    }
+
+    pub(crate) async fn admin(&self) -> Result<Client> {
+        self.connect("postgres")
+            .await
+            .map_err(Error::pg(format!("connecting to server {}", self.name)))
+    }
+
+    /// Waits until a real connection succeeds (a log line is not enough: the official
+    /// image prints "ready to accept connections" for its temporary init server too).
+    /// `alive` is asked about once a second whether the server can still come up.
+    pub(crate) async fn wait_ready<F, Fut>(&self, deadline: Instant, mut alive: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let mut last_check = Instant::now();
+        loop {
+            let attempt = async {
+                let client = self.connect("postgres").await?;
+                client.simple_query("SELECT 1").await.map(|_| ())
+            };
+            let error = match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    let fatal = e.code().is_some_and(|c| {
+                        *c == SqlState::INVALID_PASSWORD
+                            || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                    });
+                    if fatal {
+                        return Err(Error::pg(format!(
+                            "server {} refused pgfixture's credentials",
+                            self.name
+                        ))(e));
+                    }
+                    e.to_string()
+                }
+                Err(_) => "connection attempt timed out".to_owned(),
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::AcquireTimeout {
+                    timeout: Duration::ZERO,
+                    waiting_for: format!(
+                        "server {} to accept connections (last error: {error})",
+                        self.name
+                    ),
+                });
+            }
+            if last_check.elapsed() >= Duration::from_secs(1) {
+                alive().await?;
+                last_check = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// A random password for a new server (from the kernel's generator).
+pub(crate) fn random_password() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 18];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(Error::io("reading /dev/urandom for a server password"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Prints one line on stderr if a start takes longer than a couple of seconds, so a
+/// user knows why the first test waits. Dropping it cancels the line.
+pub(crate) struct SlowNotice(tokio::task::JoinHandle<()>);
+
+/// How long a start may take before the user is told why the test waits.
+const SLOW_AFTER: Duration = Duration::from_secs(2);
+
+impl SlowNotice {
+    pub(crate) fn new(what: String) -> Self {
+        SlowNotice(tokio::spawn(async move {
+            tokio::time::sleep(SLOW_AFTER).await;
+            eprintln!("pgfixture: {what} (first start only; later tests reuse it)");
+        }))
+    }
+}
+
+impl Drop for SlowNotice {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
