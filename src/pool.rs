@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Connect, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Connect, Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime,
+};
 use futures::future::BoxFuture;
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, Config as PgConfig, NoTls};
@@ -64,6 +66,9 @@ pub(crate) fn build(
     );
     Pool::builder(manager)
         .max_size(size)
+        // The most recently returned connection first: it is warm (its statements and
+        // caches are hot), and idle ones beyond what tests need stay idle.
+        .queue_mode(QueueMode::Lifo)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(wait))
         .create_timeout(Some(wait))

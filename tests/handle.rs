@@ -1,0 +1,272 @@
+//! The test handle: rollback on drop and on release, savepoints, several handles in
+//! one test, and pooled connections that outlive the runtime of the test that opened
+//! them. Runs on the backend and isolation mode the environment selects.
+
+use std::time::Duration;
+
+use pgfixture::Fixture;
+
+/// A fixture with one in-process worker: consecutive handles come from one pool, so a
+/// returned connection is the next one handed out.
+fn single_worker() -> Fixture {
+    Fixture::builder().workers(1).build().expect("fixture")
+}
+
+async fn count_notes(db: &pgfixture::TestDb, owner: &str) -> i64 {
+    db.query_one("SELECT count(*) FROM notes WHERE owner = $1", &[&owner])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn dropping_the_handle_rolls_back() {
+    let fixture = single_worker();
+    let db = fixture.worker_db().await.unwrap();
+    db.execute("INSERT INTO notes (owner, body) VALUES ('drop', 'x')", &[])
+        .await
+        .unwrap();
+    assert_eq!(count_notes(&db, "drop").await, 1);
+    drop(db);
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        count_notes(&db, "drop").await,
+        0,
+        "the dropped handle's insert survived"
+    );
+}
+
+#[tokio::test]
+async fn release_rolls_back_and_reports() {
+    let fixture = single_worker();
+    let db = fixture.worker_db().await.unwrap();
+    db.execute(
+        "INSERT INTO notes (owner, body) VALUES ('release', 'x')",
+        &[],
+    )
+    .await
+    .unwrap();
+    db.release().await.expect("release reports no error");
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(count_notes(&db, "release").await, 0);
+}
+
+#[tokio::test]
+async fn a_failed_statement_does_not_poison_the_next_test() {
+    let fixture = single_worker();
+    let db = fixture.worker_db().await.unwrap();
+    assert!(
+        db.execute("SELECT * FROM no_such_table", &[])
+            .await
+            .is_err()
+    );
+    drop(db);
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(count_notes(&db, "x").await, 0);
+}
+
+#[tokio::test]
+async fn a_nested_transaction_is_a_savepoint() {
+    let mut db = pgfixture::worker_db().await.unwrap();
+    db.execute(
+        "INSERT INTO notes (owner, body) VALUES ('sp', 'outer')",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    // Committing the nested transaction keeps its rows in the test's transaction only.
+    let inner = db.transaction().await.unwrap();
+    inner
+        .execute(
+            "INSERT INTO notes (owner, body) VALUES ('sp', 'committed')",
+            &[],
+        )
+        .await
+        .unwrap();
+    inner.commit().await.unwrap();
+    let status: String = db
+        .query_one(
+            "SELECT CASE WHEN txid_current_if_assigned() IS NULL THEN 'autocommit' ELSE 'in transaction' END",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        status, "in transaction",
+        "committing the savepoint ended the test's transaction"
+    );
+
+    // Rolling back (or dropping) it discards only its own rows.
+    let inner = db.transaction().await.unwrap();
+    inner
+        .execute(
+            "INSERT INTO notes (owner, body) VALUES ('sp', 'rolled back')",
+            &[],
+        )
+        .await
+        .unwrap();
+    inner.rollback().await.unwrap();
+    {
+        let mut inner = db.transaction().await.unwrap();
+        inner
+            .execute(
+                "INSERT INTO notes (owner, body) VALUES ('sp', 'dropped')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let deeper = inner.transaction().await.unwrap();
+        deeper
+            .execute(
+                "INSERT INTO notes (owner, body) VALUES ('sp', 'deeper')",
+                &[],
+            )
+            .await
+            .unwrap();
+        deeper.commit().await.unwrap();
+    }
+    let bodies: Vec<String> = db
+        .query("SELECT body FROM notes WHERE owner = 'sp' ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(bodies, ["outer", "committed"]);
+
+    // And none of it outlives the test.
+    let worker = db.worker_id().clone();
+    drop(db);
+    let fixture = Fixture::from_env().unwrap();
+    if fixture.config().worker.is_none() {
+        // In-process: the freed slot may be taken by another test; look through a
+        // fresh handle on any worker: the rows were never committed anywhere.
+        let db = pgfixture::worker_db().await.unwrap();
+        assert_eq!(
+            count_notes(&db, "sp").await,
+            0,
+            "savepoint rows of worker {worker} survived"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_test_may_hold_two_handles() {
+    let fixture = single_worker();
+    let a = fixture.worker_db().await.unwrap();
+    // With one slot, a second acquire that waited for a free slot would deadlock.
+    let b = tokio::time::timeout(Duration::from_secs(20), fixture.worker_db())
+        .await
+        .expect("a second handle in the same test must not wait for the first")
+        .unwrap();
+    assert_eq!(a.worker_id(), b.worker_id());
+    let pa: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pb: i32 = b
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(pa, pb, "two handles, two connections, two transactions");
+    a.execute("INSERT INTO notes (owner, body) VALUES ('two', 'a')", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        count_notes(&b, "two").await,
+        0,
+        "uncommitted rows are invisible to the other handle"
+    );
+}
+
+#[tokio::test]
+async fn worker_id_follows_the_handle() {
+    let db = pgfixture::worker_db().await.unwrap();
+    assert_eq!(&pgfixture::worker_id(), db.worker_id());
+}
+
+/// Twenty consecutive tests, each in a runtime of its own as `#[tokio::test]` builds
+/// them, alternating the two flavours: every one gets the same pooled connection
+/// (same server pid) although the runtime that opened it is gone.
+#[test]
+fn pooled_connections_survive_test_runtimes() {
+    let fixture = single_worker();
+    let mut pids = Vec::new();
+    for i in 0..20 {
+        let runtime = if i % 2 == 0 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+        }
+        .unwrap();
+        let pid: i32 = runtime.block_on(async {
+            let db = fixture.worker_db().await.unwrap();
+            let pid = db
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            db.execute("INSERT INTO notes (owner, body) VALUES ('rt', 'x')", &[])
+                .await
+                .unwrap();
+            if i % 4 == 0 {
+                db.release().await.unwrap()
+            } else {
+                drop(db)
+            }
+            pid
+        });
+        drop(runtime);
+        pids.push(pid);
+    }
+    assert!(
+        pids.iter().all(|p| *p == pids[0]),
+        "pids changed across runtimes: {pids:?}"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = fixture.worker_db().await.unwrap();
+        assert_eq!(count_notes(&db, "rt").await, 0);
+    });
+}
+
+/// A handle dropped outside of any runtime still rolls back.
+#[test]
+fn drop_outside_a_runtime() {
+    let fixture = single_worker();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = runtime.block_on(fixture.worker_db()).unwrap();
+    runtime
+        .block_on(db.execute(
+            "INSERT INTO notes (owner, body) VALUES ('outside', 'x')",
+            &[],
+        ))
+        .unwrap();
+    drop(runtime);
+    drop(db);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = runtime.block_on(fixture.worker_db()).unwrap();
+    let n: i64 = runtime
+        .block_on(db.query_one("SELECT count(*) FROM notes WHERE owner = 'outside'", &[]))
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}

@@ -1,0 +1,245 @@
+//! The isolation suite: many small tests that would fail if any data leaked between
+//! tests or workers. It runs against whatever the environment selects
+//! (`PGFIXTURE_ISOLATION`, `PGFIXTURE_BACKEND`), under `cargo test` (tests are threads)
+//! and under `cargo nextest run` (tests are processes); `scripts/test.sh` runs every
+//! combination.
+//!
+//! While a test holds its handle it claims its target (server, database, schema) in a
+//! directory shared by all processes of the run, with an exclusive file create: a second
+//! test using the same target at the same time fails. Each test also records the server
+//! it used, so that the run can be checked to have used one shared server (database and
+//! schema modes) or one server per worker (container mode).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgfixture::{Isolation, TestDb};
+
+/// Where the tests of one run meet: one directory per run id.
+fn run_dir(kind: &str) -> PathBuf {
+    let run = pgfixture::Fixture::from_env()
+        .expect("valid environment")
+        .config()
+        .run_id
+        .clone();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("isolation-{run}"))
+        .join(kind);
+    std::fs::create_dir_all(&dir).expect("creating the run directory");
+    dir
+}
+
+struct Target {
+    server: String,
+    database: String,
+    schema: String,
+    pid: i32,
+}
+
+async fn target(db: &TestDb) -> Target {
+    let row = db
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || \
+                    pg_postmaster_start_time()::text, current_database()::text, current_schema()::text, pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("reading the target");
+    Target {
+        server: row.get(0),
+        database: row.get(1),
+        schema: row.get(2),
+        pid: row.get(3),
+    }
+}
+
+/// Claims `target` for this test; fails if another running test holds it.
+struct Claim(PathBuf);
+
+impl Claim {
+    fn take(target: &Target, test: &str) -> Claim {
+        let key = format!("{}-{}-{}", target.server, target.database, target.schema)
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
+        let path = run_dir("claims").join(key);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => {
+                std::fs::write(&path, test).unwrap();
+                Claim(path)
+            }
+            Err(_) => panic!(
+                "{test}: target {}/{}/{} is in use by another test at the same time ({})",
+                target.server,
+                target.database,
+                target.schema,
+                std::fs::read_to_string(&path).unwrap_or_default()
+            ),
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Records which server this worker used; fails if the run used more servers than
+/// its mode allows.
+fn record_server(target: &Target, worker: &str) {
+    let isolation = pgfixture::Fixture::from_env().unwrap().config().isolation;
+    let key = match isolation {
+        Isolation::Container => format!("worker-{worker}"),
+        _ => "shared".to_owned(),
+    };
+    let dir = run_dir("servers");
+    let path = dir.join(&key);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+    {
+        Ok(_) => std::fs::write(&path, &target.server).unwrap(),
+        Err(_) => {
+            // Another test wrote it; it may still be writing.
+            let mut seen = String::new();
+            for _ in 0..50 {
+                seen = std::fs::read_to_string(&path).unwrap();
+                if !seen.is_empty() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert_eq!(
+                seen, target.server,
+                "{key}: every test of the run must use the same server"
+            );
+        }
+    }
+    if isolation == Isolation::Container {
+        // Different workers, different servers.
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            if entry.file_name() != key.as_str() {
+                let other = std::fs::read_to_string(entry.path()).unwrap();
+                assert!(
+                    other.is_empty() || other != target.server,
+                    "workers {key} and {:?} share a server",
+                    entry.file_name()
+                );
+            }
+        }
+    }
+}
+
+async fn isolated_test(name: &str, spin: u64) {
+    let db = pgfixture::worker_db().await.expect("worker_db");
+    let target = target(&db).await;
+    let _claim = Claim::take(&target, name);
+    record_server(&target, db.worker_id().as_str());
+
+    // The fixtures are there, and only the fixtures: nothing any other test wrote.
+    let users: Vec<String> = db
+        .query("SELECT email FROM users ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        users,
+        ["seed@example.com"],
+        "{name}: sees another test's users"
+    );
+    let notes: i64 = db
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(notes, 0, "{name}: sees another test's notes");
+
+    // Rows that collide if any of them survives this test: a fixed unique email.
+    db.execute("INSERT INTO users (email) VALUES ('same@example.com')", &[])
+        .await
+        .unwrap_or_else(|e| panic!("{name}: a previous test's row leaked: {e}"));
+    for i in 0..5 {
+        db.execute(
+            "INSERT INTO notes (owner, body) VALUES ($1, $2)",
+            &[&name, &format!("note {i}")],
+        )
+        .await
+        .unwrap();
+    }
+    // Overlap with the tests running beside this one.
+    tokio::time::sleep(Duration::from_millis(spin)).await;
+    let foreign: i64 = db
+        .query_one("SELECT count(*) FROM notes WHERE owner <> $1", &[&name])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(foreign, 0, "{name}: sees another test's notes");
+
+    // Fixtures were applied once per template (database, container) or per worker
+    // schema (schema), never twice: count the marker roles the fixture makes.
+    let applied: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pgfx_applied_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let isolation = pgfixture::Fixture::from_env().unwrap().config().isolation;
+    match isolation {
+        Isolation::Database | Isolation::Container => {
+            assert_eq!(
+                applied, 1,
+                "{name}: fixtures applied {applied} times on one server"
+            )
+        }
+        Isolation::Schema => {
+            let schemas: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'pgfx_w_%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                applied, schemas,
+                "{name}: fixtures applied {applied} times for {schemas} worker schemas"
+            );
+        }
+    }
+    assert!(target.pid > 0);
+    drop(_claim);
+    db.release().await.expect("release");
+}
+
+macro_rules! isolated_tests {
+    ($($name:ident: $spin:expr),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                isolated_test(stringify!($name), $spin).await;
+            }
+        )*
+    };
+}
+
+isolated_tests! {
+    isolated_01: 40, isolated_02: 10, isolated_03: 30, isolated_04: 5,
+    isolated_05: 40, isolated_06: 10, isolated_07: 30, isolated_08: 5,
+    isolated_09: 40, isolated_10: 10, isolated_11: 30, isolated_12: 5,
+    isolated_13: 40, isolated_14: 10, isolated_15: 30, isolated_16: 5,
+    isolated_17: 40, isolated_18: 10, isolated_19: 30, isolated_20: 5,
+}
+
+/// The same under a multi-threaded test runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_multi_thread_runtime() {
+    isolated_test("isolated_multi_thread_runtime", 20).await;
+}
