@@ -1,0 +1,285 @@
+//! Lifecycle and bad input, on the backend the environment selects: nothing is left
+//! behind after the grace period; every invalid environment value is an error naming
+//! its variable; a broken fixture names its file and line and leaves nothing
+//! half-built. Environment variations run in child processes (this test binary,
+//! running its `child` helper), never through `set_var`.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use pgfixture::testcontainers::bollard;
+use pgfixture::{Error, Fixture, Isolation};
+
+/// Run by the tests below in a child process, with the environment they choose: takes
+/// a handle, reports what it got, and exits.
+#[test]
+#[ignore = "helper, run as a child process by the lifecycle tests"]
+fn child() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        match pgfixture::worker_db().await {
+            Ok(db) => {
+                let n: i64 = db.query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+                let stats = Fixture::from_env().unwrap().stats();
+                println!("CHILD-OK users={n} backend={}", stats.backend.unwrap_or("?"));
+            }
+            Err(e) => {
+                eprintln!("CHILD-ERR {e}");
+                std::process::exit(3);
+            }
+        }
+    });
+}
+
+const RUNNER_VARS: &[&str] = &["NEXTEST_TEST_GLOBAL_SLOT", "NEXTEST_RUN_ID", "PGFIXTURE_WORKER", "PGFIXTURE_RUN_ID"];
+
+fn run_child(env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "child", "--ignored", "--nocapture", "--test-threads", "1"]);
+    for var in RUNNER_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("running the child helper")
+}
+
+fn unique_run(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{tag}{:x}{:x}", std::process::id(), nanos)
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(12)
+        .collect()
+}
+
+/// Containers, server directories and server processes that belong to `run`.
+async fn leftovers(run: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let marker = format!("pgfixture-{run}");
+    if let Ok(docker) = bollard::Docker::connect_with_local_defaults() {
+        if let Ok(docker) = docker.negotiate_version().await {
+            let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
+                .all(true)
+                .filters(&std::collections::HashMap::from([("label", vec![format!("pgfixture.run={run}")])]))
+                .build();
+            for c in docker.list_containers(Some(options)).await.unwrap_or_default() {
+                found.push(format!("container {:?}", c.names));
+            }
+        }
+    }
+    for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("pgfixture-") {
+            for server in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+                if server.file_name().to_string_lossy().starts_with(&marker) {
+                    found.push(format!("directory {}", server.path().display()));
+                }
+            }
+        }
+    }
+    for proc in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Ok(cmdline) = std::fs::read(proc.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmdline).contains(&marker) {
+                found.push(format!("process {}", proc.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn nothing_remains_after_the_grace_period() {
+    let run = unique_run("gone");
+    for isolation in ["database", "container", "schema"] {
+        let out = run_child(&[
+            ("PGFIXTURE_RUN_ID", &run),
+            ("PGFIXTURE_GRACE", "1"),
+            ("PGFIXTURE_ISOLATION", isolation),
+            ("PGFIXTURE_WORKERS", "2"),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("CHILD-OK users=1"),
+            "child ({isolation}) failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!leftovers(&run).await.is_empty(), "the servers should still be in their grace period");
+    // Grace of 1 s, polled once a second, plus a fast shutdown and container removal.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = leftovers(&run).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind after the grace period: {left:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[test]
+fn every_invalid_environment_value_names_its_variable() {
+    let cases: &[(&str, &str)] = &[
+        ("PGFIXTURE_ISOLATION", "tables"),
+        ("PGFIXTURE_BACKEND", "podman"),
+        ("PGFIXTURE_IMAGE", "Not An Image"),
+        ("PGFIXTURE_FIXTURES", "/nonexistent/pgfixture-fixtures"),
+        ("PGFIXTURE_WORKER", "Worker-1"),
+        ("PGFIXTURE_WORKER", "w23456789012345678901234567890123"),
+        ("NEXTEST_TEST_GLOBAL_SLOT", "first"),
+        ("PGFIXTURE_WORKERS", "0"),
+        ("PGFIXTURE_WORKERS", "lots"),
+        ("PGFIXTURE_WORKERS", "99999999"),
+        ("PGFIXTURE_POOL_SIZE", "0"),
+        ("PGFIXTURE_POOL_SIZE", "zero"),
+        ("PGFIXTURE_POOL_SIZE", "100000"),
+        ("PGFIXTURE_ACQUIRE_TIMEOUT", "0"),
+        ("PGFIXTURE_ACQUIRE_TIMEOUT", "forever"),
+        ("PGFIXTURE_ACQUIRE_TIMEOUT", "1e12"),
+        ("PGFIXTURE_GRACE", "-5"),
+        ("PGFIXTURE_REQUIRE_DOCKER", "perhaps"),
+        ("PGFIXTURE_RUN_ID", "#"),
+        ("RUST_TEST_THREADS", "0"),
+    ];
+    for (var, value) in cases {
+        let out = run_child(&[(var, value)]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{var}={value:?} did not fail cleanly: {stderr}");
+        let line = stderr.lines().find(|l| l.starts_with("CHILD-ERR")).unwrap_or_default();
+        assert!(line.contains(var), "{var}={value:?}: the error does not name the variable: {line}");
+    }
+    // A local backend pointed at a directory without PostgreSQL names PGFIXTURE_PG_BIN.
+    let out = run_child(&[("PGFIXTURE_BACKEND", "local"), ("PGFIXTURE_PG_BIN", "/nonexistent/bin")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PGFIXTURE_PG_BIN"), "{stderr}");
+}
+
+/// With Docker, an image that is not there and cannot be pulled names the image and
+/// `PGFIXTURE_IMAGE`; without Docker, `PGFIXTURE_REQUIRE_DOCKER=1` fails naming Docker.
+#[test]
+fn docker_failures_say_what_to_fix() {
+    let out = run_child(&[
+        ("PGFIXTURE_BACKEND", "docker"),
+        ("PGFIXTURE_IMAGE", "pgfixture-test/absent-image:0"),
+        ("PGFIXTURE_ACQUIRE_TIMEOUT", "60"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let docker_answers = !stderr.contains("no Docker daemon answers");
+    if docker_answers {
+        assert!(
+            stderr.contains("pgfixture-test/absent-image:0") && stderr.contains("PGFIXTURE_IMAGE"),
+            "{stderr}"
+        );
+    } else {
+        assert!(stderr.contains("DOCKER_HOST") && stderr.contains("PGFIXTURE_BACKEND=local"), "{stderr}");
+    }
+    // An unreachable daemon is reported within seconds.
+    let started = Instant::now();
+    let out = run_child(&[
+        ("PGFIXTURE_BACKEND", "auto"),
+        ("PGFIXTURE_REQUIRE_DOCKER", "1"),
+        ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no Docker daemon answers") && stderr.contains("unix:///nonexistent/docker.sock"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(60), "an unreachable daemon must not hang");
+}
+
+fn fixture_dir(tag: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fixtures-{tag}-{}", unique_run("f")));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, sql) in files {
+        std::fs::write(dir.join(name), sql).unwrap();
+    }
+    dir
+}
+
+async fn broken_fixture_in(isolation: Isolation) {
+    let dir = fixture_dir(
+        isolation_name(isolation),
+        &[
+            ("001_ok.sql", "CREATE TABLE fine (id int);\n"),
+            ("002_bad.sql", "-- a comment\nCREATE TABLE also_fine (id int);\nCREATE TABEL broken (id int);\n"),
+        ],
+    );
+    let broken = Fixture::builder().isolation(isolation).fixtures(&dir).build().unwrap();
+    match broken.worker_db().await {
+        Err(Error::Fixture { path, line, message }) => {
+            assert!(path.ends_with("002_bad.sql"), "{path:?}");
+            assert_eq!(line, Some(3), "{message}");
+            assert!(message.contains("syntax error"), "{message}");
+        }
+        other => panic!("expected a fixture error, got {other:?}"),
+    }
+    // Nothing half-built is left where the next attempt could find it.
+    let good = Fixture::builder().isolation(isolation).build().unwrap();
+    let db = good.worker_db().await.unwrap();
+    let half_built: i64 = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_database WHERE datname LIKE 'pgfx\\_%\\_new') + \
+                    (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'pgfx\\_%\\_new')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(half_built, 0, "a half-applied template or schema was left behind");
+    let also_fine: i64 = db
+        .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'also_fine'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(also_fine, 0, "the broken fixture's first statement is visible to working tests");
+
+    // The same failure again, then fixed: the fixed files are applied from scratch.
+    assert!(matches!(broken.worker_db().await, Err(Error::Fixture { .. })));
+    let fixed_dir = fixture_dir(
+        isolation_name(isolation),
+        &[
+            ("001_ok.sql", "CREATE TABLE fine (id int);\n"),
+            ("002_bad.sql", "CREATE TABLE also_fine (id int);\nCREATE TABLE broken (id int);\n"),
+        ],
+    );
+    let fixed = Fixture::builder().isolation(isolation).fixtures(&fixed_dir).build().unwrap();
+    let db = fixed.worker_db().await.unwrap();
+    db.execute("INSERT INTO broken VALUES (1)", &[]).await.unwrap();
+}
+
+fn isolation_name(isolation: Isolation) -> &'static str {
+    match isolation {
+        Isolation::Container => "container",
+        Isolation::Database => "database",
+        Isolation::Schema => "schema",
+    }
+}
+
+/// One test for both modes: run side by side, one's fixed template (built under a
+/// temporary name) would look half-built to the other's check.
+#[tokio::test]
+async fn a_broken_fixture_names_file_and_line_and_leaves_nothing_half_built() {
+    broken_fixture_in(Isolation::Database).await;
+    broken_fixture_in(Isolation::Schema).await;
+}
+
+#[tokio::test]
+async fn a_fixture_file_that_is_not_utf8_is_named() {
+    let dir = fixture_dir("utf8", &[]);
+    std::fs::write(dir.join("001_latin1.sql"), b"INSERT INTO t VALUES ('caf\xe9');").unwrap();
+    let err = Fixture::builder().fixtures(&dir).build().unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("001_latin1.sql") && message.contains("UTF-8"), "{message}");
+}
+
+#[tokio::test]
+async fn stats_count_what_was_provisioned() {
+    let fixture = Fixture::builder().workers(1).build().unwrap();
+    let db = fixture.worker_db().await.unwrap();
+    drop(db);
+    let db = fixture.worker_db().await.unwrap();
+    drop(db);
+    let stats = fixture.stats();
+    assert!(stats.backend.is_some());
+    assert_eq!(stats.served.values().sum::<u64>(), 2, "{stats:?}");
+    assert_eq!(stats.workers_provisioned + stats.workers_reused, 1, "{stats:?}");
+}
