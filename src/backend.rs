@@ -78,6 +78,10 @@ impl Source {
                 match local::Local::find(config) {
                     Ok(local) => {
                         tracing::info!(reason = %docker_error, "Docker is not usable; using local PostgreSQL binaries");
+                        eprintln!(
+                            "pgfixture: using local PostgreSQL binaries in {} because {docker_error}",
+                            local.bin().display()
+                        );
                         Ok(Source::Local(local))
                     }
                     Err(local_error) => Err(Error::NoBackend {

@@ -106,7 +106,7 @@ pub enum Error {
     },
 
     /// A statement pgfixture runs failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", pg_message(source))]
     Postgres {
         /// What pgfixture was doing.
         context: String,
@@ -136,6 +136,25 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The server's own message for database errors (the driver's `Display` says only
+/// "db error"), the driver's otherwise.
+fn pg_message(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => error.to_string(),
+    }
+}
+
+/// Lets tests that return `pgfixture::Result` use `?` on the client's calls.
+impl From<tokio_postgres::Error> for Error {
+    fn from(source: tokio_postgres::Error) -> Self {
+        Error::Postgres {
+            context: "statement failed".to_owned(),
+            source,
+        }
+    }
 }
 
 impl Error {

@@ -16,13 +16,23 @@ use pgfixture::{Error, Fixture, Isolation};
 #[test]
 #[ignore = "helper, run as a child process by the lifecycle tests"]
 fn child() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         match pgfixture::worker_db().await {
             Ok(db) => {
-                let n: i64 = db.query_one("SELECT count(*) FROM users", &[]).await.unwrap().get(0);
+                let n: i64 = db
+                    .query_one("SELECT count(*) FROM users", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
                 let stats = Fixture::from_env().unwrap().stats();
-                println!("CHILD-OK users={n} backend={}", stats.backend.unwrap_or("?"));
+                println!(
+                    "CHILD-OK users={n} backend={}",
+                    stats.backend.unwrap_or("?")
+                );
             }
             Err(e) => {
                 eprintln!("CHILD-ERR {e}");
@@ -32,11 +42,23 @@ fn child() {
     });
 }
 
-const RUNNER_VARS: &[&str] = &["NEXTEST_TEST_GLOBAL_SLOT", "NEXTEST_RUN_ID", "PGFIXTURE_WORKER", "PGFIXTURE_RUN_ID"];
+const RUNNER_VARS: &[&str] = &[
+    "NEXTEST_TEST_GLOBAL_SLOT",
+    "NEXTEST_RUN_ID",
+    "PGFIXTURE_WORKER",
+    "PGFIXTURE_RUN_ID",
+];
 
 fn run_child(env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "child", "--ignored", "--nocapture", "--test-threads", "1"]);
+    cmd.args([
+        "--exact",
+        "child",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
     for var in RUNNER_VARS {
         cmd.env_remove(var);
     }
@@ -45,7 +67,10 @@ fn run_child(env: &[(&str, &str)]) -> Output {
 }
 
 fn unique_run(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     format!("{tag}{:x}{:x}", std::process::id(), nanos)
         .chars()
         .filter(char::is_ascii_alphanumeric)
@@ -57,20 +82,41 @@ fn unique_run(tag: &str) -> String {
 async fn leftovers(run: &str) -> Vec<String> {
     let mut found = Vec::new();
     let marker = format!("pgfixture-{run}");
-    if let Ok(docker) = bollard::Docker::connect_with_local_defaults() {
-        if let Ok(docker) = docker.negotiate_version().await {
+    if let Ok(docker) = bollard::Docker::connect_with_local_defaults()
+        && let Ok(docker) = docker.negotiate_version().await
+    {
+        {
             let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
                 .all(true)
-                .filters(&std::collections::HashMap::from([("label", vec![format!("pgfixture.run={run}")])]))
+                .filters(&std::collections::HashMap::from([(
+                    "label",
+                    vec![format!("pgfixture.run={run}")],
+                )]))
                 .build();
-            for c in docker.list_containers(Some(options)).await.unwrap_or_default() {
+            for c in docker
+                .list_containers(Some(options))
+                .await
+                .unwrap_or_default()
+            {
                 found.push(format!("container {:?}", c.names));
             }
         }
     }
-    for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().starts_with("pgfixture-") {
-            for server in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("pgfixture-")
+        {
+            for server in std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 if server.file_name().to_string_lossy().starts_with(&marker) {
                     found.push(format!("directory {}", server.path().display()));
                 }
@@ -78,10 +124,10 @@ async fn leftovers(run: &str) -> Vec<String> {
         }
     }
     for proc in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if let Ok(cmdline) = std::fs::read(proc.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmdline).contains(&marker) {
-                found.push(format!("process {}", proc.file_name().to_string_lossy()));
-            }
+        if let Ok(cmdline) = std::fs::read(proc.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmdline).contains(&marker)
+        {
+            found.push(format!("process {}", proc.file_name().to_string_lossy()));
         }
     }
     found
@@ -104,7 +150,10 @@ async fn nothing_remains_after_the_grace_period() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    assert!(!leftovers(&run).await.is_empty(), "the servers should still be in their grace period");
+    assert!(
+        !leftovers(&run).await.is_empty(),
+        "the servers should still be in their grace period"
+    );
     // Grace of 1 s, polled once a second, plus a fast shutdown and container removal.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -112,7 +161,10 @@ async fn nothing_remains_after_the_grace_period() {
         if left.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "left behind after the grace period: {left:?}");
+        assert!(
+            Instant::now() < deadline,
+            "left behind after the grace period: {left:?}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -144,12 +196,25 @@ fn every_invalid_environment_value_names_its_variable() {
     for (var, value) in cases {
         let out = run_child(&[(var, value)]);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(3), "{var}={value:?} did not fail cleanly: {stderr}");
-        let line = stderr.lines().find(|l| l.starts_with("CHILD-ERR")).unwrap_or_default();
-        assert!(line.contains(var), "{var}={value:?}: the error does not name the variable: {line}");
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{var}={value:?} did not fail cleanly: {stderr}"
+        );
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("CHILD-ERR"))
+            .unwrap_or_default();
+        assert!(
+            line.contains(var),
+            "{var}={value:?}: the error does not name the variable: {line}"
+        );
     }
     // A local backend pointed at a directory without PostgreSQL names PGFIXTURE_PG_BIN.
-    let out = run_child(&[("PGFIXTURE_BACKEND", "local"), ("PGFIXTURE_PG_BIN", "/nonexistent/bin")]);
+    let out = run_child(&[
+        ("PGFIXTURE_BACKEND", "local"),
+        ("PGFIXTURE_PG_BIN", "/nonexistent/bin"),
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("PGFIXTURE_PG_BIN"), "{stderr}");
 }
@@ -172,7 +237,10 @@ fn docker_failures_say_what_to_fix() {
             "{stderr}"
         );
     } else {
-        assert!(stderr.contains("DOCKER_HOST") && stderr.contains("PGFIXTURE_BACKEND=local"), "{stderr}");
+        assert!(
+            stderr.contains("DOCKER_HOST") && stderr.contains("PGFIXTURE_BACKEND=local"),
+            "{stderr}"
+        );
     }
     // An unreachable daemon is reported within seconds.
     let started = Instant::now();
@@ -182,12 +250,20 @@ fn docker_failures_say_what_to_fix() {
         ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no Docker daemon answers") && stderr.contains("unix:///nonexistent/docker.sock"), "{stderr}");
-    assert!(started.elapsed() < Duration::from_secs(60), "an unreachable daemon must not hang");
+    assert!(
+        stderr.contains("no Docker daemon answers")
+            && stderr.contains("unix:///nonexistent/docker.sock"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "an unreachable daemon must not hang"
+    );
 }
 
 fn fixture_dir(tag: &str, files: &[(&str, &str)]) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fixtures-{tag}-{}", unique_run("f")));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("fixtures-{tag}-{}", unique_run("f")));
     std::fs::create_dir_all(&dir).unwrap();
     for (name, sql) in files {
         std::fs::write(dir.join(name), sql).unwrap();
@@ -200,12 +276,23 @@ async fn broken_fixture_in(isolation: Isolation) {
         isolation_name(isolation),
         &[
             ("001_ok.sql", "CREATE TABLE fine (id int);\n"),
-            ("002_bad.sql", "-- a comment\nCREATE TABLE also_fine (id int);\nCREATE TABEL broken (id int);\n"),
+            (
+                "002_bad.sql",
+                "-- a comment\nCREATE TABLE also_fine (id int);\nCREATE TABEL broken (id int);\n",
+            ),
         ],
     );
-    let broken = Fixture::builder().isolation(isolation).fixtures(&dir).build().unwrap();
+    let broken = Fixture::builder()
+        .isolation(isolation)
+        .fixtures(&dir)
+        .build()
+        .unwrap();
     match broken.worker_db().await {
-        Err(Error::Fixture { path, line, message }) => {
+        Err(Error::Fixture {
+            path,
+            line,
+            message,
+        }) => {
             assert!(path.ends_with("002_bad.sql"), "{path:?}");
             assert_eq!(line, Some(3), "{message}");
             assert!(message.contains("syntax error"), "{message}");
@@ -224,26 +311,47 @@ async fn broken_fixture_in(isolation: Isolation) {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(half_built, 0, "a half-applied template or schema was left behind");
+    assert_eq!(
+        half_built, 0,
+        "a half-applied template or schema was left behind"
+    );
     let also_fine: i64 = db
-        .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 'also_fine'", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'also_fine'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(also_fine, 0, "the broken fixture's first statement is visible to working tests");
+    assert_eq!(
+        also_fine, 0,
+        "the broken fixture's first statement is visible to working tests"
+    );
 
     // The same failure again, then fixed: the fixed files are applied from scratch.
-    assert!(matches!(broken.worker_db().await, Err(Error::Fixture { .. })));
+    assert!(matches!(
+        broken.worker_db().await,
+        Err(Error::Fixture { .. })
+    ));
     let fixed_dir = fixture_dir(
         isolation_name(isolation),
         &[
             ("001_ok.sql", "CREATE TABLE fine (id int);\n"),
-            ("002_bad.sql", "CREATE TABLE also_fine (id int);\nCREATE TABLE broken (id int);\n"),
+            (
+                "002_bad.sql",
+                "CREATE TABLE also_fine (id int);\nCREATE TABLE broken (id int);\n",
+            ),
         ],
     );
-    let fixed = Fixture::builder().isolation(isolation).fixtures(&fixed_dir).build().unwrap();
+    let fixed = Fixture::builder()
+        .isolation(isolation)
+        .fixtures(&fixed_dir)
+        .build()
+        .unwrap();
     let db = fixed.worker_db().await.unwrap();
-    db.execute("INSERT INTO broken VALUES (1)", &[]).await.unwrap();
+    db.execute("INSERT INTO broken VALUES (1)", &[])
+        .await
+        .unwrap();
 }
 
 fn isolation_name(isolation: Isolation) -> &'static str {
@@ -265,10 +373,17 @@ async fn a_broken_fixture_names_file_and_line_and_leaves_nothing_half_built() {
 #[tokio::test]
 async fn a_fixture_file_that_is_not_utf8_is_named() {
     let dir = fixture_dir("utf8", &[]);
-    std::fs::write(dir.join("001_latin1.sql"), b"INSERT INTO t VALUES ('caf\xe9');").unwrap();
+    std::fs::write(
+        dir.join("001_latin1.sql"),
+        b"INSERT INTO t VALUES ('caf\xe9');",
+    )
+    .unwrap();
     let err = Fixture::builder().fixtures(&dir).build().unwrap_err();
     let message = err.to_string();
-    assert!(message.contains("001_latin1.sql") && message.contains("UTF-8"), "{message}");
+    assert!(
+        message.contains("001_latin1.sql") && message.contains("UTF-8"),
+        "{message}"
+    );
 }
 
 #[tokio::test]
@@ -281,5 +396,9 @@ async fn stats_count_what_was_provisioned() {
     let stats = fixture.stats();
     assert!(stats.backend.is_some());
     assert_eq!(stats.served.values().sum::<u64>(), 2, "{stats:?}");
-    assert_eq!(stats.workers_provisioned + stats.workers_reused, 1, "{stats:?}");
+    assert_eq!(
+        stats.workers_provisioned + stats.workers_reused,
+        1,
+        "{stats:?}"
+    );
 }

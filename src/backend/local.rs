@@ -17,6 +17,9 @@ use crate::config::Config;
 use crate::server::{SUPERUSER, Server, SlowNotice, random_password};
 use crate::{Error, Result};
 
+/// Ports tried before giving up on finding one nobody else takes first.
+const PORT_ATTEMPTS: usize = 5;
+
 /// Installed PostgreSQL binaries.
 #[derive(Debug)]
 pub(crate) struct Local {
@@ -220,6 +223,9 @@ impl Local {
         }
     }
 
+    /// Starts a server in `dir`; a port taken by someone else between our check and
+    /// the server's bind makes the server exit (and its watchdog remove `dir`), and the
+    /// start is tried again on another port.
     async fn start(
         &self,
         dir: &Path,
@@ -231,6 +237,27 @@ impl Local {
             "initializing a PostgreSQL server in {}",
             dir.display()
         ));
+        for _ in 0..PORT_ATTEMPTS {
+            if let Some(server) = self.start_once(dir, config, deadline, claim).await? {
+                return Ok(server);
+            }
+            wait_gone(dir).await;
+            std::fs::create_dir(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+            claim.0 = Some(dir.to_owned());
+        }
+        Err(Error::Local {
+            message: format!("no free loopback port could be bound in {PORT_ATTEMPTS} attempts"),
+        })
+    }
+
+    /// One start; `None` when the port was taken.
+    async fn start_once(
+        &self,
+        dir: &Path,
+        config: &Config,
+        deadline: Instant,
+        claim: &mut Claim,
+    ) -> Result<Option<Server>> {
         let started = Instant::now();
         std::fs::write(dir.join("creator"), std::process::id().to_string()).map_err(Error::io(
             format!("writing {}", dir.join("creator").display()),
@@ -272,74 +299,64 @@ impl Local {
                 ),
             });
         }
-        // A free port can be taken by someone else between our check and the server's
-        // bind; then the server exits and the next port is tried.
-        for _ in 0..5 {
-            let port = free_port()?;
-            let mut postgres = self.command("postgres");
-            postgres.extend([
-                "-D".to_owned(),
-                data.display().to_string(),
-                "-p".to_owned(),
-                port.to_string(),
-                "-c".to_owned(),
-                "listen_addresses=127.0.0.1".to_owned(),
-                "-c".to_owned(),
-                format!("unix_socket_directories={}", dir.display()),
-            ]);
-            postgres.extend(server_args());
-            self.spawn_watchdog(dir, port, config.grace.as_secs(), &postgres)?;
-            claim.0 = None;
-            let server = Server {
-                host: "127.0.0.1".to_owned(),
-                port,
-                user: SUPERUSER.to_owned(),
-                password: password.clone(),
-                name: dir.display().to_string(),
-            };
-            let exited = dir.join("exited");
-            let alive = || async {
-                if exited.exists() {
-                    Err(Error::Local {
-                        message: "exited".to_owned(),
-                    })
-                } else {
-                    Ok(())
-                }
-            };
-            match server.wait_ready(deadline, alive).await {
-                Ok(()) => {
-                    write_private(
-                        &dir.join("ready.tmp"),
-                        &format!("{port}\n{password}\n"),
-                        None,
-                    )?;
-                    std::fs::rename(dir.join("ready.tmp"), dir.join("ready")).map_err(
-                        Error::io(format!("writing {}", dir.join("ready").display())),
-                    )?;
-                    tracing::info!(dir = %dir.display(), port, elapsed = ?started.elapsed(), "server started");
-                    return Ok(server);
-                }
-                Err(Error::Local { .. }) => {
-                    let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
-                    if !log.contains("could not bind") && !log.contains("Address already in use") {
-                        return Err(Error::Local {
-                            message: format!("postgres exited during start: {}", log.trim()),
-                        });
-                    }
-                    // The watchdog removes the directory after a failed start; take it back.
-                    wait_gone(dir).await;
-                    std::fs::create_dir(dir)
-                        .map_err(Error::io(format!("creating {}", dir.display())))?;
-                    claim.0 = Some(dir.to_owned());
-                    return Box::pin(self.start(dir, config, deadline, claim)).await;
-                }
-                Err(e) => return Err(timeout_with(e, config)),
+        let port = free_port()?;
+        let mut postgres = self.command("postgres");
+        postgres.extend([
+            "-D".to_owned(),
+            data.display().to_string(),
+            "-p".to_owned(),
+            port.to_string(),
+            "-c".to_owned(),
+            "listen_addresses=127.0.0.1".to_owned(),
+            "-c".to_owned(),
+            format!("unix_socket_directories={}", dir.display()),
+        ]);
+        postgres.extend(server_args());
+        self.spawn_watchdog(dir, port, config.grace.as_secs(), &postgres)?;
+        // From here on the watchdog removes the directory when the server stops.
+        claim.0 = None;
+        let server = Server {
+            host: "127.0.0.1".to_owned(),
+            port,
+            user: SUPERUSER.to_owned(),
+            password: password.clone(),
+            name: dir.display().to_string(),
+        };
+        let exited = dir.join("exited");
+        let alive = || async {
+            if exited.exists() {
+                Err(Error::Local {
+                    message: "exited".to_owned(),
+                })
+            } else {
+                Ok(())
             }
+        };
+        match server.wait_ready(deadline, alive).await {
+            Ok(()) => {
+                write_private(
+                    &dir.join("ready.tmp"),
+                    &format!("{port}\n{password}\n"),
+                    None,
+                )?;
+                std::fs::rename(dir.join("ready.tmp"), dir.join("ready")).map_err(Error::io(
+                    format!("writing {}", dir.join("ready").display()),
+                ))?;
+                tracing::info!(dir = %dir.display(), port, elapsed = ?started.elapsed(), "server started");
+                Ok(Some(server))
+            }
+            Err(Error::Local { .. }) => {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                if log.contains("could not bind") || log.contains("Address already in use") {
+                    Ok(None)
+                } else {
+                    Err(Error::Local {
+                        message: format!("postgres exited during start: {}", log.trim()),
+                    })
+                }
+            }
+            Err(e) => Err(timeout_with(e, config)),
         }
-        Err(Error::Local {
-            message: "no free loopback port could be bound".to_owned(),
-        })
     }
 
     /// Starts the detached watchdog that runs `postgres` and stops it when idle.

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Runs every test of pgfixture: the unit tests, then the server-backed suites under
+# `cargo test` (tests are threads of one process) and `cargo nextest run -j 4` (tests
+# are processes), for each isolation mode and each backend.
+#
+#   scripts/test.sh
+#
+# Backends: docker and local. A backend that cannot run here is selected out with a
+# loud notice (never skipped silently); PGFIXTURE_REQUIRE_DOCKER=1 makes a missing
+# Docker daemon an error instead (CI sets it). PGFIXTURE_TEST_BACKENDS="local" limits
+# the backends on purpose. PGFIXTURE_IMAGE selects the image, as everywhere.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+backends=${PGFIXTURE_TEST_BACKENDS:-docker local}
+modes="database schema container"
+passed=0
+failed=0
+failures=()
+
+run() {
+    local label=$1
+    shift
+    echo
+    echo "=== $label: $*"
+    if "$@"; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
+        failures+=("$label: $*")
+    fi
+}
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    echo "test.sh: cargo-nextest is missing; install it with 'cargo install cargo-nextest --locked'" >&2
+    exit 1
+fi
+
+if [[ " $backends " == *" docker "* ]] && ! docker info >/dev/null 2>&1; then
+    if [ "${PGFIXTURE_REQUIRE_DOCKER:-}" = 1 ]; then
+        echo "test.sh: no Docker daemon answers and PGFIXTURE_REQUIRE_DOCKER=1; start dockerd" >&2
+        exit 1
+    fi
+    echo "######################################################################"
+    echo "# test.sh: NOT TESTING THE DOCKER BACKEND: no Docker daemon answers. #"
+    echo "# Start dockerd, or set PGFIXTURE_REQUIRE_DOCKER=1 to fail instead.   #"
+    echo "######################################################################"
+    backends=${backends//docker/}
+fi
+
+cargo build --tests --quiet || exit 1
+run "unit tests" cargo test --lib --quiet
+run "doc tests" cargo test --doc --quiet
+
+for backend in $backends; do
+    for mode in $modes; do
+        export PGFIXTURE_BACKEND=$backend PGFIXTURE_ISOLATION=$mode
+        run "$backend/$mode cargo test" cargo test --quiet --test isolation --test handle
+        run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast --test isolation --test handle
+    done
+    export PGFIXTURE_ISOLATION=database
+    run "$backend lifecycle cargo test" cargo test --quiet --test lifecycle
+    run "$backend lifecycle nextest" cargo nextest run -j 4 --no-fail-fast --test lifecycle
+    unset PGFIXTURE_BACKEND PGFIXTURE_ISOLATION
+done
+
+echo
+for f in "${failures[@]}"; do
+    echo "FAILED: $f"
+done
+echo "test.sh: $passed passed, $failed failed"
+[ "$failed" = 0 ]
