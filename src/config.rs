@@ -318,16 +318,18 @@ pub(crate) fn parse_image(value: &str) -> Result<String> {
         Some((n, t)) if !t.contains('/') => (n, Some(t)),
         _ => (name_tag, None),
     };
-    let name_ok = !name.is_empty()
-        && name.split('/').enumerate().all(|(i, part)| {
-            !part.is_empty()
-                && part.chars().all(|c| {
-                    c.is_ascii_lowercase()
-                        || c.is_ascii_digit()
-                        || "._-".contains(c)
-                        || (i == 0 && (c == ':' || c.is_ascii_uppercase()))
-                })
-        });
+    let parts: Vec<&str> = name.split('/').collect();
+    // A first component with a dot, a port or `localhost` names a registry host.
+    let host = parts.len() > 1 && (parts[0].contains(['.', ':']) || parts[0] == "localhost");
+    let name_ok = parts.iter().enumerate().all(|(i, part)| {
+        !part.is_empty()
+            && part.chars().all(|c| {
+                c.is_ascii_lowercase()
+                    || c.is_ascii_digit()
+                    || "._-".contains(c)
+                    || (i == 0 && host && (c == ':' || c.is_ascii_uppercase()))
+            })
+    });
     let tag_ok = tag.is_none_or(|t| {
         !t.is_empty()
             && t.len() <= 128
