@@ -30,8 +30,11 @@ fn child() {
                     .get(0);
                 let stats = Fixture::from_env().unwrap().stats();
                 println!(
-                    "CHILD-OK users={n} backend={}",
-                    stats.backend.unwrap_or("?")
+                    "CHILD-OK users={n} backend={} started={} templates={} provisioned={}",
+                    stats.backend.unwrap_or("?"),
+                    stats.servers_started,
+                    stats.templates_built,
+                    stats.workers_provisioned
                 );
             }
             Err(e) => {
@@ -50,6 +53,12 @@ const RUNNER_VARS: &[&str] = &[
 ];
 
 fn run_child(env: &[(&str, &str)]) -> Output {
+    child_command(env)
+        .output()
+        .expect("running the child helper")
+}
+
+fn child_command(env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
@@ -63,7 +72,71 @@ fn run_child(env: &[(&str, &str)]) -> Output {
         cmd.env_remove(var);
     }
     cmd.envs(env.iter().copied());
-    cmd.output().expect("running the child helper")
+    cmd
+}
+
+/// The number after `key=` in the child's report.
+fn reported(stdout: &str, key: &str) -> u64 {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {stdout:?}"))
+}
+
+/// Eight test processes of one run start at the same moment, each on its own worker:
+/// exactly one shared server and one template are made, and each worker is provisioned
+/// exactly once; every process finds what the others made.
+#[test]
+fn eight_processes_at_once_make_one_server_and_one_template() {
+    for isolation in ["database", "schema"] {
+        let run = unique_run("race");
+        let children: Vec<_> = (0..8)
+            .map(|i| {
+                let worker = format!("race{i}");
+                child_command(&[
+                    ("PGFIXTURE_RUN_ID", run.as_str()),
+                    ("PGFIXTURE_WORKER", worker.as_str()),
+                    ("PGFIXTURE_ISOLATION", isolation),
+                    ("PGFIXTURE_GRACE", "2"),
+                ])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+            })
+            .collect();
+        let outputs: Vec<String> = children
+            .into_iter()
+            .map(|c| {
+                let out = c.wait_with_output().unwrap();
+                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                assert!(
+                    stdout.contains("CHILD-OK users=1"),
+                    "{isolation}: {stdout}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                stdout
+            })
+            .collect();
+        let sum = |key| outputs.iter().map(|o| reported(o, key)).sum::<u64>();
+        assert_eq!(
+            sum("started"),
+            1,
+            "{isolation}: servers started by 8 processes: {outputs:?}"
+        );
+        let templates = if isolation == "database" { 1 } else { 0 };
+        assert_eq!(
+            sum("templates"),
+            templates,
+            "{isolation}: templates built: {outputs:?}"
+        );
+        assert_eq!(
+            sum("provisioned"),
+            8,
+            "{isolation}: workers provisioned: {outputs:?}"
+        );
+    }
 }
 
 fn unique_run(tag: &str) -> String {
