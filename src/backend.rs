@@ -65,12 +65,12 @@ impl Source {
     /// Docker when it answers (and has the image, or can pull it), else local binaries.
     pub(crate) async fn resolve(config: &Config) -> Result<Source> {
         match config.backend {
-            Backend::Docker => Ok(Source::Docker(docker::Docker::connect(config, true).await?)),
+            Backend::Docker => Ok(Source::Docker(docker::Docker::connect(config).await?)),
             Backend::Local => Ok(Source::Local(local::Local::find(config).map_err(|message| Error::Local {
                 message: format!("{message} (install the Debian package 'postgresql' or set PGFIXTURE_PG_BIN)"),
             })?)),
             Backend::Auto => {
-                let docker_error = match docker::Docker::connect(config, config.require_docker).await {
+                let docker_error = match docker::Docker::connect(config).await {
                     Ok(docker) => return Ok(Source::Docker(docker)),
                     Err(e) if config.require_docker => return Err(e),
                     Err(e) => e.to_string(),

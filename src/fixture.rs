@@ -381,37 +381,39 @@ impl Inner {
         let started = Instant::now();
         let worker_name = format!("pgfx_w_{}_{}_{id}", self.fixtures.hash(12), self.instance);
         debug_assert!(worker_name.len() + 4 <= provision::MAX_IDENT);
-        let (server, dbname, search_path, created) = match self.config.isolation {
+        let server = match self.config.isolation {
+            Isolation::Container => {
+                self.server(&format!("{}-w{id}", self.instance), deadline)
+                    .await?
+            }
+            _ => self.shared_server(deadline).await?.clone(),
+        };
+        // One maintenance connection for every step; a worker found complete (the
+        // common case in a nextest process) costs one query on it.
+        let admin = server.admin().await?;
+        let (dbname, search_path, created) = match self.config.isolation {
             Isolation::Database | Isolation::Container => {
-                let server = match self.config.isolation {
-                    Isolation::Container => {
-                        self.server(&format!("{}-w{id}", self.instance), deadline)
-                            .await?
+                let created = if provision::database_exists(&admin, &worker_name).await? {
+                    false
+                } else {
+                    let (template, built) =
+                        provision::template(&server, &admin, &self.fixtures).await?;
+                    if built {
+                        self.stats.templates_built.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => self.shared_server(deadline).await?.clone(),
+                    provision::clone_database(&server, &admin, &template, &worker_name).await?
                 };
-                let (template, built) = provision::template(&server, &self.fixtures).await?;
-                if built {
-                    self.stats.templates_built.fetch_add(1, Ordering::Relaxed);
-                }
-                let created = provision::clone_database(&server, &template, &worker_name).await?;
-                (server, worker_name.clone(), None, created)
+                (worker_name.clone(), None, created)
             }
             Isolation::Schema => {
-                let server = self.shared_server(deadline).await?.clone();
                 let dbname = "pgfx_schemas";
-                provision::schema_database(&server, dbname).await?;
+                provision::schema_database(&admin, dbname).await?;
                 let client = server
                     .connect(dbname)
                     .await
                     .map_err(Error::pg(format!("connecting to {dbname}")))?;
                 let created = provision::schema(&client, &worker_name, &self.fixtures).await?;
-                (
-                    server,
-                    dbname.to_owned(),
-                    Some(worker_name.clone()),
-                    created,
-                )
+                (dbname.to_owned(), Some(worker_name.clone()), created)
             }
         };
         let counter = if created {
@@ -420,7 +422,7 @@ impl Inner {
             &self.stats.workers_reused
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let size = self.pool_size(&server).await?;
+        let size = self.pool_size(&admin).await?;
         let pool = crate::pool::build(
             &server,
             &dbname,
@@ -445,13 +447,12 @@ impl Inner {
 
     /// The pool size asked for, lowered so that every worker's pool fits the server's
     /// `max_connections`.
-    async fn pool_size(&self, server: &Server) -> Result<usize> {
+    async fn pool_size(&self, admin: &tokio_postgres::Client) -> Result<usize> {
         let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
         let pools_per_server = match self.config.isolation {
             Isolation::Container => 1,
             _ => self.config.workers,
         };
-        let admin = server.admin().await?;
         let max: i32 = admin
             .query_one("SELECT current_setting('max_connections')::int", &[])
             .await

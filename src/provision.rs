@@ -53,7 +53,7 @@ async fn with_lock<T>(
     result
 }
 
-async fn database_exists(client: &Client, name: &str) -> Result<bool> {
+pub(crate) async fn database_exists(client: &Client, name: &str) -> Result<bool> {
     let row = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await
@@ -79,19 +79,22 @@ async fn ddl(client: &Client, sql: &str) -> Result<()> {
 
 /// Builds the template database holding the fixtures, unless it exists. Returns its
 /// name and whether this call built it.
-pub(crate) async fn template(server: &Server, fixtures: &FixtureSet) -> Result<(String, bool)> {
+pub(crate) async fn template(
+    server: &Server,
+    admin: &Client,
+    fixtures: &FixtureSet,
+) -> Result<(String, bool)> {
     let name = format!("pgfx_t_{}", fixtures.hash(16));
-    let admin = server.admin().await?;
-    if database_exists(&admin, &name).await? {
+    if database_exists(admin, &name).await? {
         return Ok((name, false));
     }
-    with_lock(&admin, &name, async || {
-        if database_exists(&admin, &name).await? {
+    with_lock(admin, &name, async || {
+        if database_exists(admin, &name).await? {
             return Ok((name.clone(), false));
         }
         let building = format!("{name}_new");
-        ddl(&admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await?;
-        ddl(&admin, &format!("CREATE DATABASE {}", ident(&building))).await?;
+        ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await?;
+        ddl(admin, &format!("CREATE DATABASE {}", ident(&building))).await?;
         let applied = async {
             let client = server
                 .connect(&building)
@@ -101,11 +104,11 @@ pub(crate) async fn template(server: &Server, fixtures: &FixtureSet) -> Result<(
         }
         .await;
         if let Err(e) = applied {
-            let _ = ddl(&admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await;
+            let _ = ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await;
             return Err(e);
         }
-        ddl(&admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(&name))).await?;
-        ddl(&admin, &format!("COMMENT ON DATABASE {} IS 'pgfixture template'", ident(&name))).await?;
+        ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(&name))).await?;
+        ddl(admin, &format!("COMMENT ON DATABASE {} IS 'pgfixture template'", ident(&name))).await?;
         tracing::info!(template = %name, files = fixtures.files.len(), server = %server.name, "template built");
         Ok((name.clone(), true))
     })
@@ -114,10 +117,14 @@ pub(crate) async fn template(server: &Server, fixtures: &FixtureSet) -> Result<(
 
 /// Clones `template` into the worker database `name`, unless it exists.
 /// Returns whether this call created it.
-pub(crate) async fn clone_database(server: &Server, template: &str, name: &str) -> Result<bool> {
-    let admin = server.admin().await?;
-    with_lock(&admin, name, async || {
-        if database_exists(&admin, name).await? {
+pub(crate) async fn clone_database(
+    server: &Server,
+    admin: &Client,
+    template: &str,
+    name: &str,
+) -> Result<bool> {
+    with_lock(admin, name, async || {
+        if database_exists(admin, name).await? {
             return Ok(false);
         }
         let version: i32 = admin
@@ -129,11 +136,11 @@ pub(crate) async fn clone_database(server: &Server, template: &str, name: &str) 
         // which is faster for small templates when fsync is off.
         let strategy = if version >= 150000 { " STRATEGY = FILE_COPY" } else { "" };
         ddl(
-            &admin,
+            admin,
             &format!("CREATE DATABASE {} TEMPLATE {}{strategy}", ident(name), ident(template)),
         )
         .await?;
-        ddl(&admin, &format!("COMMENT ON DATABASE {} IS 'pgfixture worker'", ident(name))).await?;
+        ddl(admin, &format!("COMMENT ON DATABASE {} IS 'pgfixture worker'", ident(name))).await?;
         tracing::info!(database = name, template, server = %server.name, "worker database provisioned");
         Ok(true)
     })
@@ -141,14 +148,13 @@ pub(crate) async fn clone_database(server: &Server, template: &str, name: &str) 
 }
 
 /// The database that holds the worker schemas of schema mode.
-pub(crate) async fn schema_database(server: &Server, name: &str) -> Result<()> {
-    let admin = server.admin().await?;
-    if database_exists(&admin, name).await? {
+pub(crate) async fn schema_database(admin: &Client, name: &str) -> Result<()> {
+    if database_exists(admin, name).await? {
         return Ok(());
     }
-    with_lock(&admin, name, async || {
-        if !database_exists(&admin, name).await? {
-            ddl(&admin, &format!("CREATE DATABASE {}", ident(name))).await?;
+    with_lock(admin, name, async || {
+        if !database_exists(admin, name).await? {
+            ddl(admin, &format!("CREATE DATABASE {}", ident(name))).await?;
         }
         Ok(())
     })

@@ -49,7 +49,7 @@ fn status_of(error: &DockerError) -> Option<u16> {
 
 impl Docker {
     /// Connects to the daemon and makes sure the image is there (pulling it if needed).
-    pub(crate) async fn connect(config: &Config, _strict: bool) -> Result<Self> {
+    pub(crate) async fn connect(config: &Config) -> Result<Self> {
         let host = config.docker_host.clone();
         let unreachable = |reason: String| Error::Docker {
             message: format!(
