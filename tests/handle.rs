@@ -183,6 +183,46 @@ async fn a_test_may_hold_two_handles() {
     );
 }
 
+/// With every slot taken by other tests, `worker_db` waits up to the acquire timeout
+/// and then fails, saying what it waited for.
+#[tokio::test]
+async fn waiting_for_a_busy_slot_times_out_with_a_clear_error() {
+    // In-process slots even under nextest, where the environment fixes the worker.
+    let mut config = pgfixture::Config::from_env().unwrap();
+    config.worker = None;
+    let fixture = Fixture::builder()
+        .config(config)
+        .workers(1)
+        .acquire_timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn({
+        let fixture = fixture.clone();
+        move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let db = runtime.block_on(fixture.worker_db()).unwrap();
+            held_tx.send(()).unwrap();
+            done_rx.recv().unwrap();
+            drop(db);
+        }
+    });
+    held_rx.recv().unwrap();
+    match fixture.worker_db().await {
+        Err(pgfixture::Error::AcquireTimeout { waiting_for, .. }) => {
+            assert!(waiting_for.contains("free worker slot"), "{waiting_for}")
+        }
+        other => panic!("expected an acquire timeout, got {other:?}"),
+    }
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+    assert!(fixture.worker_db().await.is_ok(), "the slot is free again");
+}
+
 #[tokio::test]
 async fn worker_id_follows_the_handle() {
     let db = pgfixture::worker_db().await.unwrap();

@@ -334,6 +334,26 @@ fn docker_failures_say_what_to_fix() {
     );
 }
 
+/// `auto` with neither Docker nor local binaries lists the ways to fix it.
+#[test]
+fn no_backend_lists_the_fixes() {
+    let out = run_child(&[
+        ("PGFIXTURE_BACKEND", "auto"),
+        ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+        ("PGFIXTURE_PG_BIN", "/nonexistent/bin"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    for fix in [
+        "start a Docker daemon",
+        "PGFIXTURE_PG_BIN",
+        "apt-get install postgresql",
+        "PGFIXTURE_BACKEND",
+    ] {
+        assert!(stderr.contains(fix), "missing {fix:?} in {stderr}");
+    }
+}
+
 fn fixture_dir(tag: &str, files: &[(&str, &str)]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("fixtures-{tag}-{}", unique_run("f")));
