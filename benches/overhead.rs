@@ -1,0 +1,95 @@
+//! Per-test overhead, in-process and warm: acquire a handle, run a first query,
+//! release it, per isolation mode, side by side in one run, against the floor: the same
+//! statements (a transaction start, the query, a rollback) on a connection already held.
+//!
+//! ```text
+//! cargo bench --bench overhead            # the backend and image the environment selects
+//! BENCH_ITERATIONS=2000 cargo bench --bench overhead
+//! ```
+//!
+//! Prints medians and p95 and the ratio of each median to the floor's. The fuller
+//! benchmarks (fresh processes as under nextest, provisioning, suite scaling, the
+//! alternatives) are the performance issue's work.
+
+use std::time::{Duration, Instant};
+
+use pgfixture::{Fixture, Isolation};
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:>8.1} us", d.as_secs_f64() * 1e6)
+}
+
+async fn measure(fixture: &Fixture, iterations: usize) -> (Vec<Duration>, Vec<Duration>) {
+    // Warm up: provisioning and the pool's first connections are not per-test costs.
+    for _ in 0..20 {
+        let db = fixture.worker_db().await.unwrap();
+        db.query_one("SELECT 1", &[]).await.unwrap();
+        db.release().await.unwrap();
+    }
+    let mut per_test = Vec::with_capacity(iterations);
+    let mut floor = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let db = fixture.worker_db().await.unwrap();
+        db.query_one("SELECT 1", &[]).await.unwrap();
+        db.release().await.unwrap();
+        per_test.push(started.elapsed());
+
+        let db = fixture.worker_db().await.unwrap();
+        let started = Instant::now();
+        db.batch_execute("SAVEPOINT floor").await.unwrap();
+        db.query_one("SELECT 1", &[]).await.unwrap();
+        db.batch_execute("ROLLBACK TO SAVEPOINT floor")
+            .await
+            .unwrap();
+        floor.push(started.elapsed());
+        db.release().await.unwrap();
+    }
+    per_test.sort();
+    floor.sort();
+    (per_test, floor)
+}
+
+fn main() {
+    let iterations: usize = std::env::var("BENCH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!("per-test overhead, in-process, warm ({iterations} iterations per mode)");
+    println!(
+        "{:<10} {:>11} {:>11} {:>11} {:>9}",
+        "mode", "p50", "p95", "floor p50", "x floor"
+    );
+    for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
+        let fixture = Fixture::builder()
+            .isolation(isolation)
+            .workers(1)
+            .build()
+            .unwrap();
+        let (per_test, floor) = runtime.block_on(measure(&fixture, iterations));
+        let p50 = percentile(&per_test, 0.5);
+        let floor50 = percentile(&floor, 0.5);
+        println!(
+            "{:<10} {} {} {} {:>8.2}x",
+            format!("{isolation:?}").to_lowercase(),
+            us(p50),
+            us(percentile(&per_test, 0.95)),
+            us(floor50),
+            p50.as_secs_f64() / floor50.as_secs_f64()
+        );
+    }
+    let stats = Fixture::builder().workers(1).build().unwrap().stats();
+    println!(
+        "backend: {} ({})",
+        stats.backend.unwrap_or("?"),
+        stats.flavour.unwrap_or_default()
+    );
+}
