@@ -270,6 +270,29 @@ impl Config {
     }
 }
 
+impl Config {
+    /// Checks values set in code with the rules the environment's values follow; the
+    /// error names the variable that sets the value.
+    pub(crate) fn validate(&self) -> Result<()> {
+        parse_count("PGFIXTURE_WORKERS", &self.workers.to_string(), MAX_WORKERS)?;
+        if let Some(size) = self.pool_size {
+            parse_count("PGFIXTURE_POOL_SIZE", &size.to_string(), MAX_POOL_SIZE)?;
+        }
+        parse_seconds(
+            "PGFIXTURE_ACQUIRE_TIMEOUT",
+            &self.acquire_timeout.as_secs_f64().to_string(),
+            false,
+        )?;
+        parse_seconds(
+            "PGFIXTURE_GRACE",
+            &self.grace.as_secs_f64().to_string(),
+            true,
+        )?;
+        parse_image(&self.image)?;
+        Ok(())
+    }
+}
+
 fn default_workers(test_threads: Option<usize>) -> usize {
     test_threads
         .unwrap_or_else(|| {
@@ -280,7 +303,7 @@ fn default_workers(test_threads: Option<usize>) -> usize {
         .max(2)
 }
 
-pub(crate) fn parse_count(var: &'static str, value: &str, max: usize) -> Result<usize> {
+fn parse_count(var: &'static str, value: &str, max: usize) -> Result<usize> {
     let expected = || format!("must be a whole number from 1 to {max}");
     match value.trim().parse::<usize>() {
         Ok(n) if (1..=max).contains(&n) => Ok(n),
@@ -308,7 +331,7 @@ fn parse_flag(var: &'static str, value: &str) -> Result<bool> {
 }
 
 /// Image references are `[registry/]name[:tag][@digest]`, lowercase names, no spaces.
-pub(crate) fn parse_image(value: &str) -> Result<String> {
+fn parse_image(value: &str) -> Result<String> {
     let v = value.trim();
     let (name_tag, digest) = match v.split_once('@') {
         Some((n, d)) => (n, Some(d)),
@@ -510,6 +533,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn values_set_in_code_follow_the_same_rules() {
+        assert!(Config::default().validate().is_ok());
+        let bad = [
+            Config {
+                workers: 0,
+                ..Config::default()
+            },
+            Config {
+                pool_size: Some(0),
+                ..Config::default()
+            },
+            Config {
+                pool_size: Some(1000),
+                ..Config::default()
+            },
+            Config {
+                acquire_timeout: Duration::ZERO,
+                ..Config::default()
+            },
+            Config {
+                grace: Duration::from_secs(100_000),
+                ..Config::default()
+            },
+            Config {
+                image: "Bad Image".into(),
+                ..Config::default()
+            },
+        ];
+        let vars: Vec<_> = bad
+            .iter()
+            .map(|c| match c.validate() {
+                Err(Error::Config { var, .. }) => var,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            vars,
+            [
+                "PGFIXTURE_WORKERS",
+                "PGFIXTURE_POOL_SIZE",
+                "PGFIXTURE_POOL_SIZE",
+                "PGFIXTURE_ACQUIRE_TIMEOUT",
+                "PGFIXTURE_GRACE",
+                "PGFIXTURE_IMAGE"
+            ]
+        );
     }
 
     #[test]

@@ -102,28 +102,7 @@ impl FixtureBuilder {
     /// [`Error::FixturesDir`] / [`Error::FixtureRead`] for unreadable fixtures.
     pub fn build(self) -> Result<Fixture> {
         let config = self.config?;
-        if config.workers == 0 || config.workers > 256 {
-            return Err(Error::config(
-                "PGFIXTURE_WORKERS",
-                config.workers.to_string(),
-                "must be a whole number from 1 to 256",
-            ));
-        }
-        if config.pool_size == Some(0) || config.pool_size.is_some_and(|p| p > 100) {
-            return Err(Error::config(
-                "PGFIXTURE_POOL_SIZE",
-                format!("{:?}", config.pool_size),
-                "must be a whole number from 1 to 100",
-            ));
-        }
-        if config.acquire_timeout.is_zero() {
-            return Err(Error::config(
-                "PGFIXTURE_ACQUIRE_TIMEOUT",
-                "0",
-                "must be more than 0 seconds",
-            ));
-        }
-        crate::config::parse_image(&config.image)?;
+        config.validate()?;
         static REGISTRY: OnceLock<Mutex<Vec<Arc<Inner>>>> = OnceLock::new();
         let mut registry = REGISTRY
             .get_or_init(Default::default)
