@@ -205,7 +205,18 @@ async fn waiting_for_a_busy_slot_times_out_with_a_clear_error() {
                 .enable_all()
                 .build()
                 .unwrap();
-            let db = runtime.block_on(fixture.worker_db()).unwrap();
+            // The first acquire also starts the worker's server, which may take longer
+            // than this fixture's short timeout; the start goes on across attempts.
+            let db = runtime.block_on(async {
+                for _ in 0..60 {
+                    match fixture.worker_db().await {
+                        Ok(db) => return db,
+                        Err(pgfixture::Error::AcquireTimeout { .. }) => continue,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                panic!("the worker's server did not start in 60 attempts");
+            });
             held_tx.send(()).unwrap();
             done_rx.recv().unwrap();
             drop(db);

@@ -339,6 +339,7 @@ fn docker_failures_say_what_to_fix() {
 fn no_backend_lists_the_fixes() {
     let out = run_child(&[
         ("PGFIXTURE_BACKEND", "auto"),
+        ("PGFIXTURE_REQUIRE_DOCKER", "0"),
         ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
         ("PGFIXTURE_PG_BIN", "/nonexistent/bin"),
     ]);

@@ -39,6 +39,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(3);
 pub(crate) const LABEL: &str = "pgfixture";
 pub(crate) const LABEL_RUN: &str = "pgfixture.run";
 const PORT: &str = "5432/tcp";
+/// A container the creating process has not started after this long never will be.
+const STUCK_CREATE: Duration = Duration::from_secs(20);
 
 fn status_of(error: &DockerError) -> Option<u16> {
     match error {
@@ -113,6 +115,7 @@ impl Docker {
         config: &Config,
         deadline: Instant,
     ) -> Result<(Server, bool)> {
+        let mut conflict_since = None;
         loop {
             if let Some(server) = self.running(name).await? {
                 server
@@ -154,6 +157,18 @@ impl Docker {
                 }
                 // Another process created it first: use theirs.
                 Err(e) if status_of(&e) == Some(409) => {
+                    // A creator that died between create and start leaves a container
+                    // that never starts: remove it once it has blocked us for long.
+                    let stuck = *conflict_since.get_or_insert_with(Instant::now);
+                    if stuck.elapsed() > STUCK_CREATE {
+                        tracing::warn!(
+                            container = name,
+                            "removing a container that was created but never started"
+                        );
+                        let options = RemoveContainerOptionsBuilder::new().force(true).build();
+                        let _ = self.client.remove_container(name, Some(options)).await;
+                        conflict_since = None;
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => {
@@ -206,11 +221,9 @@ impl Docker {
                 password,
                 name: name.to_owned(),
             })),
-            // Created but not started yet by the process that creates it.
-            _ => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Box::pin(self.running(name)).await
-            }
+            // Created but not started yet by the process that creates it: the caller
+            // waits (its create fails with a conflict) until the deadline.
+            _ => Ok(None),
         }
     }
 

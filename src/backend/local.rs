@@ -8,6 +8,7 @@
 //! written once the server accepts connections tells the other processes where it is.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -175,7 +176,12 @@ impl Local {
             if dir.join("exited").exists() || !dir.exists() {
                 return Ok(None);
             }
-            if let Ok(ready) = std::fs::read_to_string(dir.join("ready")) {
+            // `ready` once the server accepted a connection; `pending` while its creator
+            // waits for that, which any process may finish (the creator's wait can be
+            // cancelled by its acquire timeout).
+            let ready = std::fs::read_to_string(dir.join("ready"))
+                .or_else(|_| std::fs::read_to_string(dir.join("pending")));
+            if let Ok(ready) = ready {
                 let mut lines = ready.lines();
                 if let (Some(port), Some(password)) =
                     (lines.next().and_then(|p| p.parse().ok()), lines.next())
@@ -187,24 +193,22 @@ impl Local {
                         password: password.to_owned(),
                         name: dir.display().to_string(),
                     };
-                    let alive = || async {
-                        if dir.join("exited").exists() {
-                            Err(Error::Local {
-                                message: "server exited".to_owned(),
-                            })
-                        } else {
-                            Ok(())
-                        }
-                    };
+                    let alive = || async { still_running(dir) };
                     return match server.wait_ready(deadline, alive).await {
-                        Ok(()) => Ok(Some(server)),
+                        Ok(()) => {
+                            let _ = std::fs::rename(dir.join("pending"), dir.join("ready"));
+                            Ok(Some(server))
+                        }
                         Err(Error::Local { .. }) => Ok(None),
                         Err(e) => Err(e),
                     };
                 }
             } else if let Ok(pid) = std::fs::read_to_string(dir.join("creator")) {
                 // The creator died before the server was ready: clear its leftovers.
-                if !Path::new("/proc").join(pid.trim()).exists() && !dir.join("ready").exists() {
+                if !Path::new("/proc").join(pid.trim()).exists()
+                    && !dir.join("ready").exists()
+                    && !dir.join("pending").exists()
+                {
                     tracing::warn!(dir = %dir.display(), "removing a server directory whose creator died");
                     let _ = std::fs::remove_dir_all(dir);
                     return Ok(None);
@@ -313,6 +317,7 @@ impl Local {
         ]);
         postgres.extend(server_args());
         self.spawn_watchdog(dir, port, config.grace.as_secs(), &postgres)?;
+        write_private(&dir.join("pending"), &format!("{port}\n{password}\n"), None)?;
         // From here on the watchdog removes the directory when the server stops.
         claim.0 = None;
         let server = Server {
@@ -322,26 +327,11 @@ impl Local {
             password: password.clone(),
             name: dir.display().to_string(),
         };
-        let exited = dir.join("exited");
-        let alive = || async {
-            if exited.exists() {
-                Err(Error::Local {
-                    message: "exited".to_owned(),
-                })
-            } else {
-                Ok(())
-            }
-        };
+        let alive = || async { still_running(dir) };
         match server.wait_ready(deadline, alive).await {
             Ok(()) => {
-                write_private(
-                    &dir.join("ready.tmp"),
-                    &format!("{port}\n{password}\n"),
-                    None,
-                )?;
-                std::fs::rename(dir.join("ready.tmp"), dir.join("ready")).map_err(Error::io(
-                    format!("writing {}", dir.join("ready").display()),
-                ))?;
+                // An attacher may have promoted it already.
+                let _ = std::fs::rename(dir.join("pending"), dir.join("ready"));
                 tracing::info!(dir = %dir.display(), port, elapsed = ?started.elapsed(), "server started");
                 Ok(Some(server))
             }
@@ -363,7 +353,7 @@ impl Local {
     fn spawn_watchdog(&self, dir: &Path, port: u16, grace: u64, postgres: &[String]) -> Result<()> {
         let script = format!(
             "dir=$1; port=$2; grace=$3; shift 3\n\"$@\" >\"$dir/server.log\" 2>&1 &\npg=$!\n{IDLE_LOOP}\
-             echo $? > \"$dir/exited\"\n[ \"$seen\" = 1 ] || sleep 5\nrm -rf \"$dir\"\n"
+             rc=$?\nrm -f \"$dir/ready\" \"$dir/pending\"\necho $rc > \"$dir/exited\"\n[ \"$seen\" = 1 ] || sleep 5\nrm -rf \"$dir\"\n"
         );
         // The outer shell puts the watchdog in the background and exits at once, so the
         // watchdog belongs to no test process: not to its process group (Ctrl-C, nextest
@@ -379,6 +369,7 @@ impl Local {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .status()
             .map_err(Error::io("spawning the local server's watchdog with sh"))?;
         if !status.success() {
@@ -398,6 +389,19 @@ impl Drop for Claim {
         if let Some(dir) = self.0.take() {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// Whether the server in `dir` may still come up or serve: not once its watchdog
+/// recorded its exit, nor once the watchdog is removing the directory (which may
+/// already have taken the `exited` file).
+fn still_running(dir: &Path) -> Result<()> {
+    if dir.join("exited").exists() || !dir.join("data").exists() {
+        Err(Error::Local {
+            message: "server exited".to_owned(),
+        })
+    } else {
+        Ok(())
     }
 }
 
