@@ -8,7 +8,8 @@
 //! test, a fresh tokio runtime per test) over 4 workers, each test writing rows that
 //! collide if isolation fails, then prints what it cost. The backend and isolation mode
 //! come from the environment (`PGFIXTURE_BACKEND`, `PGFIXTURE_ISOLATION`, ...).
-//! `DEMO_TESTS` sets the number of tests (default 400).
+//! `DEMO_TESTS` sets the number of tests (default 400); `RUST_LOG=pgfixture=info` shows
+//! pgfixture's events (server start, template build, worker provisioning).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,6 +66,10 @@ async fn demo_test(fixture: &Fixture, n: usize) -> Result<Duration, String> {
 }
 
 fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let tests: usize = std::env::var("DEMO_TESTS")
         .ok()
         .and_then(|v| v.parse().ok())
