@@ -25,27 +25,27 @@ pub(crate) enum Source {
 
 /// The watchdog's idle loop, shared by both backends. `$pg` is the server's pid,
 /// `$port` the port it listens on inside its network namespace, `$grace` seconds.
-/// Idle time counts from the moment the server listens on TCP (the official image's
-/// temporary init server does not) and restarts whenever a connection is open; a
-/// server that never comes up is given up after five minutes.
+/// Once a connection has been seen, the server stops after `$grace` seconds (at least
+/// two polls, so that the moment between two connections of one process never
+/// counts as idle) without an open connection. A server on which no connection was
+/// ever seen (its users connected only between two polls, or died before connecting)
+/// stops a minute after the grace period instead.
 const IDLE_LOOP: &str = r#"
 hex=$(printf '%04X' "$port")
 trap 'kill -INT $pg 2>/dev/null' INT TERM HUP
+limit=$grace
+[ "$limit" -ge 2 ] || limit=2
 seen=0
 idle=0
-waited=0
 while kill -0 "$pg" 2>/dev/null; do
     sleep 1
     if grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 01 " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
         seen=1
         idle=0
-    elif [ "$seen" = 1 ] || grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 0A " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
-        seen=1
-        idle=$((idle + 1))
     else
-        waited=$((waited + 1))
+        idle=$((idle + 1))
     fi
-    if { [ "$idle" -gt 0 ] && [ "$idle" -ge "$grace" ]; } || [ "$waited" -ge 300 ]; then
+    if { [ "$seen" = 1 ] && [ "$idle" -ge "$limit" ]; } || [ "$idle" -ge $((limit + 60)) ]; then
         kill -INT "$pg" 2>/dev/null
         break
     fi

@@ -28,6 +28,15 @@ fn child() {
                     .await
                     .unwrap()
                     .get(0);
+                if std::env::var_os("PGFIXTURE_TEST_CHILD_HOLDS").is_some() {
+                    use std::io::Write;
+                    println!("CHILD-HOLDING");
+                    std::io::stdout().flush().unwrap();
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                }
+                if std::env::var_os("PGFIXTURE_TEST_CHILD_PANICS").is_some() {
+                    panic!("CHILD-PANIC: a failing test that holds its handle");
+                }
                 let stats = Fixture::from_env().unwrap().stats();
                 println!(
                     "CHILD-OK users={n} backend={} started={} templates={} provisioned={}",
@@ -223,12 +232,25 @@ async fn nothing_remains_after_the_grace_period() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // A failing test run leaves nothing behind either.
+    let out = run_child(&[
+        ("PGFIXTURE_RUN_ID", &run),
+        ("PGFIXTURE_GRACE", "1"),
+        ("PGFIXTURE_ISOLATION", "container"),
+        ("PGFIXTURE_TEST_CHILD_PANICS", "1"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("CHILD-PANIC"),
+        "{stderr}"
+    );
     assert!(
         !leftovers(&run).await.is_empty(),
         "the servers should still be in their grace period"
     );
-    // Grace of 1 s, polled once a second, plus a fast shutdown and container removal.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // A grace of 1 s (2 polls at least), a fast shutdown and container removal; a
+    // minute more if the watchdog never saw a connection of the short-lived children.
+    let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let left = leftovers(&run).await;
         if left.is_empty() {
@@ -237,6 +259,58 @@ async fn nothing_remains_after_the_grace_period() {
         assert!(
             Instant::now() < deadline,
             "left behind after the grace period: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A test process killed with SIGKILL while it holds connections (it runs no code
+/// after the signal) leaves nothing behind once the grace period has passed.
+#[tokio::test]
+async fn a_killed_test_process_leaves_nothing_behind() {
+    use std::io::BufRead;
+    let run = unique_run("kill");
+    for isolation in ["database", "container"] {
+        let mut child = child_command(&[
+            ("PGFIXTURE_RUN_ID", &run),
+            ("PGFIXTURE_GRACE", "1"),
+            ("PGFIXTURE_ISOLATION", isolation),
+            ("PGFIXTURE_TEST_CHILD_HOLDS", "1"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let holding = tokio::task::spawn_blocking(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .any(|line| line.contains("CHILD-HOLDING"))
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_secs(60), holding)
+                .await
+                .unwrap()
+                .unwrap(),
+            "the child never held a handle"
+        );
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+    }
+    assert!(
+        !leftovers(&run).await.is_empty(),
+        "the servers should still be in their grace period"
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = leftovers(&run).await;
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind after SIGKILL and the grace period: {left:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
