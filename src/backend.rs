@@ -24,11 +24,12 @@ pub(crate) enum Source {
 }
 
 /// The watchdog's idle loop, shared by both backends. `$pg` is the server's pid,
-/// `$port` the port it listens on inside its network namespace, `$grace` seconds.
-/// Once a connection has been seen, the server stops after `$grace` seconds (at least
-/// two polls, so that the moment between two connections of one process never
-/// counts as idle) without an open connection. A server on which no connection was
-/// ever seen (its users connected only between two polls, or died before connecting)
+/// `$port` the port it listens on inside its network namespace, `$grace` seconds,
+/// `$marker` a file the creator makes once it has connected. Once a connection has
+/// been seen (or the marker exists: a process that connects only between two polls
+/// is not seen), the server stops after `$grace` seconds (at least two polls, so that
+/// the moment between two connections of one process never counts as idle) without
+/// an open connection. A server nobody ever used (its creator died before connecting)
 /// stops a minute after the grace period instead.
 const IDLE_LOOP: &str = r#"
 hex=$(printf '%04X' "$port")
@@ -43,6 +44,7 @@ while kill -0 "$pg" 2>/dev/null; do
         seen=1
         idle=0
     else
+        [ -e "$marker" ] && seen=1
         idle=$((idle + 1))
     fi
     if { [ "$seen" = 1 ] && [ "$idle" -ge "$limit" ]; } || [ "$idle" -ge $((limit + 60)) ]; then

@@ -39,6 +39,9 @@ const PING_TIMEOUT: Duration = Duration::from_secs(3);
 pub(crate) const LABEL: &str = "pgfixture";
 pub(crate) const LABEL_RUN: &str = "pgfixture.run";
 const PORT: &str = "5432/tcp";
+/// Made inside the container (by the server, through `COPY ... TO`) once its creator
+/// has connected, for the watchdog.
+const SEEN_MARKER: &str = "/tmp/pgfixture-seen";
 /// A container the creating process has not started after this long never will be.
 const STUCK_CREATE: Duration = Duration::from_secs(20);
 
@@ -152,6 +155,12 @@ impl Docker {
                         .wait_ready(deadline, || self.still_running(name))
                         .await
                         .map_err(|e| timeout_with(e, config))?;
+                    // Tell the watchdog the server is in use, however short our connections are.
+                    let admin = server.admin().await?;
+                    admin
+                        .batch_execute(&format!("COPY (SELECT 1) TO '{SEEN_MARKER}'"))
+                        .await
+                        .map_err(Error::pg(format!("marking container {name} as used")))?;
                     tracing::info!(container = name, image = %self.image, elapsed = ?started.elapsed(), "server started");
                     return Ok((server, true));
                 }
@@ -257,7 +266,9 @@ impl Docker {
         })?;
         // The official image's entry point runs any command that is not `postgres`
         // as is; the watchdog starts the entry point with `postgres` in the background.
-        let mut script = String::from("docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\n");
+        let mut script = format!(
+            "docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nmarker={SEEN_MARKER}\n"
+        );
         script.push_str(IDLE_LOOP);
         let mut cmd = vec![
             "sh".to_owned(),

@@ -352,7 +352,7 @@ impl Local {
     /// Starts the detached watchdog that runs `postgres` and stops it when idle.
     fn spawn_watchdog(&self, dir: &Path, port: u16, grace: u64, postgres: &[String]) -> Result<()> {
         let script = format!(
-            "dir=$1; port=$2; grace=$3; shift 3\n\"$@\" >\"$dir/server.log\" 2>&1 &\npg=$!\n{IDLE_LOOP}\
+            "dir=$1; port=$2; grace=$3; shift 3\nmarker=\"$dir/ready\"\n\"$@\" >\"$dir/server.log\" 2>&1 &\npg=$!\n{IDLE_LOOP}\
              rc=$?\nrm -f \"$dir/ready\" \"$dir/pending\"\necho $rc > \"$dir/exited\"\n[ \"$seen\" = 1 ] || sleep 5\nrm -rf \"$dir\"\n"
         );
         // The outer shell puts the watchdog in the background and exits at once, so the
