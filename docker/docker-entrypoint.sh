@@ -39,7 +39,9 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
     pwfile=$(mktemp)
     printf '%s\n' "${POSTGRES_PASSWORD:-}" > "$pwfile"
     # shellcheck disable=SC2086
+    # Unlike the official image, TCP needs the password even on the container's loopback.
     initdb --username="$POSTGRES_USER" --pwfile="$pwfile" --auth-local=trust \
+        --auth-host="$POSTGRES_HOST_AUTH_METHOD" \
         --encoding=UTF8 --locale=C $POSTGRES_INITDB_ARGS >/dev/null
     rm -f "$pwfile"
     printf '\nhost all all all %s\n' "$POSTGRES_HOST_AUTH_METHOD" >> "$PGDATA/pg_hba.conf"

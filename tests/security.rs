@@ -1,0 +1,135 @@
+//! Nobody else gets in: servers listen on loopback only, authenticate TCP connections
+//! with a password (no `trust` rule for TCP), refuse a wrong password, and pgfixture's
+//! `Debug` output never shows the password. Runs on the backend the environment selects.
+
+use pgfixture::Fixture;
+use pgfixture::testcontainers::bollard;
+
+/// No `trust` rule for TCP. Inside a container, loopback rules may trust (the official
+/// image's do): only processes in the container reach its loopback.
+#[tokio::test]
+async fn tcp_connections_need_the_password() {
+    let db = pgfixture::worker_db().await.unwrap();
+    let docker = Fixture::from_env().unwrap().stats().backend == Some("docker");
+    let rules: Vec<(String, String, String)> = db
+        .query(
+            "SELECT type, coalesce(address, 'all'), auth_method FROM pg_hba_file_rules \
+             WHERE type LIKE 'host%' AND error IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert!(!rules.is_empty(), "no TCP rules at all");
+    for (kind, address, method) in &rules {
+        let loopback = address == "127.0.0.1" || address == "::1";
+        if docker && loopback {
+            continue;
+        }
+        assert!(
+            method == "scram-sha-256" || method == "md5",
+            "a {kind} rule for {address} lets TCP connections in with {method}: {rules:?}"
+        );
+    }
+}
+
+/// The port the test can reach the server on from this host.
+async fn host_port(db: &pgfixture::TestDb) -> u16 {
+    let stats = Fixture::from_env().unwrap().stats();
+    let server_port: i32 = db
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if stats.backend == Some("local") {
+        return server_port as u16;
+    }
+    // Docker: the published port of this run's container.
+    let run = Fixture::from_env().unwrap().config().run_id.clone();
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap();
+    let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
+        .filters(&std::collections::HashMap::from([(
+            "label",
+            vec![format!("pgfixture.run={run}")],
+        )]))
+        .build();
+    let containers = docker.list_containers(Some(options)).await.unwrap();
+    let ports: Vec<_> = containers
+        .iter()
+        .flat_map(|c| c.ports.clone().unwrap_or_default())
+        .collect();
+    for port in &ports {
+        assert_eq!(
+            port.ip.as_deref(),
+            Some("127.0.0.1"),
+            "a container port is published beyond loopback: {ports:?}"
+        );
+    }
+    ports
+        .iter()
+        .find_map(|p| p.public_port)
+        .expect("a published port")
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_refused_and_servers_listen_on_loopback_only() {
+    let db = pgfixture::worker_db().await.unwrap();
+    let port = host_port(&db).await;
+    let listen: String = db
+        .query_one("SHOW listen_addresses", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let stats = Fixture::from_env().unwrap().stats();
+    if stats.backend == Some("local") {
+        assert_eq!(
+            listen, "127.0.0.1",
+            "a local server listens beyond loopback"
+        );
+    }
+    let mut config = pgfixture::tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(port)
+        .user("postgres")
+        .password("not-the-password")
+        .dbname("postgres");
+    let error = config
+        .connect(pgfixture::tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("a wrong password must be refused");
+    assert_eq!(
+        error.code(),
+        Some(&pgfixture::tokio_postgres::error::SqlState::INVALID_PASSWORD),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn debug_output_shows_no_password() {
+    let fixture = Fixture::from_env().unwrap();
+    let db = fixture.worker_db().await.unwrap();
+    // The password of the server is what the superuser's stored hash was made from;
+    // look for any long hex run (pgfixture's passwords are 36 hex digits) instead.
+    let printed = format!(
+        "{fixture:?} {db:?} {:?} {:?}",
+        fixture.config(),
+        fixture.stats()
+    );
+    let longest_hex_run = printed
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        longest_hex_run < 36,
+        "something that looks like a password is printed: {printed}"
+    );
+}
