@@ -127,7 +127,7 @@ impl FixtureBuilder {
             fixtures,
             config,
             source: OnceCell::new(),
-            shared: OnceCell::new(),
+            shared: Mutex::new(Arc::new(OnceCell::new())),
             workers: Mutex::new(HashMap::new()),
             stats: Counters::default(),
         });
@@ -146,9 +146,36 @@ struct Inner {
     instance: String,
     source: OnceCell<Source>,
     /// The shared server of database and schema modes.
-    shared: OnceCell<Server>,
+    shared: Mutex<Arc<OnceCell<Server>>>,
     workers: Mutex<HashMap<WorkerId, Arc<OnceCell<Arc<Worker>>>>>,
     stats: Counters,
+}
+
+/// Whether `error` says the server went away (killed, stopped, unreachable) rather
+/// than that a statement failed.
+fn server_gone(error: &Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    let pg = match error {
+        Error::Pool {
+            source: deadpool_postgres::PoolError::Backend(pg),
+            ..
+        } => pg,
+        Error::Postgres { source, .. } => source,
+        _ => return false,
+    };
+    match pg.code() {
+        Some(code) => [
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+        ]
+        .contains(code),
+        // No server answer at all: refused, reset or closed connections.
+        None => {
+            pg.is_closed()
+                || std::error::Error::source(pg).is_some_and(|s| s.is::<std::io::Error>())
+        }
+    }
 }
 
 struct Worker {
@@ -288,16 +315,23 @@ impl Inner {
             set_phase(format!("worker {worker_id} to be provisioned"));
             let worker = self.worker(&worker_id, deadline).await?;
             set_phase(format!("a pooled connection of worker {worker_id}"));
-            let client = worker.pool.get().await.map_err(|source| Error::Pool {
-                worker: worker_id.to_string(),
-                source,
-            })?;
-            client
-                .batch_execute("BEGIN")
-                .await
-                .map_err(Error::pg(format!(
-                    "starting the test transaction on worker {worker_id}"
-                )))?;
+            let client = match self.begin(&worker, &worker_id).await {
+                Ok(client) => client,
+                Err(error) if server_gone(&error) => {
+                    // The server was killed or stopped under us: forget it and provision
+                    // the worker again, on a fresh server if need be.
+                    tracing::warn!(worker = %worker_id, %error, "worker's server is gone; provisioning it again");
+                    self.forget(&worker_id);
+                    set_phase(format!(
+                        "worker {worker_id} to be provisioned again (its server was gone)"
+                    ));
+                    let fresh = self.worker(&worker_id, deadline).await?;
+                    let client = self.begin(&fresh, &worker_id).await?;
+                    fresh.served.fetch_add(1, Ordering::Relaxed);
+                    return Ok(TestDb::new(client, worker_id, lease));
+                }
+                Err(error) => return Err(error),
+            };
             worker.served.fetch_add(1, Ordering::Relaxed);
             Ok(TestDb::new(client, worker_id, lease))
         };
@@ -308,6 +342,31 @@ impl Inner {
                 waiting_for: phase.into_inner().unwrap_or_else(|e| e.into_inner()),
             }),
         }
+    }
+
+    /// A pooled connection of `worker` inside a fresh transaction.
+    async fn begin(&self, worker: &Worker, id: &WorkerId) -> Result<deadpool_postgres::Object> {
+        let client = worker.pool.get().await.map_err(|source| Error::Pool {
+            worker: id.to_string(),
+            source,
+        })?;
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(Error::pg(format!(
+                "starting the test transaction on worker {id}"
+            )))?;
+        Ok(client)
+    }
+
+    /// Drops what this process knows of the worker and of the shared server; the next
+    /// use finds (or starts) them again.
+    fn forget(&self, id: &WorkerId) {
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(OnceCell::new());
     }
 
     async fn source(&self) -> Result<&Source> {
@@ -336,10 +395,11 @@ impl Inner {
         Ok(server)
     }
 
-    async fn shared_server(&self, deadline: Instant) -> Result<&Server> {
-        self.shared
-            .get_or_try_init(|| self.server("shared", deadline))
+    async fn shared_server(&self, deadline: Instant) -> Result<Server> {
+        let cell = Arc::clone(&self.shared.lock().unwrap_or_else(|e| e.into_inner()));
+        cell.get_or_try_init(|| self.server("shared", deadline))
             .await
+            .cloned()
     }
 
     async fn worker(&self, id: &WorkerId, deadline: Instant) -> Result<Arc<Worker>> {
@@ -365,7 +425,7 @@ impl Inner {
                 self.server(&format!("{}-w{id}", self.instance), deadline)
                     .await?
             }
-            _ => self.shared_server(deadline).await?.clone(),
+            _ => self.shared_server(deadline).await?,
         };
         // One maintenance connection for every step; a worker found complete (the
         // common case in a nextest process) costs one query on it.

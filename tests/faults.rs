@@ -1,0 +1,130 @@
+//! A server killed mid-run (`docker kill`, `kill -9` of a local postgres): the test in
+//! flight fails, and the next `worker_db()` gets a fresh, working server. Each test uses
+//! servers of its own run, so killing them disturbs no other test.
+
+use std::time::Duration;
+
+use pgfixture::testcontainers::bollard;
+use pgfixture::{Config, Fixture, Isolation};
+
+fn own_fixture(tag: &str, isolation: Isolation) -> Fixture {
+    let mut config = Config::from_env().unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    config.run_id = format!("{tag}{:x}", nanos).chars().take(12).collect();
+    config.worker = None;
+    config.isolation = isolation;
+    config.grace = Duration::from_secs(2);
+    Fixture::builder()
+        .config(config)
+        .workers(1)
+        .build()
+        .unwrap()
+}
+
+/// Kills the server `db` is connected to, the hard way.
+async fn kill_server(fixture: &Fixture, db: &pgfixture::TestDb) {
+    match fixture.stats().backend {
+        Some("docker") => {
+            let docker = bollard::Docker::connect_with_local_defaults()
+                .unwrap()
+                .negotiate_version()
+                .await
+                .unwrap();
+            let run = &fixture.config().run_id;
+            let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
+                .filters(&std::collections::HashMap::from([(
+                    "label",
+                    vec![format!("pgfixture.run={run}")],
+                )]))
+                .build();
+            let containers = docker.list_containers(Some(options)).await.unwrap();
+            assert_eq!(containers.len(), 1, "{containers:?}");
+            let id = containers[0].id.clone().unwrap();
+            let options = bollard::query_parameters::KillContainerOptionsBuilder::new()
+                .signal("SIGKILL")
+                .build();
+            docker.kill_container(&id, Some(options)).await.unwrap();
+        }
+        Some("local") => {
+            let backend: i32 = db
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            let stat = std::fs::read_to_string(format!("/proc/{backend}/stat")).unwrap();
+            let postmaster = stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .to_owned();
+            let status = std::process::Command::new("kill")
+                .args(["-9", &postmaster])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        other => panic!("unknown backend {other:?}"),
+    }
+}
+
+async fn survives_a_killed_server(isolation: Isolation) {
+    let fixture = own_fixture("fault", isolation);
+    let db = fixture.worker_db().await.unwrap();
+    let before: String = db
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    kill_server(&fixture, &db).await;
+
+    // The test in flight fails with the driver's error, not a hang. (A backend whose
+    // postmaster was SIGKILLed may answer until it notices, within moments.)
+    let failed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if db.query_one("SELECT 1", &[]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        failed.is_ok(),
+        "queries on a killed server kept succeeding or hung"
+    );
+    drop(db);
+
+    // The next test gets a fresh server, with its fixtures.
+    let db = fixture
+        .worker_db()
+        .await
+        .expect("a fresh server after the kill");
+    let after: String = db
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(before, after, "still the killed server");
+    let users: i64 = db
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(users, 1, "the fresh server has the fixtures");
+}
+
+#[tokio::test]
+async fn a_killed_shared_server_is_replaced() {
+    survives_a_killed_server(Isolation::Database).await;
+}
+
+#[tokio::test]
+async fn a_killed_worker_server_is_replaced() {
+    survives_a_killed_server(Isolation::Container).await;
+}
