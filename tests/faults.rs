@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+mod common;
+
 use pgfixture::testcontainers::bollard;
 use pgfixture::{Config, Fixture, Isolation};
 
@@ -28,19 +30,8 @@ fn own_fixture(tag: &str, isolation: Isolation) -> Fixture {
 async fn kill_server(fixture: &Fixture, db: &pgfixture::TestDb) {
     match fixture.stats().backend {
         Some("docker") => {
-            let docker = bollard::Docker::connect_with_local_defaults()
-                .unwrap()
-                .negotiate_version()
-                .await
-                .unwrap();
-            let run = &fixture.config().run_id;
-            let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
-                .filters(&std::collections::HashMap::from([(
-                    "label",
-                    vec![format!("pgfixture.run={run}")],
-                )]))
-                .build();
-            let containers = docker.list_containers(Some(options)).await.unwrap();
+            let docker = common::docker().await.expect("the Docker daemon");
+            let containers = common::run_containers(&fixture.config().run_id).await;
             assert_eq!(containers.len(), 1, "{containers:?}");
             let id = containers[0].id.clone().unwrap();
             let options = bollard::query_parameters::KillContainerOptionsBuilder::new()

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use pgfixture::testcontainers::bollard;
+mod common;
+
 use pgfixture::{Error, Fixture, Isolation};
 
 /// Run by the tests below in a child process, with the environment they choose: takes
@@ -164,25 +165,8 @@ fn unique_run(tag: &str) -> String {
 async fn leftovers(run: &str) -> Vec<String> {
     let mut found = Vec::new();
     let marker = format!("pgfixture-{run}");
-    if let Ok(docker) = bollard::Docker::connect_with_local_defaults()
-        && let Ok(docker) = docker.negotiate_version().await
-    {
-        {
-            let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
-                .all(true)
-                .filters(&std::collections::HashMap::from([(
-                    "label",
-                    vec![format!("pgfixture.run={run}")],
-                )]))
-                .build();
-            for c in docker
-                .list_containers(Some(options))
-                .await
-                .unwrap_or_default()
-            {
-                found.push(format!("container {:?}", c.names));
-            }
-        }
+    for c in common::run_containers(run).await {
+        found.push(format!("container {:?}", c.names));
     }
     for entry in std::fs::read_dir(std::env::temp_dir())
         .into_iter()

@@ -3,7 +3,7 @@
 //! `Debug` output never shows the password. Runs on the backend the environment selects.
 
 use pgfixture::Fixture;
-use pgfixture::testcontainers::bollard;
+mod common;
 
 /// No `trust` rule for TCP. Inside a container, loopback rules may trust (the official
 /// image's do): only processes in the container reach its loopback.
@@ -48,18 +48,7 @@ async fn host_port(db: &pgfixture::TestDb) -> u16 {
     }
     // Docker: the published port of this run's container.
     let run = Fixture::from_env().unwrap().config().run_id.clone();
-    let docker = bollard::Docker::connect_with_local_defaults()
-        .unwrap()
-        .negotiate_version()
-        .await
-        .unwrap();
-    let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
-        .filters(&std::collections::HashMap::from([(
-            "label",
-            vec![format!("pgfixture.run={run}")],
-        )]))
-        .build();
-    let containers = docker.list_containers(Some(options)).await.unwrap();
+    let containers = common::run_containers(&run).await;
     let ports: Vec<_> = containers
         .iter()
         .flat_map(|c| c.ports.clone().unwrap_or_default())
