@@ -45,6 +45,17 @@ impl fmt::Debug for Server {
 }
 
 impl Server {
+    /// A server pgfixture started, reached on 127.0.0.1 as its superuser.
+    pub(crate) fn loopback(port: u16, password: String, name: String) -> Self {
+        Server {
+            host: "127.0.0.1".to_owned(),
+            port,
+            user: SUPERUSER.to_owned(),
+            password,
+            name,
+        }
+    }
+
     pub(crate) fn pg_config(&self, dbname: &str) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config

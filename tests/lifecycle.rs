@@ -199,6 +199,25 @@ async fn leftovers(run: &str) -> Vec<String> {
     found
 }
 
+/// Asserts that `run` still has servers (they are in their grace period) and that
+/// they are all gone soon after: a grace of 1 s (2 polls at least), a fast shutdown and
+/// container removal, and a minute more if a watchdog never saw its server used.
+async fn assert_gone_after_grace(run: &str, when: &str) {
+    assert!(
+        !leftovers(run).await.is_empty(),
+        "the servers should still be in their grace period"
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = leftovers(run).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left behind {when}: {left:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 #[tokio::test]
 async fn nothing_remains_after_the_grace_period() {
     let run = unique_run("gone");
@@ -228,24 +247,7 @@ async fn nothing_remains_after_the_grace_period() {
         !out.status.success() && stderr.contains("CHILD-PANIC"),
         "{stderr}"
     );
-    assert!(
-        !leftovers(&run).await.is_empty(),
-        "the servers should still be in their grace period"
-    );
-    // A grace of 1 s (2 polls at least), a fast shutdown and container removal; a
-    // minute more if the watchdog never saw a connection of the short-lived children.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let left = leftovers(&run).await;
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind after the grace period: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    assert_gone_after_grace(&run, "after the grace period").await;
 }
 
 /// A test process killed with SIGKILL while it holds connections (it runs no code
@@ -282,22 +284,7 @@ async fn a_killed_test_process_leaves_nothing_behind() {
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
     }
-    assert!(
-        !leftovers(&run).await.is_empty(),
-        "the servers should still be in their grace period"
-    );
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let left = leftovers(&run).await;
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind after SIGKILL and the grace period: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    assert_gone_after_grace(&run, "after SIGKILL and the grace period").await;
 }
 
 #[test]

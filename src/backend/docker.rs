@@ -143,13 +143,7 @@ impl Docker {
                     let port = self.port(name).await?.ok_or_else(|| Error::Docker {
                         message: format!("container {name} exited right after its start; try `docker run --rm {}`", self.image),
                     })?;
-                    let server = Server {
-                        host: "127.0.0.1".to_owned(),
-                        port,
-                        user: SUPERUSER.to_owned(),
-                        password,
-                        name: name.to_owned(),
-                    };
+                    let server = Server::loopback(port, password, name.to_owned());
                     let started = Instant::now();
                     server
                         .wait_ready(deadline, || self.still_running(name))
@@ -223,13 +217,9 @@ impl Docker {
             .map(str::to_owned);
         let port = port_of(&info);
         match (password, port) {
-            (Some(password), Some(port)) => Ok(Some(Server {
-                host: "127.0.0.1".to_owned(),
-                port,
-                user: SUPERUSER.to_owned(),
-                password,
-                name: name.to_owned(),
-            })),
+            (Some(password), Some(port)) => {
+                Ok(Some(Server::loopback(port, password, name.to_owned())))
+            }
             // Created but not started yet by the process that creates it: the caller
             // waits (its create fails with a conflict) until the deadline.
             _ => Ok(None),

@@ -186,13 +186,8 @@ impl Local {
                 if let (Some(port), Some(password)) =
                     (lines.next().and_then(|p| p.parse().ok()), lines.next())
                 {
-                    let server = Server {
-                        host: "127.0.0.1".to_owned(),
-                        port,
-                        user: SUPERUSER.to_owned(),
-                        password: password.to_owned(),
-                        name: dir.display().to_string(),
-                    };
+                    let server =
+                        Server::loopback(port, password.to_owned(), dir.display().to_string());
                     let alive = || async { still_running(dir) };
                     return match server.wait_ready(deadline, alive).await {
                         Ok(()) => {
@@ -320,13 +315,7 @@ impl Local {
         write_private(&dir.join("pending"), &format!("{port}\n{password}\n"), None)?;
         // From here on the watchdog removes the directory when the server stops.
         claim.0 = None;
-        let server = Server {
-            host: "127.0.0.1".to_owned(),
-            port,
-            user: SUPERUSER.to_owned(),
-            password: password.clone(),
-            name: dir.display().to_string(),
-        };
+        let server = Server::loopback(port, password.clone(), dir.display().to_string());
         let alive = || async { still_running(dir) };
         match server.wait_ready(deadline, alive).await {
             Ok(()) => {
