@@ -55,8 +55,8 @@ run "doc tests" cargo test --doc --quiet
 for backend in $backends; do
     for mode in $modes; do
         export PGFIXTURE_BACKEND=$backend PGFIXTURE_ISOLATION=$mode
-        run "$backend/$mode cargo test" cargo test --quiet --test isolation --test handle
-        run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast --test isolation --test handle
+        run "$backend/$mode cargo test" cargo test --quiet --test isolation --test handle --test commits
+        run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast --test isolation --test handle --test commits
     done
     export PGFIXTURE_ISOLATION=database
     run "$backend lifecycle cargo test" cargo test --quiet --test lifecycle --test security --test faults

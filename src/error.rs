@@ -127,6 +127,15 @@ pub enum Error {
         source: deadpool_postgres::PoolError,
     },
 
+    /// pgfixture was about to drop an object it did not create.
+    #[error(
+        "refusing to drop {object}: it does not carry pgfixture's mark, so pgfixture did not create it (rename or drop it yourself, or point PGFIXTURE_URL at another server)"
+    )]
+    NotOurs {
+        /// The database or schema, by name.
+        object: String,
+    },
+
     /// A file-system operation of pgfixture's own failed.
     #[error("{context}: {source}")]
     Io {

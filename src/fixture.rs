@@ -17,6 +17,7 @@ use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
 use crate::server::Server;
 use crate::testdb::TestDb;
 use crate::worker::{SlotLease, Slots, WorkerId};
+use crate::worker_pool::WorkerPool;
 use crate::{Error, Result, provision, runtime};
 
 /// Per-worker isolated PostgreSQL for tests, as one configuration describes it.
@@ -136,7 +137,7 @@ impl FixtureBuilder {
     }
 }
 
-struct Inner {
+pub(crate) struct Inner {
     config: Config,
     fixtures: FixtureSet,
     slots: Option<Arc<Slots>>,
@@ -149,6 +150,28 @@ struct Inner {
     shared: Mutex<Arc<OnceCell<Server>>>,
     workers: Mutex<HashMap<WorkerId, Arc<OnceCell<Arc<Worker>>>>>,
     stats: Counters,
+}
+
+/// What an acquire is waiting for, reported when it times out.
+#[derive(Default)]
+struct Phase(Mutex<String>);
+
+impl Phase {
+    fn set(&self, phase: String) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+    }
+
+    fn get(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The name of the running test: libtest runs each test on a thread named after it.
+fn current_test() -> Option<String> {
+    std::thread::current()
+        .name()
+        .filter(|name| *name != "main")
+        .map(str::to_owned)
 }
 
 /// Whether `error` says the server went away (killed, stopped, unreachable) rather
@@ -178,9 +201,17 @@ fn server_gone(error: &Error) -> bool {
     }
 }
 
+/// A provisioned worker: where its database or schema is, and the pool of test
+/// connections to it.
 struct Worker {
     pool: Pool,
     served: AtomicU64,
+    server: Server,
+    dbname: String,
+    search_path: Option<String>,
+    /// The worker's database (database and container modes) or schema (schema mode).
+    target: String,
+    pool_size: usize,
 }
 
 #[derive(Default)]
@@ -190,6 +221,8 @@ struct Counters {
     templates_built: AtomicU64,
     workers_provisioned: AtomicU64,
     workers_reused: AtomicU64,
+    workers_reset: AtomicU64,
+    commit_leaks: AtomicU64,
 }
 
 /// What a [`Fixture`] did in this process, for reports and tests.
@@ -210,6 +243,11 @@ pub struct Stats {
     pub workers_provisioned: u64,
     /// Worker databases or schemas this process found already made.
     pub workers_reused: u64,
+    /// Worker databases or schemas this process rebuilt from the fixtures: after a test
+    /// committed, after a [`crate::WorkerPool`], or when it found one marked dirty.
+    pub workers_reset: u64,
+    /// Test handles whose transaction had been committed by the test when released.
+    pub commit_leaks: u64,
     /// Test handles given out, per worker.
     pub served: BTreeMap<WorkerId, u64>,
 }
@@ -248,11 +286,36 @@ impl Fixture {
         let inner = Arc::clone(&self.inner);
         let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
         let reused_lease = held.is_some();
-        let db = runtime::run(async move { inner.acquire(held).await }).await?;
+        let test = current_test();
+        let db = runtime::run(async move { inner.test_db(held, test).await }).await?;
         if !reused_lease && let Some(lease) = db.lease() {
             Slots::remember(self.inner.id, lease);
         }
         Ok(db)
+    }
+
+    /// A connection pool on this worker's database (or schema), for code under test
+    /// that commits for real: it opens its own connections, commits, uses
+    /// LISTEN/NOTIFY, or runs concurrent transactions. The worker is reset (its
+    /// database cloned again from the template, or its schema rebuilt) when the guard
+    /// drops, before any other test gets the worker. In-process, the guard holds the
+    /// worker's slot like a [`TestDb`] does.
+    ///
+    /// Do not hold a [`TestDb`] of the same fixture while the guard drops: the reset
+    /// closes every connection to the worker's database.
+    ///
+    /// # Errors
+    ///
+    /// As [`Fixture::worker_db`].
+    pub async fn worker_pool(&self) -> Result<WorkerPool> {
+        let inner = Arc::clone(&self.inner);
+        let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
+        let reused_lease = held.is_some();
+        let guard = runtime::run(async move { inner.worker_pool(held).await }).await?;
+        if !reused_lease && let Some(lease) = &guard.lease {
+            Slots::remember(self.inner.id, lease);
+        }
+        Ok(guard)
     }
 
     /// The worker id of the calling test: the fixed id of this process, else the slot
@@ -284,64 +347,164 @@ impl Fixture {
             templates_built: c.templates_built.load(Ordering::Relaxed),
             workers_provisioned: c.workers_provisioned.load(Ordering::Relaxed),
             workers_reused: c.workers_reused.load(Ordering::Relaxed),
+            workers_reset: c.workers_reset.load(Ordering::Relaxed),
+            commit_leaks: c.commit_leaks.load(Ordering::Relaxed),
             served,
         }
     }
 }
 
 impl Inner {
-    async fn acquire(self: Arc<Self>, held: Option<Arc<SlotLease>>) -> Result<TestDb> {
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs `work` within the acquire timeout; a timeout reports the last phase.
+    async fn timed<T>(&self, phase: &Phase, work: impl Future<Output = Result<T>>) -> Result<T> {
         let timeout = self.config.acquire_timeout;
-        let deadline = Instant::now() + timeout;
-        let phase = Mutex::new(String::new());
-        let set_phase = |p: String| *phase.lock().unwrap_or_else(|e| e.into_inner()) = p;
-        let work = async {
-            let lease = match (&self.slots, held) {
-                (Some(_), Some(lease)) => Some(lease),
-                (Some(slots), None) => {
-                    set_phase(format!(
-                        "a free worker slot (all {} in use; a test holding handles of two fixtures can wait on itself)",
-                        self.config.workers
-                    ));
-                    Some(slots.acquire().await)
-                }
-                (None, _) => None,
-            };
-            let worker_id = match (&lease, &self.config.worker) {
-                (Some(lease), _) => lease.worker(),
-                (None, Some(id)) => id.clone(),
-                (None, None) => unreachable!("a fixture without a fixed worker has slots"),
-            };
-            set_phase(format!("worker {worker_id} to be provisioned"));
-            let worker = self.worker(&worker_id, deadline).await?;
-            set_phase(format!("a pooled connection of worker {worker_id}"));
-            let client = match self.begin(&worker, &worker_id).await {
-                Ok(client) => client,
-                Err(error) if server_gone(&error) => {
-                    // The server was killed or stopped under us: forget it and provision
-                    // the worker again, on a fresh server if need be.
-                    tracing::warn!(worker = %worker_id, %error, "worker's server is gone; provisioning it again");
-                    self.forget(&worker_id);
-                    set_phase(format!(
-                        "worker {worker_id} to be provisioned again (its server was gone)"
-                    ));
-                    let fresh = self.worker(&worker_id, deadline).await?;
-                    let client = self.begin(&fresh, &worker_id).await?;
-                    fresh.served.fetch_add(1, Ordering::Relaxed);
-                    return Ok(TestDb::new(client, worker_id, lease));
-                }
-                Err(error) => return Err(error),
-            };
-            worker.served.fetch_add(1, Ordering::Relaxed);
-            Ok(TestDb::new(client, worker_id, lease))
-        };
         match tokio::time::timeout(timeout, work).await {
             Ok(result) => result,
             Err(_) => Err(Error::AcquireTimeout {
                 timeout,
-                waiting_for: phase.into_inner().unwrap_or_else(|e| e.into_inner()),
+                waiting_for: phase.get(),
             }),
         }
+    }
+
+    /// The calling test's worker: its in-process slot (the one the thread holds, else a
+    /// free one), or the process's fixed worker.
+    async fn take_worker(
+        &self,
+        held: Option<Arc<SlotLease>>,
+        phase: &Phase,
+    ) -> (Option<Arc<SlotLease>>, WorkerId) {
+        let lease = match (&self.slots, held) {
+            (Some(_), Some(lease)) => Some(lease),
+            (Some(slots), None) => {
+                phase.set(format!(
+                    "a free worker slot (all {} in use; a test holding handles of two fixtures can wait on itself)",
+                    self.config.workers
+                ));
+                Some(slots.acquire().await)
+            }
+            (None, _) => None,
+        };
+        let id = match (&lease, &self.config.worker) {
+            (Some(lease), _) => lease.worker(),
+            (None, Some(id)) => id.clone(),
+            (None, None) => unreachable!("a fixture without a fixed worker has slots"),
+        };
+        phase.set(format!("worker {id} to be provisioned"));
+        (lease, id)
+    }
+
+    async fn test_db(
+        self: Arc<Self>,
+        held: Option<Arc<SlotLease>>,
+        test: Option<String>,
+    ) -> Result<TestDb> {
+        let phase = Phase::default();
+        let deadline = Instant::now() + self.config.acquire_timeout;
+        self.timed(&phase, async {
+            let (lease, id) = self.take_worker(held, &phase).await;
+            let worker = self.worker(&id, deadline).await?;
+            phase.set(format!("a pooled connection of worker {id}"));
+            let (worker, client) = match self.begin(&worker, &id).await {
+                Ok(client) => (worker, client),
+                Err(error) if server_gone(&error) => {
+                    // The server was killed or stopped under us: forget it and provision
+                    // the worker again, on a fresh server if need be.
+                    tracing::warn!(worker = %id, %error, "worker's server is gone; provisioning it again");
+                    self.forget(&id);
+                    phase.set(format!(
+                        "worker {id} to be provisioned again (its server was gone)"
+                    ));
+                    let fresh = self.worker(&id, deadline).await?;
+                    let client = self.begin(&fresh, &id).await?;
+                    (fresh, client)
+                }
+                Err(error) => return Err(error),
+            };
+            worker.served.fetch_add(1, Ordering::Relaxed);
+            Ok(TestDb::new(client, id, lease, Arc::clone(&self), test))
+        })
+        .await
+    }
+
+    async fn worker_pool(self: Arc<Self>, held: Option<Arc<SlotLease>>) -> Result<WorkerPool> {
+        let phase = Phase::default();
+        let deadline = Instant::now() + self.config.acquire_timeout;
+        self.timed(&phase, async {
+            let (lease, id) = self.take_worker(held, &phase).await;
+            let worker = self.worker(&id, deadline).await?;
+            // Marked first: if this process dies while the pool is out, whoever takes
+            // the worker next finds the mark and resets it.
+            let kind = match self.config.isolation {
+                Isolation::Schema => "SCHEMA",
+                _ => "DATABASE",
+            };
+            let client = worker.pool.get().await.map_err(|source| Error::Pool {
+                worker: id.to_string(),
+                source,
+            })?;
+            client
+                .batch_execute(&provision::mark_sql(
+                    kind,
+                    &worker.target,
+                    &self.worker_mark(),
+                    true,
+                ))
+                .await
+                .map_err(Error::pg(format!(
+                    "marking worker {id} as in use by a worker pool"
+                )))?;
+            drop(client);
+            let pool = crate::pool::build(
+                &worker.server,
+                &worker.dbname,
+                worker.search_path.as_deref(),
+                worker.pool_size,
+                self.config.acquire_timeout,
+            );
+            Ok(WorkerPool {
+                pg_config: crate::pool::pg_config(
+                    &worker.server,
+                    &worker.dbname,
+                    worker.search_path.as_deref(),
+                ),
+                pool: Some(pool),
+                worker: id,
+                lease,
+                owner: Arc::clone(&self),
+            })
+        })
+        .await
+    }
+
+    /// Rebuilds the worker from the fixtures after a test committed its transaction
+    /// (`test` names it) and says so once.
+    pub(crate) async fn after_commit(&self, id: &WorkerId, test: Option<&str>) -> Result<()> {
+        self.stats.commit_leaks.fetch_add(1, Ordering::Relaxed);
+        let test = test.unwrap_or("a test");
+        tracing::warn!(worker = %id, test, "the test committed its transaction; resetting the worker");
+        eprintln!(
+            "pgfixture: {test} committed its transaction on worker {id} (COMMIT, END or ROLLBACK through the client); resetting the worker so that the next test does not see its changes; use pgfixture::worker_pool() for code that must commit"
+        );
+        self.reset(id).await
+    }
+
+    /// Rebuilds the worker's database or schema from the fixtures and gives it a new
+    /// pool; connections to the old one are closed.
+    pub(crate) async fn reset(&self, id: &WorkerId) -> Result<()> {
+        let deadline = Instant::now() + self.config.acquire_timeout;
+        let cell = Arc::new(OnceCell::new());
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), Arc::clone(&cell));
+        cell.get_or_try_init(|| self.provision(id, deadline, true))
+            .await
+            .map(|_| ())
     }
 
     /// A pooled connection of `worker` inside a fresh transaction.
@@ -351,12 +514,17 @@ impl Inner {
             source,
         })?;
         client
-            .batch_execute("BEGIN")
+            .batch_execute(crate::testdb::BEGIN)
             .await
             .map_err(Error::pg(format!(
                 "starting the test transaction on worker {id}"
             )))?;
         Ok(client)
+    }
+
+    /// The mark (comment) of this configuration's worker databases and schemas.
+    fn worker_mark(&self) -> String {
+        format!("{} worker", provision::MARK)
     }
 
     /// Drops what this process knows of the worker and of the shared server; the next
@@ -410,13 +578,20 @@ impl Inner {
                 .entry(id.clone())
                 .or_default(),
         );
-        cell.get_or_try_init(|| self.provision(id, deadline))
+        cell.get_or_try_init(|| self.provision(id, deadline, false))
             .await
             .cloned()
     }
 
-    /// Makes (or finds) the worker's database or schema and its pool.
-    async fn provision(&self, id: &WorkerId, deadline: Instant) -> Result<Arc<Worker>> {
+    /// Makes (or finds) the worker's database or schema and its pool; rebuilds it from
+    /// the fixtures when `reset` is set or it is marked dirty.
+    async fn provision(
+        &self,
+        id: &WorkerId,
+        deadline: Instant,
+        reset: bool,
+    ) -> Result<Arc<Worker>> {
+        use provision::State;
         let started = Instant::now();
         let worker_name = format!("pgfx_w_{}_{}_{id}", self.fixtures.hash(12), self.instance);
         debug_assert!(worker_name.len() + 4 <= provision::MAX_IDENT);
@@ -427,22 +602,35 @@ impl Inner {
             }
             _ => self.shared_server(deadline).await?,
         };
+        let mark = self.worker_mark();
         // One maintenance connection for every step; a worker found complete (the
         // common case in a nextest process) costs one query on it.
         let admin = server.admin().await?;
-        let (dbname, search_path, created) = match self.config.isolation {
+        let (dbname, search_path, state) = match self.config.isolation {
             Isolation::Database | Isolation::Container => {
-                let created = if provision::database_exists(&admin, &worker_name).await? {
-                    false
-                } else {
+                let state = provision::database_state(&admin, &worker_name).await?;
+                if reset || state != State::Clean {
                     let (template, built) =
                         provision::template(&server, &admin, &self.fixtures).await?;
                     if built {
                         self.stats.templates_built.fetch_add(1, Ordering::Relaxed);
                     }
-                    provision::clone_database(&server, &admin, &template, &worker_name).await?
-                };
-                (worker_name.clone(), None, created)
+                    if state == State::Missing {
+                        provision::clone_database(&server, &admin, &template, &worker_name, &mark)
+                            .await?;
+                    } else {
+                        provision::reset_database(
+                            &server,
+                            &admin,
+                            &template,
+                            &worker_name,
+                            &mark,
+                            reset,
+                        )
+                        .await?;
+                    }
+                }
+                (worker_name.clone(), None, state)
             }
             Isolation::Schema => {
                 let dbname = "pgfx_schemas";
@@ -451,14 +639,20 @@ impl Inner {
                     .connect(dbname)
                     .await
                     .map_err(Error::pg(format!("connecting to {dbname}")))?;
-                let created = provision::schema(&client, &worker_name, &self.fixtures).await?;
-                (dbname.to_owned(), Some(worker_name.clone()), created)
+                let state = provision::schema_state(&client, &worker_name).await?;
+                if state == State::Missing {
+                    provision::schema(&client, &worker_name, &self.fixtures, &mark).await?;
+                } else if reset || state == State::Dirty {
+                    provision::reset_schema(&client, &worker_name, &self.fixtures, &mark, reset)
+                        .await?;
+                }
+                (dbname.to_owned(), Some(worker_name.clone()), state)
             }
         };
-        let counter = if created {
-            &self.stats.workers_provisioned
-        } else {
-            &self.stats.workers_reused
+        let counter = match (state, reset) {
+            (State::Missing, _) => &self.stats.workers_provisioned,
+            (State::Dirty, _) | (_, true) => &self.stats.workers_reset,
+            (State::Clean, false) => &self.stats.workers_reused,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let size = self.pool_size(&admin).await?;
@@ -473,7 +667,8 @@ impl Inner {
             worker = %id,
             mode = self.config.isolation.as_str(),
             target = %worker_name,
-            created,
+            ?state,
+            reset,
             pool_size = size,
             elapsed = ?started.elapsed(),
             "worker ready"
@@ -481,6 +676,11 @@ impl Inner {
         Ok(Arc::new(Worker {
             pool,
             served: AtomicU64::new(0),
+            server,
+            dbname,
+            search_path,
+            target: worker_name,
+            pool_size: size,
         }))
     }
 

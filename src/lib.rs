@@ -13,12 +13,14 @@ mod runtime;
 mod server;
 mod testdb;
 mod worker;
+mod worker_pool;
 
 pub use config::{Backend, Config, DEFAULT_IMAGE, Env, Isolation, OsEnv};
 pub use error::{Error, Result};
 pub use fixture::{Fixture, FixtureBuilder, Stats};
 pub use testdb::{Savepoint, TestDb};
 pub use worker::WorkerId;
+pub use worker_pool::WorkerPool;
 
 pub use deadpool_postgres;
 pub use testcontainers;
@@ -48,6 +50,16 @@ fn default_fixture() -> Result<&'static Fixture> {
 /// [`Fixture::worker_db`] can return.
 pub async fn worker_db() -> Result<TestDb> {
     default_fixture()?.worker_db().await
+}
+
+/// A connection pool on the calling test's worker database, for code that commits for
+/// real; the worker is reset when the guard drops. See [`Fixture::worker_pool`].
+///
+/// # Errors
+///
+/// As [`worker_db`].
+pub async fn worker_pool() -> Result<WorkerPool> {
+    default_fixture()?.worker_pool().await
 }
 
 /// This process's or test's worker id: `PGFIXTURE_WORKER`, else nextest's slot, else the

@@ -42,6 +42,16 @@ impl Connect for BackgroundConnect {
     }
 }
 
+/// The settings of a worker's connections: to `dbname` on `server`, with a
+/// `search_path` set at connection start in schema mode.
+pub(crate) fn pg_config(server: &Server, dbname: &str, search_path: Option<&str>) -> PgConfig {
+    let mut pg_config = server.pg_config(dbname);
+    if let Some(schema) = search_path {
+        pg_config.options(format!("-c search_path={schema}"));
+    }
+    pg_config
+}
+
 /// The pool of worker connections to `dbname` on `server`, optionally with a
 /// `search_path` set at connection start (schema mode).
 pub(crate) fn build(
@@ -51,12 +61,8 @@ pub(crate) fn build(
     size: usize,
     wait: Duration,
 ) -> Pool {
-    let mut pg_config = server.pg_config(dbname);
-    if let Some(schema) = search_path {
-        pg_config.options(format!("-c search_path={schema}"));
-    }
     let manager = Manager::from_connect(
-        pg_config,
+        pg_config(server, dbname, search_path),
         BackgroundConnect,
         ManagerConfig {
             // A test's transaction always ends in ROLLBACK, so a returned connection is

@@ -54,11 +54,112 @@ async fn with_lock<T>(
 }
 
 pub(crate) async fn database_exists(client: &Client, name: &str) -> Result<bool> {
+    Ok(database_state(client, name).await? != State::Missing)
+}
+
+/// Every object pgfixture creates carries a comment starting with this mark, and
+/// pgfixture drops nothing that does not.
+pub(crate) const MARK: &str = "pgfixture";
+/// Appended to a worker's mark while code that commits for real uses it
+/// (`worker_pool`): whoever finds the mark resets the worker before using it.
+const DIRTY: &str = " dirty";
+
+/// Whether a worker database or schema exists, and whether it needs a reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    Missing,
+    Clean,
+    Dirty,
+}
+
+impl State {
+    fn of(comment: Option<String>) -> State {
+        match comment {
+            None => State::Missing,
+            Some(c) if c.ends_with(DIRTY) => State::Dirty,
+            Some(_) => State::Clean,
+        }
+    }
+}
+
+/// The mark (comment) of the database `name`: `None` when it does not exist.
+async fn database_comment(client: &Client, name: &str) -> Result<Option<String>> {
     let row = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .query_opt(
+            "SELECT coalesce(shobj_description(oid, 'pg_database'), '') FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
         .await
         .map_err(Error::pg(format!("looking up database {name}")))?;
-    Ok(row.is_some())
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The mark (comment) of the schema `name` in the database `client` is connected to.
+async fn schema_comment(client: &Client, name: &str) -> Result<Option<String>> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(obj_description(oid, 'pg_namespace'), '') FROM pg_namespace WHERE nspname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(Error::pg(format!("looking up schema {name}")))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// The state of the database `name`, from its mark.
+pub(crate) async fn database_state(client: &Client, name: &str) -> Result<State> {
+    Ok(State::of(database_comment(client, name).await?))
+}
+
+/// The state of the schema `name`, from its mark.
+pub(crate) async fn schema_state(client: &Client, name: &str) -> Result<State> {
+    Ok(State::of(schema_comment(client, name).await?))
+}
+
+/// The statement that marks a worker (`kind` is `DATABASE` or `SCHEMA`) dirty, or clean
+/// again.
+pub(crate) fn mark_sql(kind: &str, name: &str, mark: &str, dirty: bool) -> String {
+    let suffix = if dirty { DIRTY } else { "" };
+    format!("COMMENT ON {kind} {} IS '{mark}{suffix}'", ident(name))
+}
+
+/// Refuses to go on unless `comment` (of the object `what`) carries pgfixture's mark.
+fn check_mark(what: &str, comment: &str) -> Result<()> {
+    if comment.starts_with(MARK) {
+        Ok(())
+    } else {
+        Err(Error::NotOurs {
+            object: what.to_owned(),
+        })
+    }
+}
+
+/// Drops the database `name` (closing its connections) if it exists and carries
+/// pgfixture's mark; refuses to drop one that does not.
+pub(crate) async fn drop_database(admin: &Client, name: &str) -> Result<()> {
+    let Some(comment) = database_comment(admin, name).await? else {
+        return Ok(());
+    };
+    check_mark(&format!("database {name}"), &comment)?;
+    ddl(
+        admin,
+        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(name)),
+    )
+    .await
+}
+
+/// Drops the schema `name` and everything in it if it exists and carries pgfixture's
+/// mark; refuses to drop one that does not.
+pub(crate) async fn drop_schema(client: &Client, name: &str) -> Result<()> {
+    let Some(comment) = schema_comment(client, name).await? else {
+        return Ok(());
+    };
+    check_mark(&format!("schema {name}"), &comment)?;
+    ddl(
+        client,
+        &format!("DROP SCHEMA IF EXISTS {} CASCADE", ident(name)),
+    )
+    .await
 }
 
 /// Runs DDL that fails while a just-closed connection's backend is still exiting
@@ -122,6 +223,7 @@ pub(crate) async fn clone_database(
     admin: &Client,
     template: &str,
     name: &str,
+    mark: &str,
 ) -> Result<bool> {
     with_lock(admin, name, async || {
         if database_exists(admin, name).await? {
@@ -140,7 +242,7 @@ pub(crate) async fn clone_database(
             &format!("CREATE DATABASE {} TEMPLATE {}{strategy}", ident(name), ident(template)),
         )
         .await?;
-        ddl(admin, &format!("COMMENT ON DATABASE {} IS 'pgfixture worker'", ident(name))).await?;
+        ddl(admin, &mark_sql("DATABASE", name, mark, false)).await?;
         tracing::info!(database = name, template, server = %server.name, "worker database provisioned");
         Ok(true)
     })
@@ -171,7 +273,12 @@ async fn schema_exists(client: &Client, schema: &str) -> Result<bool> {
 
 /// Creates the worker schema `schema` with the fixtures applied inside it, unless it
 /// exists. Returns whether this call created it.
-pub(crate) async fn schema(client: &Client, schema: &str, fixtures: &FixtureSet) -> Result<bool> {
+pub(crate) async fn schema(
+    client: &Client,
+    schema: &str,
+    fixtures: &FixtureSet,
+    mark: &str,
+) -> Result<bool> {
     if schema_exists(client, schema).await? {
         return Ok(false);
     }
@@ -191,7 +298,8 @@ pub(crate) async fn schema(client: &Client, schema: &str, fixtures: &FixtureSet)
             fixtures.apply(client).await?;
             client
                 .batch_execute(&format!(
-                    "ALTER SCHEMA {} RENAME TO {}; COMMIT;",
+                    "{}; ALTER SCHEMA {} RENAME TO {}; COMMIT;",
+                    mark_sql("SCHEMA", &building, mark, false),
                     ident(&building),
                     ident(schema)
                 ))
@@ -204,6 +312,45 @@ pub(crate) async fn schema(client: &Client, schema: &str, fixtures: &FixtureSet)
         }
         tracing::info!(schema, files = fixtures.files.len(), "worker schema provisioned");
         Ok(true)
+    })
+    .await
+}
+
+/// Replaces the worker database `name` with a fresh clone of `template`: always when
+/// `force`, else only if it is still marked dirty once the lock is held (another
+/// process may have reset it first).
+pub(crate) async fn reset_database(
+    server: &Server,
+    admin: &Client,
+    template: &str,
+    name: &str,
+    mark: &str,
+    force: bool,
+) -> Result<()> {
+    with_lock(admin, name, async || {
+        if force || database_state(admin, name).await? == State::Dirty {
+            drop_database(admin, name).await?;
+            clone_database(server, admin, template, name, mark).await?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Replaces the worker schema `name` with a fresh one, as [`reset_database`] does.
+pub(crate) async fn reset_schema(
+    client: &Client,
+    name: &str,
+    fixtures: &FixtureSet,
+    mark: &str,
+    force: bool,
+) -> Result<()> {
+    with_lock(client, name, async || {
+        if force || schema_state(client, name).await? == State::Dirty {
+            drop_schema(client, name).await?;
+            schema(client, name, fixtures, mark).await?;
+        }
+        Ok(())
     })
     .await
 }

@@ -12,6 +12,7 @@ use tokio::runtime::{Builder, Handle, Runtime};
 
 /// Two threads: connection I/O is light, and these machines have two cores.
 const THREADS: usize = 2;
+const THREAD_NAME: &str = "pgfixture";
 
 pub(crate) fn handle() -> &'static Handle {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
@@ -19,7 +20,7 @@ pub(crate) fn handle() -> &'static Handle {
         .get_or_init(|| {
             Builder::new_multi_thread()
                 .worker_threads(THREADS)
-                .thread_name("pgfixture")
+                .thread_name(THREAD_NAME)
                 .enable_all()
                 .build()
                 .expect("pgfixture: cannot start its background runtime")
@@ -37,5 +38,24 @@ where
         Ok(output) => output,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => panic!("pgfixture: background task cancelled: {e}"),
+    }
+}
+
+/// Runs `future` on the background runtime and blocks the calling thread until it is
+/// done: for `Drop` implementations, whose work must finish before the next test takes
+/// the worker (or before a nextest process exits). On a thread of the background
+/// runtime itself it cannot wait, and only starts the work.
+pub(crate) fn block_on<F>(future: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    handle().spawn(async move {
+        future.await;
+        drop(done);
+    });
+    if std::thread::current().name() != Some(THREAD_NAME) {
+        // Returns when the task ends, panicking or not (the sender is dropped either way).
+        let _ = wait.recv();
     }
 }

@@ -6,8 +6,18 @@ use std::sync::Arc;
 
 use deadpool_postgres::{ClientWrapper, Object};
 
+use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::error::SqlState;
+
+use crate::fixture::Inner;
 use crate::worker::{SlotLease, WorkerId};
-use crate::{Error, Result};
+use crate::{Error, Result, runtime};
+
+/// Starts a test's transaction and marks it, so that its end can tell whether the test
+/// committed it: the mark (a transaction-local setting) is gone once the transaction is.
+pub(crate) const BEGIN: &str = "BEGIN; SET LOCAL pgfixture.test = 'open'";
+/// Ends a test's transaction: reads the mark, then rolls back, in one round trip.
+const END: &str = "SELECT current_setting('pgfixture.test', true); ROLLBACK";
 
 /// A connection to the current worker's database, inside a transaction that is rolled
 /// back when the handle drops.
@@ -18,17 +28,22 @@ use crate::{Error, Result};
 /// gives a nested transaction, which is a SAVEPOINT: committing it never commits the
 /// test's transaction.
 ///
-/// Dropping the handle queues a `ROLLBACK` on the connection (ordered before anything
-/// the next user of the connection sends) and returns the connection to the worker's
-/// pool at once; [`TestDb::release`] does the same and waits for the rollback, so it
-/// can report an error. Code that commits through `batch_execute("COMMIT")` defeats the
-/// rollback; do not.
+/// Dropping the handle (or [`TestDb::release`], which can report an error) checks that
+/// the test's transaction is still open and rolls it back, in one round trip, before
+/// the worker goes to another test. A test that committed anyway (`COMMIT` or `END`
+/// through `batch_execute`, a `BEGIN ... COMMIT` of its own, or `ROLLBACK` followed by
+/// more statements) is reported once on stderr, with its name, and the worker's database
+/// or schema is rebuilt from the fixtures before any other test gets it. Code that
+/// must commit belongs on [`crate::worker_pool`].
 pub struct TestDb {
     client: Option<Object>,
     worker: WorkerId,
     depth: u32,
     /// Keeps the in-process worker slot until the connection is back in its pool.
     lease: Option<Arc<SlotLease>>,
+    owner: Arc<Inner>,
+    /// The test's name (its thread's), for the commit report.
+    test: Option<String>,
 }
 
 impl fmt::Debug for TestDb {
@@ -40,12 +55,37 @@ impl fmt::Debug for TestDb {
 }
 
 impl TestDb {
-    pub(crate) fn new(client: Object, worker: WorkerId, lease: Option<Arc<SlotLease>>) -> Self {
+    pub(crate) fn new(
+        client: Object,
+        worker: WorkerId,
+        lease: Option<Arc<SlotLease>>,
+        owner: Arc<Inner>,
+        test: Option<String>,
+    ) -> Self {
         TestDb {
             client: Some(client),
             worker,
             depth: 0,
             lease,
+            owner,
+            test,
+        }
+    }
+
+    /// Ends the test's transaction on the background runtime: the work `release` and
+    /// `drop` share.
+    fn finish(&mut self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let client = self.client.take();
+        let worker = self.worker.clone();
+        let lease = self.lease.take();
+        let owner = Arc::clone(&self.owner);
+        let test = self.test.take();
+        async move {
+            let Some(client) = client else { return Ok(()) };
+            let result = end(client, &worker, &owner, test.as_deref()).await;
+            // The slot is free only once the worker is clean again.
+            drop(lease);
+            result
         }
     }
 
@@ -59,27 +99,16 @@ impl TestDb {
     }
 
     /// Rolls the test's transaction back, returns the connection to the pool, and
-    /// reports an error the rollback met (a dropped handle cannot).
+    /// reports an error the rollback met (a dropped handle cannot). A test that
+    /// committed is handled as on drop (reported, worker reset), not as an error.
     ///
     /// # Errors
     ///
     /// [`Error::Postgres`] when the `ROLLBACK` fails, for example because the server
-    /// went away; the connection is then discarded instead of pooled.
+    /// went away; the connection is then discarded instead of pooled. The reset's error
+    /// after a commit.
     pub async fn release(mut self) -> Result<()> {
-        let client = self
-            .client
-            .take()
-            .expect("the client is present until drop");
-        match client.batch_execute("ROLLBACK").await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let _ = Object::take(client);
-                Err(Error::pg(format!(
-                    "rolling back the test transaction of worker {}",
-                    self.worker
-                ))(e))
-            }
-        }
+        runtime::run(self.finish()).await
     }
 
     /// A nested transaction: a SAVEPOINT inside the test's transaction. Committing it
@@ -113,13 +142,57 @@ impl Deref for TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            // Queued on the connection synchronously, so it is sent before anything
-            // the connection's next user sends; works in any runtime, or none.
-            client.__private_api_rollback(None);
-            drop(client);
+        if self.client.is_some() {
+            let finish = self.finish();
+            runtime::block_on(async move {
+                if let Err(error) = finish.await {
+                    tracing::warn!(%error, "ending a test's transaction failed");
+                }
+            });
         }
     }
+}
+
+/// Checks that the test's transaction is still open and rolls it back (one round trip,
+/// two for a transaction a failed statement aborted); after a commit, resets the
+/// worker. A connection that fails is discarded.
+async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str>) -> Result<()> {
+    let limit = owner.config().acquire_timeout;
+    let ended = async {
+        match client.simple_query(END).await {
+            Ok(messages) => Ok(!messages
+                .iter()
+                .any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("open")))),
+            // A failed statement left the transaction aborted, and so still open; the
+            // error skipped the ROLLBACK after the check.
+            Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                client.batch_execute("ROLLBACK").await.map(|()| false)
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let committed = match tokio::time::timeout(limit, ended).await {
+        Ok(Ok(committed)) => committed,
+        Ok(Err(e)) => {
+            let _ = Object::take(client);
+            return Err(Error::pg(format!(
+                "rolling back the test transaction of worker {worker}"
+            ))(e));
+        }
+        Err(_) => {
+            let _ = Object::take(client);
+            return Err(Error::AcquireTimeout {
+                timeout: limit,
+                waiting_for: format!("the rollback of a test transaction on worker {worker}"),
+            });
+        }
+    };
+    if committed {
+        // Its connection goes with the old database or schema.
+        let _ = Object::take(client);
+        return owner.after_commit(worker, test).await;
+    }
+    Ok(())
 }
 
 /// A nested transaction of a [`TestDb`]: a SAVEPOINT. Derefs to the client.

@@ -5,11 +5,11 @@
 //! running its `child` helper), never through `set_var`.
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 mod common;
 
+use common::{child_command, reported, run_child, unique_run};
 use pgfixture::{Error, Fixture, Isolation};
 
 /// Run by the tests below in a child process, with the environment they choose: takes
@@ -53,45 +53,6 @@ fn child() {
             }
         }
     });
-}
-
-const RUNNER_VARS: &[&str] = &[
-    "NEXTEST_TEST_GLOBAL_SLOT",
-    "NEXTEST_RUN_ID",
-    "PGFIXTURE_WORKER",
-    "PGFIXTURE_RUN_ID",
-];
-
-fn run_child(env: &[(&str, &str)]) -> Output {
-    child_command(env)
-        .output()
-        .expect("running the child helper")
-}
-
-fn child_command(env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        "child",
-        "--ignored",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ]);
-    for var in RUNNER_VARS {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied());
-    cmd
-}
-
-/// The number after `key=` in the child's report.
-fn reported(stdout: &str, key: &str) -> u64 {
-    stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {stdout:?}"))
 }
 
 /// Eight test processes of one run start at the same moment, each on its own worker:
@@ -147,18 +108,6 @@ fn eight_processes_at_once_make_one_server_and_one_template() {
             "{isolation}: workers provisioned: {outputs:?}"
         );
     }
-}
-
-fn unique_run(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("{tag}{:x}{:x}", std::process::id(), nanos)
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(12)
-        .collect()
 }
 
 /// Containers, server directories and server processes that belong to `run`.

@@ -1,4 +1,7 @@
 //! Helpers shared by the server-backed test suites.
+#![allow(dead_code)] // each suite uses some of them
+
+use std::process::{Command, Output};
 
 use pgfixture::testcontainers::bollard;
 use pgfixture::testcontainers::bollard::models::ContainerSummary;
@@ -29,4 +32,60 @@ pub async fn run_containers(run: &str) -> Vec<ContainerSummary> {
         .list_containers(Some(options))
         .await
         .unwrap_or_default()
+}
+
+/// Variables of the runner that would pin a child to the parent's run or worker.
+const RUNNER_VARS: &[&str] = &[
+    "NEXTEST_TEST_GLOBAL_SLOT",
+    "NEXTEST_RUN_ID",
+    "PGFIXTURE_WORKER",
+    "PGFIXTURE_RUN_ID",
+];
+
+/// Runs this test binary's `child` helper (an ignored test) with the runner's
+/// variables removed and `env` set, and waits for it.
+pub fn run_child(env: &[(&str, &str)]) -> Output {
+    child_command(env)
+        .output()
+        .expect("running the child helper")
+}
+
+/// The command that runs this test binary's `child` helper; see [`run_child`].
+pub fn child_command(env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--exact",
+        "child",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    for var in RUNNER_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd
+}
+
+/// The number after `key=` in the child's report.
+pub fn reported(stdout: &str, key: &str) -> u64 {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {stdout:?}"))
+}
+
+/// A run id of its own for a test: `tag`, then the process and time.
+pub fn unique_run(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{tag}{:x}{:x}", std::process::id(), nanos)
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(12)
+        .collect()
 }

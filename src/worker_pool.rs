@@ -1,0 +1,99 @@
+//! A pool on the worker's database for code that commits for real.
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+
+use crate::fixture::Inner;
+use crate::worker::{SlotLease, WorkerId};
+use crate::{Result, runtime};
+
+/// A deadpool-postgres [`Pool`] on the current worker's database (or schema), for code
+/// under test that opens its own connections and commits: it derefs to the pool.
+///
+/// Nothing here is rolled back. Instead, when the guard drops (or on
+/// [`WorkerPool::release`]), its connections are closed and the worker's database is
+/// cloned again from the fixture template (its schema rebuilt, in schema mode) before
+/// any other test gets the worker. The worker is marked while the guard is out, so if
+/// the process dies first, the next process to take the worker resets it.
+pub struct WorkerPool {
+    pub(crate) pool: Option<Pool>,
+    pub(crate) pg_config: tokio_postgres::Config,
+    pub(crate) worker: WorkerId,
+    pub(crate) lease: Option<Arc<SlotLease>>,
+    pub(crate) owner: Arc<Inner>,
+}
+
+impl fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerPool {
+    /// The worker the pool belongs to.
+    pub fn worker_id(&self) -> &WorkerId {
+        &self.worker
+    }
+
+    /// The settings of the pool's connections (host, port, user, password, database,
+    /// and the `search_path` in schema mode), for code that opens connections of its
+    /// own: `pg_config().connect(NoTls)` gives a connection whose notifications
+    /// (LISTEN/NOTIFY) you can read. Its `Debug` output hides the password.
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.pg_config
+    }
+
+    /// Closes the pool and resets the worker, reporting an error the reset met (a
+    /// dropped guard can only log it).
+    ///
+    /// # Errors
+    ///
+    /// The server's error when the worker cannot be rebuilt.
+    pub async fn release(mut self) -> Result<()> {
+        runtime::run(self.finish()).await
+    }
+
+    fn finish(&mut self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let pool = self.pool.take();
+        let worker = self.worker.clone();
+        let lease = self.lease.take();
+        let owner = Arc::clone(&self.owner);
+        async move {
+            let Some(pool) = pool else { return Ok(()) };
+            pool.close();
+            drop(pool);
+            let result = owner.reset(&worker).await;
+            drop(lease);
+            result
+        }
+    }
+}
+
+impl Deref for WorkerPool {
+    type Target = Pool;
+
+    fn deref(&self) -> &Pool {
+        self.pool.as_ref().expect("the pool is present until drop")
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        if self.pool.is_some() {
+            let finish = self.finish();
+            runtime::block_on(async move {
+                if let Err(error) = finish.await {
+                    tracing::warn!(%error, "resetting a worker after its worker pool failed");
+                    eprintln!(
+                        "pgfixture: resetting a worker after its worker pool failed: {error}"
+                    );
+                }
+            });
+        }
+    }
+}

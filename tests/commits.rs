@@ -1,0 +1,320 @@
+//! Tests that commit anyway, and the worker pool for code that must commit: the next
+//! test on the worker never sees what they wrote, in this process or the next one.
+//! Runs on the backend and isolation mode the environment selects.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+mod common;
+
+use common::{child_command, run_child, unique_run};
+use pgfixture::{Fixture, TestDb};
+
+/// One in-process worker, so that the next handle is on the same worker, and the
+/// [`SERIAL`] lock, so that the counts in [`Fixture::stats`] are the caller's own.
+async fn single_worker() -> (tokio::sync::MutexGuard<'static, ()>, Fixture) {
+    let serial = SERIAL.lock().await;
+    (
+        serial,
+        Fixture::builder().workers(1).build().expect("fixture"),
+    )
+}
+
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn count(db: &TestDb, owner: &str) -> i64 {
+    db.query_one("SELECT count(*) FROM notes WHERE owner = $1", &[&owner])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Inserts a note of `owner`, lets `commit` end the test's transaction its way, drops
+/// the handle, and checks that the next test sees neither the note nor a missing seed.
+async fn leaks_nothing(owner: &str, commit: &str) {
+    let (_serial, fixture) = single_worker().await;
+    let before = fixture.stats();
+    let db = fixture.worker_db().await.unwrap();
+    let insert = format!("INSERT INTO notes (owner, body) VALUES ('{owner}', 'x')");
+    db.batch_execute(&insert).await.unwrap();
+    db.batch_execute(&commit.replace("$INSERT", &insert))
+        .await
+        .unwrap();
+    drop(db);
+    let after = fixture.stats();
+    assert_eq!(
+        after.commit_leaks,
+        before.commit_leaks + 1,
+        "the commit by {commit:?} was not detected"
+    );
+    assert!(after.workers_reset > before.workers_reset);
+
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        count(&db, owner).await,
+        0,
+        "{commit:?} leaked into the next test"
+    );
+    let seeded: i64 = db
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seeded, 1, "the reset worker lost its fixtures");
+}
+
+#[tokio::test]
+async fn commit_through_batch_execute_is_undone() {
+    leaks_nothing("commit", "COMMIT").await;
+}
+
+#[tokio::test]
+async fn end_is_undone() {
+    leaks_nothing("end", "END").await;
+}
+
+#[tokio::test]
+async fn a_begin_commit_pair_of_the_test_is_undone() {
+    leaks_nothing("pair", "BEGIN; $INSERT; COMMIT").await;
+}
+
+#[tokio::test]
+async fn rollback_then_autocommit_is_undone() {
+    leaks_nothing("autocommit", "ROLLBACK; $INSERT").await;
+}
+
+#[tokio::test]
+async fn commit_then_begin_is_undone() {
+    leaks_nothing("reopened", "COMMIT; BEGIN").await;
+}
+
+#[tokio::test]
+async fn release_after_a_commit_resets_too() {
+    let (_serial, fixture) = single_worker().await;
+    let db = fixture.worker_db().await.unwrap();
+    db.batch_execute("INSERT INTO notes (owner, body) VALUES ('released', 'x'); COMMIT")
+        .await
+        .unwrap();
+    db.release().await.expect("the reset succeeds");
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(count(&db, "released").await, 0);
+}
+
+#[tokio::test]
+async fn tests_that_do_not_commit_cost_no_reset() {
+    let (_serial, fixture) = single_worker().await;
+    let before = fixture.stats();
+    let mut db = fixture.worker_db().await.unwrap();
+    db.batch_execute("INSERT INTO notes (owner, body) VALUES ('plain', 'x')")
+        .await
+        .unwrap();
+    let savepoint = db.transaction().await.unwrap();
+    savepoint.commit().await.unwrap();
+    drop(db);
+    // A failed statement leaves the transaction aborted, which is still not a commit.
+    let db = fixture.worker_db().await.unwrap();
+    assert!(
+        db.batch_execute("SELECT * FROM no_such_table")
+            .await
+            .is_err()
+    );
+    drop(db);
+    let after = fixture.stats();
+    assert_eq!(after.commit_leaks, before.commit_leaks);
+    assert_eq!(after.workers_reset, before.workers_reset);
+}
+
+#[tokio::test]
+async fn the_worker_pool_commits_for_real_and_is_reset_after() {
+    let (_serial, fixture) = single_worker().await;
+    let pool = fixture.worker_pool().await.unwrap();
+    let writer = pool.get().await.unwrap();
+    let reader = pool.get().await.unwrap();
+    writer
+        .batch_execute("INSERT INTO notes (owner, body) VALUES ('pool', 'x')")
+        .await
+        .unwrap();
+    let seen: i64 = reader
+        .query_one("SELECT count(*) FROM notes WHERE owner = 'pool'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        seen, 1,
+        "a commit on one pooled connection is seen by another"
+    );
+
+    // Concurrent transactions: the reader's snapshot does not see an open write.
+    writer
+        .batch_execute("BEGIN; INSERT INTO notes (owner, body) VALUES ('pool', 'y')")
+        .await
+        .unwrap();
+    let seen: i64 = reader
+        .query_one("SELECT count(*) FROM notes WHERE owner = 'pool'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 1);
+    writer.batch_execute("COMMIT").await.unwrap();
+    drop((writer, reader));
+    drop(pool);
+
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        count(&db, "pool").await,
+        0,
+        "the worker pool's commits leaked"
+    );
+}
+
+#[tokio::test]
+async fn listen_notify_works_on_the_worker_pool() {
+    use futures::StreamExt;
+    let (_serial, fixture) = single_worker().await;
+    let pool = fixture.worker_pool().await.unwrap();
+    // A dedicated connection whose notifications we read, as code under test would.
+    let (client, mut connection) = pool
+        .pg_config()
+        .connect(pgfixture::tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(stream.for_each(move |m| {
+        let _ = tx.send(m);
+        async {}
+    }));
+    client.batch_execute("LISTEN pgfixture_test").await.unwrap();
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute("NOTIFY pgfixture_test, 'hello'")
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a notification arrives")
+        .unwrap()
+        .unwrap();
+    match message {
+        pgfixture::tokio_postgres::AsyncMessage::Notification(n) => {
+            assert_eq!(n.payload(), "hello");
+        }
+        other => panic!("expected a notification, got {other:?}"),
+    }
+    drop(client);
+    pool.release().await.unwrap();
+}
+
+/// Run by the tests below in a child process: `commit` commits a note and exits
+/// normally; `pool` commits a note through the worker pool, says so, and waits to be
+/// killed; `count` reports the notes of those two.
+#[test]
+#[ignore = "helper, run as a child process by the commit tests"]
+fn child() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        match std::env::var("PGFIXTURE_TEST_CHILD").unwrap().as_str() {
+            "commit" => {
+                let db = pgfixture::worker_db().await.unwrap();
+                db.batch_execute("INSERT INTO notes (owner, body) VALUES ('child', 'x'); COMMIT")
+                    .await
+                    .unwrap();
+            }
+            "pool" => {
+                let pool = pgfixture::worker_pool().await.unwrap();
+                pool.get()
+                    .await
+                    .unwrap()
+                    .batch_execute("INSERT INTO notes (owner, body) VALUES ('killed', 'x')")
+                    .await
+                    .unwrap();
+                println!("CHILD-COMMITTED");
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            }
+            "count" => {
+                let db = pgfixture::worker_db().await.unwrap();
+                let n: i64 = db
+                    .query_one(
+                        "SELECT count(*) FROM notes WHERE owner IN ('child', 'killed')",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                let stats = pgfixture::Fixture::from_env().unwrap().stats();
+                println!("CHILD-COUNT notes={n} reset={}", stats.workers_reset);
+            }
+            other => panic!("unknown child mode {other}"),
+        }
+    });
+}
+
+fn child_env<'a>(run: &'a str, mode: &'a str) -> [(&'a str, &'a str); 4] {
+    [
+        ("PGFIXTURE_RUN_ID", run),
+        ("PGFIXTURE_WORKER", "leak"),
+        ("PGFIXTURE_GRACE", "5"),
+        ("PGFIXTURE_TEST_CHILD", mode),
+    ]
+}
+
+fn counted(run: &str) -> (u64, u64) {
+    let out = run_child(&child_env(run, "count"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        common::reported(&stdout, "notes"),
+        common::reported(&stdout, "reset"),
+    )
+}
+
+/// The nextest case: the process that committed exits right after its test, and the
+/// next test on its worker is another process.
+#[test]
+fn a_commit_does_not_reach_the_next_process_on_the_worker() {
+    let run = unique_run("commit");
+    let out = run_child(&child_env(&run, "commit"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("committed its transaction") && stderr.contains("child"),
+        "the commit is reported once, with the test: {stderr}"
+    );
+    assert_eq!(counted(&run), (0, 0));
+}
+
+/// A process killed while its worker pool is out leaves the worker marked; the next
+/// process on the worker resets it before its test runs.
+#[test]
+fn a_process_killed_with_its_worker_pool_out_leaves_a_clean_worker() {
+    let run = unique_run("poolkill");
+    let mut child = child_command(&child_env(&run, "pool"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let committed = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .any(|line| line.unwrap().contains("CHILD-COMMITTED"));
+    assert!(committed, "the child did not get to commit");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        counted(&run),
+        (0, 1),
+        "the next process resets the marked worker"
+    );
+}
