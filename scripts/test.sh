@@ -59,8 +59,8 @@ for backend in $backends; do
         run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast --test isolation --test handle --test commits
     done
     export PGFIXTURE_ISOLATION=database
-    run "$backend lifecycle cargo test" cargo test --quiet --test lifecycle --test security --test faults
-    run "$backend lifecycle nextest" cargo nextest run -j 4 --no-fail-fast --test lifecycle --test security --test faults
+    run "$backend lifecycle cargo test" cargo test --quiet --test lifecycle --test security --test faults --test url
+    run "$backend lifecycle nextest" cargo nextest run -j 4 --no-fail-fast --test lifecycle --test security --test faults --test url
     unset PGFIXTURE_BACKEND PGFIXTURE_ISOLATION
 done
 

@@ -21,6 +21,8 @@ use crate::{Error, Result};
 pub(crate) enum Source {
     Docker(docker::Docker),
     Local(local::Local),
+    /// An existing server (`PGFIXTURE_URL`).
+    Url(Server),
 }
 
 /// The watchdog's idle loop, shared by both backends. `$pg` is the server's pid,
@@ -66,7 +68,20 @@ fn server_args() -> Vec<String> {
 impl Source {
     /// Docker when it answers (and has the image, or can pull it), else local binaries.
     pub(crate) async fn resolve(config: &Config) -> Result<Source> {
-        match config.backend {
+        match config.effective_backend() {
+            Backend::Url => {
+                let url = config.url.as_ref().expect("validated: the url backend has a URL");
+                let server = Server::from_url(url).for_run(&config.run_id);
+                // Fails now, with the variable to fix, rather than deep in provisioning.
+                server
+                    .connect(&server.admin_db)
+                    .await
+                    .map_err(Error::pg(format!(
+                        "cannot connect to {}:{} as {} (fix PGFIXTURE_URL, or start that server)",
+                        server.host, server.port, server.user
+                    )))?;
+                Ok(Source::Url(server))
+            }
             Backend::Docker => Ok(Source::Docker(docker::Docker::connect(config).await?)),
             Backend::Local => Ok(Source::Local(local::Local::find(config).map_err(|message| Error::Local {
                 message: format!("{message} (install the Debian package 'postgresql' or set PGFIXTURE_PG_BIN)"),
@@ -99,6 +114,7 @@ impl Source {
         match self {
             Source::Docker(_) => "docker",
             Source::Local(_) => "local",
+            Source::Url(_) => "url",
         }
     }
 
@@ -107,6 +123,7 @@ impl Source {
         match self {
             Source::Docker(d) => d.image().to_owned(),
             Source::Local(l) => l.bin().display().to_string(),
+            Source::Url(server) => format!("{}:{}", server.host, server.port),
         }
     }
 
@@ -118,10 +135,12 @@ impl Source {
         config: &Config,
         deadline: Instant,
     ) -> Result<(Server, bool)> {
-        match self {
-            Source::Docker(d) => d.server(name, config, deadline).await,
-            Source::Local(l) => l.server(name, config, deadline).await,
-        }
+        let (server, started) = match self {
+            Source::Docker(d) => d.server(name, config, deadline).await?,
+            Source::Local(l) => l.server(name, config, deadline).await?,
+            Source::Url(server) => (server.clone(), false),
+        };
+        Ok((server.for_run(&config.run_id), started))
     }
 }
 

@@ -74,6 +74,9 @@ pub enum Backend {
     /// Servers spawned from installed PostgreSQL binaries, each in its own temporary
     /// data directory on a free loopback port.
     Local,
+    /// An existing server (`PGFIXTURE_URL`), shared by any number of runs: worker
+    /// databases and schemas carry the run in their names and marks.
+    Url,
 }
 
 impl Backend {
@@ -82,10 +85,11 @@ impl Backend {
             "auto" => Ok(Backend::Auto),
             "docker" => Ok(Backend::Docker),
             "local" => Ok(Backend::Local),
+            "url" => Ok(Backend::Url),
             _ => Err(Error::config(
                 "PGFIXTURE_BACKEND",
                 value,
-                "must be one of auto, docker, local",
+                "must be one of auto, docker, local, url",
             )),
         }
     }
@@ -133,6 +137,12 @@ pub struct Config {
     /// The run that servers and databases belong to. `PGFIXTURE_RUN_ID`, else
     /// `NEXTEST_RUN_ID`; default: this process.
     pub run_id: String,
+    /// The existing server of the `url` backend. `PGFIXTURE_URL`; its `Debug` output
+    /// hides the password.
+    pub url: Option<ServerUrl>,
+    /// Allow `PGFIXTURE_URL` to name a host that is not loopback.
+    /// `PGFIXTURE_ALLOW_REMOTE=1`; default off.
+    pub allow_remote: bool,
     pub(crate) docker_host: Option<String>,
     pub(crate) path: Option<String>,
 }
@@ -152,6 +162,8 @@ impl Default for Config {
             grace: DEFAULT_GRACE,
             pg_bin: None,
             run_id: process_run_id(),
+            url: None,
+            allow_remote: false,
             docker_host: None,
             path: None,
         }
@@ -261,6 +273,12 @@ impl Config {
         if let Some(v) = env.var("PGFIXTURE_PG_BIN") {
             config.pg_bin = Some(PathBuf::from(v));
         }
+        if let Some(v) = env.var("PGFIXTURE_URL") {
+            config.url = Some(ServerUrl::parse(&v)?);
+        }
+        if let Some(v) = env.var("PGFIXTURE_ALLOW_REMOTE") {
+            config.allow_remote = parse_flag("PGFIXTURE_ALLOW_REMOTE", &v)?;
+        }
         if let Some(v) = env.var("PGFIXTURE_RUN_ID") {
             config.run_id = parse_run_id("PGFIXTURE_RUN_ID", &v)?;
         } else if let Some(v) = env.var("NEXTEST_RUN_ID") {
@@ -289,8 +307,160 @@ impl Config {
             true,
         )?;
         parse_image(&self.image)?;
+        match (self.backend, &self.url) {
+            (Backend::Url, None) => {
+                return Err(Error::config(
+                    "PGFIXTURE_URL",
+                    "",
+                    "must name the server when PGFIXTURE_BACKEND=url (postgres://user:password@127.0.0.1:5432/postgres)",
+                ));
+            }
+            (Backend::Docker | Backend::Local, Some(_)) => {
+                return Err(Error::config(
+                    "PGFIXTURE_BACKEND",
+                    if self.backend == Backend::Docker {
+                        "docker"
+                    } else {
+                        "local"
+                    },
+                    "must be url or auto when PGFIXTURE_URL is set (or unset PGFIXTURE_URL)",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(url) = &self.url {
+            if self.isolation == Isolation::Container {
+                return Err(Error::config(
+                    "PGFIXTURE_ISOLATION",
+                    "container",
+                    "must be database or schema with an existing server (PGFIXTURE_URL); container mode starts servers",
+                ));
+            }
+            url.check_host(self.allow_remote)?;
+        }
         Ok(())
     }
+
+    /// The backend to use: `auto` with `PGFIXTURE_URL` set means the url backend.
+    pub(crate) fn effective_backend(&self) -> Backend {
+        match (self.backend, &self.url) {
+            (Backend::Auto, Some(_)) => Backend::Url,
+            (backend, _) => backend,
+        }
+    }
+}
+
+/// The existing server of the `url` backend: a `postgres://` URL or a `key=value`
+/// connection string. `Debug` shows it with the password hidden.
+#[derive(Clone, PartialEq)]
+pub struct ServerUrl {
+    text: String,
+    parsed: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerUrl({:?})", redact(&self.text))
+    }
+}
+
+impl ServerUrl {
+    /// Parses `text`; the error names `PGFIXTURE_URL` and never shows the password.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when it does not parse or names no host.
+    pub fn parse(text: &str) -> Result<Self> {
+        let text = text.trim();
+        let bad = |why: String| Error::config("PGFIXTURE_URL", redact(text), why);
+        let parsed: tokio_postgres::Config = text.parse().map_err(|e| {
+            bad(format!(
+                "must be a postgres:// URL or a key=value connection string ({e})"
+            ))
+        })?;
+        if parsed.get_hosts().is_empty() {
+            return Err(bad(
+                "must name a host (postgres://user:password@127.0.0.1:5432/postgres)".into(),
+            ));
+        }
+        Ok(ServerUrl {
+            text: text.to_owned(),
+            parsed,
+        })
+    }
+
+    /// The parsed settings.
+    pub(crate) fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.parsed
+    }
+
+    /// The host, without credentials, for messages.
+    pub(crate) fn host(&self) -> String {
+        use tokio_postgres::config::Host;
+        match self.parsed.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
+        }
+    }
+
+    /// Refuses a host that is not loopback (or a Unix socket) unless `allow_remote`.
+    fn check_host(&self, allow_remote: bool) -> Result<()> {
+        use tokio_postgres::config::Host;
+        if allow_remote {
+            return Ok(());
+        }
+        for host in self.parsed.get_hosts() {
+            let local = match host {
+                Host::Unix(_) => true,
+                Host::Tcp(name) => {
+                    name == "localhost"
+                        || name
+                            .trim_matches(['[', ']'])
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                }
+            };
+            if !local {
+                return Err(Error::config(
+                    "PGFIXTURE_URL",
+                    redact(&self.text),
+                    format!(
+                        "names host {} which is not loopback; set PGFIXTURE_ALLOW_REMOTE=1 to run tests against it",
+                        self.host()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `text` with any password replaced: in a URL's user info, or a `password=` pair.
+pub(crate) fn redact(text: &str) -> String {
+    let mut out = text.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = &out[scheme_end + 3..];
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@')
+            && let Some(colon) = rest[..at].find(':')
+        {
+            let start = scheme_end + 3 + colon + 1;
+            out.replace_range(start..scheme_end + 3 + at, "***");
+        }
+    }
+    // key=value strings and URL query parameters.
+    let mut redacted = String::with_capacity(out.len());
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find("password=") {
+        redacted.push_str(&rest[..i + "password=".len()]);
+        rest = &rest[i + "password=".len()..];
+        let end = rest.find([' ', '&']).unwrap_or(rest.len());
+        redacted.push_str("***");
+        rest = &rest[end..];
+    }
+    redacted.push_str(rest);
+    redacted
 }
 
 fn default_workers(test_threads: Option<usize>) -> usize {
@@ -402,7 +572,13 @@ fn process_run_id() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or_default();
-        format!("p{:x}{:04x}", std::process::id(), (nanos & 0xffff) as u16)
+        // A shared server (the url backend) sees runs of many machines: as much of the
+        // clock as fits next to the pid.
+        let id: String = format!("p{:x}{:08x}", std::process::id(), nanos as u32)
+            .chars()
+            .take(12)
+            .collect();
+        id
     })
     .clone()
 }
@@ -465,6 +641,102 @@ mod tests {
         assert_eq!(c.run_id, "0a1b2c3d4e5f");
     }
 
+    /// Reads and validates, as building a fixture does.
+    fn checked(pairs: &[(&'static str, &'static str)]) -> Result<Config> {
+        let config = Config::from_lookup(&env(pairs))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn url_backend_settings() {
+        let c = checked(&[("PGFIXTURE_URL", "postgres://u:secret@127.0.0.1:5433/ci")]).unwrap();
+        assert_eq!(
+            c.effective_backend(),
+            Backend::Url,
+            "auto with a URL is the url backend"
+        );
+        assert!(!format!("{c:?}").contains("secret"), "{c:?}");
+        for local in [
+            "postgres://u:p@localhost/db",
+            "postgres://u:p@[::1]:5432/db",
+            "host=/var/run/postgresql user=u",
+        ] {
+            checked(&[("PGFIXTURE_BACKEND", "url"), ("PGFIXTURE_URL", local)]).unwrap();
+        }
+        let remote = [("PGFIXTURE_URL", "postgres://u:secret@db.example.com/ci")];
+        match checked(&remote) {
+            Err(
+                e @ Error::Config {
+                    var: "PGFIXTURE_URL",
+                    ..
+                },
+            ) => {
+                let message = e.to_string();
+                assert!(message.contains("PGFIXTURE_ALLOW_REMOTE=1"), "{message}");
+                assert!(!message.contains("secret"), "{message}");
+            }
+            other => panic!("a remote host needs PGFIXTURE_ALLOW_REMOTE: {other:?}"),
+        }
+        checked(&[remote[0], ("PGFIXTURE_ALLOW_REMOTE", "1")]).unwrap();
+    }
+
+    #[test]
+    fn bad_url_settings_name_the_variable_and_hide_the_password() {
+        for (pairs, var) in [
+            (
+                vec![("PGFIXTURE_URL", "postgres://u:secret@127.0.0.1:notaport/db")],
+                "PGFIXTURE_URL",
+            ),
+            (
+                vec![("PGFIXTURE_URL", "password=secret user=u")],
+                "PGFIXTURE_URL",
+            ),
+            (vec![("PGFIXTURE_BACKEND", "url")], "PGFIXTURE_URL"),
+            (
+                vec![
+                    ("PGFIXTURE_BACKEND", "docker"),
+                    ("PGFIXTURE_URL", "postgres://127.0.0.1/x"),
+                ],
+                "PGFIXTURE_BACKEND",
+            ),
+            (
+                vec![
+                    ("PGFIXTURE_ISOLATION", "container"),
+                    ("PGFIXTURE_URL", "postgres://127.0.0.1/x"),
+                ],
+                "PGFIXTURE_ISOLATION",
+            ),
+            (
+                vec![("PGFIXTURE_ALLOW_REMOTE", "maybe")],
+                "PGFIXTURE_ALLOW_REMOTE",
+            ),
+        ] {
+            match checked(&pairs) {
+                Err(e @ Error::Config { .. }) => {
+                    let message = e.to_string();
+                    assert!(message.starts_with(var), "{pairs:?}: {message}");
+                    assert!(!message.contains("secret"), "{message}");
+                }
+                other => panic!("{pairs:?}: expected an error naming {var}, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn redaction() {
+        assert_eq!(redact("postgres://u:pw@h:1/d"), "postgres://u:***@h:1/d");
+        assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
+        assert_eq!(
+            redact("host=h password=pw user=u"),
+            "host=h password=*** user=u"
+        );
+        assert_eq!(
+            redact("postgres://h/d?password=pw&x=1"),
+            "postgres://h/d?password=***&x=1"
+        );
+    }
+
     #[test]
     fn nextest_slot_is_the_worker_and_explicit_worker_wins() {
         let c = Config::from_lookup(&env(&[("NEXTEST_TEST_GLOBAL_SLOT", "5")])).unwrap();
@@ -493,7 +765,10 @@ mod tests {
     fn every_invalid_value_names_its_variable() {
         let cases: &[(&str, &[&str])] = &[
             ("PGFIXTURE_ISOLATION", &["containers", "DATABASE", "none"]),
-            ("PGFIXTURE_BACKEND", &["podman", "Docker", "url"]),
+            (
+                "PGFIXTURE_BACKEND",
+                &["podman", "Docker", "URL", "postgres"],
+            ),
             (
                 "PGFIXTURE_IMAGE",
                 &[

@@ -127,9 +127,9 @@ pub enum Error {
         source: deadpool_postgres::PoolError,
     },
 
-    /// pgfixture was about to drop an object it did not create.
+    /// pgfixture was about to use or drop an object it did not create.
     #[error(
-        "refusing to drop {object}: it does not carry pgfixture's mark, so pgfixture did not create it (rename or drop it yourself, or point PGFIXTURE_URL at another server)"
+        "refusing to use or drop {object}: it does not carry pgfixture's mark, so pgfixture did not create it (rename or drop it yourself, or point PGFIXTURE_URL at another server)"
     )]
     NotOurs {
         /// The database or schema, by name.
@@ -152,7 +152,16 @@ pub enum Error {
 fn pg_message(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => error.to_string(),
+        None => {
+            // "error connecting to server" alone hides the reason (refused, timed out).
+            let mut message = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            message
+        }
     }
 }
 

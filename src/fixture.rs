@@ -152,6 +152,9 @@ pub(crate) struct Inner {
     stats: Counters,
 }
 
+/// The database of the worker schemas on servers pgfixture starts.
+const SCHEMA_DATABASE: &str = "pgfx_schemas";
+
 /// What an acquire is waiting for, reported when it times out.
 #[derive(Default)]
 struct Phase(Mutex<String>);
@@ -524,7 +527,17 @@ impl Inner {
 
     /// The mark (comment) of this configuration's worker databases and schemas.
     fn worker_mark(&self) -> String {
-        format!("{} worker", provision::MARK)
+        provision::worker_mark(&self.config.run_id)
+    }
+
+    /// The worker's database or schema: the fixtures' and the configuration's (with
+    /// the run) hash, so that runs and configurations sharing a server never collide.
+    fn worker_name(&self, id: &WorkerId) -> String {
+        let digest = Sha256::digest(format!("{}:{}", self.fixtures.hash(16), self.instance));
+        let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let name = format!("pgfx_w_{key}_{id}");
+        debug_assert!(name.len() + 4 <= provision::MAX_IDENT);
+        name
     }
 
     /// Drops what this process knows of the worker and of the shared server; the next
@@ -593,8 +606,7 @@ impl Inner {
     ) -> Result<Arc<Worker>> {
         use provision::State;
         let started = Instant::now();
-        let worker_name = format!("pgfx_w_{}_{}_{id}", self.fixtures.hash(12), self.instance);
-        debug_assert!(worker_name.len() + 4 <= provision::MAX_IDENT);
+        let worker_name = self.worker_name(id);
         let server = match self.config.isolation {
             Isolation::Container => {
                 self.server(&format!("{}-w{id}", self.instance), deadline)
@@ -606,9 +618,21 @@ impl Inner {
         // One maintenance connection for every step; a worker found complete (the
         // common case in a nextest process) costs one query on it.
         let admin = server.admin().await?;
+        let shared_server = matches!(self.source().await?, Source::Url(_));
+        if shared_server {
+            provision::touch_run(&admin, &self.config.run_id).await?;
+        }
         let (dbname, search_path, state) = match self.config.isolation {
             Isolation::Database | Isolation::Container => {
                 let state = provision::database_state(&admin, &worker_name).await?;
+                if state == State::Foreign {
+                    return Err(Error::NotOurs {
+                        object: format!("database {worker_name} on {}", server.name),
+                    });
+                }
+                if shared_server && state == State::Missing {
+                    provision::sweep(&admin, &self.config.run_id, self.config.grace).await?;
+                }
                 if reset || state != State::Clean {
                     let (template, built) =
                         provision::template(&server, &admin, &self.fixtures).await?;
@@ -633,13 +657,27 @@ impl Inner {
                 (worker_name.clone(), None, state)
             }
             Isolation::Schema => {
-                let dbname = "pgfx_schemas";
-                provision::schema_database(&admin, dbname).await?;
+                // A server of pgfixture's own gets a database for the schemas; on an
+                // existing server they go into the database PGFIXTURE_URL names.
+                let dbname = if shared_server {
+                    server.admin_db.as_str()
+                } else {
+                    provision::schema_database(&admin, SCHEMA_DATABASE).await?;
+                    SCHEMA_DATABASE
+                };
                 let client = server
                     .connect(dbname)
                     .await
                     .map_err(Error::pg(format!("connecting to {dbname}")))?;
                 let state = provision::schema_state(&client, &worker_name).await?;
+                if state == State::Foreign {
+                    return Err(Error::NotOurs {
+                        object: format!("schema {worker_name} in {dbname} on {}", server.name),
+                    });
+                }
+                if shared_server && state == State::Missing {
+                    provision::sweep(&client, &self.config.run_id, self.config.grace).await?;
+                }
                 if state == State::Missing {
                     provision::schema(&client, &worker_name, &self.fixtures, &mark).await?;
                 } else if reset || state == State::Dirty {
@@ -651,7 +689,7 @@ impl Inner {
         };
         let counter = match (state, reset) {
             (State::Missing, _) => &self.stats.workers_provisioned,
-            (State::Dirty, _) | (_, true) => &self.stats.workers_reset,
+            (State::Dirty | State::Foreign, _) | (_, true) => &self.stats.workers_reset,
             (State::Clean, false) => &self.stats.workers_reused,
         };
         counter.fetch_add(1, Ordering::Relaxed);

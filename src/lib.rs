@@ -15,7 +15,7 @@ mod testdb;
 mod worker;
 mod worker_pool;
 
-pub use config::{Backend, Config, DEFAULT_IMAGE, Env, Isolation, OsEnv};
+pub use config::{Backend, Config, DEFAULT_IMAGE, Env, Isolation, OsEnv, ServerUrl};
 pub use error::{Error, Result};
 pub use fixture::{Fixture, FixtureBuilder, Stats};
 pub use testdb::{Savepoint, TestDb};

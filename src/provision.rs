@@ -70,12 +70,15 @@ pub(crate) enum State {
     Missing,
     Clean,
     Dirty,
+    /// It exists without pgfixture's mark: someone else's, never used or dropped.
+    Foreign,
 }
 
 impl State {
     fn of(comment: Option<String>) -> State {
         match comment {
             None => State::Missing,
+            Some(c) if !c.starts_with(MARK) => State::Foreign,
             Some(c) if c.ends_with(DIRTY) => State::Dirty,
             Some(_) => State::Clean,
         }
@@ -353,6 +356,116 @@ pub(crate) async fn reset_schema(
         Ok(())
     })
     .await
+}
+
+/// The mark of a worker database or schema of `run`.
+pub(crate) fn worker_mark(run: &str) -> String {
+    format!("{MARK} worker run={run}")
+}
+
+/// The table of a shared server (url backend) where each run records when one of its
+/// processes last started, so that a run between two processes is not taken for dead.
+const RUNS: &str = "pgfixture_runs";
+
+/// Records that `run` is alive on a shared server: the table is made on first use.
+pub(crate) async fn touch_run(admin: &Client, run: &str) -> Result<()> {
+    let exists: bool = admin
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&RUNS])
+        .await
+        .map_err(Error::pg(format!("looking up table {RUNS}")))?
+        .get(0);
+    if !exists {
+        with_lock(admin, RUNS, async || {
+            admin
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS {RUNS} (run text PRIMARY KEY, seen timestamptz NOT NULL); \
+                     COMMENT ON TABLE {RUNS} IS '{MARK} runs'"
+                ))
+                .await
+                .map_err(Error::pg(format!(
+                    "creating table {RUNS} (the PGFIXTURE_URL user needs CREATE on its database)"
+                )))
+        })
+        .await?;
+    }
+    admin
+        .execute(
+            &format!(
+                "INSERT INTO {RUNS} VALUES ($1, now()) ON CONFLICT (run) DO UPDATE SET seen = now()"
+            ),
+            &[&run],
+        )
+        .await
+        .map_err(Error::pg(format!("recording run {run} in {RUNS}")))?;
+    Ok(())
+}
+
+/// Drops the worker databases and schemas (in `admin`'s database) of runs that died: a
+/// run other than `own` that no connection belongs to (by `application_name`) and
+/// none of whose processes started within `grace`. Only objects with pgfixture's mark
+/// are considered, and each is checked again before it is dropped. Another process
+/// already sweeping makes this one skip. Returns what was dropped.
+pub(crate) async fn sweep(admin: &Client, own: &str, grace: Duration) -> Result<Vec<String>> {
+    let key = lock_key("sweep");
+    let locked: bool = admin
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await
+        .map_err(Error::pg("locking the sweep"))?
+        .get(0);
+    if !locked {
+        return Ok(Vec::new());
+    }
+    let result = sweep_locked(admin, own, grace).await;
+    let _ = admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await;
+    result
+}
+
+async fn sweep_locked(admin: &Client, own: &str, grace: Duration) -> Result<Vec<String>> {
+    let objects = admin
+        .query(
+            &format!(
+                "WITH marked AS ( \
+                   SELECT 'database' AS kind, datname::text AS name, shobj_description(oid, 'pg_database') AS mark \
+                     FROM pg_database \
+                   UNION ALL \
+                   SELECT 'schema', nspname::text, obj_description(oid, 'pg_namespace') FROM pg_namespace \
+                 ), owned AS ( \
+                   SELECT kind, name, substring(mark FROM '^{MARK} worker run=([a-z0-9]+)') AS run FROM marked \
+                 ) \
+                 SELECT kind, name, run FROM owned \
+                 WHERE run IS NOT NULL AND run <> $1 \
+                   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = '{}' || run) \
+                   AND NOT EXISTS (SELECT 1 FROM {RUNS} r WHERE r.run = owned.run \
+                                   AND r.seen > now() - make_interval(secs => $2))",
+                crate::server::APPLICATION
+            ),
+            &[&own, &grace.as_secs_f64()],
+        )
+        .await
+        .map_err(Error::pg("looking for the objects of runs that died"))?;
+    let mut dropped = Vec::new();
+    for row in objects {
+        let (kind, name, run): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+        let done = if kind == "database" {
+            drop_database(admin, &name).await
+        } else {
+            drop_schema(admin, &name).await
+        };
+        match done {
+            Ok(()) => {
+                tracing::info!(kind, name, run, "swept an object of a run that died");
+                dropped.push(format!("{kind} {name}"));
+                let _ = admin
+                    .execute(&format!("DELETE FROM {RUNS} WHERE run = $1"), &[&run])
+                    .await;
+            }
+            // Dropped by someone else meanwhile, or in use again: left alone.
+            Err(error) => tracing::debug!(kind, name, %error, "not swept"),
+        }
+    }
+    Ok(dropped)
 }
 
 #[cfg(test)]

@@ -30,7 +30,15 @@ pub(crate) struct Server {
     pub(crate) password: String,
     /// Container name or data directory, for messages.
     pub(crate) name: String,
+    /// The database maintenance connections go to.
+    pub(crate) admin_db: String,
+    /// `application_name` of every connection: `pgfixture/<run>`, which tells a shared
+    /// server (the url backend) which runs are alive.
+    pub(crate) application_name: String,
 }
+
+/// The `application_name` prefix of pgfixture's connections.
+pub(crate) const APPLICATION: &str = "pgfixture/";
 
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -40,6 +48,7 @@ impl fmt::Debug for Server {
             .field("user", &self.user)
             .field("password", &"<redacted>")
             .field("name", &self.name)
+            .field("admin_db", &self.admin_db)
             .finish()
     }
 }
@@ -53,7 +62,32 @@ impl Server {
             user: SUPERUSER.to_owned(),
             password,
             name,
+            admin_db: "postgres".to_owned(),
+            application_name: "pgfixture".to_owned(),
         }
+    }
+
+    /// The existing server `url` names, reached as its user.
+    pub(crate) fn from_url(url: &crate::config::ServerUrl) -> Self {
+        let pg = url.pg_config();
+        Server {
+            host: url.host(),
+            port: pg.get_ports().first().copied().unwrap_or(5432),
+            user: pg.get_user().unwrap_or("postgres").to_owned(),
+            password: pg
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default(),
+            name: format!("PGFIXTURE_URL server {}", url.host()),
+            admin_db: pg.get_dbname().unwrap_or("postgres").to_owned(),
+            application_name: "pgfixture".to_owned(),
+        }
+    }
+
+    /// Names the run in the `application_name` of the server's connections.
+    pub(crate) fn for_run(mut self, run: &str) -> Self {
+        self.application_name = format!("{APPLICATION}{run}");
+        self
     }
 
     pub(crate) fn pg_config(&self, dbname: &str) -> tokio_postgres::Config {
@@ -62,10 +96,12 @@ impl Server {
             .host(&self.host)
             .port(self.port)
             .user(&self.user)
-            .password(&self.password)
             .dbname(dbname)
-            .application_name("pgfixture")
+            .application_name(&self.application_name)
             .connect_timeout(Duration::from_secs(5));
+        if !self.password.is_empty() {
+            config.password(&self.password);
+        }
         config
     }
 
@@ -80,7 +116,7 @@ impl Server {
     }
 
     pub(crate) async fn admin(&self) -> Result<Client> {
-        self.connect("postgres")
+        self.connect(&self.admin_db)
             .await
             .map_err(Error::pg(format!("connecting to server {}", self.name)))
     }

@@ -6,25 +6,9 @@ use std::time::Duration;
 
 mod common;
 
+use common::own_fixture;
 use pgfixture::testcontainers::bollard;
-use pgfixture::{Config, Fixture, Isolation};
-
-fn own_fixture(tag: &str, isolation: Isolation) -> Fixture {
-    let mut config = Config::from_env().unwrap();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    config.run_id = format!("{tag}{:x}", nanos).chars().take(12).collect();
-    config.worker = None;
-    config.isolation = isolation;
-    config.grace = Duration::from_secs(2);
-    Fixture::builder()
-        .config(config)
-        .workers(1)
-        .build()
-        .unwrap()
-}
+use pgfixture::{Fixture, Isolation};
 
 /// Kills the server `db` is connected to, the hard way.
 async fn kill_server(fixture: &Fixture, db: &pgfixture::TestDb) {

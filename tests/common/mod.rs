@@ -77,15 +77,42 @@ pub fn reported(stdout: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {stdout:?}"))
 }
 
-/// A run id of its own for a test: `tag`, then the process and time.
+/// A run id of its own for a test: up to 5 letters of `tag`, then 7 hex digits mixed
+/// from the process, the clock and a counter (run ids are cut to 12 characters).
 pub fn unique_run(tag: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .subsec_nanos();
-    format!("{tag}{:x}{:x}", std::process::id(), nanos)
+        .as_nanos() as u64;
+    let mixed = nanos
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(u64::from(std::process::id()) << 32)
+        .wrapping_add(
+            COUNTER
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x1000_0001),
+        );
+    let tag: String = tag
         .chars()
         .filter(char::is_ascii_alphanumeric)
-        .take(12)
-        .collect()
+        .take(5)
+        .collect();
+    format!("{tag}{:07x}", (mixed >> 20) & 0xfff_ffff)
+}
+
+/// A fixture of a run of its own (so servers of its own), from the environment, with
+/// one in-process worker, `isolation`, and a 2 s grace period.
+pub fn own_fixture(tag: &str, isolation: pgfixture::Isolation) -> pgfixture::Fixture {
+    let mut config = pgfixture::Config::from_env().unwrap();
+    config.run_id = unique_run(tag);
+    config.worker = None;
+    config.isolation = isolation;
+    config.grace = std::time::Duration::from_secs(2);
+    pgfixture::Fixture::builder()
+        .config(config)
+        .workers(1)
+        .build()
+        .unwrap()
 }

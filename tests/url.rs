@@ -1,0 +1,311 @@
+//! The url backend (`PGFIXTURE_BACKEND=url`): runs share one existing server without
+//! colliding, the objects of runs that died are swept, nothing without pgfixture's mark
+//! is used or dropped, and bad URLs are clear errors. The existing server is one that
+//! pgfixture starts on the backend the environment selects; the runs are child
+//! processes pointed at it.
+
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{child_command, own_fixture, unique_run};
+use pgfixture::Isolation;
+use pgfixture::tokio_postgres::{Client, NoTls};
+
+/// Run by the tests below in a child process, on the url backend: `note` inserts a
+/// note of `PGFIXTURE_TEST_OWNER`, waits a little so that runs overlap, and reports the
+/// notes of others it sees; `hold` takes a handle and waits to be killed.
+#[test]
+#[ignore = "helper, run as a child process by the url tests"]
+fn child() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let db = match pgfixture::worker_db().await {
+            Ok(db) => db,
+            Err(e) => {
+                eprintln!("CHILD-ERR {e}");
+                std::process::exit(3);
+            }
+        };
+        let owner = std::env::var("PGFIXTURE_TEST_OWNER").unwrap_or_default();
+        db.execute(
+            "INSERT INTO notes (owner, body) VALUES ($1, 'x')",
+            &[&owner],
+        )
+        .await
+        .unwrap();
+        if std::env::var("PGFIXTURE_TEST_CHILD").as_deref() == Ok("hold") {
+            println!("CHILD-HOLDING");
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let foreign: i64 = db
+            .query_one("SELECT count(*) FROM notes WHERE owner <> $1", &[&owner])
+            .await
+            .unwrap()
+            .get(0);
+        println!("CHILD-OK foreign={foreign}");
+    });
+}
+
+/// A server for the runs under test, its URL, and a connection to inspect it with
+/// (which also keeps the server up while the children come and go).
+struct Existing {
+    url: String,
+    admin: Client,
+    _pool: pgfixture::WorkerPool,
+}
+
+async fn existing_server(tag: &str) -> Existing {
+    let host = own_fixture(tag, Isolation::Database);
+    let pool = host.worker_pool().await.unwrap();
+    let pg = pool.pg_config();
+    let host_name = match &pg.get_hosts()[0] {
+        pgfixture::tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("expected a TCP host, got {other:?}"),
+    };
+    let password = String::from_utf8(pg.get_password().unwrap().to_vec()).unwrap();
+    let url = format!(
+        "postgres://{}:{password}@{host_name}:{}/postgres",
+        pg.get_user().unwrap(),
+        pg.get_ports()[0]
+    );
+    let (admin, connection) = pgfixture::tokio_postgres::connect(&url, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    Existing {
+        url,
+        admin,
+        _pool: pool,
+    }
+}
+
+fn url_child(url: &str, run: &str, worker: &str, isolation: &str, owner: &str) -> Child {
+    child_command(&[
+        ("PGFIXTURE_BACKEND", "url"),
+        ("PGFIXTURE_URL", url),
+        ("PGFIXTURE_RUN_ID", run),
+        ("PGFIXTURE_WORKER", worker),
+        ("PGFIXTURE_ISOLATION", isolation),
+        ("PGFIXTURE_GRACE", "1"),
+        ("PGFIXTURE_TEST_OWNER", owner),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
+}
+
+fn ok(output: Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && stdout.contains("CHILD-OK"),
+        "child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The worker databases (or schemas) on the server whose mark names `run`.
+async fn marked(admin: &Client, isolation: &str, run: &str) -> Vec<String> {
+    let sql = if isolation == "schema" {
+        "SELECT nspname::text FROM pg_namespace WHERE obj_description(oid, 'pg_namespace') = $1 ORDER BY 1"
+    } else {
+        "SELECT datname::text FROM pg_database WHERE shobj_description(oid, 'pg_database') = $1 ORDER BY 1"
+    };
+    admin
+        .query(sql, &[&format!("pgfixture worker run={run}")])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn two_concurrent_runs_share_one_server_without_collisions() {
+    let server = existing_server("urlshare").await;
+    for isolation in ["database", "schema"] {
+        let runs = [unique_run("runa"), unique_run("runb")];
+        let children: Vec<Child> = runs
+            .iter()
+            .flat_map(|run| {
+                let url = server.url.clone();
+                (0..3).map(move |w| {
+                    let worker = w.to_string();
+                    url_child(&url, run, &worker, isolation, &format!("{run}-{w}"))
+                })
+            })
+            .collect();
+        for child in children {
+            let stdout = ok(child.wait_with_output().unwrap());
+            assert!(
+                stdout.contains("foreign=0"),
+                "{isolation}: a test saw another's notes: {stdout}"
+            );
+        }
+        for run in &runs {
+            let names = marked(&server.admin, isolation, run).await;
+            assert_eq!(names.len(), 3, "{isolation}: run {run} owns {names:?}");
+        }
+        let (a, b) = (
+            marked(&server.admin, isolation, &runs[0]).await,
+            marked(&server.admin, isolation, &runs[1]).await,
+        );
+        assert!(a.iter().all(|n| !b.contains(n)), "{a:?} and {b:?} collide");
+    }
+}
+
+#[tokio::test]
+async fn objects_of_dead_runs_are_swept_and_nothing_else() {
+    let server = existing_server("urlsweep").await;
+    let admin = &server.admin;
+    for sql in [
+        "CREATE DATABASE pgfx_w_notours_0",
+        "CREATE DATABASE mydata",
+        "COMMENT ON DATABASE mydata IS 'the team''s own'",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    for isolation in ["database", "schema"] {
+        let (dead, live, next) = (unique_run("dead"), unique_run("live"), unique_run("next"));
+        ok(url_child(&server.url, &dead, "0", isolation, "dead")
+            .wait_with_output()
+            .unwrap());
+        let mut holder = child_command(&[
+            ("PGFIXTURE_BACKEND", "url"),
+            ("PGFIXTURE_URL", &server.url),
+            ("PGFIXTURE_RUN_ID", &live),
+            ("PGFIXTURE_WORKER", "0"),
+            ("PGFIXTURE_ISOLATION", isolation),
+            ("PGFIXTURE_TEST_CHILD", "hold"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        {
+            use std::io::BufRead;
+            let holding = std::io::BufReader::new(holder.stdout.take().unwrap())
+                .lines()
+                .any(|l| l.unwrap().contains("CHILD-HOLDING"));
+            assert!(holding, "the live run's child did not start");
+        }
+        assert_eq!(marked(admin, isolation, &dead).await.len(), 1);
+        // Past the dead run's grace (1 s, as its children had), a new run sweeps.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        ok(url_child(&server.url, &next, "0", isolation, "next")
+            .wait_with_output()
+            .unwrap());
+        assert!(
+            marked(admin, isolation, &dead).await.is_empty(),
+            "{isolation}: the dead run's worker was not swept"
+        );
+        assert_eq!(
+            marked(admin, isolation, &live).await.len(),
+            1,
+            "{isolation}: the live run's worker was swept"
+        );
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+    }
+    let kept: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname IN ('pgfx_w_notours_0', 'mydata')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        kept, 2,
+        "the sweep dropped databases pgfixture did not create"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_without_the_mark_is_neither_used_nor_dropped() {
+    let server = existing_server("urlmark").await;
+    let run = unique_run("mark");
+    ok(url_child(&server.url, &run, "0", "database", "first")
+        .wait_with_output()
+        .unwrap());
+    let names = marked(&server.admin, "database", &run).await;
+    assert_eq!(names.len(), 1);
+    // Someone else's database now bears the worker's name.
+    server
+        .admin
+        .batch_execute(&format!("COMMENT ON DATABASE \"{}\" IS NULL", names[0]))
+        .await
+        .unwrap();
+    let out = url_child(&server.url, &run, "0", "database", "second")
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("refusing to use or drop") && stderr.contains(&names[0]),
+        "{stderr}"
+    );
+    let still: i64 = server
+        .admin
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&names[0]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 1);
+}
+
+#[tokio::test]
+async fn bad_urls_are_clear_errors_without_the_password() {
+    let server = existing_server("urlbad").await;
+    // postgres://postgres:<password>@... with the wrong password.
+    let at = server.url.find('@').unwrap();
+    let colon = server.url[..at].rfind(':').unwrap();
+    let wrong_password = format!(
+        "{}hunter2secret{}",
+        &server.url[..=colon],
+        &server.url[at..]
+    );
+    let cases = [
+        ("postgres://u:hunter2secret@127.0.0.1:1/db", "PGFIXTURE_URL"),
+        (wrong_password.as_str(), "PGFIXTURE_URL"),
+        (
+            "postgres://u:hunter2secret@127.0.0.1:notaport/db",
+            "PGFIXTURE_URL",
+        ),
+        (
+            "postgres://u:hunter2secret@db.example.com/db",
+            "PGFIXTURE_ALLOW_REMOTE=1",
+        ),
+    ];
+    for (url, names) in cases {
+        let started = Instant::now();
+        let out = url_child(url, &unique_run("bad"), "0", "database", "x")
+            .wait_with_output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{url}: {stderr}");
+        assert!(
+            stderr.contains(names),
+            "{url}: the error should name {names}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("hunter2secret"),
+            "{url}: the password leaked: {stderr}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{url}: took {:?}",
+            started.elapsed()
+        );
+    }
+}
