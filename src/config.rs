@@ -21,6 +21,10 @@ const MAX_SECONDS: f64 = 3600.0;
 /// teardown hook, so a server cannot know the run is over).
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Idle time of servers kept for the next run (`PGFIXTURE_REUSE=1`).
+const DEFAULT_REUSE_IDLE: Duration = Duration::from_secs(600);
+/// A day: reused servers idle longer than this are forgotten ones.
+const MAX_REUSE_IDLE: f64 = 86400.0;
 
 /// How workers are kept apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -140,6 +144,13 @@ pub struct Config {
     /// The existing server of the `url` backend. `PGFIXTURE_URL`; its `Debug` output
     /// hides the password.
     pub url: Option<ServerUrl>,
+    /// Keep servers, templates and worker databases after the run, for the next one.
+    /// `PGFIXTURE_REUSE=1`; default off. The environment then also fixes the run id
+    /// (per project directory) unless `PGFIXTURE_RUN_ID` sets one.
+    pub reuse: bool,
+    /// How long reused servers stay up without a connection. `PGFIXTURE_REUSE_IDLE`
+    /// (seconds); default 10 minutes.
+    pub reuse_idle: Duration,
     /// Allow `PGFIXTURE_URL` to name a host that is not loopback.
     /// `PGFIXTURE_ALLOW_REMOTE=1`; default off.
     pub allow_remote: bool,
@@ -163,6 +174,8 @@ impl Default for Config {
             pg_bin: None,
             run_id: process_run_id(),
             url: None,
+            reuse: false,
+            reuse_idle: DEFAULT_REUSE_IDLE,
             allow_remote: false,
             docker_host: None,
             path: None,
@@ -279,8 +292,19 @@ impl Config {
         if let Some(v) = env.var("PGFIXTURE_ALLOW_REMOTE") {
             config.allow_remote = parse_flag("PGFIXTURE_ALLOW_REMOTE", &v)?;
         }
+        if let Some(v) = env.var("PGFIXTURE_REUSE") {
+            config.reuse = parse_flag("PGFIXTURE_REUSE", &v)?;
+        }
+        if let Some(v) = env.var("PGFIXTURE_REUSE_IDLE") {
+            config.reuse_idle =
+                parse_seconds_up_to("PGFIXTURE_REUSE_IDLE", &v, false, MAX_REUSE_IDLE)?;
+        }
         if let Some(v) = env.var("PGFIXTURE_RUN_ID") {
             config.run_id = parse_run_id("PGFIXTURE_RUN_ID", &v)?;
+        } else if config.reuse {
+            // Every run of this project finds the last one's servers by this name.
+            let project = env.var("CARGO_MANIFEST_DIR").unwrap_or_default();
+            config.run_id = reuse_run_id(&project);
         } else if let Some(v) = env.var("NEXTEST_RUN_ID") {
             config.run_id = parse_run_id("NEXTEST_RUN_ID", &v)?;
         }
@@ -305,6 +329,12 @@ impl Config {
             "PGFIXTURE_GRACE",
             &self.grace.as_secs_f64().to_string(),
             true,
+        )?;
+        parse_seconds_up_to(
+            "PGFIXTURE_REUSE_IDLE",
+            &self.reuse_idle.as_secs_f64().to_string(),
+            false,
+            MAX_REUSE_IDLE,
         )?;
         parse_image(&self.image)?;
         match (self.backend, &self.url) {
@@ -339,6 +369,16 @@ impl Config {
             url.check_host(self.allow_remote)?;
         }
         Ok(())
+    }
+
+    /// How long a server stays up without a connection: the reuse idle time when
+    /// servers are kept for the next run, else the grace period.
+    pub(crate) fn server_grace(&self) -> Duration {
+        if self.reuse {
+            self.reuse_idle
+        } else {
+            self.grace
+        }
     }
 
     /// The backend to use: `auto` with `PGFIXTURE_URL` set means the url backend.
@@ -482,10 +522,19 @@ fn parse_count(var: &'static str, value: &str, max: usize) -> Result<usize> {
 }
 
 fn parse_seconds(var: &'static str, value: &str, zero_ok: bool) -> Result<Duration> {
+    parse_seconds_up_to(var, value, zero_ok, MAX_SECONDS)
+}
+
+fn parse_seconds_up_to(
+    var: &'static str,
+    value: &str,
+    zero_ok: bool,
+    max: f64,
+) -> Result<Duration> {
     let low = if zero_ok { "0" } else { "more than 0" };
-    let expected = format!("must be a number of seconds, {low} and at most {MAX_SECONDS}");
+    let expected = format!("must be a number of seconds, {low} and at most {max}");
     match value.trim().parse::<f64>() {
-        Ok(s) if s.is_finite() && s <= MAX_SECONDS && (s > 0.0 || (zero_ok && s == 0.0)) => {
+        Ok(s) if s.is_finite() && s <= max && (s > 0.0 || (zero_ok && s == 0.0)) => {
             Ok(Duration::from_secs_f64(s))
         }
         _ => Err(Error::config(var, value, expected)),
@@ -561,6 +610,14 @@ fn parse_run_id(var: &'static str, value: &str) -> Result<String> {
         ));
     }
     Ok(cleaned)
+}
+
+/// The run id of reused servers: `reuse` and a hash of the project directory.
+fn reuse_run_id(project: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(project.as_bytes());
+    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("reuse{}", &hex[..7])
 }
 
 /// A run id for a process that is not part of a nextest run: its pid and start time.
@@ -724,6 +781,46 @@ mod tests {
     }
 
     #[test]
+    fn reuse_fixes_the_run_per_project_and_keeps_servers_for_the_idle_time() {
+        let project = ("CARGO_MANIFEST_DIR", "/src/app");
+        let a = checked(&[
+            ("PGFIXTURE_REUSE", "1"),
+            project,
+            ("NEXTEST_RUN_ID", "1111-2222"),
+        ])
+        .unwrap();
+        let b = checked(&[
+            ("PGFIXTURE_REUSE", "1"),
+            project,
+            ("NEXTEST_RUN_ID", "3333-4444"),
+        ])
+        .unwrap();
+        assert_eq!(a.run_id, b.run_id, "runs of one project share servers");
+        assert!(
+            a.run_id.starts_with("reuse") && a.run_id.len() <= 12,
+            "{}",
+            a.run_id
+        );
+        let other = checked(&[
+            ("PGFIXTURE_REUSE", "1"),
+            ("CARGO_MANIFEST_DIR", "/src/other"),
+        ])
+        .unwrap();
+        assert_ne!(a.run_id, other.run_id);
+        assert_eq!(a.server_grace(), Duration::from_secs(600));
+        let c = checked(&[("PGFIXTURE_REUSE", "1"), ("PGFIXTURE_REUSE_IDLE", "30")]).unwrap();
+        assert_eq!(c.server_grace(), Duration::from_secs(30));
+        let off = checked(&[("PGFIXTURE_REUSE_IDLE", "30")]).unwrap();
+        assert_eq!(
+            off.server_grace(),
+            off.grace,
+            "the idle time applies to reuse only"
+        );
+        let explicit = checked(&[("PGFIXTURE_REUSE", "1"), ("PGFIXTURE_RUN_ID", "mine1")]).unwrap();
+        assert_eq!(explicit.run_id, "mine1");
+    }
+
+    #[test]
     fn redaction() {
         assert_eq!(redact("postgres://u:pw@h:1/d"), "postgres://u:***@h:1/d");
         assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
@@ -792,6 +889,8 @@ mod tests {
                 &["0", "soon", "-3", "1e9", "NaN", "inf"],
             ),
             ("PGFIXTURE_GRACE", &["-1", "later", "99999"]),
+            ("PGFIXTURE_REUSE", &["2", "sometimes"]),
+            ("PGFIXTURE_REUSE_IDLE", &["0", "-5", "forever", "1e9"]),
             ("PGFIXTURE_REQUIRE_DOCKER", &["maybe", "2"]),
             ("PGFIXTURE_RUN_ID", &["!!", "ab"]),
             ("NEXTEST_RUN_ID", &["-"]),

@@ -631,7 +631,8 @@ impl Inner {
                     });
                 }
                 if shared_server && state == State::Missing {
-                    provision::sweep(&admin, &self.config.run_id, self.config.grace).await?;
+                    provision::sweep(&admin, &self.config.run_id, self.config.server_grace())
+                        .await?;
                 }
                 if reset || state != State::Clean {
                     let (template, built) =
@@ -676,7 +677,8 @@ impl Inner {
                     });
                 }
                 if shared_server && state == State::Missing {
-                    provision::sweep(&client, &self.config.run_id, self.config.grace).await?;
+                    provision::sweep(&client, &self.config.run_id, self.config.server_grace())
+                        .await?;
                 }
                 if state == State::Missing {
                     provision::schema(&client, &worker_name, &self.fixtures, &mark).await?;

@@ -22,8 +22,10 @@ fn child() {
         .build()
         .unwrap();
     runtime.block_on(async {
+        let asked = Instant::now();
         match pgfixture::worker_db().await {
             Ok(db) => {
+                let first_handle = asked.elapsed();
                 let n: i64 = db
                     .query_one("SELECT count(*) FROM users", &[])
                     .await
@@ -40,11 +42,13 @@ fn child() {
                 }
                 let stats = Fixture::from_env().unwrap().stats();
                 println!(
-                    "CHILD-OK users={n} backend={} started={} templates={} provisioned={}",
+                    "CHILD-OK users={n} backend={} started={} templates={} provisioned={} reused={} ms={}",
                     stats.backend.unwrap_or("?"),
                     stats.servers_started,
                     stats.templates_built,
-                    stats.workers_provisioned
+                    stats.workers_provisioned,
+                    stats.workers_reused,
+                    first_handle.as_millis()
                 );
             }
             Err(e) => {
@@ -346,6 +350,73 @@ fn no_backend_lists_the_fixes() {
         "PGFIXTURE_BACKEND",
     ] {
         assert!(stderr.contains(fix), "missing {fix:?} in {stderr}");
+    }
+}
+
+/// `PGFIXTURE_REUSE=1`: the next run finds the servers, template and worker of the
+/// last one, past the grace period; a changed fixture makes a new template; after the
+/// idle time nothing is left.
+#[tokio::test]
+async fn reuse_keeps_servers_for_the_next_run_until_idle() {
+    for isolation in ["database", "container"] {
+        let run = unique_run("reuse");
+        let fixtures = fixture_dir(
+            "reuse",
+            &[
+                ("001_schema.sql", include_str!("../fixtures/001_schema.sql")),
+                (
+                    "002_applied_marker.sql",
+                    include_str!("../fixtures/002_applied_marker.sql"),
+                ),
+            ],
+        );
+        let env = [
+            ("PGFIXTURE_REUSE", "1"),
+            ("PGFIXTURE_REUSE_IDLE", "6"),
+            ("PGFIXTURE_GRACE", "1"),
+            ("PGFIXTURE_RUN_ID", run.as_str()),
+            ("PGFIXTURE_ISOLATION", isolation),
+            ("PGFIXTURE_WORKER", "0"),
+            ("PGFIXTURE_FIXTURES", fixtures.to_str().unwrap()),
+        ];
+        let report = |env: &[(&str, &str)]| {
+            let out = run_child(env);
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                stdout.contains("CHILD-OK"),
+                "{isolation}: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        };
+        let first = report(&env);
+        assert_eq!(reported(&first, "started"), 1, "{isolation}: {first}");
+        assert_eq!(reported(&first, "provisioned"), 1, "{isolation}: {first}");
+        // Longer than the grace period: without reuse the servers would be gone.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let second = report(&env);
+        for key in ["started", "templates", "provisioned"] {
+            assert_eq!(reported(&second, key), 0, "{isolation}: {key} in {second}");
+        }
+        assert_eq!(reported(&second, "reused"), 1, "{isolation}: {second}");
+        println!(
+            "{isolation}: first handle {} ms cold, {} ms reused",
+            reported(&first, "ms"),
+            reported(&second, "ms")
+        );
+        std::fs::write(
+            fixtures.join("003_more.sql"),
+            "CREATE TABLE more (id int);\n",
+        )
+        .unwrap();
+        let third = report(&env);
+        assert_eq!(reported(&third, "started"), 0, "{isolation}: {third}");
+        assert_eq!(
+            reported(&third, "templates"),
+            1,
+            "{isolation}: a changed fixture needs a new template: {third}"
+        );
+        assert_gone_after_grace(&run, "the reuse idle time").await;
     }
 }
 

@@ -278,7 +278,7 @@ impl Docker {
                 format!("POSTGRES_USER={SUPERUSER}"),
                 format!("POSTGRES_PASSWORD={password}"),
                 "POSTGRES_DB=postgres".to_owned(),
-                format!("grace={}", config.grace.as_secs()),
+                format!("grace={}", config.server_grace().as_secs()),
             ]),
             labels: Some(labels),
             exposed_ports: Some(vec![PORT.to_owned()]),

@@ -311,7 +311,7 @@ impl Local {
             format!("unix_socket_directories={}", dir.display()),
         ]);
         postgres.extend(server_args());
-        self.spawn_watchdog(dir, port, config.grace.as_secs(), &postgres)?;
+        self.spawn_watchdog(dir, port, config.server_grace().as_secs(), &postgres)?;
         write_private(&dir.join("pending"), &format!("{port}\n{password}\n"), None)?;
         // From here on the watchdog removes the directory when the server stops.
         claim.0 = None;
