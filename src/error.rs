@@ -136,6 +136,15 @@ pub enum Error {
         object: String,
     },
 
+    /// The server refused a connection because it has no free connection slot.
+    #[error(
+        "the server is out of connections: {message} (lower PGFIXTURE_POOL_SIZE, or PGFIXTURE_WORKERS / nextest's -j, or raise the server's max_connections)"
+    )]
+    OutOfConnections {
+        /// What pgfixture was doing and the server's message.
+        message: String,
+    },
+
     /// A file-system operation of pgfixture's own failed.
     #[error("{context}: {source}")]
     Io {
@@ -191,6 +200,37 @@ impl Error {
     pub(crate) fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
         let context = context.into();
         move |source| Error::Postgres { context, source }
+    }
+
+    /// The driver's error inside, if any.
+    pub(crate) fn postgres(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            Error::Pool {
+                source: deadpool_postgres::PoolError::Backend(pg),
+                ..
+            } => Some(pg),
+            Error::Postgres { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// "Too many connections" from the server becomes [`Error::OutOfConnections`],
+    /// which says what to lower.
+    pub(crate) fn with_connection_advice(self) -> Self {
+        use tokio_postgres::error::SqlState;
+        let full = self
+            .postgres()
+            .is_some_and(|pg| pg.code() == Some(&SqlState::TOO_MANY_CONNECTIONS));
+        if full {
+            let message = match &self {
+                Error::Postgres { context, source } => format!("{context}: {}", pg_message(source)),
+                Error::Pool { worker, source } => format!("worker {worker}: {source}"),
+                other => other.to_string(),
+            };
+            Error::OutOfConnections { message }
+        } else {
+            self
+        }
     }
 
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {

@@ -181,13 +181,8 @@ fn current_test() -> Option<String> {
 /// than that a statement failed.
 fn server_gone(error: &Error) -> bool {
     use tokio_postgres::error::SqlState;
-    let pg = match error {
-        Error::Pool {
-            source: deadpool_postgres::PoolError::Backend(pg),
-            ..
-        } => pg,
-        Error::Postgres { source, .. } => source,
-        _ => return false,
+    let Some(pg) = error.postgres() else {
+        return false;
     };
     match pg.code() {
         Some(code) => [
@@ -432,6 +427,7 @@ impl Inner {
             Ok(TestDb::new(client, id, lease, Arc::clone(&self), test))
         })
         .await
+        .map_err(Error::with_connection_advice)
     }
 
     async fn worker_pool(self: Arc<Self>, held: Option<Arc<SlotLease>>) -> Result<WorkerPool> {
@@ -482,6 +478,7 @@ impl Inner {
             })
         })
         .await
+        .map_err(Error::with_connection_advice)
     }
 
     /// Rebuilds the worker from the fixtures after a test committed its transaction

@@ -103,3 +103,60 @@ async fn a_killed_shared_server_is_replaced() {
 async fn a_killed_worker_server_is_replaced() {
     survives_a_killed_server(Isolation::Container).await;
 }
+
+/// A server with no free connection slot: the next worker's provisioning fails at once
+/// with an error that says which setting to lower.
+#[tokio::test]
+async fn a_server_out_of_connections_says_what_to_lower() {
+    let one = own_fixture("full", Isolation::Database);
+    let fixture = Fixture::builder()
+        .config(one.config().clone())
+        .workers(2)
+        .build()
+        .unwrap();
+    // Worker 0, and the server's credentials.
+    let pool = fixture.worker_pool().await.unwrap();
+    let pg = pool.pg_config().clone();
+    let mut held = Vec::new();
+    let exhausted = loop {
+        match pg.connect(pgfixture::tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                held.push(client);
+                assert!(held.len() < 1000, "the server never ran out of connections");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        exhausted.code(),
+        Some(&pgfixture::tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS),
+        "{exhausted}"
+    );
+
+    // Worker 1 needs new connections: another thread holds no slot yet.
+    let other = fixture.clone();
+    let error = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(other.worker_db())
+            .map(|_| ())
+    })
+    .join()
+    .unwrap()
+    .expect_err("no connection slot is free");
+    let message = error.to_string();
+    assert!(
+        matches!(error, pgfixture::Error::OutOfConnections { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("PGFIXTURE_POOL_SIZE") && message.contains("max_connections"),
+        "{message}"
+    );
+
+    drop(held);
+    pool.release().await.unwrap();
+}
