@@ -122,3 +122,73 @@ async fn debug_output_shows_no_password() {
         "something that looks like a password is printed: {printed}"
     );
 }
+
+/// Everything pgfixture logs (every level, the driver's records included), the
+/// `Debug` output of its types, and its errors, through a server start, provisioning,
+/// a test that commits (reported and reset), a worker pool, and a refused connection:
+/// none of it holds the server's password.
+#[tokio::test]
+async fn the_password_is_never_logged_printed_or_in_an_error() {
+    use std::sync::{Arc, Mutex};
+    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let sink = Arc::clone(&logs);
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || SharedWriter(Arc::clone(&sink)))
+        .try_init()
+        .expect("the only subscriber of this test binary");
+
+    let fixture = common::own_fixture("secret", pgfixture::Isolation::Database);
+    let db = fixture.worker_db().await.unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+    let db_debug = format!("{db:?}");
+    drop(db);
+    let pool = fixture.worker_pool().await.unwrap();
+    let password = String::from_utf8(pool.pg_config().get_password().unwrap().to_vec()).unwrap();
+    assert!(password.len() >= 16);
+    let mut printed = format!(
+        "{fixture:?} {db_debug} {pool:?} {:?} {:?} {:?}",
+        pool.pg_config(),
+        fixture.config(),
+        fixture.stats()
+    );
+
+    // Errors: a refused login (the right user and port, a wrong password) and a
+    // statement error.
+    let mut wrong = pool.pg_config().clone();
+    wrong.password("not-the-password");
+    let Err(refused) = wrong.connect(pgfixture::tokio_postgres::NoTls).await else {
+        panic!("a wrong password was accepted");
+    };
+    printed.push_str(&format!("{refused} {refused:?}"));
+    let db = fixture.worker_db().await.unwrap();
+    let failed: pgfixture::Error = db.batch_execute("SELECT nope").await.unwrap_err().into();
+    printed.push_str(&format!("{failed} {failed:?}"));
+    drop(db);
+    pool.release().await.unwrap();
+
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("worker ready") && logs.contains("committed its transaction"),
+        "the logs were not captured: {logs}"
+    );
+    assert!(!logs.contains(&password), "the password is in the logs");
+    assert!(
+        !printed.contains(&password),
+        "the password is printed: {printed}"
+    );
+}
+
+/// A writer into a shared buffer, for the log subscriber.
+struct SharedWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
