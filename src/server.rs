@@ -170,6 +170,78 @@ impl Server {
     }
 }
 
+/// The effective uid of this process: the owner of `/proc/self`.
+pub(crate) fn current_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// pgfixture's directory for this user: `$TMPDIR/pgfixture-<uid>`.
+pub(crate) fn user_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("pgfixture-{}", current_uid().unwrap_or(0)))
+}
+
+/// The password of the container `name`, derived from a secret that only this user
+/// can read (`$TMPDIR/pgfixture-<uid>/secret`, made on first use). Every process of the
+/// user finds a container's password this way, so the password itself never travels
+/// through the Docker API, whose client logs request and response bodies at debug level;
+/// the container gets only its SCRAM verifier ([`scram_verifier`]).
+pub(crate) fn derived_password(name: &str) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let secret = user_secret()?;
+    let digest = Sha256::digest(format!("{secret}:{name}").as_bytes());
+    Ok(digest[..18].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What PostgreSQL stores for `password` (`SCRAM-SHA-256$4096:...`): given as the
+/// password, it is stored as is, and it cannot be used to log in.
+pub(crate) fn scram_verifier(password: &str) -> String {
+    postgres_protocol::password::scram_sha_256(password.as_bytes())
+}
+
+fn user_secret() -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = user_dir();
+    let path = dir.join("secret");
+    let read = || std::fs::read_to_string(&path).map(|s| s.trim().to_owned());
+    if let Ok(secret) = read()
+        && secret.len() >= 32
+    {
+        return Ok(secret);
+    }
+    let io = |what: &str| {
+        Error::io(format!(
+            "{what} {} (pgfixture's per-user secret)",
+            path.display()
+        ))
+    };
+    // The directory stays traversable: local servers run as another user below it
+    // when the tests run as root. The file's mode protects the secret.
+    std::fs::create_dir_all(&dir).map_err(io("creating the directory of"))?;
+    // Written in full under a name of its own, then published with a hard link, which
+    // fails if another process published first: every process reads the same secret.
+    let staging = dir.join(format!("secret.{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&staging)
+        .map_err(io("writing"))?;
+    file.write_all(random_password()?.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io("writing"))?;
+    let linked = std::fs::hard_link(&staging, &path);
+    let _ = std::fs::remove_file(&staging);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("publishing")(e)),
+    }
+    read().map_err(io("reading"))
+}
+
 /// A random password for a new server (from the kernel's generator).
 pub(crate) fn random_password() -> Result<String> {
     use std::io::Read;
@@ -199,5 +271,21 @@ impl SlowNotice {
 impl Drop for SlowNotice {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_passwords_are_derived_per_name_and_verifiers_hide_them() {
+        let a = derived_password("pgfixture-run-abc-shared").unwrap();
+        assert_eq!(a, derived_password("pgfixture-run-abc-shared").unwrap());
+        assert_ne!(a, derived_password("pgfixture-run-abd-shared").unwrap());
+        assert_eq!(a.len(), 36);
+        let verifier = scram_verifier(&a);
+        assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
+        assert!(!verifier.contains(&a));
     }
 }

@@ -22,7 +22,7 @@ use testcontainers::bollard::query_parameters::{
 
 use super::{IDLE_LOOP, server_args, timeout_with};
 use crate::config::Config;
-use crate::server::{SUPERUSER, Server, SlowNotice, random_password};
+use crate::server::{SUPERUSER, Server, SlowNotice, derived_password, scram_verifier};
 use crate::{Error, Result};
 
 /// A Docker daemon that answers, and the image servers are made of.
@@ -206,23 +206,15 @@ impl Docker {
                 return Ok(None);
             }
         }
-        let password = info
-            .config
-            .as_ref()
-            .and_then(|c| c.env.as_ref())
-            .and_then(|env| {
-                env.iter()
-                    .find_map(|e| e.strip_prefix("POSTGRES_PASSWORD="))
-            })
-            .map(str::to_owned);
-        let port = port_of(&info);
-        match (password, port) {
-            (Some(password), Some(port)) => {
-                Ok(Some(Server::loopback(port, password, name.to_owned())))
-            }
+        match port_of(&info) {
+            Some(port) => Ok(Some(Server::loopback(
+                port,
+                derived_password(name)?,
+                name.to_owned(),
+            ))),
             // Created but not started yet by the process that creates it: the caller
             // waits (its create fails with a conflict) until the deadline.
-            _ => Ok(None),
+            None => Ok(None),
         }
     }
 
@@ -251,7 +243,7 @@ impl Docker {
 
     /// Creates and starts the container; returns its password.
     async fn create(&self, name: &str, config: &Config) -> Result<String, DockerError> {
-        let password = random_password().map_err(|e| DockerError::IOError {
+        let password = derived_password(name).map_err(|e| DockerError::IOError {
             err: std::io::Error::other(e.to_string()),
         })?;
         // The official image's entry point runs any command that is not `postgres`
@@ -276,7 +268,8 @@ impl Docker {
             cmd: Some(cmd),
             env: Some(vec![
                 format!("POSTGRES_USER={SUPERUSER}"),
-                format!("POSTGRES_PASSWORD={password}"),
+                // The verifier, not the password: the API's bodies are logged.
+                format!("POSTGRES_PASSWORD={}", scram_verifier(&password)),
                 "POSTGRES_DB=postgres".to_owned(),
                 format!("grace={}", config.server_grace().as_secs()),
             ]),

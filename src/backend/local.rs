@@ -95,7 +95,7 @@ impl Local {
                     .to_owned()
             })?
         };
-        let uid = current_uid();
+        let uid = crate::server::current_uid();
         let run_as = if uid == Some(0) {
             Some(unprivileged_user())
         } else {
@@ -104,7 +104,7 @@ impl Local {
         if run_as.is_some() && which("setpriv").is_none() {
             return Err("running as root, PostgreSQL must run as another user, which needs setpriv (Debian package util-linux)".to_owned());
         }
-        let base = std::env::temp_dir().join(format!("pgfixture-{}", uid.unwrap_or(0)));
+        let base = crate::server::user_dir();
         Ok(Local { bin, base, run_as })
     }
 
@@ -433,12 +433,6 @@ fn write_private(path: &Path, content: &str, owner: Option<(u32, u32)>) -> Resul
             .map_err(Error::io(format!("chown {}", path.display())))?;
     }
     Ok(())
-}
-
-fn current_uid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    // The owner of a file this process just created is its effective uid.
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
 }
 
 /// `nobody` from /etc/passwd, else 65534.
