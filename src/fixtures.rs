@@ -39,7 +39,9 @@ impl FixtureSet {
                     source,
                 })?;
                 let path = entry.path();
-                if path.extension().is_some_and(|e| e == "sql") && path.is_file() {
+                // Every `*.sql` entry but a directory is a fixture: one that cannot be
+                // read (a dangling link, no permission) is an error, not skipped.
+                if path.extension().is_some_and(|e| e == "sql") && !path.is_dir() {
                     paths.push(path);
                 }
             }
@@ -47,7 +49,7 @@ impl FixtureSet {
             for path in paths {
                 let bytes = std::fs::read(&path).map_err(|e| Error::FixtureRead {
                     path: path.clone(),
-                    reason: e.to_string(),
+                    reason: format!("{e}; fix or remove the file"),
                 })?;
                 let sql = String::from_utf8(bytes).map_err(|e| Error::FixtureRead {
                     path: path.clone(),

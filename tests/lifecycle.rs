@@ -263,9 +263,27 @@ fn every_invalid_environment_value_names_its_variable() {
         ("PGFIXTURE_REQUIRE_DOCKER", "perhaps"),
         ("PGFIXTURE_RUN_ID", "#"),
         ("RUST_TEST_THREADS", "0"),
+        ("PGFIXTURE_WORKER", "wörker"),
+        ("PGFIXTURE_REUSE", "sometimes"),
+        ("PGFIXTURE_REUSE_IDLE", "0"),
+        ("PGFIXTURE_ALLOW_REMOTE", "maybe"),
+        ("PGFIXTURE_URL", "postgres://u:p@127.0.0.1:notaport/db"),
+        ("PGFIXTURE_URL", "postgres://u:p@db.example.com/db"),
+        // A file where a directory is expected.
+        (
+            "PGFIXTURE_FIXTURES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+        ),
     ];
+    let mut runs = Vec::new();
     for (var, value) in cases {
-        let out = run_child(&[(var, value)]);
+        let run = unique_run("bad");
+        let mut env = vec![(*var, *value)];
+        if *var != "PGFIXTURE_RUN_ID" {
+            env.push(("PGFIXTURE_RUN_ID", run.as_str()));
+        }
+        let out = run_child(&env);
+        runs.push(run);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             out.status.code(),
@@ -280,6 +298,15 @@ fn every_invalid_environment_value_names_its_variable() {
             line.contains(var),
             "{var}={value:?}: the error does not name the variable: {line}"
         );
+    }
+    // Nothing was started for any of them.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for run in &runs {
+        let left = rt.block_on(leftovers(run));
+        assert!(left.is_empty(), "bad input left {left:?}");
     }
     // A local backend pointed at a directory without PostgreSQL names PGFIXTURE_PG_BIN.
     let out = run_child(&[
@@ -527,6 +554,18 @@ fn isolation_name(isolation: Isolation) -> &'static str {
 async fn a_broken_fixture_names_file_and_line_and_leaves_nothing_half_built() {
     broken_fixture_in(Isolation::Database).await;
     broken_fixture_in(Isolation::Schema).await;
+}
+
+#[tokio::test]
+async fn a_fixture_file_that_cannot_be_read_is_named() {
+    let dir = fixture_dir("gone", &[("001_ok.sql", "SELECT 1;")]);
+    std::os::unix::fs::symlink("/nonexistent/pgfixture.sql", dir.join("002_gone.sql")).unwrap();
+    let message = Fixture::builder()
+        .fixtures(&dir)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("002_gone.sql"), "{message}");
 }
 
 #[tokio::test]
