@@ -211,8 +211,8 @@ pub(crate) async fn template(
             let _ = ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await;
             return Err(e);
         }
+        ddl(admin, &format!("COMMENT ON DATABASE {} IS '{MARK} template'", ident(&building))).await?;
         ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(&name))).await?;
-        ddl(admin, &format!("COMMENT ON DATABASE {} IS 'pgfixture template'", ident(&name))).await?;
         tracing::info!(template = %name, files = fixtures.files.len(), server = %server.name, "template built");
         Ok((name.clone(), true))
     })
@@ -240,12 +240,19 @@ pub(crate) async fn clone_database(
         // FILE_COPY (PostgreSQL 15+) copies files instead of WAL-logging every block,
         // which is faster for small templates when fsync is off.
         let strategy = if version >= 150000 { " STRATEGY = FILE_COPY" } else { "" };
+        // Cloned and marked under a temporary name, then renamed: a process killed in
+        // between never leaves an unmarked database under the worker's name. The
+        // temporary name is derived from the worker's under its lock, so a leftover
+        // one is pgfixture's and is dropped without a mark.
+        let building = format!("{name}_new");
+        ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await?;
         ddl(
             admin,
-            &format!("CREATE DATABASE {} TEMPLATE {}{strategy}", ident(name), ident(template)),
+            &format!("CREATE DATABASE {} TEMPLATE {}{strategy}", ident(&building), ident(template)),
         )
         .await?;
-        ddl(admin, &mark_sql("DATABASE", name, mark, false)).await?;
+        ddl(admin, &mark_sql("DATABASE", &building, mark, false)).await?;
+        ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(name))).await?;
         tracing::info!(database = name, template, server = %server.name, "worker database provisioned");
         Ok(true)
     })
