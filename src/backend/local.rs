@@ -198,16 +198,10 @@ impl Local {
                         Err(e) => Err(e),
                     };
                 }
-            } else if let Ok(pid) = std::fs::read_to_string(dir.join("creator")) {
-                // The creator died before the server was ready: clear its leftovers.
-                if !Path::new("/proc").join(pid.trim()).exists()
-                    && !dir.join("ready").exists()
-                    && !dir.join("pending").exists()
-                {
-                    tracing::warn!(dir = %dir.display(), "removing a server directory whose creator died");
-                    let _ = std::fs::remove_dir_all(dir);
-                    return Ok(None);
-                }
+            } else if abandoned(dir) {
+                tracing::warn!(dir = %dir.display(), "removing a server directory whose creator died before starting its watchdog");
+                let _ = std::fs::remove_dir_all(dir);
+                return Ok(None);
             }
             if Instant::now() >= deadline {
                 return Err(Error::AcquireTimeout {
@@ -269,11 +263,14 @@ impl Local {
         let password = random_password()?;
         let pwfile = dir.join("pwfile");
         write_private(&pwfile, &password, self.run_as)?;
+        // The detached watchdog runs initdb too, so that a test process killed during
+        // the second initdb takes leaves no orphan half-way and no directory behind:
+        // the watchdog finishes the start, or records the failure and removes `dir`.
         let data = dir.join("data");
         let mut initdb = self.command("initdb");
         initdb.extend([
             "-D".to_owned(),
-            data.display().to_string(),
+            dir.join("init").display().to_string(),
             format!("--username={SUPERUSER}"),
             format!("--pwfile={}", pwfile.display()),
             "--auth-host=scram-sha-256".to_owned(),
@@ -282,22 +279,6 @@ impl Local {
             "--locale=C".to_owned(),
             "--no-sync".to_owned(),
         ]);
-        let output = tokio::process::Command::new(&initdb[0])
-            .args(&initdb[1..])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(Error::io(format!("running {}", initdb.join(" "))))?;
-        let _ = std::fs::remove_file(&pwfile);
-        if !output.status.success() {
-            return Err(Error::Local {
-                message: format!(
-                    "initdb failed ({}): {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ),
-            });
-        }
         let port = free_port()?;
         let mut postgres = self.command("postgres");
         postgres.extend([
@@ -311,10 +292,43 @@ impl Local {
             format!("unix_socket_directories={}", dir.display()),
         ]);
         postgres.extend(server_args());
-        self.spawn_watchdog(dir, port, config.server_grace().as_secs(), &postgres)?;
-        write_private(&dir.join("pending"), &format!("{port}\n{password}\n"), None)?;
+        // Published by the watchdog (renamed to `pending`) once postgres runs.
+        write_private(
+            &dir.join("starting"),
+            &format!("{port}\n{password}\n"),
+            None,
+        )?;
+        std::fs::write(dir.join("spawned"), "").map_err(Error::io(format!(
+            "writing {}",
+            dir.join("spawned").display()
+        )))?;
+        self.spawn_watchdog(
+            dir,
+            port,
+            config.server_grace().as_secs(),
+            &initdb,
+            &postgres,
+        )?;
         // From here on the watchdog removes the directory when the server stops.
         claim.0 = None;
+        loop {
+            if dir.join("pending").exists() || dir.join("ready").exists() {
+                break;
+            }
+            if dir.join("exited").exists() || !dir.exists() {
+                let log = std::fs::read_to_string(dir.join("initdb.log")).unwrap_or_default();
+                return Err(Error::Local {
+                    message: format!("initdb failed: {}", log.trim()),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::AcquireTimeout {
+                    timeout: config.acquire_timeout,
+                    waiting_for: format!("initdb in {}", dir.display()),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let server = Server::loopback(port, password.clone(), dir.display().to_string());
         let alive = || async { still_running(dir) };
         match server.wait_ready(deadline, alive).await {
@@ -338,10 +352,26 @@ impl Local {
         }
     }
 
-    /// Starts the detached watchdog that runs `postgres` and stops it when idle.
-    fn spawn_watchdog(&self, dir: &Path, port: u16, grace: u64, postgres: &[String]) -> Result<()> {
+    /// Starts the detached watchdog: it runs `initdb` (its output in `initdb.log`; on
+    /// failure it records `exited` and removes the directory a little later), then
+    /// `postgres`, publishes `starting` as `pending`, and stops the server when idle.
+    fn spawn_watchdog(
+        &self,
+        dir: &Path,
+        port: u16,
+        grace: u64,
+        initdb: &[String],
+        postgres: &[String],
+    ) -> Result<()> {
+        let initdb: Vec<String> = initdb.iter().map(|a| shell_quote(a)).collect();
+        let initdb = initdb.join(" ");
         let script = format!(
-            "dir=$1; port=$2; grace=$3; shift 3\nmarker=\"$dir/ready\"\n\"$@\" >\"$dir/server.log\" 2>&1 &\npg=$!\n{IDLE_LOOP}\
+            "dir=$1; port=$2; grace=$3; shift 3\necho $$ > \"$dir/watchdog\"\nmarker=\"$dir/ready\"\n\
+             if ! {initdb} >\"$dir/initdb.log\" 2>&1 || ! mv \"$dir/init\" \"$dir/data\"; then\n\
+                 rm -f \"$dir/pwfile\"; echo initdb > \"$dir/exited\"; sleep 5; rm -rf \"$dir\"; exit 1\n\
+             fi\n\
+             rm -f \"$dir/pwfile\"\n\
+             \"$@\" >\"$dir/server.log\" 2>&1 &\npg=$!\nmv \"$dir/starting\" \"$dir/pending\"\n{IDLE_LOOP}\
              rc=$?\nrm -f \"$dir/ready\" \"$dir/pending\"\necho $rc > \"$dir/exited\"\n[ \"$seen\" = 1 ] || sleep 5\nrm -rf \"$dir\"\n"
         );
         // The outer shell puts the watchdog in the background and exits at once, so the
@@ -368,6 +398,32 @@ impl Local {
         }
         Ok(())
     }
+}
+
+/// Whether the start in `dir` was abandoned: its creator died (or went silent for
+/// seconds) before the watchdog, which finishes or cleans up every start, was running.
+fn abandoned(dir: &Path) -> bool {
+    const SILENT: Duration = Duration::from_secs(3);
+    let older_than = |path: &Path| {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > SILENT)
+    };
+    if dir.join("watchdog").exists() || dir.join("pending").exists() || dir.join("ready").exists() {
+        return false;
+    }
+    match std::fs::read_to_string(dir.join("creator")) {
+        // Spawned, but the watchdog never said it runs.
+        Ok(_) if dir.join("spawned").exists() => older_than(&dir.join("spawned")),
+        Ok(pid) => !Path::new("/proc").join(pid.trim()).exists(),
+        // Killed between making the directory and naming itself.
+        Err(_) => older_than(dir),
+    }
+}
+
+/// `arg` quoted for `sh`.
+fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', "'\\''"))
 }
 
 /// A server directory this process created and must remove unless it hands it over.
