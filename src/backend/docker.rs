@@ -241,8 +241,39 @@ impl Docker {
         }
     }
 
+    /// Removes pgfixture's containers (of any run) that were created but never started
+    /// because their creator died between the two calls: nothing else would.
+    async fn sweep_stuck(&self) {
+        let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
+            .all(true)
+            .filters(&HashMap::from([
+                ("label", vec![format!("{LABEL}=1")]),
+                ("status", vec!["created".to_owned()]),
+            ]))
+            .build();
+        let Ok(stuck) = self.client.list_containers(Some(options)).await else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        for container in stuck {
+            let old = container
+                .created
+                .is_some_and(|t| now - t > STUCK_CREATE.as_secs() as i64);
+            if let (true, Some(id)) = (old, container.id) {
+                tracing::warn!(container = %id, "removing a container that was created but never started");
+                let options = RemoveContainerOptionsBuilder::new().force(true).build();
+                let _ = self.client.remove_container(&id, Some(options)).await;
+            }
+        }
+    }
+
     /// Creates and starts the container; returns its password.
     async fn create(&self, name: &str, config: &Config) -> Result<String, DockerError> {
+        self.sweep_stuck().await;
+        spawn_reaper(name, config);
         let password = derived_password(name).map_err(|e| DockerError::IOError {
             err: std::io::Error::other(e.to_string()),
         })?;
@@ -296,6 +327,44 @@ impl Docker {
             return Err(e);
         }
         Ok(password)
+    }
+}
+
+/// A detached `sh` that removes the container `name` if, after a while, it is still
+/// (and for a second longer, the same one) created but not started: its creator was
+/// killed between creating and starting it, and no other process came for it. It uses
+/// the `docker` command when there is one; otherwise the next creation of any
+/// pgfixture container sweeps it ([`Docker::sweep_stuck`]).
+fn spawn_reaper(name: &str, config: &Config) {
+    use std::os::unix::process::CommandExt;
+    if !std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("docker").is_file()))
+    {
+        return;
+    }
+    let script = "name=$2\n\
+        sleep \"$1\"\n\
+        stuck() { docker ps -aq --no-trunc --filter \"name=^/$name\\$\" --filter status=created; }\n\
+        id=$(stuck)\n\
+        [ -n \"$id\" ] || exit 0\n\
+        sleep 1\n\
+        [ \"$(stuck)\" = \"$id\" ] && docker rm -f \"$id\" >/dev/null 2>&1\n";
+    let mut command = std::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg("sh -c \"$0\" pgfixture-reaper \"$@\" </dev/null >/dev/null 2>&1 &")
+        .arg(script)
+        .arg(STUCK_CREATE.as_secs().to_string())
+        .arg(name)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0);
+    if let Some(host) = &config.docker_host {
+        command.env("DOCKER_HOST", host);
+    }
+    if let Err(error) = command.status() {
+        tracing::debug!(%error, "could not start the reaper of a container");
     }
 }
 
