@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of pgfixture: the unit tests, then the server-backed suites under
 # `cargo test` (tests are threads of one process) and `cargo nextest run -j 4` (tests
-# are processes), for each isolation mode and each backend.
+# are processes), for each isolation mode and each backend, then the soak
+# (scripts/soak.sh: the isolation suite over and over with random SIGKILLs, for
+# SOAK_SECONDS, default 90) on each backend.
 #
 #   scripts/test.sh
 #
@@ -61,6 +63,7 @@ for backend in $backends; do
     export PGFIXTURE_ISOLATION=database
     run "$backend lifecycle cargo test" cargo test --quiet --test lifecycle --test security --test faults --test url
     run "$backend lifecycle nextest" cargo nextest run -j 4 --no-fail-fast --test lifecycle --test security --test faults --test url
+    run "$backend soak" scripts/soak.sh
     unset PGFIXTURE_BACKEND PGFIXTURE_ISOLATION
 done
 

@@ -57,27 +57,37 @@ async fn target(db: &TestDb) -> Target {
 struct Claim(PathBuf);
 
 impl Claim {
+    /// The claim file holds the test's name and process; a claim of a process that was
+    /// killed (the soak test kills some) is stale and taken over.
     fn take(target: &Target, test: &str) -> Claim {
         let key = format!("{}-{}-{}", target.server, target.database, target.schema)
             .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
         let path = run_dir("claims").join(key);
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(_) => {
-                std::fs::write(&path, test).unwrap();
-                Claim(path)
+        for _ in 0..3 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(_) => {
+                    std::fs::write(&path, format!("{test} {}", std::process::id())).unwrap();
+                    return Claim(path);
+                }
+                Err(_) => {
+                    let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                    let pid = holder.split_whitespace().nth(1).unwrap_or_default();
+                    if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                    panic!(
+                        "{test}: target {}/{}/{} is in use by another test at the same time ({holder})",
+                        target.server, target.database, target.schema,
+                    );
+                }
             }
-            Err(_) => panic!(
-                "{test}: target {}/{}/{} is in use by another test at the same time ({})",
-                target.server,
-                target.database,
-                target.schema,
-                std::fs::read_to_string(&path).unwrap_or_default()
-            ),
         }
+        panic!("{test}: could not claim {}", path.display());
     }
 }
 
