@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soak: runs the isolation suite over and over under `cargo nextest run -j 4`, in each
 # isolation mode in turn, while SIGKILLing random test processes, for SOAK_SECONDS
-# (default 90). Then checks that
+# (default 90); then runs it twice more, SIGKILLing nextest itself mid-run, and
+# sending SIGINT to the runner's process group (Ctrl-C). Then checks that
 #   - every test that failed was one the soak killed (a leak between tests or workers
 #     fails the suite's own assertions, which would show as FAIL);
 #   - once the grace period has passed, no container, server process or server
@@ -13,7 +14,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${SOAK_SECONDS:-90}
-grace=2
+# The default grace period: a shorter one lets a worker's server stop between two of
+# its tests when kills leave gaps, and the isolation suite asserts one server per
+# worker (or per run) for the whole run.
+grace=10
 prefix="soak$(printf '%04x' $((RANDOM % 65536)))"
 logs=$(mktemp -d)
 modes=(database schema container)
@@ -68,8 +72,40 @@ while [ $(($(date +%s) - started)) -lt "$seconds" ]; do
 done
 echo "soak: $round rounds, $killed test processes killed, $stalls tests timed out, $bad rounds with real failures"
 
+# The runner itself: nextest SIGKILLed mid-run (its test processes live on, orphaned),
+# and Ctrl-C (SIGINT to the runner's whole process group, as a terminal sends it).
+servers_of() {
+    ls -d "${TMPDIR:-/tmp}"/pgfixture-*/pgfixture-"$1"-* 2>/dev/null
+    if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+        docker ps -aq --filter "name=pgfixture-$1-"
+    fi
+}
+for how in KILL INT; do
+    run="${prefix}${how,,}" # run ids are lowercase
+    runs+=("$run")
+    PGFIXTURE_RUN_ID=$run PGFIXTURE_ISOLATION=container PGFIXTURE_GRACE=$grace \
+        setsid cargo nextest run -j 4 --no-fail-fast --test isolation >"$logs/$how.log" 2>&1 &
+    leader=$!
+    for _ in $(seq 1 600); do
+        [ -n "$(servers_of "$run")" ] && break
+        sleep 0.05
+    done
+    if [ -z "$(servers_of "$run")" ]; then
+        echo "soak: the runner of $run started no server"
+        bad=$((bad + 1))
+    fi
+    if [ "$how" = KILL ]; then
+        kill -KILL "$(pgrep -s "$leader" -f 'cargo-nextest' | head -1)" 2>/dev/null
+    else
+        kill -INT -- "-$leader" 2>/dev/null
+    fi
+    wait "$leader"
+    echo "soak: runner of $run got SIG$how mid-run"
+done
+
 # Nothing of any round may outlive the grace period (plus the watchdogs' polls).
-deadline=$(($(date +%s) + 90))
+# Grace, plus a minute for a server whose creator was killed before using it.
+deadline=$(($(date +%s) + grace + 90))
 while :; do
     left=""
     if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then

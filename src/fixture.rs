@@ -405,13 +405,18 @@ impl Inner {
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
-            let worker = self.worker(&id, deadline).await?;
-            phase.set(format!("a pooled connection of worker {id}"));
-            let (worker, client) = match self.begin(&worker, &id).await {
-                Ok(client) => (worker, client),
+            let ready = async {
+                let worker = self.worker(&id, deadline).await?;
+                phase.set(format!("a pooled connection of worker {id}"));
+                let client = self.begin(&worker, &id).await?;
+                Ok::<_, Error>((worker, client))
+            };
+            let (worker, client) = match ready.await {
+                Ok(ready) => ready,
                 Err(error) if server_gone(&error) => {
-                    // The server was killed or stopped under us: forget it and provision
-                    // the worker again, on a fresh server if need be.
+                    // The server was killed, or stopped by its watchdog as this process
+                    // came for it: forget it and provision the worker again, on a fresh
+                    // server if need be.
                     tracing::warn!(worker = %id, %error, "worker's server is gone; provisioning it again");
                     self.forget(&id);
                     phase.set(format!(

@@ -121,12 +121,15 @@ impl Docker {
         let mut conflict_since = None;
         loop {
             if let Some(server) = self.running(name).await? {
-                server
-                    .wait_ready(deadline, || async { Ok(()) })
-                    .await
-                    .map_err(|e| timeout_with(e, config))?;
-                tracing::debug!(container = name, "reusing server");
-                return Ok((server, false));
+                match server.wait_ready(deadline, || self.still_running(name)).await {
+                    Ok(()) => {
+                        tracing::debug!(container = name, "reusing server");
+                        return Ok((server, false));
+                    }
+                    // Stopped by its watchdog as we came: wait for it to go, start anew.
+                    Err(Error::Docker { .. }) => continue,
+                    Err(e) => return Err(timeout_with(e, config)),
+                }
             }
             if Instant::now() >= deadline {
                 return Err(Error::AcquireTimeout {
