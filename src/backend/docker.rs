@@ -277,9 +277,11 @@ impl Docker {
     async fn create(&self, name: &str, config: &Config) -> Result<String, DockerError> {
         self.sweep_stuck().await;
         spawn_reaper(name, config);
-        let password = derived_password(name).map_err(|e| DockerError::IOError {
+        let io = |e: Error| DockerError::IOError {
             err: std::io::Error::other(e.to_string()),
-        })?;
+        };
+        let password = derived_password(name).map_err(io)?;
+        let verifier = scram_verifier(&password).map_err(io)?;
         // The official image's entry point runs any command that is not `postgres`
         // as is; the watchdog starts the entry point with `postgres` in the background.
         let mut script = format!(
@@ -303,7 +305,7 @@ impl Docker {
             env: Some(vec![
                 format!("POSTGRES_USER={SUPERUSER}"),
                 // The verifier, not the password: the API's bodies are logged.
-                format!("POSTGRES_PASSWORD={}", scram_verifier(&password)),
+                format!("POSTGRES_PASSWORD={verifier}"),
                 "POSTGRES_DB=postgres".to_owned(),
                 format!("grace={}", config.server_grace().as_secs()),
             ]),

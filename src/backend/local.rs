@@ -262,7 +262,8 @@ impl Local {
         }
         let password = random_password()?;
         let pwfile = dir.join("pwfile");
-        write_private(&pwfile, &password, self.run_as)?;
+        // initdb stores a SCRAM verifier given as the password as is.
+        write_private(&pwfile, &crate::server::scram_verifier(&password)?, self.run_as)?;
         // The detached watchdog runs initdb too, so that a test process killed during
         // the second initdb takes leaves no orphan half-way and no directory behind:
         // the watchdog finishes the start, or records the failure and removes `dir`.
