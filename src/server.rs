@@ -206,24 +206,10 @@ const SCRAM_ITERATIONS: u32 = 1;
 pub(crate) fn scram_verifier(password: &str) -> Result<String> {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
-    use hmac::{Hmac, KeyInit, Mac};
     use sha2::{Digest, Sha256};
-    let hmac = |key: &[u8], parts: &[&[u8]]| {
-        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any size");
-        for part in parts {
-            mac.update(part);
-        }
-        mac.finalize().into_bytes()
-    };
     let salt = random_bytes::<16>()?;
-    // Hi() of RFC 5802: PBKDF2 with HMAC-SHA-256. The password is hex, which SASLprep
-    // leaves as it is.
-    let mut round = hmac(password.as_bytes(), &[&salt, &1u32.to_be_bytes()]);
-    let mut salted = round;
-    for _ in 1..SCRAM_ITERATIONS {
-        round = hmac(password.as_bytes(), &[&round]);
-        salted.iter_mut().zip(round.iter()).for_each(|(s, r)| *s ^= r);
-    }
+    // The password is hex, which SASLprep leaves as it is.
+    let salted = pbkdf2(password.as_bytes(), &salt, SCRAM_ITERATIONS);
     let client_key = hmac(&salted, &[b"Client Key"]);
     let stored_key = Sha256::digest(client_key);
     let server_key = hmac(&salted, &[b"Server Key"]);
@@ -278,6 +264,29 @@ fn user_secret() -> Result<String> {
     read().map_err(io("reading"))
 }
 
+fn hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes keys of any size");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// Hi() of RFC 5802: PBKDF2 with HMAC-SHA-256, one block.
+fn pbkdf2(password: &[u8], salt: &[u8], rounds: u32) -> [u8; 32] {
+    let mut round = hmac(password, &[salt, &1u32.to_be_bytes()]);
+    let mut salted = round;
+    for _ in 1..rounds {
+        round = hmac(password, &[&round]);
+        salted
+            .iter_mut()
+            .zip(round.iter())
+            .for_each(|(s, r)| *s ^= r);
+    }
+    salted
+}
+
 /// `N` bytes from the kernel's generator.
 fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     use std::io::Read;
@@ -321,6 +330,20 @@ impl Drop for SlowNotice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pbkdf2_matches_published_vectors() {
+        let hex = |b: [u8; 32]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        // RFC 7914, section 11 (the first 32 bytes), and the common 4096-round vector.
+        assert_eq!(
+            hex(pbkdf2(b"passwd", b"salt", 1)),
+            "55ac046e56e3089fec1691c22544b605f94185216dde0465e68b9d57c20dacbc"
+        );
+        assert_eq!(
+            hex(pbkdf2(b"password", b"salt", 4096)),
+            "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a"
+        );
+    }
 
     #[test]
     fn container_passwords_are_derived_per_name_and_verifiers_hide_them() {
