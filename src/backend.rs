@@ -7,7 +7,7 @@
 //! processes: a watchdog beside each server counts the server's TCP connections (in
 //! `/proc/net/tcp`), so a process that is killed still lets its servers go.
 
-mod docker;
+pub(crate) mod docker;
 mod local;
 
 use std::time::Instant;
@@ -129,15 +129,18 @@ impl Source {
 
     /// The server called `name`, started if no process of this run has started it yet.
     /// Returns whether this call started it.
+    /// With `trust`, a server another process of the run has used is taken as
+    /// described, without a connection to check it first.
     pub(crate) async fn server(
         &self,
         name: &str,
         config: &Config,
         deadline: Instant,
+        trust: bool,
     ) -> Result<(Server, bool)> {
         let (server, started) = match self {
             Source::Docker(d) => d.server(name, config, deadline).await?,
-            Source::Local(l) => l.server(name, config, deadline).await?,
+            Source::Local(l) => l.server(name, config, deadline, trust).await?,
             Source::Url(server) => (server.clone(), false),
         };
         Ok((server.for_run(&config.run_id), started))

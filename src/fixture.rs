@@ -130,6 +130,8 @@ impl FixtureBuilder {
             source: OnceCell::new(),
             shared: Mutex::new(Arc::new(OnceCell::new())),
             workers: Mutex::new(HashMap::new()),
+            backend: OnceLock::new(),
+            trust_servers: std::sync::atomic::AtomicBool::new(true),
             stats: Counters::default(),
         });
         registry.push(Arc::clone(&inner));
@@ -149,6 +151,11 @@ pub(crate) struct Inner {
     /// The shared server of database and schema modes.
     shared: Mutex<Arc<OnceCell<Server>>>,
     workers: Mutex<HashMap<WorkerId, Arc<OnceCell<Arc<Worker>>>>>,
+    /// The backend's kind and flavour, once a server was found or started.
+    backend: OnceLock<(&'static str, String)>,
+    /// Take servers another process has used as described (no checking connection);
+    /// off once one was found gone.
+    trust_servers: std::sync::atomic::AtomicBool,
     stats: Counters,
 }
 
@@ -185,10 +192,14 @@ fn server_gone(error: &Error) -> bool {
         return false;
     };
     match pg.code() {
+        // A refused password: the port of a server that is gone now belongs to
+        // another (the record of a stopped container is read without asking Docker).
         Some(code) => [
             SqlState::ADMIN_SHUTDOWN,
             SqlState::CRASH_SHUTDOWN,
             SqlState::CANNOT_CONNECT_NOW,
+            SqlState::INVALID_PASSWORD,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
         ]
         .contains(code),
         // No server answer at all: refused, reset or closed connections.
@@ -338,8 +349,8 @@ impl Fixture {
             .filter_map(|(id, cell)| Some((id.clone(), cell.get()?.served.load(Ordering::Relaxed))))
             .collect();
         Stats {
-            backend: inner.source.get().map(Source::kind),
-            flavour: inner.source.get().map(Source::flavour),
+            backend: inner.backend.get().map(|(kind, _)| *kind),
+            flavour: inner.backend.get().map(|(_, flavour)| flavour.clone()),
             servers_started: c.servers_started.load(Ordering::Relaxed),
             servers_reused: c.servers_reused.load(Ordering::Relaxed),
             templates_built: c.templates_built.load(Ordering::Relaxed),
@@ -550,6 +561,8 @@ impl Inner {
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
         *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(OnceCell::new());
+        // A server found gone once is checked with a connection from now on.
+        self.trust_servers.store(false, Ordering::Relaxed);
     }
 
     async fn source(&self) -> Result<&Source> {
@@ -558,17 +571,32 @@ impl Inner {
             .await
     }
 
-    /// The name of a server: run, backend flavour, and what it is for.
-    fn server_name(&self, source: &Source, role: &str) -> String {
-        let digest = Sha256::digest(format!("{}:{}", source.kind(), source.flavour()).as_bytes());
+    /// The name of a server: run, backend and flavour, and what it is for.
+    fn server_name(&self, kind: &str, flavour: &str, role: &str) -> String {
+        let digest = Sha256::digest(format!("{kind}:{flavour}").as_bytes());
         let flavour: String = digest[..3].iter().map(|b| format!("{b:02x}")).collect();
         format!("pgfixture-{}-{flavour}-{role}", self.config.run_id)
     }
 
     async fn server(&self, role: &str, deadline: Instant) -> Result<Server> {
+        // A container another process of the run recorded: no Docker API call at all.
+        let may_be_docker = matches!(
+            self.config.effective_backend(),
+            Backend::Docker | Backend::Auto
+        );
+        if may_be_docker && self.trust_servers.load(Ordering::Relaxed) {
+            let name = self.server_name("docker", &self.config.image, role);
+            if let Some(server) = crate::backend::docker::known(&name)? {
+                let _ = self.backend.set(("docker", self.config.image.clone()));
+                self.stats.servers_reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(server.for_run(&self.config.run_id));
+            }
+        }
         let source = self.source().await?;
-        let name = self.server_name(source, role);
-        let (server, started) = source.server(&name, &self.config, deadline).await?;
+        let _ = self.backend.set((source.kind(), source.flavour()));
+        let name = self.server_name(source.kind(), &source.flavour(), role);
+        let trust = self.trust_servers.load(Ordering::Relaxed);
+        let (server, started) = source.server(&name, &self.config, deadline, trust).await?;
         let counter = if started {
             &self.stats.servers_started
         } else {
@@ -616,6 +644,14 @@ impl Inner {
             }
             _ => self.shared_server(deadline).await?,
         };
+        if !reset
+            && self.config.effective_backend() != Backend::Url
+            && let Some(worker) = self.attach_worker(id, &server, &worker_name).await?
+        {
+            self.stats.workers_reused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(worker = %id, target = %worker_name, elapsed = ?started.elapsed(), "worker found ready");
+            return Ok(worker);
+        }
         let mark = self.worker_mark();
         // One maintenance connection for every step; a worker found complete (the
         // common case in a nextest process) costs one query on it.
@@ -729,16 +765,22 @@ impl Inner {
     /// The pool size asked for, lowered so that every worker's pool fits the server's
     /// `max_connections`.
     async fn pool_size(&self, admin: &tokio_postgres::Client) -> Result<usize> {
-        let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
-        let pools_per_server = match self.config.isolation {
-            Isolation::Container => 1,
-            _ => self.config.workers,
-        };
         let max: i32 = admin
             .query_one("SELECT current_setting('max_connections')::int", &[])
             .await
             .map_err(Error::pg("reading max_connections"))?
             .get(0);
+        Ok(self.fit_pool_size(max))
+    }
+
+    /// The pool size asked for, lowered so that every worker's pool fits a server with
+    /// `max` connections.
+    fn fit_pool_size(&self, max: i32) -> usize {
+        let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        let pools_per_server = match self.config.isolation {
+            Isolation::Container => 1,
+            _ => self.config.workers,
+        };
         let budget =
             (max.max(0) as usize).saturating_sub(RESERVED_CONNECTIONS) / pools_per_server.max(1);
         let size = wanted.min(budget.max(1));
@@ -750,6 +792,90 @@ impl Inner {
                 "pool size lowered to fit max_connections"
             );
         }
-        Ok(size)
+        size
+    }
+
+    /// The worker as another process left it, checked on the first pooled connection,
+    /// which the test then uses: one connection in all, the common case of a nextest
+    /// process. `None` when it is not there or not clean: provision it.
+    async fn attach_worker(
+        &self,
+        id: &WorkerId,
+        server: &Server,
+        name: &str,
+    ) -> Result<Option<Arc<Worker>>> {
+        use deadpool_postgres::PoolError;
+        use tokio_postgres::SimpleQueryMessage;
+        // `name` is pgfixture's own: lowercase letters, digits and '_'.
+        let (dbname, search_path, sql) = match self.config.isolation {
+            Isolation::Schema => (
+                SCHEMA_DATABASE.to_owned(),
+                Some(name.to_owned()),
+                format!(
+                    "SELECT coalesce(obj_description(oid, 'pg_namespace'), ''), current_setting('max_connections') \
+                     FROM pg_namespace WHERE nspname = '{name}'"
+                ),
+            ),
+            _ => (
+                name.to_owned(),
+                None,
+                format!(
+                    "SELECT coalesce(shobj_description(oid, 'pg_database'), ''), current_setting('max_connections') \
+                     FROM pg_database WHERE datname = '{name}'"
+                ),
+            ),
+        };
+        let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        let pool = crate::pool::build(
+            server,
+            &dbname,
+            search_path.as_deref(),
+            wanted,
+            self.config.acquire_timeout,
+        );
+        let client = match pool.get().await {
+            Ok(client) => client,
+            Err(PoolError::Backend(e))
+                if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) =>
+            {
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(Error::Pool {
+                    worker: id.to_string(),
+                    source,
+                });
+            }
+        };
+        let messages = client
+            .simple_query(&sql)
+            .await
+            .map_err(Error::pg(format!("looking up worker {id}")))?;
+        let Some((mark, max)) = messages.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some((
+                row.get(0).unwrap_or_default().to_owned(),
+                row.get(1).and_then(|v| v.parse().ok()).unwrap_or(0),
+            )),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        if provision::State::of(Some(mark)) != provision::State::Clean {
+            return Ok(None);
+        }
+        let size = self.fit_pool_size(max);
+        drop(client);
+        if size < wanted {
+            pool.resize(size);
+        }
+        Ok(Some(Arc::new(Worker {
+            pool,
+            served: AtomicU64::new(0),
+            server: server.clone(),
+            dbname,
+            search_path,
+            target: name.to_owned(),
+            pool_size: size,
+        })))
     }
 }

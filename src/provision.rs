@@ -75,7 +75,7 @@ pub(crate) enum State {
 }
 
 impl State {
-    fn of(comment: Option<String>) -> State {
+    pub(crate) fn of(comment: Option<String>) -> State {
         match comment {
             None => State::Missing,
             Some(c) if !c.starts_with(MARK) => State::Foreign,

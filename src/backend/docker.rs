@@ -121,9 +121,13 @@ impl Docker {
         let mut conflict_since = None;
         loop {
             if let Some(server) = self.running(name).await? {
-                match server.wait_ready(deadline, || self.still_running(name)).await {
+                match server
+                    .wait_ready(deadline, || self.still_running(name))
+                    .await
+                {
                     Ok(()) => {
                         tracing::debug!(container = name, "reusing server");
+                        remember(name, server.port);
                         return Ok((server, false));
                     }
                     // Stopped by its watchdog as we came: wait for it to go, start anew.
@@ -159,6 +163,7 @@ impl Docker {
                         .await
                         .map_err(Error::pg(format!("marking container {name} as used")))?;
                     tracing::info!(container = name, image = %self.image, elapsed = ?started.elapsed(), "server started");
+                    remember(name, server.port);
                     return Ok((server, true));
                 }
                 // Another process created it first: use theirs.
@@ -333,6 +338,53 @@ impl Docker {
         }
         Ok(password)
     }
+}
+
+/// Where the processes of a run find a container's port without asking Docker: three
+/// API calls (version, image, container) cost more than the rest of a nextest
+/// process's start. The password is derived ([`derived_password`]), never stored.
+fn endpoints() -> std::path::PathBuf {
+    crate::server::user_dir().join("docker-endpoints")
+}
+
+/// Records the port of the container `name`, which has accepted a connection; the
+/// records of containers gone for a day are removed.
+fn remember(name: &str, port: u16) {
+    let dir = endpoints();
+    if std::fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    let staging = dir.join(format!(".{name}.{}", std::process::id()));
+    if std::fs::write(&staging, port.to_string()).is_ok() {
+        let _ = std::fs::rename(&staging, dir.join(name));
+    }
+    const DAY: Duration = Duration::from_secs(86400);
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > DAY);
+        if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// The container `name` as a process of the run recorded it, without asking Docker. A
+/// stale record (the container stopped) fails the first connection, and the caller
+/// then asks Docker.
+pub(crate) fn known(name: &str) -> Result<Option<Server>> {
+    let Ok(port) = std::fs::read_to_string(endpoints().join(name)) else {
+        return Ok(None);
+    };
+    let Ok(port) = port.trim().parse() else {
+        return Ok(None);
+    };
+    Ok(Some(Server::loopback(
+        port,
+        derived_password(name)?,
+        name.to_owned(),
+    )))
 }
 
 /// A detached `sh` that removes the container `name` if, after a while, it is still

@@ -134,6 +134,7 @@ impl Local {
         name: &str,
         config: &Config,
         deadline: Instant,
+        trust: bool,
     ) -> Result<(Server, bool)> {
         std::fs::create_dir_all(&self.base)
             .map_err(Error::io(format!("creating {}", self.base.display())))?;
@@ -152,6 +153,9 @@ impl Local {
                     return result.map(|server| (server, true));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    if trust && let Some(server) = ready_server(&dir) {
+                        return Ok((server, false));
+                    }
                     if let Some(server) = self.attach(&dir, deadline).await? {
                         tracing::debug!(dir = %dir.display(), "reusing server");
                         return Ok((server, false));
@@ -263,7 +267,11 @@ impl Local {
         let password = random_password()?;
         let pwfile = dir.join("pwfile");
         // initdb stores a SCRAM verifier given as the password as is.
-        write_private(&pwfile, &crate::server::scram_verifier(&password)?, self.run_as)?;
+        write_private(
+            &pwfile,
+            &crate::server::scram_verifier(&password)?,
+            self.run_as,
+        )?;
         // The detached watchdog runs initdb too, so that a test process killed during
         // the second initdb takes leaves no orphan half-way and no directory behind:
         // the watchdog finishes the start, or records the failure and removes `dir`.
@@ -399,6 +407,22 @@ impl Local {
         }
         Ok(())
     }
+}
+
+/// The server `dir`'s `ready` file describes, without a connection to check it: a
+/// process of the run connected to it, and its watchdog removes the file before it
+/// stops the server. A stale one fails the first connection, and the caller then asks
+/// again without trusting it.
+fn ready_server(dir: &Path) -> Option<Server> {
+    let ready = std::fs::read_to_string(dir.join("ready")).ok()?;
+    let mut lines = ready.lines();
+    let port = lines.next()?.parse().ok()?;
+    let password = lines.next()?;
+    Some(Server::loopback(
+        port,
+        password.to_owned(),
+        dir.display().to_string(),
+    ))
 }
 
 /// Whether the start in `dir` was abandoned: its creator died (or went silent for
