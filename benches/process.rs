@@ -1,0 +1,178 @@
+//! Per-test cost of a fresh process, the way nextest runs every test: the process
+//! starts, takes its worker's handle (the worker already provisioned by an earlier
+//! process of the run), runs a first query, releases the handle and exits.
+//!
+//! ```text
+//! cargo bench --bench process                 # release build
+//! cargo bench --bench process --profile dev   # as an unoptimised test binary
+//! BENCH_PROCESSES=100 cargo bench --bench process
+//! ```
+//!
+//! Side by side, per isolation mode, medians of processes run one after the other:
+//! - `empty`: a process of this binary that exits at once (the floor of process start);
+//! - `raw`: a process that opens one connection with tokio-postgres and runs the query
+//!   (the floor of a process that talks to PostgreSQL at all);
+//! - `pgfixture`: `worker_db()`, the query, `release()`. Its `inside` column is the part
+//!   after `main` starts, as the process measures it.
+//!
+//! The process re-runs this binary with `PGFIXTURE_BENCH_CHILD` set.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pgfixture::Isolation;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:>7.2} ms", d.as_secs_f64() * 1e3)
+}
+
+fn child(mode: &str) {
+    let started = Instant::now();
+    if mode == "empty" {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        if mode == "raw" {
+            let url = std::env::var("PGFIXTURE_BENCH_URL").unwrap();
+            let (client, connection) =
+                pgfixture::tokio_postgres::connect(&url, pgfixture::tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            client.query_one("SELECT 1", &[]).await.unwrap();
+        } else {
+            let db = pgfixture::worker_db().await.unwrap();
+            db.query_one("SELECT 1", &[]).await.unwrap();
+            db.release().await.unwrap();
+        }
+    });
+    println!("inside_us={}", started.elapsed().as_micros());
+}
+
+/// Runs `n` child processes of `mode` one after the other; their wall times and the
+/// times they measured inside, sorted.
+fn run(mode: &str, n: usize, env: &[(&str, String)]) -> (Vec<Duration>, Vec<Duration>) {
+    let exe = std::env::current_exe().unwrap();
+    let mut wall = Vec::with_capacity(n);
+    let mut inside = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let out = Command::new(&exe)
+            .env("PGFIXTURE_BENCH_CHILD", mode)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .unwrap();
+        wall.push(started.elapsed());
+        assert!(
+            out.status.success(),
+            "{mode} child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if let Some(us) = stdout
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("inside_us="))
+        {
+            inside.push(Duration::from_micros(us.parse().unwrap()));
+        }
+    }
+    wall.sort();
+    inside.sort();
+    (wall, inside)
+}
+
+fn main() {
+    if let Ok(mode) = std::env::var("PGFIXTURE_BENCH_CHILD") {
+        child(&mode);
+        return;
+    }
+    let n: usize = std::env::var("BENCH_PROCESSES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let profile = if cfg!(debug_assertions) {
+        "dev (unoptimised)"
+    } else {
+        "release"
+    };
+    println!(
+        "per-test cost of a fresh process, warm worker ({n} processes per column, {profile} build)"
+    );
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "mode", "empty", "raw", "pgfixture", "inside", "overhead", "x raw"
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let run_id = format!("bench{:07x}", std::process::id());
+    let mut backend = String::new();
+    for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
+        let mode = format!("{isolation:?}").to_lowercase();
+        let env = vec![
+            ("PGFIXTURE_RUN_ID", run_id.clone()),
+            ("PGFIXTURE_ISOLATION", mode.clone()),
+            ("PGFIXTURE_WORKER", "0".to_owned()),
+            ("PGFIXTURE_GRACE", "5".to_owned()),
+        ];
+        // The first process provisions the worker (and starts servers); not measured.
+        run("pgfixture", 1, &env);
+        // The raw floor connects to the same kind of server, through another worker's
+        // pool guard of this process (same run, so the same shared server).
+        let mut config = pgfixture::Config::from_env().unwrap();
+        config.run_id = run_id.clone();
+        config.isolation = isolation;
+        config.grace = Duration::from_secs(5);
+        config.worker = None;
+        config.workers = 2;
+        let fixture = pgfixture::Fixture::builder()
+            .config(config)
+            .build()
+            .unwrap();
+        let pool = runtime.block_on(fixture.worker_pool()).unwrap();
+        let pg = pool.pg_config();
+        let host = match &pg.get_hosts()[0] {
+            pgfixture::tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            other => panic!("{other:?}"),
+        };
+        let url = format!(
+            "postgres://{}:{}@{host}:{}/{}",
+            pg.get_user().unwrap(),
+            String::from_utf8_lossy(pg.get_password().unwrap()),
+            pg.get_ports()[0],
+            pg.get_dbname().unwrap()
+        );
+        let mut raw_env = env.clone();
+        raw_env.push(("PGFIXTURE_BENCH_URL", url));
+
+        let (empty, _) = run("empty", n, &env);
+        let (raw, _) = run("raw", n, &raw_env);
+        let (pgf, inside) = run("pgfixture", n, &env);
+        let (e, r, p) = (
+            percentile(&empty, 0.5),
+            percentile(&raw, 0.5),
+            percentile(&pgf, 0.5),
+        );
+        println!(
+            "{mode:<10} {} {} {} {} {} {:>8.2}x",
+            ms(e),
+            ms(r),
+            ms(p),
+            ms(percentile(&inside, 0.5)),
+            ms(p.saturating_sub(e)),
+            p.as_secs_f64() / r.as_secs_f64()
+        );
+        backend = fixture.stats().backend.unwrap_or("?").to_owned();
+        runtime.block_on(pool.release()).unwrap();
+    }
+    println!("backend: {backend}; overhead = pgfixture - empty (medians); x raw = pgfixture / raw");
+}
