@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Runs every benchmark on every backend available and regenerates BENCHMARKS.md and
+# the plots in docs/ from their output.
+#
+#   scripts/benchmarks.sh
+#
+# Backends: docker (when a daemon answers; PGFIXTURE_IMAGE as everywhere) and local.
+# Takes about 15 minutes on a 2-core machine. BENCH_TESTS, BENCH_REPEAT and the other
+# variables of each bench apply.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+backends=${PGFIXTURE_BENCH_BACKENDS:-docker local}
+if ! docker info >/dev/null 2>&1; then
+    echo "benchmarks.sh: no Docker daemon answers; benchmarking the local backend only" >&2
+    backends=local
+fi
+out=target/pgfixture-bench
+mkdir -p "$out" docs
+cargo bench --no-run --quiet
+cargo build --release --example tune --quiet
+
+run() { # name, backend, command...
+    local name=$1 backend=$2
+    shift 2
+    echo "== $name ($backend): $*" >&2
+    PGFIXTURE_BACKEND=$backend RUST_BACKTRACE=0 "$@" 2>/dev/null | grep -v '^pgfixture: ' >"$out/$name-$backend.txt"
+    cat "$out/$name-$backend.txt" >&2
+}
+
+for backend in $backends; do
+    run overhead "$backend" cargo bench --quiet --bench overhead
+    run process "$backend" cargo bench --quiet --bench process
+    run process-dev "$backend" cargo bench --quiet --bench process --profile dev
+    run provision "$backend" cargo bench --quiet --bench provision
+    BENCH_PLOT="docs/suite-$backend.svg" run suite "$backend" cargo bench --quiet --bench suite
+    run tune "$backend" cargo run --quiet --release --example tune
+done
+
+machine() {
+    echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
+    echo "- memory: $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
+    echo "- kernel: $(uname -r); $(. /etc/os-release && echo "$PRETTY_NAME")"
+    echo "- PostgreSQL: $( (ls -d /usr/lib/postgresql/*/bin | tail -1 | xargs -I{} {}/postgres --version) 2>/dev/null || echo unknown)"
+    if docker info >/dev/null 2>&1; then
+        echo "- Docker: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})'), image ${PGFIXTURE_IMAGE:-postgres:18-alpine}"
+    fi
+    echo "- $(rustc --version)"
+    echo "- generated $(date -u '+%Y-%m-%d %H:%M UTC') by \`scripts/benchmarks.sh\`"
+}
+
+section() { # title, name, text
+    local title=$1 name=$2 text=$3
+    echo "## $title"
+    echo
+    echo "$text"
+    for backend in $backends; do
+        echo
+        echo "### $backend"
+        echo
+        echo '```text'
+        cat "$out/$name-$backend.txt"
+        echo '```'
+    done
+    echo
+}
+
+{
+    echo "# pgfixture benchmarks"
+    echo
+    echo "Regenerate everything here (tables and plots) with \`scripts/benchmarks.sh\`."
+    echo "The machines are shared and noisy: each table compares numbers measured side"
+    echo "by side in one run; compare ratios, not absolute times across tables."
+    echo
+    echo "## Machine"
+    echo
+    machine
+    echo
+    echo "## Suite time against workers"
+    echo
+    for backend in $backends; do
+        echo "![suite time against workers, $backend](docs/suite-$backend.svg)"
+        echo
+    done
+    section "Whole suites, side by side with the alternatives" suite \
+"\`benches/suite.rs\`: the same tests at 1, 2, 4 and 8 workers, the way \`cargo test\` runs them,
+I/O-bound (4 ms waiting on the server per test) and CPU-bound (4 ms hashing on the client per
+test). pgfixture's suites include provisioning their workers (a new configuration per suite).
+\`server-per-test\` runs 2 W tests and is scaled to the suite's size."
+    section "Per-test overhead, in-process" overhead \
+"\`benches/overhead.rs\`: acquire, first query, release, warm, against the same statements on
+a connection already held (the floor). Includes pgfixture's check that the test did not commit."
+    section "Per-test cost of a fresh process (nextest)" process \
+"\`benches/process.rs\`, release build: a process per test with its worker already provisioned,
+against a process that exits at once (\`empty\`) and one that opens one connection itself (\`raw\`)."
+    section "Per-test cost of a fresh process, unoptimised build" process-dev \
+"The same, built as test binaries are (\`--profile dev\`)."
+    section "Provisioning and memory per worker" provision \
+"\`benches/provision.rs\`: time to the first handle of a new process: a new run (\`cold\`), a new
+worker on running servers, the same worker again (\`reused\`, as the next nextest process or the
+next run with \`PGFIXTURE_REUSE=1\`); memory from 1 and 4 workers held."
+    section "Pool tuning" tune \
+"\`examples/tune.rs\`: tests that hold a handle and run 4 concurrent queries through more handles
+of their worker's pool; \`timeout\` means a test waited for a connection past the limit."
+} >BENCHMARKS.md
+echo "benchmarks.sh: wrote BENCHMARKS.md and docs/suite-*.svg" >&2
