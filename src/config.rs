@@ -122,7 +122,7 @@ pub struct Config {
     /// the available parallelism (at least 2, so that a test that waits on another does
     /// not starve).
     pub workers: usize,
-    /// Connections per worker pool. `PGFIXTURE_POOL_SIZE`; default 4, lowered so that
+    /// Connections per worker pool. `PGFIXTURE_POOL_SIZE`; default 8, lowered so that
     /// every pool fits the server's `max_connections`.
     pub pool_size: Option<usize>,
     /// Limit on waiting for a free worker plus starting its server.

@@ -777,9 +777,17 @@ impl Inner {
     /// `max` connections.
     fn fit_pool_size(&self, max: i32) -> usize {
         let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        // Under nextest the slots are the workers, and `-j` may exceed the threads
+        // this process would run: count up to this process's slot at least.
+        let slot = self
+            .config
+            .worker
+            .as_ref()
+            .and_then(|w| w.as_str().parse::<usize>().ok())
+            .map_or(0, |n| n + 1);
         let pools_per_server = match self.config.isolation {
             Isolation::Container => 1,
-            _ => self.config.workers,
+            _ => self.config.workers.max(slot),
         };
         let budget =
             (max.max(0) as usize).saturating_sub(RESERVED_CONNECTIONS) / pools_per_server.max(1);

@@ -12,9 +12,12 @@ use tokio_postgres::{Client, Config as PgConfig, NoTls};
 use crate::runtime;
 use crate::server::Server;
 
-/// Connections per worker when `PGFIXTURE_POOL_SIZE` is not set: a test that holds a
-/// handle and asks for another, or runs a few queries at once, does not wait.
-pub(crate) const DEFAULT_POOL_SIZE: usize = 4;
+/// Connections per worker when `PGFIXTURE_POOL_SIZE` is not set. From the sweep of
+/// `examples/tune.rs` (BENCHMARKS.md): tests that hold a handle and run four queries
+/// at once through more handles were fastest with 8 at every worker count, and 4 made
+/// one of the five wait. Connections open only when a test needs them, so the size
+/// costs nothing until used; it is lowered to fit the server's `max_connections`.
+pub(crate) const DEFAULT_POOL_SIZE: usize = 8;
 /// Connections kept free on every server for pgfixture's maintenance connections and
 /// PostgreSQL's `superuser_reserved_connections` (3 by default).
 pub(crate) const RESERVED_CONNECTIONS: usize = 10;
