@@ -41,7 +41,9 @@ machine() {
     echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
     echo "- memory: $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
     echo "- kernel: $(uname -r); $(. /etc/os-release && echo "$PRETTY_NAME")"
-    echo "- PostgreSQL: $( (ls -d /usr/lib/postgresql/*/bin | tail -1 | xargs -I{} {}/postgres --version) 2>/dev/null || echo unknown)"
+    local bin
+    bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)
+    echo "- PostgreSQL: $("$bin/postgres" --version 2>/dev/null || echo unknown) (local backend; the offline image holds the same binaries)"
     if docker info >/dev/null 2>&1; then
         echo "- Docker: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})'), image ${PGFIXTURE_IMAGE:-postgres:18-alpine}"
     fi
@@ -102,5 +104,6 @@ next run with \`PGFIXTURE_REUSE=1\`); memory from 1 and 4 workers held."
     section "Pool tuning" tune \
 "\`examples/tune.rs\`: tests that hold a handle and run 4 concurrent queries through more handles
 of their worker's pool; \`timeout\` means a test waited for a connection past the limit."
+    cat docs/benchmark-notes.md
 } >BENCHMARKS.md
 echo "benchmarks.sh: wrote BENCHMARKS.md and docs/suite-*.svg" >&2
