@@ -211,25 +211,19 @@ async fn isolated_test(name: &str, spin: u64) {
         }
         Isolation::Schema => {
             // Schemas rebuilt by a reset (the commits suite) leave the roles of their
-            // dropped predecessors: count the roles of the schemas that exist.
-            let applied: i64 = db
+            // dropped predecessors: count the roles of the schemas that exist. One
+            // statement, one snapshot: a reset may run beside this test.
+            let row = db
                 .query_one(
-                    "SELECT count(*) FROM pg_roles r JOIN pg_namespace n \
-                     ON r.rolname = 'pgfx_applied_' || md5(current_database() || '/' || n.oid::text) \
-                     WHERE n.nspname LIKE 'pgfx_w_%'",
+                    "SELECT (SELECT count(*) FROM pg_roles r JOIN pg_namespace n \
+                       ON r.rolname = 'pgfx_applied_' || md5(current_database() || '/' || n.oid::text) \
+                       WHERE n.nspname LIKE 'pgfx_w_%'), \
+                     (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'pgfx_w_%')",
                     &[],
                 )
                 .await
-                .unwrap()
-                .get(0);
-            let schemas: i64 = db
-                .query_one(
-                    "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'pgfx_w_%'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
+                .unwrap();
+            let (applied, schemas): (i64, i64) = (row.get(0), row.get(1));
             assert_eq!(
                 applied, schemas,
                 "{name}: fixtures applied {applied} times for {schemas} worker schemas"
