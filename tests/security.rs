@@ -197,3 +197,37 @@ impl std::io::Write for SharedWriter {
         Ok(())
     }
 }
+
+/// Where pgfixture connects: a local server on loopback; a container at its own address
+/// on the Docker network when the daemon runs on this host, past the published port's
+/// userland proxy (`docker-proxy`), which costs every round trip 0.1–0.3 ms.
+#[tokio::test]
+async fn connections_go_to_loopback_or_to_the_containers_own_address() {
+    let fixture = Fixture::from_env().unwrap();
+    let pool = fixture.worker_pool().await.unwrap();
+    let host = match &pool.pg_config().get_hosts()[0] {
+        pgfixture::tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("expected a TCP host, got {other:?}"),
+    };
+    match fixture.stats().backend {
+        Some("docker") if std::env::var_os("DOCKER_HOST").is_none() => {
+            let run = fixture.config().run_id.clone();
+            let addresses: Vec<String> = common::run_containers(&run)
+                .await
+                .iter()
+                .flat_map(|c| {
+                    let networks = c.network_settings.clone().and_then(|n| n.networks);
+                    networks.unwrap_or_default().into_values()
+                })
+                .filter_map(|endpoint| endpoint.ip_address)
+                .collect();
+            assert!(
+                addresses.contains(&host),
+                "connected to {host}, not to the container's own address {addresses:?}"
+            );
+            assert_eq!(pool.pg_config().get_ports(), [5432]);
+        }
+        Some("docker") => {}
+        _ => assert_eq!(host, "127.0.0.1"),
+    }
+}

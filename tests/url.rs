@@ -85,10 +85,25 @@ async fn existing_server(tag: &str) -> Existing {
     }
 }
 
+/// `PGFIXTURE_ALLOW_REMOTE` for a URL: a container pgfixture started is reached at its
+/// own address on the Docker bridge, which is not loopback, and is allowed. A URL
+/// naming a host (not an address) stays refused, as the bad-URL test wants.
+fn allow_remote(url: &str) -> (&'static str, &'static str) {
+    let host = url
+        .rsplit_once('@')
+        .and_then(|(_, rest)| rest.rsplit_once(':'))
+        .map(|(host, _)| host);
+    let bridge = host
+        .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| !ip.is_loopback());
+    ("PGFIXTURE_ALLOW_REMOTE", if bridge { "1" } else { "0" })
+}
+
 fn url_child(url: &str, run: &str, worker: &str, isolation: &str, owner: &str) -> Child {
     child_command(&[
         ("PGFIXTURE_BACKEND", "url"),
         ("PGFIXTURE_URL", url),
+        allow_remote(url),
         ("PGFIXTURE_RUN_ID", run),
         ("PGFIXTURE_WORKER", worker),
         ("PGFIXTURE_ISOLATION", isolation),
@@ -180,6 +195,7 @@ async fn objects_of_dead_runs_are_swept_and_nothing_else() {
         let mut holder = child_command(&[
             ("PGFIXTURE_BACKEND", "url"),
             ("PGFIXTURE_URL", &server.url),
+            allow_remote(&server.url),
             ("PGFIXTURE_RUN_ID", &live),
             ("PGFIXTURE_WORKER", "0"),
             ("PGFIXTURE_ISOLATION", isolation),

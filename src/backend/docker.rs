@@ -39,6 +39,10 @@ const PING_TIMEOUT: Duration = Duration::from_secs(3);
 pub(crate) const LABEL: &str = "pgfixture";
 pub(crate) const LABEL_RUN: &str = "pgfixture.run";
 const PORT: &str = "5432/tcp";
+const CONTAINER_PORT: u16 = 5432;
+/// A container's own address answers a TCP connection in well under a millisecond
+/// when it is routed here at all.
+const DIRECT_PROBE: Duration = Duration::from_millis(300);
 /// Made inside the container (by the server, through `COPY ... TO`) once its creator
 /// has connected, for the watchdog.
 const SEEN_MARKER: &str = "/tmp/pgfixture-seen";
@@ -127,7 +131,8 @@ impl Docker {
                 {
                     Ok(()) => {
                         tracing::debug!(container = name, "reusing server");
-                        remember(name, server.port);
+                        let server = self.direct(name, server, config).await;
+                        remember(name, &server);
                         return Ok((server, false));
                     }
                     // Stopped by its watchdog as we came: wait for it to go, start anew.
@@ -163,7 +168,8 @@ impl Docker {
                         .await
                         .map_err(Error::pg(format!("marking container {name} as used")))?;
                     tracing::info!(container = name, image = %self.image, elapsed = ?started.elapsed(), "server started");
-                    remember(name, server.port);
+                    let server = self.direct(name, server, config).await;
+                    remember(name, &server);
                     return Ok((server, true));
                 }
                 // Another process created it first: use theirs.
@@ -235,6 +241,43 @@ impl Docker {
                 message: format!("cannot inspect container {name}: {e}"),
             })?;
         Ok(port_of(&info))
+    }
+
+    /// `server` reached at the container's own address on its network instead of the
+    /// published port, when that address answers from here. Every connection through
+    /// a published port passes Docker's userland proxy (`docker-proxy`), which adds
+    /// 0.1–0.3 ms to every round trip. The container's address answers when the daemon
+    /// runs on this host (Linux); on Docker Desktop, a remote `DOCKER_HOST` or a network
+    /// that is not routed here, the published port is kept.
+    async fn direct(&self, name: &str, server: Server, config: &Config) -> Server {
+        let local_daemon = config
+            .docker_host
+            .as_deref()
+            .is_none_or(|host| host.starts_with("unix://"));
+        if !local_daemon {
+            return server;
+        }
+        let Ok(info) = self.client.inspect_container(name, None).await else {
+            return server;
+        };
+        let addresses = info
+            .network_settings
+            .and_then(|n| n.networks)
+            .into_iter()
+            .flat_map(|networks| networks.into_values())
+            .filter_map(|endpoint| endpoint.ip_address?.parse::<std::net::IpAddr>().ok());
+        for address in addresses {
+            let probe = tokio::net::TcpStream::connect((address, CONTAINER_PORT));
+            if let Ok(Ok(_)) = tokio::time::timeout(DIRECT_PROBE, probe).await {
+                tracing::debug!(container = name, %address, "connecting to the container directly");
+                return Server {
+                    host: address.to_string(),
+                    port: CONTAINER_PORT,
+                    ..server
+                };
+            }
+        }
+        server
     }
 
     async fn still_running(&self, name: &str) -> Result<()> {
@@ -347,15 +390,16 @@ fn endpoints() -> std::path::PathBuf {
     crate::server::user_dir().join("docker-endpoints")
 }
 
-/// Records the port of the container `name`, which has accepted a connection; the
-/// records of containers gone for a day are removed.
-fn remember(name: &str, port: u16) {
+/// Records where the container `name`, which has accepted a connection, is reached
+/// (`host:port`); the records of containers gone for a day are removed.
+fn remember(name: &str, server: &Server) {
     let dir = endpoints();
     if std::fs::create_dir_all(&dir).is_err() {
         return;
     }
     let staging = dir.join(format!(".{name}.{}", std::process::id()));
-    if std::fs::write(&staging, port.to_string()).is_ok() {
+    let endpoint = format!("{}:{}", server.host, server.port);
+    if std::fs::write(&staging, endpoint).is_ok() {
         let _ = std::fs::rename(&staging, dir.join(name));
     }
     const DAY: Duration = Duration::from_secs(86400);
@@ -374,17 +418,14 @@ fn remember(name: &str, port: u16) {
 /// stale record (the container stopped) fails the first connection, and the caller
 /// then asks Docker.
 pub(crate) fn known(name: &str) -> Result<Option<Server>> {
-    let Ok(port) = std::fs::read_to_string(endpoints().join(name)) else {
+    let Ok(endpoint) = std::fs::read_to_string(endpoints().join(name)) else {
         return Ok(None);
     };
-    let Ok(port) = port.trim().parse() else {
+    let Some((host, port)) = parse_endpoint(&endpoint) else {
         return Ok(None);
     };
-    Ok(Some(Server::loopback(
-        port,
-        derived_password(name)?,
-        name.to_owned(),
-    )))
+    let server = Server::loopback(port, derived_password(name)?, name.to_owned());
+    Ok(Some(Server { host, ..server }))
 }
 
 /// A detached `sh` that removes the container `name` if, after a while, it is still
@@ -425,6 +466,13 @@ fn spawn_reaper(name: &str, config: &Config) {
     }
 }
 
+/// `host:port` (an IPv6 host without brackets: the port follows the last colon).
+fn parse_endpoint(endpoint: &str) -> Option<(String, u16)> {
+    let (host, port) = endpoint.trim().rsplit_once(':')?;
+    let host: std::net::IpAddr = host.parse().ok()?;
+    Some((host.to_string(), port.parse().ok()?))
+}
+
 fn port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
     info.network_settings
         .as_ref()?
@@ -434,4 +482,25 @@ fn port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
         .as_ref()?
         .iter()
         .find_map(|b| b.host_port.as_deref()?.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_endpoint;
+
+    #[test]
+    fn endpoints_parse_back() {
+        assert_eq!(
+            parse_endpoint("172.17.0.2:5432\n"),
+            Some(("172.17.0.2".to_owned(), 5432))
+        );
+        assert_eq!(
+            parse_endpoint("fd00::2:5432"),
+            Some(("fd00::2".to_owned(), 5432))
+        );
+        // A record of an older version (a bare port), or garbage: ask Docker instead.
+        assert_eq!(parse_endpoint("32781"), None);
+        assert_eq!(parse_endpoint("host:5432"), None);
+        assert_eq!(parse_endpoint("127.0.0.1:port"), None);
+    }
 }
