@@ -355,6 +355,9 @@ impl Docker {
                 // The verifier, not the password: the API's bodies are logged.
                 format!("POSTGRES_PASSWORD={verifier}"),
                 "POSTGRES_DB=postgres".to_owned(),
+                // A throwaway server: initdb need not wait for its files to reach the
+                // disk (0.2–0.4 s of a cold start here).
+                "POSTGRES_INITDB_ARGS=--no-sync".to_owned(),
                 format!("grace={}", config.server_grace().as_secs()),
             ]),
             labels: Some(labels),
