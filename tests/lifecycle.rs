@@ -359,6 +359,58 @@ fn docker_failures_say_what_to_fix() {
     );
 }
 
+/// Docker: pgfixture initialises a data directory from `PGFIXTURE_IMAGE` once, commits
+/// it as an image, and later containers start from that image instead of running
+/// initdb, each with a password of its own (set before the server listens).
+#[tokio::test]
+async fn containers_start_initialised_with_passwords_of_their_own() {
+    use pgfixture::testcontainers::bollard;
+    let first = common::own_fixture("init1", Isolation::Container);
+    let db = first.worker_db().await.unwrap();
+    if first.stats().backend != Some("docker") {
+        // Local servers run initdb themselves; there is no image to initialise.
+        assert_eq!(first.stats().backend, Some("local"));
+        return;
+    }
+    let docker = common::docker().await.expect("the Docker daemon");
+    let base = first.config().image.clone();
+    let filters = std::collections::HashMap::from([(
+        "label".to_owned(),
+        vec![format!("pgfixture.base={base}")],
+    )]);
+    let options = bollard::query_parameters::ListImagesOptionsBuilder::new()
+        .filters(&filters)
+        .build();
+    // The first container creation of any process (this one's, or an earlier test's)
+    // started the build; it takes a few seconds.
+    let waited = Instant::now();
+    let initialised = loop {
+        let images = docker.list_images(Some(options.clone())).await.unwrap();
+        let tags: Vec<String> = images.into_iter().flat_map(|i| i.repo_tags).collect();
+        if let Some(tag) = tags
+            .into_iter()
+            .find(|t| t.starts_with("pgfixture-initialized:"))
+        {
+            break tag;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(90),
+            "no initialised image of {base} after 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let second = common::own_fixture("init2", Isolation::Container);
+    let db2 = second.worker_db().await.unwrap();
+    let containers = common::run_containers(&second.config().run_id).await;
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    assert_eq!(containers[0].image.as_deref(), Some(initialised.as_str()));
+    let verifier = "SELECT rolpassword FROM pg_authid WHERE rolname = current_user";
+    let mine: String = db.query_one(verifier, &[]).await.unwrap().get(0);
+    let theirs: String = db2.query_one(verifier, &[]).await.unwrap().get(0);
+    assert!(theirs.starts_with("SCRAM-SHA-256$"), "{theirs}");
+    assert_ne!(mine, theirs, "two containers share a password");
+}
+
 /// `auto` with neither Docker nor local binaries lists the ways to fix it.
 #[test]
 fn no_backend_lists_the_fixes() {
