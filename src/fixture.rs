@@ -656,7 +656,9 @@ impl Inner {
         // One maintenance connection for every step; a worker found complete (the
         // common case in a nextest process) costs one query on it.
         let admin = server.admin().await?;
-        let shared_server = matches!(self.source().await?, Source::Url(_));
+        // From the configuration: resolving the source would ask Docker for the image,
+        // three API calls that a worker on a known container does not need.
+        let shared_server = self.config.effective_backend() == Backend::Url;
         if shared_server {
             provision::touch_run(&admin, &self.config.run_id).await?;
         }
