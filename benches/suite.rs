@@ -12,7 +12,10 @@
 //! hashes on the client for about as long. Strategies:
 //!
 //! - `pgfixture`: the default, a database per worker cloned from a template, a rolled
-//!   back transaction per test (`worker_db()`); `pgfixture-schema`: a schema per worker.
+//!   back transaction per test (`worker_db()`), its workers provisioned in the suite;
+//!   `pgfixture-warm`: the same with the workers provisioned before the suite starts
+//!   (a longer suite, later nextest processes, `PGFIXTURE_REUSE`);
+//!   `pgfixture-schema`: a schema per worker.
 //! - `db-per-test`: a fresh database per test with the fixtures applied each time, as
 //!   `#[sqlx::test]` does with its migrations.
 //! - `clone-per-test`: a database per test cloned from a template that holds the
@@ -55,6 +58,7 @@ impl Load {
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Strategy {
     Pgfixture,
+    PgfixtureWarm,
     PgfixtureSchema,
     DbPerTest,
     ClonePerTest,
@@ -62,8 +66,9 @@ enum Strategy {
     SharedUnsafe,
 }
 
-const STRATEGIES: [Strategy; 6] = [
+const STRATEGIES: [Strategy; 7] = [
     Strategy::Pgfixture,
+    Strategy::PgfixtureWarm,
     Strategy::PgfixtureSchema,
     Strategy::DbPerTest,
     Strategy::ClonePerTest,
@@ -75,6 +80,7 @@ impl Strategy {
     fn name(self) -> &'static str {
         match self {
             Strategy::Pgfixture => "pgfixture",
+            Strategy::PgfixtureWarm => "pgfixture-warm",
             Strategy::PgfixtureSchema => "pgfixture-schema",
             Strategy::DbPerTest => "db-per-test",
             Strategy::ClonePerTest => "clone-per-test",
@@ -86,6 +92,7 @@ impl Strategy {
     fn color(self) -> &'static str {
         match self {
             Strategy::Pgfixture => "#1f77b4",
+            Strategy::PgfixtureWarm => "#2ca02c",
             Strategy::PgfixtureSchema => "#17becf",
             Strategy::DbPerTest => "#d62728",
             Strategy::ClonePerTest => "#ff7f0e",
@@ -267,18 +274,31 @@ fn suite(
     let raw = Arc::clone(raw);
     let run = run.to_owned();
     match strategy {
-        Strategy::Pgfixture | Strategy::PgfixtureSchema => {
-            let isolation = if strategy == Strategy::Pgfixture {
-                Isolation::Database
-            } else {
+        Strategy::Pgfixture | Strategy::PgfixtureWarm | Strategy::PgfixtureSchema => {
+            let isolation = if strategy == Strategy::PgfixtureSchema {
                 Isolation::Schema
+            } else {
+                Isolation::Database
             };
             // New worker databases or schemas per suite (another configuration), so
             // provisioning is part of the suite, as in a real run.
-            let round = UNIQUE.fetch_add(1, Ordering::Relaxed);
+            static ROUNDS: AtomicUsize = AtomicUsize::new(0);
+            let round = ROUNDS.fetch_add(1, Ordering::Relaxed);
             let mut config = fixture(&run, isolation, workers).config().clone();
             config.acquire_timeout = Duration::from_secs(60 + round as u64);
             let fixture = Fixture::builder().config(config).build().unwrap();
+            if strategy == Strategy::PgfixtureWarm {
+                // Workers provisioned before the suite starts: what a long suite
+                // amortises, and what nextest's later processes and PGFIXTURE_REUSE get.
+                let warm = fixture.clone();
+                run_suite(workers, workers, move |_| {
+                    let fixture = warm.clone();
+                    async move {
+                        let db = fixture.worker_db().await.unwrap();
+                        db.query_one("SELECT pg_sleep(0.05)", &[]).await.unwrap();
+                    }
+                });
+            }
             run_suite(workers, tests, move |n| {
                 let fixture = fixture.clone();
                 async move {
