@@ -25,7 +25,8 @@
 //!   scaled to the suite's size.
 //! - `shared-unsafe`: one database, pooled connections, no isolation at all: the floor.
 //!
-//! Prints suite times (medians of `BENCH_REPEAT` runs, default 1), the speedup of 4
+//! Prints suite times (medians of `BENCH_REPEAT` runs, default 5, and of
+//! `BENCH_REPEAT_SLOW`, default 1, for the slow alternatives), the speedup of 4
 //! workers over 1, and each strategy's time as a multiple of pgfixture's; writes the
 //! numbers as CSV and a plot of suite time against workers as SVG (`BENCH_PLOT`,
 //! default `target/pgfixture-bench/suite.svg`).
@@ -162,6 +163,8 @@ async fn body(client: &tokio_postgres::Client, test: usize, load: Load) {
 struct Raw {
     config: tokio_postgres::Config,
     fixtures: String,
+    /// The guard's own worker database, which [`Raw::close_suite_connections`] spares.
+    own_db: String,
     _guard: pgfixture::WorkerPool,
 }
 
@@ -172,6 +175,29 @@ impl Raw {
         let (client, connection) = config.connect(NoTls).await.unwrap();
         tokio::spawn(connection);
         client
+    }
+
+    /// Closes, from the server's side, the pooled connections of the pgfixture suites
+    /// that have ended. Every suite is a configuration of its own, and a process keeps
+    /// its fixtures (and their pools) for its whole life, as a test binary would: dozens
+    /// of suites in one process would otherwise exhaust `max_connections`. Not timed.
+    fn close_suite_connections(&self) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let admin = self.connect("postgres").await;
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE pid <> pg_backend_pid() AND datname <> $1 \
+                     AND (datname LIKE 'pgfx\\_w\\_%' OR datname = 'pgfx_schemas')",
+                    &[&self.own_db],
+                )
+                .await
+                .unwrap();
+        });
     }
 }
 
@@ -187,10 +213,12 @@ async fn raw_server(run: &str) -> Raw {
         .unwrap();
     let guard = fixture.worker_pool().await.unwrap();
     let mut pg = guard.pg_config().clone();
+    let own_db = pg.get_dbname().unwrap().to_owned();
     pg.dbname("postgres");
     let raw = Raw {
         config: pg,
         fixtures: fixtures_sql(),
+        own_db,
         _guard: guard,
     };
     let admin = raw.connect("postgres").await;
@@ -299,13 +327,15 @@ fn suite(
                     }
                 });
             }
-            run_suite(workers, tests, move |n| {
+            let elapsed = run_suite(workers, tests, move |n| {
                 let fixture = fixture.clone();
                 async move {
                     let db = fixture.worker_db().await.unwrap();
                     body(&db, n, load).await;
                 }
-            })
+            });
+            raw.close_suite_connections();
+            elapsed
         }
         Strategy::DbPerTest | Strategy::ClonePerTest => run_suite(workers, tests, move |n| {
             let raw = Arc::clone(&raw);
@@ -489,7 +519,13 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(96);
+    // Suites of under a second are noisy on a shared machine: medians of 5. The
+    // alternatives take seconds to minutes per suite and run once.
     let repeat: usize = std::env::var("BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let repeat_slow: usize = std::env::var("BENCH_REPEAT_SLOW")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
@@ -517,7 +553,7 @@ fn main() {
     for load in [Load::Io, Load::Cpu] {
         println!();
         println!(
-            "{} suite, {tests} tests, median of {repeat}: seconds; speedup 4 workers over 1; x pgfixture at 4 workers",
+            "{} suite, {tests} tests, median of {repeat} (of {repeat_slow} for the alternatives to pgfixture but the floor): seconds; speedup 4 workers over 1; x pgfixture at 4 workers",
             load.name()
         );
         println!(
@@ -526,6 +562,12 @@ fn main() {
         );
         let mut reference = None;
         for strategy in STRATEGIES {
+            let repeat = match strategy {
+                Strategy::DbPerTest | Strategy::ClonePerTest | Strategy::ServerPerTest => {
+                    repeat_slow
+                }
+                _ => repeat,
+            };
             let times: Vec<Duration> = WORKERS
                 .iter()
                 .map(|&w| {
