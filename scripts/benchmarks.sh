@@ -5,8 +5,10 @@
 #   scripts/benchmarks.sh
 #
 # Backends: docker (when a daemon answers; PGFIXTURE_IMAGE as everywhere) and local.
-# Takes about 15 minutes on a 2-core machine. BENCH_TESTS, BENCH_REPEAT and the other
-# variables of each bench apply.
+# Takes about 12 minutes on a 2-core machine. BENCH_TESTS, BENCH_REPEAT and the other
+# variables of each bench apply. BENCHES="suite provision" runs only those (of overhead,
+# process, process-dev, provision, suite, tune) and rebuilds the report from their new
+# output and the others' last output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,9 +22,17 @@ mkdir -p "$out" docs
 cargo bench --no-run --quiet
 cargo build --release --example tune --quiet
 
+selected=" ${BENCHES:-overhead process process-dev provision suite tune} "
 run() { # name, backend, command...
     local name=$1 backend=$2
     shift 2
+    if [[ $selected != *" $name "* ]]; then
+        [ -s "$out/$name-$backend.txt" ] || {
+            echo "benchmarks.sh: no earlier output of $name ($backend); run it (BENCHES)" >&2
+            exit 1
+        }
+        return
+    fi
     echo "== $name ($backend): $*" >&2
     PGFIXTURE_BACKEND=$backend RUST_BACKTRACE=0 "$@" 2>/dev/null | grep -v '^pgfixture: ' >"$out/$name-$backend.txt"
     cat "$out/$name-$backend.txt" >&2
@@ -87,8 +97,10 @@ section() { # title, name, text
     section "Whole suites, side by side with the alternatives" suite \
 "\`benches/suite.rs\`: the same tests at 1, 2, 4 and 8 workers, the way \`cargo test\` runs them,
 I/O-bound (4 ms waiting on the server per test) and CPU-bound (4 ms hashing on the client per
-test). pgfixture's suites include provisioning their workers (a new configuration per suite).
-\`server-per-test\` runs 2 W tests and is scaled to the suite's size."
+test). \`pgfixture\`'s suites include provisioning their workers (a new configuration per
+suite); \`pgfixture-warm\`'s workers are provisioned before the suite starts, as for a long
+suite, nextest's later processes or \`PGFIXTURE_REUSE=1\`. \`server-per-test\` runs 2 W tests
+and is scaled to the suite's size."
     section "Per-test overhead, in-process" overhead \
 "\`benches/overhead.rs\`: acquire, first query, release, warm, against the same statements on
 a connection already held (the floor). Includes pgfixture's check that the test did not commit."
@@ -100,7 +112,8 @@ against a process that exits at once (\`empty\`) and one that opens one connecti
     section "Provisioning and memory per worker" provision \
 "\`benches/provision.rs\`: time to the first handle of a new process: a new run (\`cold\`), a new
 worker on running servers, the same worker again (\`reused\`, as the next nextest process or the
-next run with \`PGFIXTURE_REUSE=1\`); memory from 1 and 4 workers held."
+next run with \`PGFIXTURE_REUSE=1\`); memory from 1 and 4 workers held. Docker's \`cold\` starts
+from the initialised image; the first container ever of an image runs initdb (about 1.5 s here)."
     section "Pool tuning" tune \
 "\`examples/tune.rs\`: tests that hold a handle and run 4 concurrent queries through more handles
 of their worker's pool; \`timeout\` means a test waited for a connection past the limit."
