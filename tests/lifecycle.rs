@@ -409,6 +409,47 @@ async fn containers_start_initialised_with_passwords_of_their_own() {
     let theirs: String = db2.query_one(verifier, &[]).await.unwrap().get(0);
     assert!(theirs.starts_with("SCRAM-SHA-256$"), "{theirs}");
     assert_ne!(mine, theirs, "two containers share a password");
+
+    // The initialised image removed under a running fixture (as a newer base image's
+    // builder does to the old one): its next container starts from the base image.
+    let mut config = second.config().clone();
+    config.run_id = common::unique_run("init3");
+    let third = pgfixture::Fixture::builder()
+        .config(config)
+        .workers(2)
+        .build()
+        .unwrap();
+    let held = third.worker_db().await.unwrap();
+    let options = bollard::query_parameters::RemoveImageOptionsBuilder::new()
+        .force(true)
+        .build();
+    // Untags it; the containers made from it keep running.
+    docker
+        .remove_image(&initialised, Some(options), None)
+        .await
+        .unwrap();
+    // Another thread, as another test: this one holds its slot.
+    let fixture = third.clone();
+    let other = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let db = fixture.worker_db().await.unwrap();
+                db.query_one("SELECT 1", &[]).await.unwrap();
+                db.worker_id().clone()
+            })
+    })
+    .join()
+    .unwrap();
+    assert_ne!(held.worker_id(), &other);
+    let images: Vec<String> = common::run_containers(&third.config().run_id)
+        .await
+        .into_iter()
+        .filter_map(|c| c.image)
+        .collect();
+    assert!(images.contains(&base), "{images:?}");
 }
 
 /// `auto` with neither Docker nor local binaries lists the ways to fix it.

@@ -386,9 +386,9 @@ impl Docker {
             (LABEL.to_owned(), "1".to_owned()),
             (LABEL_RUN.to_owned(), config.run_id.clone()),
         ]);
-        let body = ContainerCreateBody {
-            image: Some(image.clone()),
-            cmd: Some(cmd),
+        let body = |image: &str| ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: Some(cmd.clone()),
             env: Some(vec![
                 format!("POSTGRES_USER={SUPERUSER}"),
                 // The verifier, not the password: the API's bodies are logged.
@@ -400,7 +400,7 @@ impl Docker {
                 format!("PGDATA={DATA_DIR}"),
                 format!("grace={}", config.server_grace().as_secs()),
             ]),
-            labels: Some(labels),
+            labels: Some(labels.clone()),
             exposed_ports: Some(vec![PORT.to_owned()]),
             host_config: Some(HostConfig {
                 auto_remove: Some(true),
@@ -416,7 +416,23 @@ impl Docker {
             ..ContainerCreateBody::default()
         };
         let options = CreateContainerOptionsBuilder::new().name(name).build();
-        self.client.create_container(Some(options), body).await?;
+        match self
+            .client
+            .create_container(Some(options.clone()), body(&image))
+            .await
+        {
+            // The initialised image was removed since this process looked (replaced by
+            // one of a newer base image): start from the base image.
+            Err(e) if status_of(&e) == Some(404) && image != self.image => {
+                tracing::debug!(image, "initialised image gone; using the base image");
+                self.client
+                    .create_container(Some(options), body(&self.image))
+                    .await?;
+            }
+            created => {
+                created?;
+            }
+        }
         if let Err(e) = self.client.start_container(name, None).await {
             let options = RemoveContainerOptionsBuilder::new().force(true).build();
             let _ = self.client.remove_container(name, Some(options)).await;
