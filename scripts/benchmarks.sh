@@ -55,7 +55,11 @@ machine() {
     bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)
     echo "- PostgreSQL: $("$bin/postgres" --version 2>/dev/null || echo unknown) (local backend; the offline image holds the same binaries)"
     if docker info >/dev/null 2>&1; then
-        echo "- Docker: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})'), image ${PGFIXTURE_IMAGE:-postgres:18-alpine}"
+        # The image the benches ran on, as they reported it (a rebuild of the report
+        # alone may run with another PGFIXTURE_IMAGE).
+        local image
+        image=$(sed -n 's/^backend: docker (\(.*\))$/\1/p' "$out/overhead-docker.txt" 2>/dev/null | head -n 1)
+        echo "- Docker: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})'), image ${image:-${PGFIXTURE_IMAGE:-postgres:18-alpine}}"
     fi
     echo "- $(rustc --version)"
     echo "- generated $(date -u '+%Y-%m-%d %H:%M UTC') by \`scripts/benchmarks.sh\`"
