@@ -192,10 +192,14 @@ async fn isolated_test(name: &str, spin: u64) {
     assert_eq!(foreign, 0, "{name}: sees another test's notes");
 
     // Fixtures were applied once per template (database, container) or per worker
-    // schema (schema), never twice: count the marker roles the fixture makes.
+    // schema (schema), never twice: count the marker roles the fixture makes, of the
+    // databases that exist. A template build killed midway (the soak) leaves the role
+    // of its dropped database, as it would leave any role a fixture file committed.
+    // The schemas of a clone have its template's oids.
     let applied: i64 = db
         .query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pgfx_applied_%'",
+            "SELECT count(*) FROM pg_roles r, pg_database d, pg_namespace n \
+             WHERE r.rolname = 'pgfx_applied_' || md5(d.oid::text || '/' || n.oid::text)",
             &[],
         )
         .await
@@ -216,7 +220,8 @@ async fn isolated_test(name: &str, spin: u64) {
             let row = db
                 .query_one(
                     "SELECT (SELECT count(*) FROM pg_roles r JOIN pg_namespace n \
-                       ON r.rolname = 'pgfx_applied_' || md5(current_database() || '/' || n.oid::text) \
+                       ON r.rolname = 'pgfx_applied_' || md5((SELECT oid::text FROM pg_database \
+                         WHERE datname = current_database()) || '/' || n.oid::text) \
                        WHERE n.nspname LIKE 'pgfx_w_%'), \
                      (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'pgfx_w_%')",
                     &[],
