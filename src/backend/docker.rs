@@ -8,6 +8,7 @@
 //! that started them (nextest runs every test in its own process).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -107,19 +108,14 @@ impl Docker {
 
     /// The image's id, once it is there.
     async fn ensure_image(&self) -> Result<String> {
-        let id = |e: DockerError| Error::Image {
+        let image_error = |e: DockerError| Error::Image {
             image: self.image.clone(),
             message: e.to_string(),
         };
         match self.client.inspect_image(&self.image).await {
             Ok(info) => return Ok(info.id.unwrap_or_default()),
             Err(e) if status_of(&e) == Some(404) => {}
-            Err(e) => {
-                return Err(Error::Image {
-                    image: self.image.clone(),
-                    message: e.to_string(),
-                });
-            }
+            Err(e) => return Err(image_error(e)),
         }
         let _notice = SlowNotice::new(format!("pulling image {}", self.image));
         tracing::info!(image = %self.image, "pulling image");
@@ -135,7 +131,11 @@ impl Docker {
                 });
             }
         }
-        let info = self.client.inspect_image(&self.image).await.map_err(id)?;
+        let info = self
+            .client
+            .inspect_image(&self.image)
+            .await
+            .map_err(image_error)?;
         Ok(info.id.unwrap_or_default())
     }
 
@@ -148,14 +148,14 @@ impl Docker {
     ) -> Result<(Server, bool)> {
         let mut conflict_since = None;
         loop {
-            if let Some(server) = self.running(name).await? {
+            if let Some((server, addresses)) = self.running(name).await? {
                 match server
                     .wait_ready(deadline, || self.still_running(name))
                     .await
                 {
                     Ok(()) => {
                         tracing::debug!(container = name, "reusing server");
-                        let server = self.direct(name, server, config).await;
+                        let server = direct(name, server, &addresses, config).await;
                         remember(name, &server);
                         return Ok((server, false));
                     }
@@ -176,7 +176,7 @@ impl Docker {
                         "starting PostgreSQL container {name} from {}",
                         self.image
                     ));
-                    let port = self.port(name).await?.ok_or_else(|| Error::Docker {
+                    let (port, addresses) = self.port(name).await?.ok_or_else(|| Error::Docker {
                         message: format!("container {name} exited right after its start; try `docker run --rm {}`", self.image),
                     })?;
                     let server = Server::loopback(port, password, name.to_owned());
@@ -192,7 +192,7 @@ impl Docker {
                         .await
                         .map_err(Error::pg(format!("marking container {name} as used")))?;
                     tracing::info!(container = name, image = %self.image, elapsed = ?started.elapsed(), "server started");
-                    let server = self.direct(name, server, config).await;
+                    let server = direct(name, server, &addresses, config).await;
                     remember(name, &server);
                     return Ok((server, true));
                 }
@@ -221,9 +221,9 @@ impl Docker {
         }
     }
 
-    /// The running container `name`; `None` when there is none (waiting for one that
-    /// is stopping to be removed).
-    async fn running(&self, name: &str) -> Result<Option<Server>> {
+    /// The running container `name` and its own addresses; `None` when there is none
+    /// (waiting for one that is stopping to be removed).
+    async fn running(&self, name: &str) -> Result<Option<(Server, Vec<IpAddr>)>> {
         let info = match self.client.inspect_container(name, None).await {
             Ok(info) => info,
             Err(e) if status_of(&e) == Some(404) => return Ok(None),
@@ -245,10 +245,9 @@ impl Docker {
             }
         }
         match port_of(&info) {
-            Some(port) => Ok(Some(Server::loopback(
-                port,
-                derived_password(name)?,
-                name.to_owned(),
+            Some(port) => Ok(Some((
+                Server::loopback(port, derived_password(name)?, name.to_owned()),
+                addresses_of(&info),
             ))),
             // Created but not started yet by the process that creates it: the caller
             // waits (its create fails with a conflict) until the deadline.
@@ -256,7 +255,8 @@ impl Docker {
         }
     }
 
-    async fn port(&self, name: &str) -> Result<Option<u16>> {
+    /// The published port of the started container `name`, and its own addresses.
+    async fn port(&self, name: &str) -> Result<Option<(u16, Vec<IpAddr>)>> {
         let info = self
             .client
             .inspect_container(name, None)
@@ -264,44 +264,7 @@ impl Docker {
             .map_err(|e| Error::Docker {
                 message: format!("cannot inspect container {name}: {e}"),
             })?;
-        Ok(port_of(&info))
-    }
-
-    /// `server` reached at the container's own address on its network instead of the
-    /// published port, when that address answers from here. Every connection through
-    /// a published port passes Docker's userland proxy (`docker-proxy`), which adds
-    /// 0.1–0.3 ms to every round trip. The container's address answers when the daemon
-    /// runs on this host (Linux); on Docker Desktop, a remote `DOCKER_HOST` or a network
-    /// that is not routed here, the published port is kept.
-    async fn direct(&self, name: &str, server: Server, config: &Config) -> Server {
-        let local_daemon = config
-            .docker_host
-            .as_deref()
-            .is_none_or(|host| host.starts_with("unix://"));
-        if !local_daemon {
-            return server;
-        }
-        let Ok(info) = self.client.inspect_container(name, None).await else {
-            return server;
-        };
-        let addresses = info
-            .network_settings
-            .and_then(|n| n.networks)
-            .into_iter()
-            .flat_map(|networks| networks.into_values())
-            .filter_map(|endpoint| endpoint.ip_address?.parse::<std::net::IpAddr>().ok());
-        for address in addresses {
-            let probe = tokio::net::TcpStream::connect((address, CONTAINER_PORT));
-            if let Ok(Ok(_)) = tokio::time::timeout(DIRECT_PROBE, probe).await {
-                tracing::debug!(container = name, %address, "connecting to the container directly");
-                return Server {
-                    host: address.to_string(),
-                    port: CONTAINER_PORT,
-                    ..server
-                };
-            }
-        }
-        server
+        Ok(port_of(&info).map(|port| (port, addresses_of(&info))))
     }
 
     async fn still_running(&self, name: &str) -> Result<()> {
@@ -495,7 +458,10 @@ wait "$pg"
 "#;
         let outside = r#"base=$1 tag=$2 name=$3 data=$4 inside=$5
 docker rm "$name" >/dev/null 2>&1
-docker run --name "$name" --label pgfixture.initializer=1     -e POSTGRES_USER=postgres -e POSTGRES_PASSWORD -e POSTGRES_DB=postgres     -e POSTGRES_INITDB_ARGS=--no-sync -e "PGDATA=$data"     "$base" sh -c "$inside" >/dev/null 2>&1 || exit 0
+docker run --name "$name" --label pgfixture.initializer=1 \
+    -e POSTGRES_USER=postgres -e POSTGRES_PASSWORD -e POSTGRES_DB=postgres \
+    -e POSTGRES_INITDB_ARGS=--no-sync -e "PGDATA=$data" \
+    "$base" sh -c "$inside" >/dev/null 2>&1 || exit 0
 docker commit --change "LABEL pgfixture.base=$base" "$name" "$tag" >/dev/null 2>&1
 docker rm "$name" >/dev/null 2>&1
 docker images --filter "label=pgfixture.base=$base" --format '{{.Repository}}:{{.Tag}}' |
@@ -613,6 +579,45 @@ fn parse_endpoint(endpoint: &str) -> Option<(String, u16)> {
     let (host, port) = endpoint.trim().rsplit_once(':')?;
     let host: std::net::IpAddr = host.parse().ok()?;
     Some((host.to_string(), port.parse().ok()?))
+}
+
+/// `server` reached at the container's own address on its network instead of the
+/// published port, when that address answers from here. Every connection through a
+/// published port passes Docker's userland proxy (`docker-proxy`), which adds 0.1–0.3 ms
+/// to every round trip. The container's address answers when the daemon runs on this
+/// host (Linux); on Docker Desktop, a remote `DOCKER_HOST` or a network that is not
+/// routed here, the published port is kept.
+async fn direct(name: &str, server: Server, addresses: &[IpAddr], config: &Config) -> Server {
+    let local_daemon = config
+        .docker_host
+        .as_deref()
+        .is_none_or(|host| host.starts_with("unix://"));
+    if !local_daemon {
+        return server;
+    }
+    for &address in addresses {
+        let probe = tokio::net::TcpStream::connect((address, CONTAINER_PORT));
+        if let Ok(Ok(_)) = tokio::time::timeout(DIRECT_PROBE, probe).await {
+            tracing::debug!(container = name, %address, "connecting to the container directly");
+            return Server {
+                host: address.to_string(),
+                port: CONTAINER_PORT,
+                ..server
+            };
+        }
+    }
+    server
+}
+
+/// The container's addresses on its networks.
+fn addresses_of(info: &bollard::models::ContainerInspectResponse) -> Vec<IpAddr> {
+    info.network_settings
+        .as_ref()
+        .and_then(|n| n.networks.as_ref())
+        .into_iter()
+        .flat_map(|networks| networks.values())
+        .filter_map(|endpoint| endpoint.ip_address.as_deref()?.parse().ok())
+        .collect()
 }
 
 fn port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
