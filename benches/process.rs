@@ -8,7 +8,8 @@
 //! BENCH_PROCESSES=100 cargo bench --bench process
 //! ```
 //!
-//! Side by side, per isolation mode, medians of processes run one after the other:
+//! Side by side, per isolation mode, medians of processes run one after the other, the
+//! three kinds taking turns so that the machine's drift reaches every column alike:
 //! - `empty`: a process of this binary that exits at once (the floor of process start);
 //! - `raw`: a process that opens one connection with tokio-postgres and runs the query
 //!   (the floor of a process that talks to PostgreSQL at all);
@@ -57,20 +58,23 @@ fn child(mode: &str) {
     println!("inside_us={}", started.elapsed().as_micros());
 }
 
-/// Runs `n` child processes of `mode` one after the other; their wall times and the
-/// times they measured inside, sorted.
-fn run(mode: &str, n: usize, env: &[(&str, String)]) -> (Vec<Duration>, Vec<Duration>) {
-    let exe = std::env::current_exe().unwrap();
-    let mut wall = Vec::with_capacity(n);
-    let mut inside = Vec::with_capacity(n);
-    for _ in 0..n {
+/// Wall times of child processes of one kind, and the times they measured inside.
+#[derive(Default)]
+struct Runs {
+    wall: Vec<Duration>,
+    inside: Vec<Duration>,
+}
+
+impl Runs {
+    /// Runs one child process of `mode` and records its times.
+    fn run(&mut self, mode: &str, env: &[(&str, String)]) {
         let started = Instant::now();
-        let out = Command::new(&exe)
+        let out = Command::new(std::env::current_exe().unwrap())
             .env("PGFIXTURE_BENCH_CHILD", mode)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .output()
             .unwrap();
-        wall.push(started.elapsed());
+        self.wall.push(started.elapsed());
         assert!(
             out.status.success(),
             "{mode} child failed: {}",
@@ -81,12 +85,19 @@ fn run(mode: &str, n: usize, env: &[(&str, String)]) -> (Vec<Duration>, Vec<Dura
             .split_whitespace()
             .find_map(|w| w.strip_prefix("inside_us="))
         {
-            inside.push(Duration::from_micros(us.parse().unwrap()));
+            self.inside.push(Duration::from_micros(us.parse().unwrap()));
         }
     }
-    wall.sort();
-    inside.sort();
-    (wall, inside)
+
+    fn median(&mut self) -> Duration {
+        self.wall.sort();
+        percentile(&self.wall, 0.5)
+    }
+
+    fn median_inside(&mut self) -> Duration {
+        self.inside.sort();
+        percentile(&self.inside, 0.5)
+    }
 }
 
 fn main() {
@@ -125,7 +136,7 @@ fn main() {
             ("PGFIXTURE_GRACE", "5".to_owned()),
         ];
         // The first process provisions the worker (and starts servers); not measured.
-        run("pgfixture", 1, &env);
+        Runs::default().run("pgfixture", &env);
         // The raw floor connects to the same kind of server, through another worker's
         // pool guard of this process (same run, so the same shared server).
         let mut config = pgfixture::Config::from_env().unwrap();
@@ -154,20 +165,19 @@ fn main() {
         let mut raw_env = env.clone();
         raw_env.push(("PGFIXTURE_BENCH_URL", url));
 
-        let (empty, _) = run("empty", n, &env);
-        let (raw, _) = run("raw", n, &raw_env);
-        let (pgf, inside) = run("pgfixture", n, &env);
-        let (e, r, p) = (
-            percentile(&empty, 0.5),
-            percentile(&raw, 0.5),
-            percentile(&pgf, 0.5),
-        );
+        let (mut empty, mut raw, mut pgf) = (Runs::default(), Runs::default(), Runs::default());
+        for _ in 0..n {
+            empty.run("empty", &env);
+            raw.run("raw", &raw_env);
+            pgf.run("pgfixture", &env);
+        }
+        let (e, r, p) = (empty.median(), raw.median(), pgf.median());
         println!(
             "{mode:<10} {} {} {} {} {} {:>8.2}x",
             ms(e),
             ms(r),
             ms(p),
-            ms(percentile(&inside, 0.5)),
+            ms(pgf.median_inside()),
             ms(p.saturating_sub(e)),
             p.as_secs_f64() / r.as_secs_f64()
         );
