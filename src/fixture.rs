@@ -221,6 +221,17 @@ struct Worker {
     /// The worker's database (database and container modes) or schema (schema mode).
     target: String,
     pool_size: usize,
+    /// The connection that found the worker ready in a new process, already inside a
+    /// test's transaction: the first test takes it (see [`Inner::attach_worker`]).
+    /// Never pooled while it holds that transaction.
+    primed: Mutex<Option<deadpool_postgres::Object>>,
+}
+
+impl Worker {
+    /// The primed connection, if the first test has not taken it.
+    fn take_primed(&self) -> Option<deadpool_postgres::Object> {
+        self.primed.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 #[derive(Default)]
@@ -452,6 +463,8 @@ impl Inner {
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
             let worker = self.worker(&id, deadline).await?;
+            // Its open transaction must not reach the pool; closed instead.
+            drop(worker.take_primed().map(deadpool_postgres::Object::take));
             // Marked first: if this process dies while the pool is out, whoever takes
             // the worker next finds the mark and resets it.
             let kind = match self.config.isolation {
@@ -525,6 +538,9 @@ impl Inner {
 
     /// A pooled connection of `worker` inside a fresh transaction.
     async fn begin(&self, worker: &Worker, id: &WorkerId) -> Result<deadpool_postgres::Object> {
+        if let Some(client) = worker.take_primed() {
+            return Ok(client);
+        }
         let client = worker.pool.get().await.map_err(|source| Error::Pool {
             worker: id.to_string(),
             source,
@@ -694,6 +710,13 @@ impl Inner {
                         )
                         .await?;
                     }
+                } else if !shared_server {
+                    // Clean by its comment, yet the setting the next process checks
+                    // did not say so: a worker marked by a pgfixture from before the
+                    // setting, on a reused server. Marked again, so that the next
+                    // process finds it ready on its first connection. (A worker is
+                    // used by one process at a time, so the mark read is current.)
+                    provision::mark_database_clean(&admin, &worker_name, &mark).await?;
                 }
                 (worker_name.clone(), None, state)
             }
@@ -761,6 +784,7 @@ impl Inner {
             search_path,
             target: worker_name,
             pool_size: size,
+            primed: Mutex::new(None),
         }))
     }
 
@@ -806,8 +830,9 @@ impl Inner {
     }
 
     /// The worker as another process left it, checked on the first pooled connection,
-    /// which the test then uses: one connection in all, the common case of a nextest
-    /// process. `None` when it is not there or not clean: provision it.
+    /// which the test then uses: one connection and one round trip in all before the
+    /// test's first query, the common case of a nextest process. `None` when it is not
+    /// there or not clean: provision it.
     async fn attach_worker(
         &self,
         id: &WorkerId,
@@ -826,12 +851,13 @@ impl Inner {
                      FROM pg_namespace WHERE nspname = '{name}'"
                 ),
             ),
+            // The mark as the database's setting, loaded when the connection started.
             _ => (
                 name.to_owned(),
                 None,
                 format!(
-                    "SELECT coalesce(shobj_description(oid, 'pg_database'), ''), current_setting('max_connections') \
-                     FROM pg_database WHERE datname = '{name}'"
+                    "SELECT coalesce(current_setting('{}', true), ''), current_setting('max_connections')",
+                    provision::MARK_SETTING
                 ),
             ),
         };
@@ -857,8 +883,10 @@ impl Inner {
                 });
             }
         };
+        // The first test's transaction begins in the same round trip; if the worker is
+        // not ready, the connection goes with this pool.
         let messages = client
-            .simple_query(&sql)
+            .simple_query(&format!("{}; {sql}", crate::testdb::BEGIN))
             .await
             .map_err(Error::pg(format!("looking up worker {id}")))?;
         let Some((mark, max)) = messages.iter().find_map(|m| match m {
@@ -874,7 +902,6 @@ impl Inner {
             return Ok(None);
         }
         let size = self.fit_pool_size(max);
-        drop(client);
         if size < wanted {
             pool.resize(size);
         }
@@ -886,6 +913,7 @@ impl Inner {
             search_path,
             target: name.to_owned(),
             pool_size: size,
+            primed: Mutex::new(Some(client)),
         })))
     }
 }

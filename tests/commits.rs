@@ -9,6 +9,7 @@ use std::time::Duration;
 mod common;
 
 use common::{child_command, run_child, unique_run};
+use pgfixture::tokio_postgres::NoTls;
 use pgfixture::{Fixture, TestDb};
 
 /// One in-process worker, so that the next handle is on the same worker, and the
@@ -209,7 +210,9 @@ async fn listen_notify_works_on_the_worker_pool() {
 
 /// Run by the tests below in a child process: `commit` commits a note and exits
 /// normally; `pool` commits a note through the worker pool, says so, and waits to be
-/// killed; `count` reports the notes of those two.
+/// killed; `unmark` leaves the worker as a pgfixture from before the database-level
+/// mark did (its comment alone); `count` reports the notes of `commit` and `pool`, the
+/// resets it made, and the mark its connection was started with.
 #[test]
 #[ignore = "helper, run as a child process by the commit tests"]
 fn child() {
@@ -236,18 +239,38 @@ fn child() {
                 println!("CHILD-COMMITTED");
                 tokio::time::sleep(Duration::from_secs(120)).await;
             }
+            "unmark" => {
+                let pool = pgfixture::worker_pool().await.unwrap();
+                let mut admin = pool.pg_config().clone();
+                let name = admin.get_dbname().unwrap().to_owned();
+                admin.dbname("postgres");
+                // The reset leaves a fresh clone, marked clean both ways.
+                pool.release().await.unwrap();
+                let (admin, connection) = admin.connect(NoTls).await.unwrap();
+                tokio::spawn(connection);
+                admin
+                    .batch_execute(&format!(
+                        "ALTER DATABASE \"{name}\" RESET pgfixture.mark"
+                    ))
+                    .await
+                    .unwrap();
+            }
             "count" => {
                 let db = pgfixture::worker_db().await.unwrap();
-                let n: i64 = db
+                let row = db
                     .query_one(
-                        "SELECT count(*) FROM notes WHERE owner IN ('child', 'killed')",
+                        "SELECT count(*), length(coalesce(current_setting('pgfixture.mark', true), '')) \
+                         FROM notes WHERE owner IN ('child', 'killed')",
                         &[],
                     )
                     .await
-                    .unwrap()
-                    .get(0);
+                    .unwrap();
+                let (n, mark): (i64, i32) = (row.get(0), row.get(1));
                 let stats = pgfixture::Fixture::from_env().unwrap().stats();
-                println!("CHILD-COUNT notes={n} reset={}", stats.workers_reset);
+                println!(
+                    "CHILD-COUNT notes={n} reset={} mark={mark}",
+                    stats.workers_reset
+                );
             }
             other => panic!("unknown child mode {other}"),
         }
@@ -263,7 +286,14 @@ fn child_env<'a>(run: &'a str, mode: &'a str) -> [(&'a str, &'a str); 4] {
     ]
 }
 
+/// The notes the `count` child saw and the resets it made.
 fn counted(run: &str) -> (u64, u64) {
+    let (notes, reset, _) = counted_with_mark(run);
+    (notes, reset)
+}
+
+/// [`counted`], and the length of the mark its connection was started with.
+fn counted_with_mark(run: &str) -> (u64, u64, u64) {
     let out = run_child(&child_env(run, "count"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -274,6 +304,7 @@ fn counted(run: &str) -> (u64, u64) {
     (
         common::reported(&stdout, "notes"),
         common::reported(&stdout, "reset"),
+        common::reported(&stdout, "mark"),
     )
 }
 
@@ -297,10 +328,12 @@ fn a_commit_does_not_reach_the_next_process_on_the_worker() {
 }
 
 /// A process killed while its worker pool is out leaves the worker marked; the next
-/// process on the worker resets it before its test runs.
+/// process on the worker resets it before its test runs. The killed process found the
+/// worker ready, as nextest's processes do, on a connection it had to set aside.
 #[test]
 fn a_process_killed_with_its_worker_pool_out_leaves_a_clean_worker() {
     let run = unique_run("poolkill");
+    assert_eq!(counted(&run), (0, 0));
     let mut child = child_command(&child_env(&run, "pool"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -316,5 +349,28 @@ fn a_process_killed_with_its_worker_pool_out_leaves_a_clean_worker() {
         counted(&run),
         (0, 1),
         "the next process resets the marked worker"
+    );
+}
+
+/// A worker marked by its comment alone (as a pgfixture from before the database-level
+/// mark left it on a reused server) is clean, not dirty: the next process uses it without
+/// a reset and marks it again, so that the processes after it find it ready on their
+/// first connection. Schema mode marks by comment only.
+#[test]
+fn a_worker_marked_by_its_comment_alone_is_used_and_marked_again() {
+    let run = unique_run("unmark");
+    let out = run_child(&child_env(&run, "unmark"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (notes, reset, mark) = counted_with_mark(&run);
+    assert_eq!((notes, reset), (0, 0));
+    let schema = std::env::var("PGFIXTURE_ISOLATION").as_deref() == Ok("schema");
+    assert_eq!(
+        mark > 0,
+        !schema,
+        "the worker's database carries its mark again (length {mark})"
     );
 }
