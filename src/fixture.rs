@@ -545,12 +545,19 @@ impl Inner {
             worker: id.to_string(),
             source,
         })?;
-        client
-            .batch_execute(crate::testdb::BEGIN)
-            .await
-            .map_err(Error::pg(format!(
+        // Sent, not waited for: tokio-postgres sends a request when its future is
+        // first polled, and the connection keeps requests in order and reads the
+        // answers of dropped futures, so the test's first statement follows the BEGIN
+        // on the wire and runs inside the transaction, one round trip sooner. A BEGIN
+        // that failed shows when the test ends: the transaction's mark is missing,
+        // which is handled like a commit (reported, worker reset). A connection found
+        // closed fails here, as before.
+        use futures::FutureExt;
+        if let Some(Err(e)) = client.batch_execute(crate::testdb::BEGIN).now_or_never() {
+            return Err(Error::pg(format!(
                 "starting the test transaction on worker {id}"
-            )))?;
+            ))(e));
+        }
         Ok(client)
     }
 
