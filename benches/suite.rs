@@ -26,8 +26,10 @@
 //! - `shared-unsafe`: one database, pooled connections, no isolation at all: the floor.
 //!
 //! Prints suite times (medians of `BENCH_REPEAT` runs, default 5, and of
-//! `BENCH_REPEAT_SLOW`, default 1, for the slow alternatives), the speedup of 4
-//! workers over 1, and each strategy's time as a multiple of pgfixture's; writes the
+//! `BENCH_REPEAT_SLOW`, default 1, for the slow alternatives; each run goes through
+//! every worker count), the speedup of 4 workers over 1, and each strategy's time as a
+//! multiple of the first strategy's (pgfixture's); `BENCH_STRATEGIES` (names, comma
+//! separated) runs some of the strategies only. Writes the
 //! numbers as CSV and a plot of suite time against workers as SVG (`BENCH_PLOT`,
 //! default `target/pgfixture-bench/suite.svg`).
 
@@ -529,6 +531,17 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    let selected: Vec<String> = match std::env::var("BENCH_STRATEGIES") {
+        Ok(list) => list.split(',').map(|s| s.trim().to_owned()).collect(),
+        Err(_) => STRATEGIES.iter().map(|s| s.name().to_owned()).collect(),
+    };
+    for name in &selected {
+        assert!(
+            STRATEGIES.iter().any(|s| s.name() == name),
+            "BENCH_STRATEGIES: unknown strategy {name:?}; the strategies are {:?}",
+            STRATEGIES.map(Strategy::name)
+        );
+    }
     let plot_path = std::env::var("BENCH_PLOT")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| {
@@ -568,16 +581,18 @@ fn main() {
                 }
                 _ => repeat,
             };
-            let times: Vec<Duration> = WORKERS
-                .iter()
-                .map(|&w| {
-                    median(
-                        (0..repeat)
-                            .map(|_| suite(strategy, load, w, tests, &run, &raw))
-                            .collect(),
-                    )
-                })
-                .collect();
+            if !selected.iter().any(|s| s == strategy.name()) {
+                continue;
+            }
+            // Each repeat runs every worker count, so that the machine's drift
+            // reaches the speedup's numerator and denominator alike.
+            let mut samples = vec![Vec::with_capacity(repeat); WORKERS.len()];
+            for _ in 0..repeat {
+                for (i, &w) in WORKERS.iter().enumerate() {
+                    samples[i].push(suite(strategy, load, w, tests, &run, &raw));
+                }
+            }
+            let times: Vec<Duration> = samples.into_iter().map(median).collect();
             for (w, t) in WORKERS.iter().zip(&times) {
                 let _ = writeln!(
                     csv,
