@@ -6,6 +6,8 @@
 //! BENCH_TESTS=200 BENCH_PLOT=suite.svg cargo bench --bench suite
 //! ```
 //!
+//! A suite has `BENCH_TESTS` tests (default 384: about 2.4 s at 1 worker, long enough
+//! that thread starts and the last test's tail weigh little in the speedup).
 //! Tests run the way `cargo test` runs them: a thread per running test, a fresh tokio
 //! runtime per test, `W` at a time. Every test inserts three rows and reads them back;
 //! an I/O-bound test then waits 4 ms on the server (`pg_sleep`), a CPU-bound one
@@ -20,6 +22,8 @@
 //!   `#[sqlx::test]` does with its migrations.
 //! - `clone-per-test`: a database per test cloned from a template that holds the
 //!   fixtures, as pgtestdb does (the server's default clone strategy, as pgtestdb uses).
+//!   These two run `BENCH_SLOW_TESTS` tests (default 96) of a longer suite, scaled to
+//!   its size.
 //! - `server-per-test`: a new server (container, or local server without Docker) per
 //!   test, the naive testcontainers pattern; run on a small sample (`2 W` tests) and
 //!   scaled to the suite's size.
@@ -179,16 +183,25 @@ impl Raw {
         client
     }
 
+    /// Empties the floor's shared table, untimed: each floor suite starts as every
+    /// pgfixture test does, with no rows of earlier suites (whose rows the floor keeps,
+    /// and whose growing table its unindexed reads would scan).
+    fn empty_shared(&self) {
+        block_on(async {
+            self.connect("bench_shared")
+                .await
+                .batch_execute("TRUNCATE notes")
+                .await
+                .unwrap();
+        });
+    }
+
     /// Closes, from the server's side, the pooled connections of the pgfixture suites
     /// that have ended. Every suite is a configuration of its own, and a process keeps
     /// its fixtures (and their pools) for its whole life, as a test binary would: dozens
     /// of suites in one process would otherwise exhaust `max_connections`. Not timed.
     fn close_suite_connections(&self) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
+        block_on(async {
             let admin = self.connect("postgres").await;
             admin
                 .execute(
@@ -201,6 +214,15 @@ impl Raw {
                 .unwrap();
         });
     }
+}
+
+/// Runs `work` to its end on a runtime of its own: the untimed steps between suites.
+fn block_on<T>(work: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(work)
 }
 
 async fn raw_server(run: &str) -> Raw {
@@ -292,6 +314,17 @@ fn fixture(run: &str, isolation: Isolation, workers: usize) -> Fixture {
 
 static UNIQUE: AtomicUsize = AtomicUsize::new(0);
 
+/// How many tests the database- and clone-per-test alternatives run of a longer suite
+/// (`BENCH_SLOW_TESTS`, default 96), their time scaled to the suite's size: each of
+/// their tests takes 50–150 ms, so 96 of them are a fair sample, and a whole suite of
+/// them would take minutes per worker count.
+fn slow_sample() -> usize {
+    std::env::var("BENCH_SLOW_TESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(96)
+}
+
 /// One suite of `strategy`; the server-per-test one is scaled from its sample.
 fn suite(
     strategy: Strategy,
@@ -339,33 +372,39 @@ fn suite(
             raw.close_suite_connections();
             elapsed
         }
-        Strategy::DbPerTest | Strategy::ClonePerTest => run_suite(workers, tests, move |n| {
-            let raw = Arc::clone(&raw);
-            async move {
-                let name = format!("bench_t{}", UNIQUE.fetch_add(1, Ordering::Relaxed));
-                let admin = raw.connect("postgres").await;
-                if strategy == Strategy::DbPerTest {
+        Strategy::DbPerTest | Strategy::ClonePerTest => {
+            let sample = tests.min(slow_sample());
+            let took = run_suite(workers, sample, move |n| {
+                let raw = Arc::clone(&raw);
+                async move {
+                    let name = format!("bench_t{}", UNIQUE.fetch_add(1, Ordering::Relaxed));
+                    let admin = raw.connect("postgres").await;
+                    if strategy == Strategy::DbPerTest {
+                        admin
+                            .batch_execute(&format!("CREATE DATABASE {name}"))
+                            .await
+                            .unwrap();
+                        let client = raw.connect(&name).await;
+                        client.batch_execute(&raw.fixtures).await.unwrap();
+                        body(&client, n, load).await;
+                    } else {
+                        admin
+                            .batch_execute(&format!(
+                                "CREATE DATABASE {name} TEMPLATE bench_template"
+                            ))
+                            .await
+                            .unwrap();
+                        let client = raw.connect(&name).await;
+                        body(&client, n, load).await;
+                    }
                     admin
-                        .batch_execute(&format!("CREATE DATABASE {name}"))
+                        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
                         .await
                         .unwrap();
-                    let client = raw.connect(&name).await;
-                    client.batch_execute(&raw.fixtures).await.unwrap();
-                    body(&client, n, load).await;
-                } else {
-                    admin
-                        .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE bench_template"))
-                        .await
-                        .unwrap();
-                    let client = raw.connect(&name).await;
-                    body(&client, n, load).await;
                 }
-                admin
-                    .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-                    .await
-                    .unwrap();
-            }
-        }),
+            });
+            took.mul_f64(tests as f64 / sample as f64)
+        }
         Strategy::ServerPerTest => {
             let sample = (2 * workers).min(tests);
             let took = run_suite(workers, sample, move |n| {
@@ -378,15 +417,18 @@ fn suite(
             });
             took.mul_f64(tests as f64 / sample as f64)
         }
-        Strategy::SharedUnsafe => run_suite(workers, tests, move |n| {
-            // One connection per worker thread, kept across tests: what a pool gives
-            // a suite that isolates nothing.
-            let client = SHARED.with(|cell| {
-                let mut cell = cell.borrow_mut();
-                cell.get_or_insert_with(|| SharedClient::open(&raw)).clone()
-            });
-            async move { body(&client.0.1, n, load).await }
-        }),
+        Strategy::SharedUnsafe => {
+            raw.empty_shared();
+            run_suite(workers, tests, move |n| {
+                // One connection per worker thread, kept across tests: what a pool
+                // gives a suite that isolates nothing.
+                let client = SHARED.with(|cell| {
+                    let mut cell = cell.borrow_mut();
+                    cell.get_or_insert_with(|| SharedClient::open(&raw)).clone()
+                });
+                async move { body(&client.0.1, n, load).await }
+            })
+        }
     }
 }
 
@@ -520,7 +562,7 @@ fn main() {
     let tests: usize = std::env::var("BENCH_TESTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(96);
+        .unwrap_or(384);
     // Suites of under a second are noisy on a shared machine: medians of 5. The
     // alternatives take seconds to minutes per suite and run once.
     let repeat: usize = std::env::var("BENCH_REPEAT")
@@ -613,10 +655,11 @@ fn main() {
                 times[3].as_secs_f64(),
                 times[0].as_secs_f64() / at4,
                 at4 / reference,
-                if strategy == Strategy::ServerPerTest {
-                    "  (scaled from 2 W tests)"
-                } else {
-                    ""
+                match strategy {
+                    Strategy::ServerPerTest => "  (scaled from 2 W tests)".to_owned(),
+                    Strategy::DbPerTest | Strategy::ClonePerTest if slow_sample() < tests =>
+                        format!("  (scaled from {} tests)", slow_sample()),
+                    _ => String::new(),
                 }
             );
             results.push((load, strategy, times));
