@@ -5,7 +5,7 @@
 #   scripts/benchmarks.sh
 #
 # Backends: docker (when a daemon answers; PGFIXTURE_IMAGE as everywhere) and local.
-# Takes about 12 minutes on a 2-core machine. BENCH_TESTS, BENCH_REPEAT and the other
+# Takes about 25 minutes on a 2-core machine. BENCH_TESTS, BENCH_REPEAT and the other
 # variables of each bench apply. BENCHES="suite provision" runs only those (of overhead,
 # process, process-dev, provision, suite, tune) and rebuilds the report from their new
 # output and the others' last output.
@@ -103,16 +103,20 @@ section() { # title, name, text
 I/O-bound (4 ms waiting on the server per test) and CPU-bound (4 ms hashing on the client per
 test). \`pgfixture\`'s suites include provisioning their workers (a new configuration per
 suite); \`pgfixture-warm\`'s workers are provisioned before the suite starts, as for a long
-suite, nextest's later processes or \`PGFIXTURE_REUSE=1\`. \`server-per-test\` runs 2 W tests
-and is scaled to the suite's size."
+suite, nextest's later processes or \`PGFIXTURE_REUSE=1\`. Suites have 384 tests (about 2.4 s
+at 1 worker); \`db-per-test\` and \`clone-per-test\` run 96 of them and \`server-per-test\`
+2 W, scaled to the suite's size. Each repeat runs every worker count, so the speedups compare
+suites run side by side."
     section "Per-test overhead, in-process" overhead \
 "\`benches/overhead.rs\`: acquire, first query, release, warm, against the same statements on
 a connection already held (the floor). Includes pgfixture's check that the test did not commit."
     section "Per-test cost of a fresh process (nextest)" process \
 "\`benches/process.rs\`, release build: a process per test with its worker already provisioned,
-against a process that exits at once (\`empty\`) and one that opens one connection itself (\`raw\`)."
+against a process that exits at once (\`empty\`) and one that opens one connection itself (\`raw\`).
+The three kinds of process take turns, so the machine's drift reaches every column alike."
     section "Per-test cost of a fresh process, unoptimised build" process-dev \
-"The same, built as test binaries are (\`--profile dev\`)."
+"The same, built as test binaries are (\`--profile dev\`; pgfixture's \`Cargo.toml\` optimises no
+dependency in test builds, so this is what a user's test binary gets)."
     section "Provisioning and memory per worker" provision \
 "\`benches/provision.rs\`: time to the first handle of a new process: a new run (\`cold\`), a new
 worker on running servers, the same worker again (\`reused\`, as the next nextest process or the
