@@ -450,6 +450,36 @@ async fn containers_start_initialised_with_passwords_of_their_own() {
         .filter_map(|c| c.image)
         .collect();
     assert!(images.contains(&base), "{images:?}");
+
+    // The next process finds no initialised image and has it built again. The builder
+    // also removes the untagged initialised images of this base that no container
+    // uses, such as one left by a rebuild under the same tag: here, one made for it.
+    let orphan = docker
+        .commit_container(
+            bollard::query_parameters::CommitContainerOptionsBuilder::default()
+                .container(containers[0].id.as_deref().unwrap())
+                .changes(&format!("LABEL pgfixture.base={base}"))
+                .build(),
+            bollard::models::ContainerConfig::default(),
+        )
+        .await
+        .unwrap()
+        .id;
+    let out = run_child(&[
+        ("PGFIXTURE_RUN_ID", &common::unique_run("init4")),
+        ("PGFIXTURE_ISOLATION", "container"),
+        ("PGFIXTURE_GRACE", "1"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("CHILD-OK users=1"), "{stdout}");
+    let waited = Instant::now();
+    while docker.inspect_image(&orphan).await.is_ok() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(90),
+            "the unused untagged image {orphan} of {base} is still there after 90 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// `auto` with neither Docker nor local binaries lists the ways to fix it.

@@ -430,7 +430,8 @@ fn initialized_tag(base_id: &str) -> String {
 /// command, once per process (and once at a time: the builder container's name is
 /// fixed), while this run's containers initialise themselves. The builder initialises
 /// a data directory, stops the server cleanly, commits the container, and removes the
-/// initialised images of the same base that are out of date. Nothing happens without
+/// initialised images of the same base that are out of date or untagged (unless a
+/// container still uses them); it does nothing if the image exists by then. Nothing happens without
 /// the `docker` command; containers then keep running initdb.
 fn spawn_initializer(base: &str, tag: &str, config: &Config) {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -457,6 +458,9 @@ kill -INT "$pg"
 wait "$pg"
 "#;
         let outside = r#"base=$1 tag=$2 name=$3 data=$4 inside=$5
+# Built meanwhile by another process's builder: committing again would leave that
+# image behind untagged.
+docker image inspect "$tag" >/dev/null 2>&1 && exit 0
 docker rm "$name" >/dev/null 2>&1
 docker run --name "$name" --label pgfixture.initializer=1 \
     -e POSTGRES_USER=postgres -e POSTGRES_PASSWORD -e POSTGRES_DB=postgres \
@@ -468,6 +472,8 @@ docker images --filter "label=pgfixture.base=$base" --format '{{.Repository}}:{{
     while read -r old; do
         [ "$old" = "$tag" ] || docker rmi "$old" >/dev/null 2>&1
     done
+# Untagged initialised images of this base that no container uses any more.
+docker image prune --force --filter "label=pgfixture.base=$base" >/dev/null 2>&1
 "#;
         let name = format!("pgfixture-initializer-{}", tag.rsplit(':').next().unwrap_or(""));
         detached(
