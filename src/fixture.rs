@@ -467,21 +467,20 @@ impl Inner {
             drop(worker.take_primed().map(deadpool_postgres::Object::take));
             // Marked first: if this process dies while the pool is out, whoever takes
             // the worker next finds the mark and resets it.
-            let kind = match self.config.isolation {
-                Isolation::Schema => "SCHEMA",
-                _ => "DATABASE",
+            let target = match self.config.isolation {
+                Isolation::Schema => provision::Target::Schema(
+                    &worker.target,
+                    (self.config.effective_backend() != Backend::Url)
+                        .then_some(worker.dbname.as_str()),
+                ),
+                _ => provision::Target::Database(&worker.target),
             };
             let client = worker.pool.get().await.map_err(|source| Error::Pool {
                 worker: id.to_string(),
                 source,
             })?;
             client
-                .batch_execute(&provision::mark_sql(
-                    kind,
-                    &worker.target,
-                    &self.worker_mark(),
-                    true,
-                ))
+                .batch_execute(&provision::mark_sql(target, &self.worker_mark(), true))
                 .await
                 .map_err(Error::pg(format!(
                     "marking worker {id} as in use by a worker pool"
@@ -723,7 +722,8 @@ impl Inner {
                     // setting, on a reused server. Marked again, so that the next
                     // process finds it ready on its first connection. (A worker is
                     // used by one process at a time, so the mark read is current.)
-                    provision::mark_database_clean(&admin, &worker_name, &mark).await?;
+                    let target = provision::Target::Database(&worker_name);
+                    provision::mark_clean(&admin, target, &mark).await?;
                 }
                 (worker_name.clone(), None, state)
             }
@@ -750,11 +750,25 @@ impl Inner {
                     provision::sweep(&client, &self.config.run_id, self.config.server_grace())
                         .await?;
                 }
+                // The schemas' settings live on pgfixture's own database only.
+                let settings_on = (!shared_server).then_some(dbname);
+                let fixtures = &self.fixtures;
                 if state == State::Missing {
-                    provision::schema(&client, &worker_name, &self.fixtures, &mark).await?;
+                    provision::schema(&client, &worker_name, settings_on, fixtures, &mark).await?;
                 } else if reset || state == State::Dirty {
-                    provision::reset_schema(&client, &worker_name, &self.fixtures, &mark, reset)
-                        .await?;
+                    provision::reset_schema(
+                        &client,
+                        &worker_name,
+                        settings_on,
+                        fixtures,
+                        &mark,
+                        reset,
+                    )
+                    .await?;
+                } else if !shared_server {
+                    // Clean by its comment: marked again, as for a database above.
+                    let target = provision::Target::Schema(&worker_name, settings_on);
+                    provision::mark_clean(&client, target, &mark).await?;
                 }
                 (dbname.to_owned(), Some(worker_name.clone()), state)
             }
@@ -849,25 +863,22 @@ impl Inner {
         use deadpool_postgres::PoolError;
         use tokio_postgres::SimpleQueryMessage;
         // `name` is pgfixture's own: lowercase letters, digits and '_'.
-        let (dbname, search_path, sql) = match self.config.isolation {
+        let (dbname, search_path, target) = match self.config.isolation {
             Isolation::Schema => (
-                SCHEMA_DATABASE.to_owned(),
+                SCHEMA_DATABASE,
                 Some(name.to_owned()),
-                format!(
-                    "SELECT coalesce(obj_description(oid, 'pg_namespace'), ''), current_setting('max_connections') \
-                     FROM pg_namespace WHERE nspname = '{name}'"
-                ),
+                provision::Target::Schema(name, Some(SCHEMA_DATABASE)),
             ),
-            // The mark as the database's setting, loaded when the connection started.
-            _ => (
-                name.to_owned(),
-                None,
-                format!(
-                    "SELECT coalesce(current_setting('{}', true), ''), current_setting('max_connections')",
-                    provision::MARK_SETTING
-                ),
-            ),
+            _ => (name, None, provision::Target::Database(name)),
         };
+        let dbname = dbname.to_owned();
+        // The mark as a setting, loaded when the connection started.
+        let sql = format!(
+            "SELECT coalesce(current_setting('{}', true), ''), current_setting('max_connections')",
+            target
+                .setting()
+                .expect("pgfixture's own servers mark workers with settings")
+        );
         let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
         let pool = crate::pool::build(
             server,

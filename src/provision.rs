@@ -119,29 +119,67 @@ pub(crate) async fn schema_state(client: &Client, name: &str) -> Result<State> {
     Ok(State::of(schema_comment(client, name).await?))
 }
 
-/// A worker database's mark again, as a database-level setting: a new connection has it
-/// loaded when it starts, so the check on a nextest process's first connection reads it
-/// for nothing, where `shobj_description` costs a new backend 0.6–0.8 ms of catalog
-/// lookups. The comment stays the mark that decides what pgfixture may drop.
-pub(crate) const MARK_SETTING: &str = "pgfixture.mark";
+/// The worker a mark goes on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target<'a> {
+    /// A worker database.
+    Database(&'a str),
+    /// A worker schema, and the database that holds it when pgfixture owns the server
+    /// (`None` on a server of the user's, `PGFIXTURE_URL`, whose databases get no
+    /// settings of pgfixture's).
+    Schema(&'a str, Option<&'a str>),
+}
 
-/// The statements that mark a worker (`kind` is `DATABASE` or `SCHEMA`) dirty, or clean
-/// again; a database gets its [`MARK_SETTING`] in the same transaction.
-pub(crate) fn mark_sql(kind: &str, name: &str, mark: &str, dirty: bool) -> String {
-    let suffix = if dirty { DIRTY } else { "" };
-    let comment = format!("COMMENT ON {kind} {} IS '{mark}{suffix}'", ident(name));
-    match kind {
-        "DATABASE" => format!(
-            "{comment}; ALTER DATABASE {} SET {MARK_SETTING} = '{mark}{suffix}'",
-            ident(name)
-        ),
-        _ => comment,
+impl Target<'_> {
+    /// The setting that holds the worker's mark beside its comment: a new connection
+    /// has it loaded when it starts, so the check on a nextest process's first
+    /// connection reads it for nothing, where reading the comment costs a new backend
+    /// 0.6–0.9 ms of catalog lookups. The comment stays the mark that decides what
+    /// pgfixture may drop.
+    pub(crate) fn setting(self) -> Option<String> {
+        match self {
+            Target::Database(_) => Some("pgfixture.mark".to_owned()),
+            Target::Schema(name, Some(_)) => Some(format!("pgfixture.mark_{name}")),
+            Target::Schema(_, None) => None,
+        }
+    }
+
+    /// The statement that puts `value` in the setting, if the target has one.
+    fn setting_sql(self, value: &str) -> Option<String> {
+        let setting = self.setting()?;
+        Some(match self {
+            Target::Database(name) => {
+                format!("ALTER DATABASE {} SET {setting} = '{value}'", ident(name))
+            }
+            // Every schema's setting is in the one row of the database's settings,
+            // whose concurrent updates fail ("tuple concurrently updated"): one at a
+            // time, under a lock held to the end of the transaction.
+            Target::Schema(_, db) => format!(
+                "SELECT pg_advisory_xact_lock({}); ALTER DATABASE {} SET {setting} = '{value}'",
+                lock_key("schema marks"),
+                ident(db.expect("a schema with a setting has its database"))
+            ),
+        })
     }
 }
 
-/// Marks the worker database `name` clean, comment and setting.
-pub(crate) async fn mark_database_clean(admin: &Client, name: &str, mark: &str) -> Result<()> {
-    ddl(admin, &mark_sql("DATABASE", name, mark, false)).await
+/// The statements that mark a worker dirty, or clean again: its comment, and its
+/// setting ([`Target::setting`]) in the same transaction.
+pub(crate) fn mark_sql(target: Target<'_>, mark: &str, dirty: bool) -> String {
+    let value = format!("{mark}{}", if dirty { DIRTY } else { "" });
+    let comment = match target {
+        Target::Database(name) => format!("COMMENT ON DATABASE {} IS '{value}'", ident(name)),
+        Target::Schema(name, _) => format!("COMMENT ON SCHEMA {} IS '{value}'", ident(name)),
+    };
+    match target.setting_sql(&value) {
+        Some(setting) => format!("{comment}; {setting}"),
+        None => comment,
+    }
+}
+
+/// Marks the worker `target` clean, comment and setting.
+pub(crate) async fn mark_clean(client: &Client, target: Target<'_>, mark: &str) -> Result<()> {
+    ddl(client, &mark_sql(target, mark, false)).await
 }
 
 /// Refuses to go on unless `comment` (of the object `what`) carries pgfixture's mark.
@@ -269,7 +307,7 @@ pub(crate) async fn clone_database(
             &format!("CREATE DATABASE {} TEMPLATE {}{strategy}", ident(&building), ident(template)),
         )
         .await?;
-        ddl(admin, &mark_sql("DATABASE", &building, mark, false)).await?;
+        ddl(admin, &mark_sql(Target::Database(&building), mark, false)).await?;
         ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(name))).await?;
         tracing::info!(database = name, template, server = %server.name, "worker database provisioned");
         Ok(true)
@@ -300,10 +338,12 @@ async fn schema_exists(client: &Client, schema: &str) -> Result<bool> {
 }
 
 /// Creates the worker schema `schema` with the fixtures applied inside it, unless it
-/// exists. Returns whether this call created it.
+/// exists; `settings_on` is the database that holds its mark's setting, if any
+/// ([`Target::Schema`]). Returns whether this call created it.
 pub(crate) async fn schema(
     client: &Client,
     schema: &str,
+    settings_on: Option<&str>,
     fixtures: &FixtureSet,
     mark: &str,
 ) -> Result<bool> {
@@ -324,10 +364,16 @@ pub(crate) async fn schema(
                 .await
                 .map_err(Error::pg(format!("creating schema {building}")))?;
             fixtures.apply(client).await?;
+            // Commented under the temporary name; the setting is named after the
+            // final one.
+            let setting = Target::Schema(schema, settings_on)
+                .setting_sql(mark)
+                .map(|sql| format!("{sql};"))
+                .unwrap_or_default();
             client
                 .batch_execute(&format!(
-                    "{}; ALTER SCHEMA {} RENAME TO {}; COMMIT;",
-                    mark_sql("SCHEMA", &building, mark, false),
+                    "{}; ALTER SCHEMA {} RENAME TO {}; {setting} COMMIT;",
+                    mark_sql(Target::Schema(&building, None), mark, false),
                     ident(&building),
                     ident(schema)
                 ))
@@ -369,6 +415,7 @@ pub(crate) async fn reset_database(
 pub(crate) async fn reset_schema(
     client: &Client,
     name: &str,
+    settings_on: Option<&str>,
     fixtures: &FixtureSet,
     mark: &str,
     force: bool,
@@ -376,7 +423,7 @@ pub(crate) async fn reset_schema(
     with_lock(client, name, async || {
         if force || schema_state(client, name).await? == State::Dirty {
             drop_schema(client, name).await?;
-            schema(client, name, fixtures, mark).await?;
+            schema(client, name, settings_on, fixtures, mark).await?;
         }
         Ok(())
     })
@@ -504,14 +551,28 @@ mod tests {
     }
 
     #[test]
-    fn a_database_is_marked_by_comment_and_setting_alike() {
+    fn workers_are_marked_by_comment_and_setting_alike() {
         assert_eq!(
-            mark_sql("DATABASE", "pgfx_w_1", "pgfixture r1", true),
+            mark_sql(Target::Database("pgfx_w_1"), "pgfixture r1", true),
             "COMMENT ON DATABASE \"pgfx_w_1\" IS 'pgfixture r1 dirty'; \
              ALTER DATABASE \"pgfx_w_1\" SET pgfixture.mark = 'pgfixture r1 dirty'"
         );
         assert_eq!(
-            mark_sql("SCHEMA", "pgfx_w_1", "pgfixture r1", false),
+            mark_sql(
+                Target::Schema("pgfx_w_1", Some("pgfx_schemas")),
+                "pgfixture r1",
+                false
+            ),
+            format!(
+                "COMMENT ON SCHEMA \"pgfx_w_1\" IS 'pgfixture r1'; \
+                 SELECT pg_advisory_xact_lock({}); \
+                 ALTER DATABASE \"pgfx_schemas\" SET pgfixture.mark_pgfx_w_1 = 'pgfixture r1'",
+                lock_key("schema marks")
+            )
+        );
+        // A schema in a user's database (PGFIXTURE_URL): its comment only.
+        assert_eq!(
+            mark_sql(Target::Schema("pgfx_w_1", None), "pgfixture r1", false),
             "COMMENT ON SCHEMA \"pgfx_w_1\" IS 'pgfixture r1'"
         );
         assert_eq!(State::of(Some("pgfixture r1 dirty".into())), State::Dirty);

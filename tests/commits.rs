@@ -241,16 +241,23 @@ fn child() {
             }
             "unmark" => {
                 let pool = pgfixture::worker_pool().await.unwrap();
+                let (database, setting): (String, String) = pool
+                    .get()
+                    .await
+                    .unwrap()
+                    .query_one(&format!("SELECT current_database(), {MARK_SETTING}"), &[])
+                    .await
+                    .map(|row| (row.get(0), row.get(1)))
+                    .unwrap();
                 let mut admin = pool.pg_config().clone();
-                let name = admin.get_dbname().unwrap().to_owned();
                 admin.dbname("postgres");
-                // The reset leaves a fresh clone, marked clean both ways.
+                // The reset leaves a fresh worker, marked clean both ways.
                 pool.release().await.unwrap();
                 let (admin, connection) = admin.connect(NoTls).await.unwrap();
                 tokio::spawn(connection);
                 admin
                     .batch_execute(&format!(
-                        "ALTER DATABASE \"{name}\" RESET pgfixture.mark"
+                        "ALTER DATABASE \"{database}\" RESET \"{setting}\""
                     ))
                     .await
                     .unwrap();
@@ -259,8 +266,10 @@ fn child() {
                 let db = pgfixture::worker_db().await.unwrap();
                 let row = db
                     .query_one(
-                        "SELECT count(*), length(coalesce(current_setting('pgfixture.mark', true), '')) \
-                         FROM notes WHERE owner IN ('child', 'killed')",
+                        &format!(
+                            "SELECT count(*), length(coalesce(current_setting({MARK_SETTING}, true), '')) \
+                             FROM notes WHERE owner IN ('child', 'killed')"
+                        ),
                         &[],
                     )
                     .await
@@ -276,6 +285,11 @@ fn child() {
         }
     });
 }
+
+/// The name of the setting that holds the worker's mark, as SQL: one per worker schema
+/// in schema mode.
+const MARK_SETTING: &str = "CASE WHEN current_schema() = 'public' \
+     THEN 'pgfixture.mark' ELSE 'pgfixture.mark_' || current_schema() END";
 
 fn child_env<'a>(run: &'a str, mode: &'a str) -> [(&'a str, &'a str); 4] {
     [
@@ -355,7 +369,7 @@ fn a_process_killed_with_its_worker_pool_out_leaves_a_clean_worker() {
 /// A worker marked by its comment alone (as a pgfixture from before the database-level
 /// mark left it on a reused server) is clean, not dirty: the next process uses it without
 /// a reset and marks it again, so that the processes after it find it ready on their
-/// first connection. Schema mode marks by comment only.
+/// first connection.
 #[test]
 fn a_worker_marked_by_its_comment_alone_is_used_and_marked_again() {
     let run = unique_run("unmark");
@@ -367,10 +381,5 @@ fn a_worker_marked_by_its_comment_alone_is_used_and_marked_again() {
     );
     let (notes, reset, mark) = counted_with_mark(&run);
     assert_eq!((notes, reset), (0, 0));
-    let schema = std::env::var("PGFIXTURE_ISOLATION").as_deref() == Ok("schema");
-    assert_eq!(
-        mark > 0,
-        !schema,
-        "the worker's database carries its mark again (length {mark})"
-    );
+    assert!(mark > 0, "the worker carries its mark's setting again");
 }
