@@ -300,6 +300,21 @@ fn child_env<'a>(run: &'a str, mode: &'a str) -> [(&'a str, &'a str); 4] {
     ]
 }
 
+/// Runs the child in `mode` on `run`'s worker; fails the test, with the child's output,
+/// unless it succeeded. Returns its stdout and stderr.
+fn child_ok(run: &str, mode: &str) -> (String, String) {
+    let out = run_child(&child_env(run, mode));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "{mode} child failed: {stdout}\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
 /// The notes the `count` child saw and the resets it made.
 fn counted(run: &str) -> (u64, u64) {
     let (notes, reset, _) = counted_with_mark(run);
@@ -308,13 +323,7 @@ fn counted(run: &str) -> (u64, u64) {
 
 /// [`counted`], and the length of the mark its connection was started with.
 fn counted_with_mark(run: &str) -> (u64, u64, u64) {
-    let out = run_child(&child_env(run, "count"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = child_ok(run, "count");
     (
         common::reported(&stdout, "notes"),
         common::reported(&stdout, "reset"),
@@ -327,13 +336,7 @@ fn counted_with_mark(run: &str) -> (u64, u64, u64) {
 #[test]
 fn a_commit_does_not_reach_the_next_process_on_the_worker() {
     let run = unique_run("commit");
-    let out = run_child(&child_env(&run, "commit"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (_, stderr) = child_ok(&run, "commit");
     assert!(
         stderr.contains("committed its transaction") && stderr.contains("child"),
         "the commit is reported once, with the test: {stderr}"
@@ -373,12 +376,7 @@ fn a_process_killed_with_its_worker_pool_out_leaves_a_clean_worker() {
 #[test]
 fn a_worker_marked_by_its_comment_alone_is_used_and_marked_again() {
     let run = unique_run("unmark");
-    let out = run_child(&child_env(&run, "unmark"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    child_ok(&run, "unmark");
     let (notes, reset, mark) = counted_with_mark(&run);
     assert_eq!((notes, reset), (0, 0));
     assert!(mark > 0, "the worker carries its mark's setting again");
