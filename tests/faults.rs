@@ -157,6 +157,17 @@ async fn a_server_out_of_connections_says_what_to_lower() {
         "{message}"
     );
 
+    // The held connections' backends exit a moment after their clients are dropped,
+    // and the release below resets the worker on a connection of its own: wait for a
+    // free slot (CI once hit "too many clients" here).
     drop(held);
+    let waited = std::time::Instant::now();
+    while pg.connect(pgfixture::tokio_postgres::NoTls).await.is_err() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "no connection slot freed up 30 s after the held connections were dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     pool.release().await.unwrap();
 }
