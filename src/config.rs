@@ -594,22 +594,33 @@ fn parse_image(value: &str) -> Result<String> {
     }
 }
 
+/// Longest run id kept as it is; longer or other ids are hashed to exactly
+/// [`HASHED_RUN_ID`] hex digits, so that the two kinds never meet.
+const MAX_PLAIN_RUN_ID: usize = 11;
+/// Hex digits of a hashed run id (48 bits).
+const HASHED_RUN_ID: usize = 12;
+
+/// The run id that names servers, containers and marks: the value itself when it is
+/// already short and plain (1 to 11 lowercase letters or digits), else 12 hex digits
+/// of a hash of the whole value. Ids that differ anywhere, in their tail, in case or
+/// in punctuation, never share a name (`pipeline123456job1` and `...job2` once did,
+/// when ids were cut to 12 characters).
 fn parse_run_id(var: &'static str, value: &str) -> Result<String> {
-    let cleaned: String = value
-        .trim()
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .take(12)
-        .collect();
-    if cleaned.len() < 4 {
-        return Err(Error::config(
-            var,
-            value,
-            "must hold at least 4 letters or digits",
-        ));
+    use sha2::{Digest, Sha256};
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(Error::config(var, value, "must not be blank"));
     }
-    Ok(cleaned)
+    let plain = value.len() <= MAX_PLAIN_RUN_ID
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if plain {
+        return Ok(value.to_owned());
+    }
+    let digest = Sha256::digest(value.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(hex[..HASHED_RUN_ID].to_owned())
 }
 
 /// The run id of reused servers: `reuse` and a hash of the project directory.
@@ -695,7 +706,53 @@ mod tests {
         assert_eq!(c.grace, Duration::ZERO);
         assert!(c.require_docker);
         assert_eq!(c.pg_bin, Some(PathBuf::from("/opt/pg/bin")));
-        assert_eq!(c.run_id, "0a1b2c3d4e5f");
+        // A uuid is hashed, never cut.
+        assert_eq!(c.run_id.len(), 12);
+        assert!(
+            c.run_id.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{}",
+            c.run_id
+        );
+        assert_ne!(c.run_id, "0a1b2c3d4e5f");
+    }
+
+    #[test]
+    fn run_ids_that_differ_anywhere_never_share_a_name() {
+        let id = |value: &str| parse_run_id("PGFIXTURE_RUN_ID", value).unwrap();
+        // Short plain ids are kept, so that names stay readable.
+        assert_eq!(id("mine1"), "mine1");
+        assert_eq!(id(" ci42 "), "ci42");
+        let groups: &[&[&str]] = &[
+            // Only the tail differs (the first 12 letters and digits agree).
+            &[
+                "pipeline123456job1",
+                "pipeline123456job2",
+                "pipeline123456job10",
+            ],
+            // Only case or punctuation differs.
+            &["Job-1", "job-1", "job1", "JOB1", "job_1", "job.1", "job 1"],
+            &[
+                "0a1b2c3d-4e5f-6789-abcd-ef0123456789",
+                "0a1b2c3d4e5f6789abcdef0123456789",
+            ],
+            // A plain id of 12 hex digits is hashed too: it cannot equal a hash.
+            &["0a1b2c3d4e5f", "0a1b2c3d4e5"],
+        ];
+        for group in groups {
+            let ids: std::collections::HashSet<String> = group.iter().map(|v| id(v)).collect();
+            assert_eq!(ids.len(), group.len(), "{group:?} share a run id: {ids:?}");
+        }
+        for value in [
+            "pipeline123456job1",
+            "Job-1",
+            "0a1b2c3d4e5f",
+            "x".repeat(300).as_str(),
+        ] {
+            let hashed = id(value);
+            assert_eq!(hashed.len(), 12, "{value}");
+            assert!(hashed.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert_eq!(hashed, id(value), "stable");
+        }
     }
 
     /// Reads and validates, as building a fixture does.
@@ -892,8 +949,8 @@ mod tests {
             ("PGFIXTURE_REUSE", &["2", "sometimes"]),
             ("PGFIXTURE_REUSE_IDLE", &["0", "-5", "forever", "1e9"]),
             ("PGFIXTURE_REQUIRE_DOCKER", &["maybe", "2"]),
-            ("PGFIXTURE_RUN_ID", &["!!", "ab"]),
-            ("NEXTEST_RUN_ID", &["-"]),
+            ("PGFIXTURE_RUN_ID", &["  "]),
+            ("NEXTEST_RUN_ID", &[" "]),
         ];
         for (var, values) in cases {
             for value in *values {

@@ -261,7 +261,7 @@ fn every_invalid_environment_value_names_its_variable() {
         ("PGFIXTURE_ACQUIRE_TIMEOUT", "1e12"),
         ("PGFIXTURE_GRACE", "-5"),
         ("PGFIXTURE_REQUIRE_DOCKER", "perhaps"),
-        ("PGFIXTURE_RUN_ID", "#"),
+        ("PGFIXTURE_RUN_ID", " "),
         ("RUST_TEST_THREADS", "0"),
         ("PGFIXTURE_WORKER", "wörker"),
         ("PGFIXTURE_REUSE", "sometimes"),
@@ -722,4 +722,69 @@ async fn stats_count_what_was_provisioned() {
         1,
         "{stats:?}"
     );
+}
+
+/// The process environment with some variables overridden: a configuration as a
+/// child with those variables would read it.
+struct Overlay(Vec<(&'static str, String)>);
+
+impl pgfixture::Env for Overlay {
+    fn var(&self, name: &str) -> Option<String> {
+        match self.0.iter().find(|(k, _)| *k == name) {
+            Some((_, v)) => Some(v.clone()).filter(|v| !v.is_empty()),
+            None => pgfixture::OsEnv.var(name),
+        }
+    }
+}
+
+/// Two concurrent CI jobs whose run ids differ only in their tail, or only in case and
+/// punctuation, share no server: each one's committed rows stay its own. (Run ids were
+/// once cut to 12 letters and digits, so such jobs dropped each other's databases.)
+#[tokio::test]
+async fn run_ids_that_differ_only_in_tail_case_or_punctuation_share_nothing() {
+    let salt = unique_run("ids");
+    let pairs = [
+        (format!("pipeline{salt}job1"), format!("pipeline{salt}job2")),
+        (format!("Job-{salt}"), format!("job{salt}")),
+    ];
+    for (a, b) in pairs {
+        let fixture = |run: &str| {
+            let env = Overlay(vec![
+                ("PGFIXTURE_RUN_ID", run.to_owned()),
+                ("PGFIXTURE_WORKER", String::new()),
+                ("NEXTEST_TEST_GLOBAL_SLOT", String::new()),
+                ("NEXTEST_RUN_ID", String::new()),
+                ("PGFIXTURE_GRACE", "2".to_owned()),
+            ]);
+            let config = pgfixture::Config::from_lookup(&env).unwrap();
+            Fixture::builder()
+                .config(config)
+                .workers(1)
+                .build()
+                .unwrap()
+        };
+        let (fa, fb) = (fixture(&a), fixture(&b));
+        assert_ne!(fa.config().run_id, fb.config().run_id, "{a} and {b}");
+        let (da, db) = tokio::join!(fa.worker_db(), fb.worker_db());
+        let (da, db) = (da.unwrap(), db.unwrap());
+        let server = "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || \
+                      pg_postmaster_start_time()::text";
+        let sa: String = da.query_one(server, &[]).await.unwrap().get(0);
+        let sb: String = db.query_one(server, &[]).await.unwrap().get(0);
+        assert_ne!(sa, sb, "runs {a} and {b} share a server");
+        // What one run commits is not there for the other.
+        da.batch_execute("COMMIT; INSERT INTO users (email) VALUES ('run-a@example.com')")
+            .await
+            .unwrap();
+        let seen: i64 = db
+            .query_one(
+                "SELECT count(*) FROM users WHERE email = 'run-a@example.com'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(seen, 0, "run {b} sees what run {a} committed");
+        drop((da, db));
+    }
 }

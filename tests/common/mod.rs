@@ -77,8 +77,9 @@ pub fn reported(stdout: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {stdout:?}"))
 }
 
-/// A run id of its own for a test: up to 5 letters of `tag`, then 7 hex digits mixed
-/// from the process, the clock and a counter (run ids are cut to 12 characters).
+/// A run id of its own for a test: up to 4 letters of `tag`, then 7 hex digits mixed
+/// from the process, the clock and a counter. At 11 characters it is kept as it is
+/// (longer ids are hashed), so containers and marks carry this very id.
 pub fn unique_run(tag: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -97,7 +98,7 @@ pub fn unique_run(tag: &str) -> String {
     let tag: String = tag
         .chars()
         .filter(char::is_ascii_alphanumeric)
-        .take(5)
+        .take(4)
         .collect();
     format!("{tag}{:07x}", (mixed >> 20) & 0xfff_ffff)
 }
