@@ -45,13 +45,21 @@ pub enum Error {
         reason: String,
     },
 
-    /// The server rejected a fixture file.
-    #[error("fixture {}{} failed: {message}", path.display(), line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    /// The server rejected a statement of a fixture file, or pgfixture refused one.
+    #[error(
+        "fixture {}{} failed: {message}{}",
+        path.display(),
+        line.map(|l| format!(" (line {l})")).unwrap_or_default(),
+        statement.as_ref().map(|s| format!("; the statement: {s}")).unwrap_or_default()
+    )]
     Fixture {
         /// The file to fix.
         path: PathBuf,
-        /// The line the server pointed at, when it did.
+        /// The line the server pointed at, else the line where the failing statement
+        /// starts.
         line: Option<usize>,
+        /// The failing statement, shortened to one line.
+        statement: Option<String>,
         /// The server's message.
         message: String,
     },

@@ -90,20 +90,52 @@ impl FixtureSet {
         &self.hash[..n.min(self.hash.len())]
     }
 
-    /// Runs every file on `client`, in order; an error names the file and the line.
+    /// Runs every file on `client`, in order, each as one query (so a file is one
+    /// implicit transaction unless it says otherwise); an error names the file, the
+    /// line and the statement.
     pub(crate) async fn apply(&self, client: &Client) -> Result<()> {
         for file in &self.files {
-            client
-                .batch_execute(&file.sql)
-                .await
-                .map_err(|e| fixture_error(file, &e))?;
+            apply_file(client, &file.path, &file.sql).await?;
         }
         Ok(())
     }
 }
 
-fn fixture_error(file: &FixtureFile, error: &tokio_postgres::Error) -> Error {
-    let (message, line) = match error.as_db_error() {
+/// Runs `sql`, the text of the file `path`, as one query. The statements that
+/// completed are counted, so that an error the server gives without a position
+/// (most errors of execution) still names its statement.
+pub(crate) async fn apply_file(client: &Client, path: &Path, sql: &str) -> Result<()> {
+    use futures::StreamExt;
+    use tokio_postgres::SimpleQueryMessage;
+    let mut completed = 0;
+    let failed = match client.simple_query_raw(sql).await {
+        Ok(stream) => {
+            let mut stream = std::pin::pin!(stream);
+            loop {
+                match stream.next().await {
+                    None => return Ok(()),
+                    Some(Ok(SimpleQueryMessage::CommandComplete(_))) => completed += 1,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => break e,
+                }
+            }
+        }
+        Err(e) => e,
+    };
+    Err(statement_error(path, sql, completed, &failed))
+}
+
+/// The error of the statement after the `completed` first ones of `sql`: the file,
+/// the line (where the server pointed, else where the statement starts), the
+/// statement, and the server's message.
+pub(crate) fn statement_error(
+    path: &Path,
+    sql: &str,
+    completed: usize,
+    error: &tokio_postgres::Error,
+) -> Error {
+    let statements = crate::sql::split(sql);
+    let (message, position) = match error.as_db_error() {
         Some(db) => {
             let mut message = db.message().to_owned();
             if let Some(detail) = db.detail() {
@@ -112,17 +144,37 @@ fn fixture_error(file: &FixtureFile, error: &tokio_postgres::Error) -> Error {
             if let Some(hint) = db.hint() {
                 message.push_str(&format!(" (hint: {hint})"));
             }
-            let line = match db.position() {
-                Some(ErrorPosition::Original(pos)) => Some(line_of(&file.sql, *pos as usize)),
+            if let Some(context) = db.where_() {
+                message.push_str(&format!(" (where: {context})"));
+            }
+            let position = match db.position() {
+                Some(ErrorPosition::Original(pos)) => Some(*pos as usize),
                 _ => None,
             };
-            (message, line)
+            (message, position)
         }
         None => (error.to_string(), None),
     };
+    let statement = match position {
+        // A character position in the whole text: the statement that holds it.
+        Some(pos) => {
+            let at = sql
+                .char_indices()
+                .nth(pos.saturating_sub(1))
+                .map_or(sql.len(), |(i, _)| i);
+            statements.iter().rev().find(|s| s.offset <= at)
+        }
+        None => statements.get(completed),
+    };
+    let line = match (position, statement) {
+        (Some(pos), _) => Some(line_of(sql, pos)),
+        (None, Some(s)) => Some(s.line),
+        (None, None) => None,
+    };
     Error::Fixture {
-        path: file.path.clone(),
+        path: path.to_owned(),
         line,
+        statement: statement.map(|s| s.excerpt()),
         message,
     }
 }

@@ -11,6 +11,7 @@ mod pool;
 mod provision;
 mod runtime;
 mod server;
+mod sql;
 mod testdb;
 mod worker;
 mod worker_pool;

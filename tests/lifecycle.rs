@@ -600,11 +600,14 @@ async fn broken_fixture_in(isolation: Isolation) {
         Err(Error::Fixture {
             path,
             line,
+            statement,
             message,
+            ..
         }) => {
             assert!(path.ends_with("002_bad.sql"), "{path:?}");
             assert_eq!(line, Some(3), "{message}");
             assert!(message.contains("syntax error"), "{message}");
+            assert_eq!(statement.as_deref(), Some("CREATE TABEL broken (id int);"));
         }
         other => panic!("expected a fixture error, got {other:?}"),
     }
@@ -661,6 +664,51 @@ async fn broken_fixture_in(isolation: Isolation) {
     db.execute("INSERT INTO broken VALUES (1)", &[])
         .await
         .unwrap();
+}
+
+/// An error of execution (the server gives no position) names the file, the line
+/// where the failing statement starts, and the statement, in every mode.
+#[tokio::test]
+async fn an_execution_error_in_a_fixture_names_its_line_and_statement() {
+    for isolation in [Isolation::Database, Isolation::Schema] {
+        let dir = fixture_dir(
+            isolation_name(isolation),
+            &[(
+                "001_seed.sql",
+                "CREATE TABLE t (id int PRIMARY KEY, note text DEFAULT 'a;b');\n\
+                 INSERT INTO t (id) VALUES (1);\n\
+                 /* the same id again; */\n\
+                 INSERT INTO t (id)\n  VALUES (1);\n\
+                 INSERT INTO t (id) VALUES (2);\n",
+            )],
+        );
+        let fixture = Fixture::builder()
+            .isolation(isolation)
+            .fixtures(&dir)
+            .build()
+            .unwrap();
+        let error = fixture.worker_db().await.unwrap_err();
+        let Error::Fixture {
+            path,
+            line,
+            statement,
+            message,
+            ..
+        } = &error
+        else {
+            panic!("{isolation:?}: expected a fixture error, got {error:?}");
+        };
+        assert!(path.ends_with("001_seed.sql"), "{path:?}");
+        assert_eq!(*line, Some(4), "{isolation:?}: {error}");
+        assert_eq!(statement.as_deref(), Some("INSERT INTO t (id) VALUES (1);"));
+        assert!(message.contains("duplicate key"), "{message}");
+        let text = error.to_string();
+        assert!(
+            text.contains("001_seed.sql (line 4)")
+                && text.contains("INSERT INTO t (id) VALUES (1);"),
+            "{text}"
+        );
+    }
 }
 
 fn isolation_name(isolation: Isolation) -> &'static str {
