@@ -12,7 +12,7 @@ use tokio::sync::OnceCell;
 
 use crate::backend::Source;
 use crate::config::{Backend, Config, Isolation};
-use crate::fixtures::FixtureSet;
+use crate::fixtures::{FixtureSet, SharedStatement};
 use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
 use crate::server::Server;
 use crate::testdb::TestDb;
@@ -115,6 +115,12 @@ impl FixtureBuilder {
             });
         }
         let fixtures = FixtureSet::load(config.fixtures.as_deref())?;
+        // Schema mode runs extensions and roles once per database, and refuses
+        // database-wide objects up front.
+        let (fixtures, shared) = match config.isolation {
+            Isolation::Schema => fixtures.for_schemas()?,
+            _ => (fixtures, Vec::new()),
+        };
         let instance = {
             let mut key = config.clone();
             key.worker = None;
@@ -126,6 +132,7 @@ impl FixtureBuilder {
             id: registry.len() + 1,
             instance,
             fixtures,
+            shared_statements: shared,
             config,
             source: OnceCell::new(),
             shared: Mutex::new(Arc::new(OnceCell::new())),
@@ -142,6 +149,9 @@ impl FixtureBuilder {
 pub(crate) struct Inner {
     config: Config,
     fixtures: FixtureSet,
+    /// Schema mode: the fixtures' statements on extensions and roles, run once per
+    /// database before any worker schema.
+    shared_statements: Vec<SharedStatement>,
     slots: Option<Arc<Slots>>,
     /// Identifies this fixture among the slots a thread holds.
     id: usize,
@@ -753,6 +763,14 @@ impl Inner {
                 // The schemas' settings live on pgfixture's own database only.
                 let settings_on = (!shared_server).then_some(dbname);
                 let fixtures = &self.fixtures;
+                if state == State::Missing || reset || state == State::Dirty {
+                    provision::shared_statements(
+                        &client,
+                        &self.shared_statements,
+                        fixtures.hash(16),
+                    )
+                    .await?;
+                }
                 if state == State::Missing {
                     provision::schema(&client, &worker_name, settings_on, fixtures, &mark).await?;
                 } else if reset || state == State::Dirty {

@@ -101,6 +101,141 @@ impl FixtureSet {
     }
 }
 
+/// A statement of the fixtures that acts on the whole database or server (an
+/// extension, a role): in schema mode it runs once per database, before any worker
+/// schema is built, instead of once per schema.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedStatement {
+    pub(crate) path: PathBuf,
+    pub(crate) line: usize,
+    pub(crate) sql: String,
+}
+
+impl SharedStatement {
+    /// The server's error for this statement, named by its file and line.
+    pub(crate) fn error(&self, error: &tokio_postgres::Error) -> Error {
+        match statement_error(&self.path, &self.sql, 0, error) {
+            Error::Fixture {
+                path,
+                line,
+                statement,
+                message,
+            } => Error::Fixture {
+                path,
+                line: Some(self.line + line.unwrap_or(1) - 1),
+                statement,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+/// Where a statement of the fixtures belongs in schema mode.
+#[derive(Debug, PartialEq, Eq)]
+enum Scope {
+    /// In the worker's schema: applied once per schema.
+    Schema,
+    /// Once per database (extensions) or server (roles), tolerating "already exists".
+    Shared,
+    /// Names a database-wide object that every worker schema would create again.
+    Refused(&'static str),
+}
+
+fn scope(words: &[String]) -> Scope {
+    let w = |i: usize| words.get(i).map_or("", String::as_str);
+    let ddl = matches!(w(0), "CREATE" | "ALTER" | "DROP");
+    // CREATE OR REPLACE <kind>
+    let kind = if w(1) == "OR" && w(2) == "REPLACE" {
+        3
+    } else {
+        1
+    };
+    match (ddl, w(kind), w(kind + 1)) {
+        (true, "EXTENSION" | "ROLE" | "GROUP", _) => Scope::Shared,
+        (true, "USER", "MAPPING") => Scope::Refused("a user mapping"),
+        (true, "USER", _) => Scope::Shared,
+        (true, "SCHEMA", _) => Scope::Refused("a schema"),
+        (true, "DATABASE", _) => Scope::Refused("a database"),
+        (true, "TABLESPACE", _) => Scope::Refused("a tablespace"),
+        (true, "PUBLICATION" | "SUBSCRIPTION", _) => {
+            Scope::Refused("a publication or subscription")
+        }
+        (true, "SERVER" | "FOREIGN", _) => Scope::Refused("a foreign server or data wrapper"),
+        (true, "EVENT", "TRIGGER") => Scope::Refused("an event trigger"),
+        (true, "LANGUAGE" | "TRUSTED" | "PROCEDURAL", _) => Scope::Refused("a language"),
+        (true, "SYSTEM", _) => Scope::Refused("a server setting"),
+        _ if w(0) == "COMMENT" && w(1) == "ON" && matches!(w(2), "EXTENSION" | "ROLE") => {
+            Scope::Shared
+        }
+        _ => Scope::Schema,
+    }
+}
+
+impl FixtureSet {
+    /// The fixtures as schema mode applies them: the statements on extensions and
+    /// roles taken out (blanked, so that lines stay where they were) to run once per
+    /// database, the rest applied in each worker schema. The hash stays the whole
+    /// set's.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Fixture`] naming the file, line and statement of one that creates a
+    /// database-wide object (a schema, a database, a tablespace, ...), which every
+    /// worker schema would create again.
+    pub(crate) fn for_schemas(&self) -> Result<(FixtureSet, Vec<SharedStatement>)> {
+        let mut shared = Vec::new();
+        let mut files = Vec::new();
+        for file in &self.files {
+            let mut sql = file.sql.clone();
+            for statement in crate::sql::split(&file.sql) {
+                match scope(&statement.words(5)) {
+                    Scope::Schema => {}
+                    Scope::Shared => {
+                        shared.push(SharedStatement {
+                            path: file.path.clone(),
+                            line: statement.line,
+                            sql: statement.text.to_owned(),
+                        });
+                        // Byte for byte, so that the later statements keep their
+                        // offsets, and newlines stay, so that they keep their lines.
+                        let blank: String = statement
+                            .text
+                            .bytes()
+                            .map(|b| if b == b'\n' { '\n' } else { ' ' })
+                            .collect();
+                        let range = statement.offset..statement.offset + statement.text.len();
+                        sql.replace_range(range, &blank);
+                    }
+                    Scope::Refused(what) => {
+                        return Err(Error::Fixture {
+                            path: file.path.clone(),
+                            line: Some(statement.line),
+                            statement: Some(statement.excerpt()),
+                            message: format!(
+                                "creates {what}, which is shared by every worker schema of the \
+                                 database, so schema mode cannot isolate it; use \
+                                 PGFIXTURE_ISOLATION=database (a database per worker)"
+                            ),
+                        });
+                    }
+                }
+            }
+            files.push(FixtureFile {
+                path: file.path.clone(),
+                sql,
+            });
+        }
+        Ok((
+            FixtureSet {
+                files,
+                hash: self.hash.clone(),
+            },
+            shared,
+        ))
+    }
+}
+
 /// Runs `sql`, the text of the file `path`, as one query. The statements that
 /// completed are counted, so that an error the server gives without a position
 /// (most errors of execution) still names its statement.
@@ -242,6 +377,60 @@ mod tests {
         assert!(err.contains("bad.sql") && err.contains("UTF-8"), "{err}");
         std::fs::remove_dir_all(d).unwrap();
         assert!(FixtureSet::load(None).unwrap().files.is_empty());
+    }
+
+    #[test]
+    fn schema_mode_takes_extensions_and_roles_out_and_refuses_database_wide_objects() {
+        let f = |sql: &str| {
+            FixtureSet::from_files(vec![FixtureFile {
+                path: PathBuf::from("001.sql"),
+                sql: sql.into(),
+            }])
+        };
+        let set = f(
+            "CREATE EXTENSION IF NOT EXISTS hstore;\nCREATE TABLE é (a hstore);\n\
+                     create role app_reader;\nCOMMENT ON EXTENSION hstore IS 'x';\n\
+                     CREATE USER app;\nGRANT SELECT ON é TO app_reader;\n",
+        );
+        let (per_schema, shared) = set.for_schemas().unwrap();
+        assert_eq!(per_schema.hash(16), set.hash(16));
+        let lines: Vec<_> = shared.iter().map(|s| (s.line, s.sql.as_str())).collect();
+        assert_eq!(
+            lines,
+            [
+                (1, "CREATE EXTENSION IF NOT EXISTS hstore;"),
+                (3, "create role app_reader;"),
+                (4, "COMMENT ON EXTENSION hstore IS 'x';"),
+                (5, "CREATE USER app;"),
+            ]
+        );
+        let left = crate::sql::split(&per_schema.files[0].sql);
+        let kept: Vec<_> = left.iter().map(|s| (s.line, s.text)).collect();
+        assert_eq!(
+            kept,
+            [
+                (2, "CREATE TABLE é (a hstore);"),
+                (6, "GRANT SELECT ON é TO app_reader;")
+            ]
+        );
+        for refused in [
+            "CREATE SCHEMA audit;",
+            "create database other;",
+            "ALTER SYSTEM SET work_mem = '1MB';",
+            "CREATE USER MAPPING FOR app SERVER s;",
+            "CREATE OR REPLACE LANGUAGE plx;",
+        ] {
+            let err = f(&format!("CREATE TABLE t ();\n{refused}\n"))
+                .for_schemas()
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains("001.sql (line 2)")
+                    && text.contains(refused)
+                    && text.contains("PGFIXTURE_ISOLATION=database"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

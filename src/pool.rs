@@ -50,7 +50,8 @@ impl Connect for BackgroundConnect {
 pub(crate) fn pg_config(server: &Server, dbname: &str, search_path: Option<&str>) -> PgConfig {
     let mut pg_config = server.pg_config(dbname);
     if let Some(schema) = search_path {
-        pg_config.options(format!("-c search_path={schema}"));
+        let path = crate::provision::schema_search_path(schema);
+        pg_config.options(format!("-c search_path={path}"));
     }
     pg_config
 }

@@ -315,6 +315,85 @@ pub(crate) async fn clone_database(
     .await
 }
 
+/// Schema mode: the schema that holds the fixtures' extensions, on every worker's
+/// `search_path` after the worker's own schema.
+pub(crate) const SHARED_SCHEMA: &str = "pgfx_shared";
+
+/// Runs the fixtures' statements on extensions and roles (schema mode) once per
+/// database, under a lock, before any worker schema is built: extensions go into
+/// [`SHARED_SCHEMA`] unless they name a schema, and one that already exists (from an
+/// earlier run or fixture set) is no error. The schema's comment records the fixture
+/// set (`key`) they ran for.
+pub(crate) async fn shared_statements(
+    client: &Client,
+    statements: &[crate::fixtures::SharedStatement],
+    key: &str,
+) -> Result<()> {
+    if statements.is_empty() {
+        return Ok(());
+    }
+    let done = format!("{MARK} shared {key}");
+    let is_done = async || {
+        Ok::<_, Error>(
+            schema_comment(client, SHARED_SCHEMA).await?.as_deref() == Some(done.as_str()),
+        )
+    };
+    if is_done().await? {
+        return Ok(());
+    }
+    with_lock(client, SHARED_SCHEMA, async || {
+        if is_done().await? {
+            return Ok(());
+        }
+        let schema = ident(SHARED_SCHEMA);
+        client
+            .batch_execute(&format!(
+                "BEGIN; CREATE SCHEMA IF NOT EXISTS {schema}; SET LOCAL search_path TO {schema}"
+            ))
+            .await
+            .map_err(Error::pg(format!("creating schema {SHARED_SCHEMA}")))?;
+        let run = async {
+            for statement in statements {
+                let pg = |e| Error::pg(format!("running {}", statement.sql))(e);
+                client
+                    .batch_execute("SAVEPOINT pgfx_shared")
+                    .await
+                    .map_err(pg)?;
+                match client.batch_execute(&statement.sql).await {
+                    Ok(()) => {}
+                    // Made by an earlier run, or an earlier fixture set.
+                    Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {
+                        client
+                            .batch_execute("ROLLBACK TO SAVEPOINT pgfx_shared")
+                            .await
+                            .map_err(pg)?;
+                    }
+                    Err(e) => return Err(statement.error(&e)),
+                }
+                client
+                    .batch_execute("RELEASE SAVEPOINT pgfx_shared")
+                    .await
+                    .map_err(pg)?;
+            }
+            client
+                .batch_execute(&format!("COMMENT ON SCHEMA {schema} IS '{done}'; COMMIT"))
+                .await
+                .map_err(Error::pg(format!("marking schema {SHARED_SCHEMA}")))
+        };
+        let result = run.await;
+        if result.is_err() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        result
+    })
+    .await
+}
+
+/// The `search_path` of a worker schema: its own, then the fixtures' extensions.
+pub(crate) fn schema_search_path(schema: &str) -> String {
+    format!("{schema},{SHARED_SCHEMA}")
+}
+
 /// The database that holds the worker schemas of schema mode.
 pub(crate) async fn schema_database(admin: &Client, name: &str) -> Result<()> {
     if database_exists(admin, name).await? {
@@ -358,8 +437,9 @@ pub(crate) async fn schema(
         let run = async {
             client
                 .batch_execute(&format!(
-                    "BEGIN; DROP SCHEMA IF EXISTS {b} CASCADE; CREATE SCHEMA {b}; SET LOCAL search_path TO {b};",
-                    b = ident(&building)
+                    "BEGIN; DROP SCHEMA IF EXISTS {b} CASCADE; CREATE SCHEMA {b}; SET LOCAL search_path TO {b}, {s};",
+                    b = ident(&building),
+                    s = ident(SHARED_SCHEMA)
                 ))
                 .await
                 .map_err(Error::pg(format!("creating schema {building}")))?;

@@ -836,3 +836,99 @@ async fn run_ids_that_differ_only_in_tail_case_or_punctuation_share_nothing() {
         drop((da, db));
     }
 }
+
+/// Fixtures that create an extension and roles work in every shared-server mode, with
+/// workers built at the same moment: in schema mode those statements run once per
+/// database (extensions in a schema on every worker's `search_path`), never racing.
+/// A database-wide object that schema mode cannot isolate is refused up front, with
+/// its file, line and statement.
+#[test]
+fn extensions_and_roles_in_fixtures_work_in_schema_mode_too() {
+    let salt = unique_run("ext");
+    for isolation in [Isolation::Schema, Isolation::Database] {
+        let dir = fixture_dir(
+            isolation_name(isolation),
+            &[
+                (
+                    "001_ext.sql",
+                    &format!(
+                        "CREATE EXTENSION hstore;\nCREATE ROLE reader_{salt};\n\
+                         CREATE TABLE items (id serial PRIMARY KEY, attrs hstore, tags hstore[]);\n\
+                         GRANT SELECT ON items TO reader_{salt};\n"
+                    ),
+                ),
+                (
+                    "002_seed.sql",
+                    "INSERT INTO items (attrs) VALUES ('a=>1');\n",
+                ),
+            ],
+        );
+        let mut config = pgfixture::Config::from_env().unwrap();
+        config.run_id = unique_run("ext");
+        config.worker = None;
+        config.isolation = isolation;
+        config.grace = Duration::from_secs(2);
+        let fixture = Fixture::builder()
+            .config(config)
+            .fixtures(&dir)
+            .workers(4)
+            .build()
+            .unwrap();
+        let barrier = std::sync::Barrier::new(4);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    barrier.wait();
+                    rt.block_on(async {
+                        let db = fixture.worker_db().await.unwrap_or_else(|e| {
+                            panic!("{isolation:?}: {e}");
+                        });
+                        let row = db
+                            .query_one(
+                                "INSERT INTO items (attrs) VALUES ('b=>2') RETURNING \
+                                 (SELECT count(*) FROM items), attrs -> 'b', \
+                                 has_table_privilege($1, 'items', 'SELECT')",
+                                &[&format!("reader_{salt}")],
+                            )
+                            .await
+                            .unwrap();
+                        let (count, b, granted): (i64, String, bool) =
+                            (row.get(0), row.get(1), row.get(2));
+                        assert_eq!(
+                            (count, b.as_str(), granted),
+                            (1, "2", true),
+                            "{isolation:?}"
+                        );
+                        // Hold the worker a moment so that the four overlap.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    });
+                });
+            }
+        });
+        assert_eq!(
+            fixture.stats().served.len(),
+            4,
+            "{isolation:?}: four workers"
+        );
+    }
+    let dir = fixture_dir(
+        "refused",
+        &[("001.sql", "CREATE TABLE t ();\nCREATE SCHEMA audit;\n")],
+    );
+    let error = Fixture::builder()
+        .isolation(Isolation::Schema)
+        .fixtures(&dir)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("001.sql (line 2)")
+            && error.contains("CREATE SCHEMA audit;")
+            && error.contains("PGFIXTURE_ISOLATION=database"),
+        "{error}"
+    );
+}
