@@ -15,6 +15,7 @@ use crate::config::{Backend, Config, Isolation};
 use crate::fixtures::{FixtureSet, SharedStatement};
 use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
 use crate::server::Server;
+use crate::settings::Settings;
 use crate::testdb::TestDb;
 use crate::worker::{SlotLease, Slots, WorkerId};
 use crate::worker_pool::WorkerPool;
@@ -235,6 +236,8 @@ struct Worker {
     /// test's transaction: the first test takes it (see [`Inner::attach_worker`]).
     /// Never pooled while it holds that transaction.
     primed: Mutex<Option<deadpool_postgres::Object>>,
+    /// How code under test reaches the worker with connections of its own.
+    settings: Arc<Settings>,
 }
 
 impl Worker {
@@ -461,7 +464,8 @@ impl Inner {
                 Err(error) => return Err(error),
             };
             worker.served.fetch_add(1, Ordering::Relaxed);
-            Ok(TestDb::new(client, id, lease, Arc::clone(&self), test))
+            let settings = Arc::clone(&worker.settings);
+            Ok(TestDb::new(client, id, lease, Arc::clone(&self), test, settings))
         })
         .await
         .map_err(Error::with_connection_advice)
@@ -504,11 +508,7 @@ impl Inner {
                 self.config.acquire_timeout,
             );
             Ok(WorkerPool {
-                pg_config: crate::pool::pg_config(
-                    &worker.server,
-                    &worker.dbname,
-                    worker.search_path.as_deref(),
-                ),
+                settings: Arc::clone(&worker.settings),
                 pool: Some(pool),
                 worker: id,
                 lease,
@@ -815,6 +815,7 @@ impl Inner {
             elapsed = ?started.elapsed(),
             "worker ready"
         );
+        let settings = Settings::new(&server, &dbname, search_path.as_deref());
         Ok(Arc::new(Worker {
             pool,
             served: AtomicU64::new(0),
@@ -824,6 +825,7 @@ impl Inner {
             target: worker_name,
             pool_size: size,
             primed: Mutex::new(None),
+            settings,
         }))
     }
 
@@ -941,6 +943,7 @@ impl Inner {
         if size < wanted {
             pool.resize(size);
         }
+        let settings = Settings::new(server, &dbname, search_path.as_deref());
         Ok(Some(Arc::new(Worker {
             pool,
             served: AtomicU64::new(0),
@@ -950,6 +953,7 @@ impl Inner {
             target: name.to_owned(),
             pool_size: size,
             primed: Mutex::new(Some(client)),
+            settings,
         })))
     }
 }

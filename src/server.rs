@@ -35,6 +35,9 @@ pub(crate) struct Server {
     /// `application_name` of every connection: `pgfixture/<run>`, which tells a shared
     /// server (the url backend) which runs are alive.
     pub(crate) application_name: String,
+    /// The port the server publishes on 127.0.0.1 when `host` and `port` are another
+    /// address (a container reached at its own address on its Docker network).
+    pub(crate) published_port: Option<u16>,
 }
 
 /// The `application_name` prefix of pgfixture's connections.
@@ -49,6 +52,7 @@ impl fmt::Debug for Server {
             .field("password", &"<redacted>")
             .field("name", &self.name)
             .field("admin_db", &self.admin_db)
+            .field("published_port", &self.published_port)
             .finish()
     }
 }
@@ -64,6 +68,7 @@ impl Server {
             name,
             admin_db: "postgres".to_owned(),
             application_name: "pgfixture".to_owned(),
+            published_port: None,
         }
     }
 
@@ -81,6 +86,7 @@ impl Server {
             name: format!("PGFIXTURE_URL server {}", url.host()),
             admin_db: pg.get_dbname().unwrap_or("postgres").to_owned(),
             application_name: "pgfixture".to_owned(),
+            published_port: None,
         }
     }
 

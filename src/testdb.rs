@@ -10,8 +10,9 @@ use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
 
 use crate::fixture::Inner;
+use crate::settings::Settings;
 use crate::worker::{SlotLease, WorkerId};
-use crate::{Error, Result, runtime};
+use crate::{DatabaseUrl, Error, Result, runtime};
 
 /// Starts a test's transaction and marks it, so that its end can tell whether the test
 /// committed it: the mark (a transaction-local setting) is gone once the transaction is.
@@ -44,6 +45,7 @@ pub struct TestDb {
     owner: Arc<Inner>,
     /// The test's name (its thread's), for the commit report.
     test: Option<String>,
+    settings: Arc<Settings>,
 }
 
 impl fmt::Debug for TestDb {
@@ -61,6 +63,7 @@ impl TestDb {
         lease: Option<Arc<SlotLease>>,
         owner: Arc<Inner>,
         test: Option<String>,
+        settings: Arc<Settings>,
     ) -> Self {
         TestDb {
             client: Some(client),
@@ -69,6 +72,7 @@ impl TestDb {
             lease,
             owner,
             test,
+            settings,
         }
     }
 
@@ -96,6 +100,40 @@ impl TestDb {
     /// The worker this handle belongs to.
     pub fn worker_id(&self) -> &WorkerId {
         &self.worker
+    }
+
+    /// The worker's connection settings (host, port, user, password, database, and
+    /// in schema mode the `search_path`), for code under test that opens connections
+    /// of its own: `db.pg_config().connect(NoTls)` for LISTEN/NOTIFY, notices,
+    /// cancellation or connection options. No reset is needed afterwards, as long
+    /// as those connections commit nothing (see "Tests that commit"). Its `Debug`
+    /// output hides the password.
+    ///
+    /// Those connections are not inside the test's transaction: they do not see what
+    /// the handle has written and not committed, and what they commit stays.
+    pub fn pg_config(&self) -> &tokio_postgres::Config {
+        &self.settings.pg_config
+    }
+
+    /// The same settings as a `postgres://` URL, for other drivers (sqlx, diesel,
+    /// `psql`); in schema mode the `search_path` is its `options` parameter. Its
+    /// `Debug` and `Display` hide the password; [`DatabaseUrl::as_str`] gives it all.
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.settings.url
+    }
+
+    /// The settings through the port the server publishes on 127.0.0.1, for code that
+    /// insists on a loopback address: in Docker mode pgfixture connects to a
+    /// container at its own address on its Docker network (no proxy on the way), and
+    /// this is the container's published port instead. Elsewhere the same as
+    /// [`TestDb::pg_config`].
+    pub fn published_pg_config(&self) -> &tokio_postgres::Config {
+        &self.settings.published_pg_config
+    }
+
+    /// [`TestDb::published_pg_config`] as a URL.
+    pub fn published_url(&self) -> &DatabaseUrl {
+        &self.settings.published_url
     }
 
     /// Rolls the test's transaction back, returns the connection to the pool, and

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 
+use crate::DatabaseUrl;
 use crate::fixture::Inner;
+use crate::settings::Settings;
 use crate::worker::{SlotLease, WorkerId};
 use crate::{Result, runtime};
 
@@ -20,7 +22,7 @@ use crate::{Result, runtime};
 /// the process dies first, the next process to take the worker resets it.
 pub struct WorkerPool {
     pub(crate) pool: Option<Pool>,
-    pub(crate) pg_config: tokio_postgres::Config,
+    pub(crate) settings: Arc<Settings>,
     pub(crate) worker: WorkerId,
     pub(crate) lease: Option<Arc<SlotLease>>,
     pub(crate) owner: Arc<Inner>,
@@ -45,7 +47,24 @@ impl WorkerPool {
     /// own: `pg_config().connect(NoTls)` gives a connection whose notifications
     /// (LISTEN/NOTIFY) you can read. Its `Debug` output hides the password.
     pub fn pg_config(&self) -> &tokio_postgres::Config {
-        &self.pg_config
+        &self.settings.pg_config
+    }
+
+    /// The same settings as a `postgres://` URL, for other drivers; see
+    /// [`TestDb::url`](crate::TestDb::url).
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.settings.url
+    }
+
+    /// The settings through the port the server publishes on 127.0.0.1; see
+    /// [`TestDb::published_pg_config`](crate::TestDb::published_pg_config).
+    pub fn published_pg_config(&self) -> &tokio_postgres::Config {
+        &self.settings.published_pg_config
+    }
+
+    /// [`WorkerPool::published_pg_config`] as a URL.
+    pub fn published_url(&self) -> &DatabaseUrl {
+        &self.settings.published_url
     }
 
     /// Closes the pool and resets the worker, reporting an error the reset met (a

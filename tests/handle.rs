@@ -321,3 +321,114 @@ fn drop_outside_a_runtime() {
         .get(0);
     assert_eq!(n, 0);
 }
+
+/// Where a connection is: the server, database and schema it reaches.
+async fn whereabouts(client: &pgfixture::tokio_postgres::Client) -> (String, String, String) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || \
+                    pg_postmaster_start_time()::text, current_database()::text, current_schema()::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// A connection of the test's own, its task on the test's runtime; notifications and
+/// notices arrive on the returned channel.
+async fn own_connection(
+    config: &pgfixture::tokio_postgres::Config,
+) -> (
+    pgfixture::tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<pgfixture::tokio_postgres::AsyncMessage>,
+) {
+    use futures::StreamExt;
+    let (client, mut connection) = config
+        .connect(pgfixture::tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            let _ = tx.send(message);
+        }
+    });
+    (client, rx)
+}
+
+/// The handle gives the worker's connection settings (a tokio-postgres `Config`, a URL,
+/// and the published loopback address): a test that needs connections of its own
+/// (LISTEN/NOTIFY here) takes `worker_db()`, not `worker_pool()`, and no reset follows.
+#[tokio::test]
+async fn a_test_opens_connections_of_its_own_from_the_handle_settings() {
+    use pgfixture::tokio_postgres::AsyncMessage;
+    let fixture = single_worker();
+    let db = fixture.worker_db().await.unwrap();
+    let resets = fixture.stats().workers_reset;
+    let here = whereabouts(&db).await;
+    let from_url: pgfixture::tokio_postgres::Config = db.url().as_str().parse().unwrap();
+    for config in [db.pg_config(), &from_url, db.published_pg_config()] {
+        let (client, _) = own_connection(config).await;
+        assert_eq!(whereabouts(&client).await, here, "{config:?}");
+        // The fixtures are there, and the handle's uncommitted rows are not.
+        let seeded: i64 = client
+            .query_one("SELECT count(*) FROM users", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(seeded, 1);
+    }
+    let published = db.published_pg_config();
+    assert!(
+        published.get_hosts()
+            == [pgfixture::tokio_postgres::config::Host::Tcp(
+                "127.0.0.1".into()
+            )],
+        "{published:?}"
+    );
+    // LISTEN on one connection, NOTIFY from another: nothing is committed.
+    let (listener, mut messages) = own_connection(db.pg_config()).await;
+    listener
+        .batch_execute("LISTEN pgfixture_test")
+        .await
+        .unwrap();
+    let (notifier, _) = own_connection(db.pg_config()).await;
+    notifier
+        .batch_execute("NOTIFY pgfixture_test, 'hello'")
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(AsyncMessage::Notification(n)) = messages.recv().await {
+                return n;
+            }
+        }
+    })
+    .await
+    .expect("no notification within 10 s");
+    assert_eq!(
+        (message.channel(), message.payload()),
+        ("pgfixture_test", "hello")
+    );
+    // Neither the settings nor the URL show the password.
+    let shown = format!(
+        "{:?} {:?} {} {:?}",
+        db.pg_config(),
+        db.url(),
+        db.url(),
+        db.published_url()
+    );
+    assert!(
+        shown.contains("***") || !shown.contains("password="),
+        "{shown}"
+    );
+    if let Some(password) = db.pg_config().get_password() {
+        let password = String::from_utf8_lossy(password);
+        assert!(!shown.contains(password.as_ref()), "{shown}");
+    }
+    drop((listener, notifier));
+    db.release().await.unwrap();
+    assert_eq!(fixture.stats().workers_reset, resets, "no reset was needed");
+}

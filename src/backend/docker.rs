@@ -500,7 +500,11 @@ fn remember(name: &str, server: &Server) {
         return;
     }
     let staging = dir.join(format!(".{name}.{}", std::process::id()));
-    let endpoint = format!("{}:{}", server.host, server.port);
+    // The address to use, and the published port on 127.0.0.1 on a second line.
+    let endpoint = match server.published_port {
+        Some(published) => format!("{}:{}\n127.0.0.1:{published}\n", server.host, server.port),
+        None => format!("{}:{}\n", server.host, server.port),
+    };
     if std::fs::write(&staging, endpoint).is_ok() {
         let _ = std::fs::rename(&staging, dir.join(name));
     }
@@ -523,11 +527,17 @@ pub(crate) fn known(name: &str) -> Result<Option<Server>> {
     let Ok(endpoint) = std::fs::read_to_string(endpoints().join(name)) else {
         return Ok(None);
     };
-    let Some((host, port)) = parse_endpoint(&endpoint) else {
+    let mut lines = endpoint.lines();
+    let Some((host, port)) = lines.next().and_then(parse_endpoint) else {
         return Ok(None);
     };
+    let published_port = lines.next().and_then(parse_endpoint).map(|(_, port)| port);
     let server = Server::loopback(port, derived_password(name)?, name.to_owned());
-    Ok(Some(Server { host, ..server }))
+    Ok(Some(Server {
+        host,
+        published_port,
+        ..server
+    }))
 }
 
 /// A detached `sh` that removes the container `name` if, after a while, it is still
@@ -608,6 +618,7 @@ async fn direct(name: &str, server: Server, addresses: &[IpAddr], config: &Confi
             return Server {
                 host: address.to_string(),
                 port: CONTAINER_PORT,
+                published_port: Some(server.port),
                 ..server
             };
         }

@@ -1,0 +1,186 @@
+//! A worker's connection settings, for code under test that opens connections of its
+//! own (LISTEN/NOTIFY, notices, cancellation, other drivers).
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::config::redact;
+use crate::server::Server;
+
+/// A `postgres://` URL of a worker's database, for drivers that take one (sqlx, diesel,
+/// `psql`). `Debug` and `Display` show it with the password replaced by `***`;
+/// [`DatabaseUrl::as_str`] gives the whole URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(Arc<str>);
+
+impl DatabaseUrl {
+    /// The whole URL, password included: give it to a driver, never to a log.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({:?})", redact(&self.0))
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact(&self.0))
+    }
+}
+
+/// The connection settings of one worker's database (or schema), made once per worker.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) pg_config: tokio_postgres::Config,
+    pub(crate) url: DatabaseUrl,
+    /// Through the port published on 127.0.0.1 (Docker); else the same as above.
+    pub(crate) published_pg_config: tokio_postgres::Config,
+    pub(crate) published_url: DatabaseUrl,
+}
+
+impl Settings {
+    pub(crate) fn new(server: &Server, dbname: &str, search_path: Option<&str>) -> Arc<Self> {
+        let pg_config = crate::pool::pg_config(server, dbname, search_path);
+        let url = url_for(server, &server.host, server.port, dbname, search_path);
+        let (published_pg_config, published_url) = match server.published_port {
+            Some(port) => {
+                // `host` adds a host to the list: start from one without any.
+                let mut published = tokio_postgres::Config::new();
+                copy_without_address(&pg_config, &mut published);
+                published.host("127.0.0.1").port(port);
+                (
+                    published,
+                    url_for(server, "127.0.0.1", port, dbname, search_path),
+                )
+            }
+            None => (pg_config.clone(), url.clone()),
+        };
+        Arc::new(Settings {
+            pg_config,
+            url,
+            published_pg_config,
+            published_url,
+        })
+    }
+}
+
+/// Everything of `from` but its hosts and ports.
+fn copy_without_address(from: &tokio_postgres::Config, to: &mut tokio_postgres::Config) {
+    if let Some(user) = from.get_user() {
+        to.user(user);
+    }
+    if let Some(password) = from.get_password() {
+        to.password(password);
+    }
+    if let Some(dbname) = from.get_dbname() {
+        to.dbname(dbname);
+    }
+    if let Some(options) = from.get_options() {
+        to.options(options);
+    }
+    if let Some(name) = from.get_application_name() {
+        to.application_name(name);
+    }
+    if let Some(timeout) = from.get_connect_timeout() {
+        to.connect_timeout(*timeout);
+    }
+}
+
+/// `postgres://user:password@host:port/dbname?application_name=...`, with the
+/// `search_path` as an `options` parameter (understood by libpq, sqlx and
+/// tokio-postgres) in schema mode.
+fn url_for(
+    server: &Server,
+    host: &str,
+    port: u16,
+    dbname: &str,
+    search_path: Option<&str>,
+) -> DatabaseUrl {
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let credentials = if server.password.is_empty() {
+        encode(&server.user)
+    } else {
+        format!("{}:{}", encode(&server.user), encode(&server.password))
+    };
+    let mut url = format!(
+        "postgres://{credentials}@{host}:{port}/{}?application_name={}",
+        encode(dbname),
+        encode(&server.application_name)
+    );
+    if let Some(schema) = search_path {
+        let path = crate::provision::schema_search_path(schema);
+        url.push_str(&format!(
+            "&options={}",
+            encode(&format!("-c search_path={path}"))
+        ));
+    }
+    DatabaseUrl(url.into())
+}
+
+/// Percent-encodes all but RFC 3986's unreserved characters.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_encode_and_hide_the_password() {
+        let mut server = Server::loopback(5433, "s3cr/t".into(), "x".into());
+        server.application_name = "pgfixture/run1".into();
+        let settings = Settings::new(&server, "pgfx_w_1", Some("pgfx_w_1"));
+        let url = settings.url.as_str();
+        assert_eq!(
+            url,
+            "postgres://postgres:s3cr%2Ft@127.0.0.1:5433/pgfx_w_1?application_name=pgfixture%2Frun1\
+             &options=-c%20search_path%3Dpgfx_w_1%2Cpgfx_shared"
+        );
+        // The URL parses back to the same settings.
+        let parsed: tokio_postgres::Config = url.parse().unwrap();
+        assert_eq!(parsed.get_password(), Some(&b"s3cr/t"[..]));
+        assert_eq!(parsed.get_options(), settings.pg_config.get_options());
+        for shown in [format!("{:?}", settings.url), settings.url.to_string()] {
+            assert!(!shown.contains("s3cr"), "{shown}");
+        }
+        assert!(!format!("{:?}", settings.pg_config).contains("s3cr"));
+        assert_eq!(settings.published_url, settings.url);
+    }
+
+    #[test]
+    fn a_container_reached_directly_also_gives_its_published_port() {
+        let mut server = Server::loopback(5432, "pw".into(), "c".into());
+        server.host = "172.17.0.2".into();
+        server.published_port = Some(32781);
+        let settings = Settings::new(&server, "db", None);
+        assert!(settings.url.as_str().contains("@172.17.0.2:5432/db"));
+        assert!(
+            settings
+                .published_url
+                .as_str()
+                .contains("@127.0.0.1:32781/db")
+        );
+        let published = &settings.published_pg_config;
+        assert_eq!(published.get_ports(), [32781]);
+        assert_eq!(published.get_hosts().len(), 1);
+        assert_eq!(published.get_password(), Some(&b"pw"[..]));
+        assert_eq!(published.get_dbname(), Some("db"));
+    }
+}
