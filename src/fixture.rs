@@ -892,9 +892,10 @@ impl Inner {
             _ => (name, None, provision::Target::Database(name)),
         };
         let dbname = dbname.to_owned();
-        // The mark as a setting, loaded when the connection started.
+        // The mark as a setting, loaded when the connection started. SHOW takes no
+        // snapshot, so the test may still choose its transaction's isolation level.
         let sql = format!(
-            "SELECT coalesce(current_setting('{}', true), ''), current_setting('max_connections')",
+            "SHOW {}; SHOW max_connections",
             target
                 .setting()
                 .expect("pgfixture's own servers mark workers with settings")
@@ -923,19 +924,25 @@ impl Inner {
         };
         // The first test's transaction begins in the same round trip; if the worker is
         // not ready, the connection goes with this pool.
-        let messages = client
-            .simple_query(&format!("{}; {sql}", crate::testdb::BEGIN))
+        let messages = match client
+            .simple_query(&format!("{sql}; {}", crate::testdb::BEGIN))
             .await
-            .map_err(Error::pg(format!("looking up worker {id}")))?;
-        let Some((mark, max)) = messages.iter().find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some((
-                row.get(0).unwrap_or_default().to_owned(),
-                row.get(1).and_then(|v| v.parse().ok()).unwrap_or(0),
-            )),
+        {
+            Ok(messages) => messages,
+            // No mark at all: a worker that is not ready.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_OBJECT) => {
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::pg(format!("looking up worker {id}"))(e)),
+        };
+        let mut rows = messages.iter().filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0),
             _ => None,
-        }) else {
+        });
+        let (Some(mark), Some(max)) = (rows.next(), rows.next()) else {
             return Ok(None);
         };
+        let (mark, max) = (mark.to_owned(), max.parse().unwrap_or(0));
         if provision::State::of(Some(mark)) != provision::State::Clean {
             return Ok(None);
         }

@@ -13,6 +13,7 @@ mod runtime;
 mod server;
 mod settings;
 mod sql;
+mod stream;
 mod testdb;
 mod worker;
 mod worker_pool;
@@ -21,7 +22,7 @@ pub use config::{Backend, Config, DEFAULT_IMAGE, Env, Isolation, OsEnv, ServerUr
 pub use error::{Error, Result};
 pub use fixture::{Fixture, FixtureBuilder, Stats};
 pub use settings::DatabaseUrl;
-pub use testdb::{Savepoint, TestDb};
+pub use testdb::{CancelToken, TestDb};
 pub use worker::WorkerId;
 pub use worker_pool::WorkerPool;
 

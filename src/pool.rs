@@ -11,6 +11,7 @@ use tokio_postgres::{Client, Config as PgConfig, NoTls};
 
 use crate::runtime;
 use crate::server::Server;
+use crate::stream::TestStream;
 
 /// Connections per worker when `PGFIXTURE_POOL_SIZE` is not set. From the sweep of
 /// `examples/tune.rs` (BENCHMARKS.md): tests that hold a handle and run four queries
@@ -34,14 +35,116 @@ impl Connect for BackgroundConnect {
     ) -> BoxFuture<'_, Result<(Client, JoinHandle<()>), tokio_postgres::Error>> {
         let pg_config = pg_config.clone();
         Box::pin(runtime::run(async move {
-            let (client, connection) = pg_config.connect(NoTls).await?;
-            let task = tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "pooled connection closed");
+            let (client, task) = match test_stream(&pg_config).await {
+                Some(stream) => {
+                    let (client, connection) = pg_config.connect_raw(stream, NoTls).await?;
+                    (client, spawn_connection(connection))
                 }
-            });
+                // The driver's own connect, for its error (or a host we do not open).
+                None => {
+                    let (client, connection) = pg_config.connect(NoTls).await?;
+                    (client, spawn_connection(connection))
+                }
+            };
             Ok((client, task))
         }))
+    }
+}
+
+fn spawn_connection<F>(connection: F) -> JoinHandle<()>
+where
+    F: Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "pooled connection closed");
+        }
+    })
+}
+
+/// The socket of a pooled connection, wrapped in the stream that turns the code
+/// under test's transactions into savepoints ([`crate::stream`]); `None` when it
+/// cannot be opened (the driver's own connect then reports why).
+async fn test_stream(pg_config: &PgConfig) -> Option<TestStream<Socket>> {
+    use tokio_postgres::config::Host;
+    let port = pg_config.get_ports().first().copied().unwrap_or(5432);
+    let limit = pg_config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(5));
+    let socket = match pg_config.get_hosts().first()? {
+        Host::Tcp(host) => {
+            let tcp =
+                tokio::time::timeout(limit, tokio::net::TcpStream::connect((host.as_str(), port)))
+                    .await
+                    .ok()?
+                    .ok()?;
+            // As the driver's own connect does: small messages go out at once.
+            tcp.set_nodelay(true).ok()?;
+            Socket::Tcp(tcp)
+        }
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let unix = tokio::time::timeout(limit, tokio::net::UnixStream::connect(path))
+                .await
+                .ok()?
+                .ok()?;
+            Socket::Unix(unix)
+        }
+    };
+    Some(TestStream::new(socket))
+}
+
+/// A TCP or Unix socket.
+#[derive(Debug)]
+pub(crate) enum Socket {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl tokio::io::AsyncRead for Socket {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Socket {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Socket::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
 

@@ -1,10 +1,10 @@
 //! The handle a test holds: a pooled connection inside a transaction.
 
 use std::fmt;
-use std::ops::Deref;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use deadpool_postgres::{ClientWrapper, Object};
+use deadpool_postgres::Object;
 
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
@@ -18,28 +18,30 @@ use crate::{DatabaseUrl, Error, Result, runtime};
 /// committed it: the mark (a transaction-local setting) is gone once the transaction is.
 pub(crate) const BEGIN: &str = "BEGIN; SET LOCAL pgfixture.test = 'open'";
 /// Ends a test's transaction: reads the mark, then rolls back, in one round trip.
-const END: &str = "SELECT current_setting('pgfixture.test', true); ROLLBACK";
+pub(crate) const END: &str = "SELECT current_setting('pgfixture.test', true); ROLLBACK";
 
 /// A connection to the current worker's database, inside a transaction that is rolled
 /// back when the handle drops.
 ///
-/// It derefs to the tokio-postgres [`Client`](tokio_postgres::Client) (through
-/// deadpool's [`ClientWrapper`], which adds `prepare_cached`), so `execute`, `query`,
-/// `query_one`, `batch_execute` and `prepare` work as usual. [`TestDb::transaction`]
-/// gives a nested transaction, which is a SAVEPOINT: committing it never commits the
-/// test's transaction.
+/// It derefs, mutably too, to deadpool-postgres's pooled client and through it to the
+/// tokio-postgres [`Client`](tokio_postgres::Client), so `execute`, `query`,
+/// `query_one`, `batch_execute`, `prepare` and `prepare_cached` work as usual, and the
+/// handle goes where code under test takes `&Client`, `&mut Client` ([`TestDb::client`],
+/// [`TestDb::client_mut`], or `&db` / `&mut *db`) or a `&deadpool_postgres::Client`.
+/// [`TestDb::transaction`] gives a nested transaction, which is a SAVEPOINT:
+/// committing it never commits the test's transaction; nor do the transactions that
+/// code under test opens through `&mut Client`.
 ///
 /// Dropping the handle (or [`TestDb::release`], which can report an error) checks that
 /// the test's transaction is still open and rolls it back, in one round trip, before
 /// the worker goes to another test. A test that committed anyway (`COMMIT` or `END`
-/// through `batch_execute`, a `BEGIN ... COMMIT` of its own, or `ROLLBACK` followed by
-/// more statements) is reported once on stderr, with its name, and the worker's database
-/// or schema is rebuilt from the fixtures before any other test gets it. Code that
-/// must commit belongs on [`crate::worker_pool`].
+/// through `batch_execute` at the top level, a `BEGIN ... COMMIT` of its own in one
+/// batch, or `ROLLBACK` followed by more statements) is reported once on stderr, with
+/// its name, and the worker's database or schema is rebuilt from the fixtures before
+/// any other test gets it. Code that must commit belongs on [`crate::worker_pool`].
 pub struct TestDb {
     client: Option<Object>,
     worker: WorkerId,
-    depth: u32,
     /// Keeps the in-process worker slot until the connection is back in its pool.
     lease: Option<Arc<SlotLease>>,
     owner: Arc<Inner>,
@@ -68,7 +70,6 @@ impl TestDb {
         TestDb {
             client: Some(client),
             worker,
-            depth: 0,
             lease,
             owner,
             test,
@@ -149,31 +150,146 @@ impl TestDb {
         runtime::run(self.finish()).await
     }
 
-    /// A nested transaction: a SAVEPOINT inside the test's transaction. Committing it
-    /// releases the savepoint; dropping it rolls back to it.
+    /// A nested transaction: tokio-postgres's own [`Transaction`](tokio_postgres::Transaction),
+    /// which here is a SAVEPOINT inside the test's transaction. Committing it releases
+    /// the savepoint; rolling it back or dropping it rolls back to it; its
+    /// `transaction()` and `savepoint()` nest further. It implements tokio-postgres's
+    /// `GenericClient` and offers everything a `Transaction` does (`bind`,
+    /// `query_portal`, `copy_in`, ...).
+    ///
+    /// The same holds for transactions that code under test opens itself through
+    /// `&mut Client` (`client.transaction()`, `build_transaction()`, deadpool's
+    /// wrappers) or with `batch_execute("BEGIN")` and `batch_execute("COMMIT")`:
+    /// pgfixture's connections turn a `BEGIN`, `START TRANSACTION`, `COMMIT` or
+    /// `ROLLBACK` sent alone as a simple query inside a test's transaction into
+    /// savepoint commands. A `COMMIT` inside a batch of several statements, or one
+    /// that matches no `BEGIN`, is a real commit, detected when the test ends.
     ///
     /// # Errors
     ///
     /// The driver's error when `SAVEPOINT` fails.
-    pub async fn transaction(&mut self) -> Result<Savepoint<'_>, tokio_postgres::Error> {
-        self.depth += 1;
-        let depth = self.depth;
-        Savepoint::start(
-            self.client
-                .as_ref()
-                .expect("the client is present until drop"),
-            depth,
-        )
+    pub async fn transaction(
+        &mut self,
+    ) -> Result<tokio_postgres::Transaction<'_>, tokio_postgres::Error> {
+        self.client_mut().transaction().await
+    }
+
+    /// A nested transaction with settings, tokio-postgres's own builder: a SAVEPOINT
+    /// as [`TestDb::transaction`] gives. A savepoint has no isolation level of its own:
+    /// an isolation level, `read_only` or `deferrable` applies to the test's whole
+    /// transaction, which PostgreSQL allows only before the test's first query ("SET
+    /// TRANSACTION ISOLATION LEVEL must be called before any query" otherwise), and
+    /// read-only stays for the rest of the test.
+    pub fn build_transaction(&mut self) -> tokio_postgres::TransactionBuilder<'_> {
+        self.client_mut().build_transaction()
+    }
+
+    /// The tokio-postgres client, for code written against `&Client` or
+    /// `impl GenericClient` (tokio-postgres seals that trait, so the handle itself
+    /// cannot implement it; `Client` and `Transaction` do).
+    pub fn client(&self) -> &tokio_postgres::Client {
+        self.object()
+    }
+
+    /// The tokio-postgres client, mutably, for code written against `&mut Client`: its
+    /// `transaction()` is a SAVEPOINT inside the test's transaction (see
+    /// [`TestDb::transaction`]).
+    pub fn client_mut(&mut self) -> &mut tokio_postgres::Client {
+        self.client
+            .as_mut()
+            .expect("the client is present until drop")
+    }
+
+    fn object(&self) -> &Object {
+        self.client
+            .as_ref()
+            .expect("the client is present until drop")
+    }
+
+    /// A token that cancels the query this handle runs, from another task. Use it
+    /// instead of the client's own `cancel_token()`, which cannot reach the server:
+    /// pgfixture opens pooled connections itself (see [`TestDb::transaction`]), so
+    /// the driver does not know their address.
+    pub fn cancel_token(&self) -> CancelToken {
+        CancelToken {
+            token: self.object().cancel_token(),
+            settings: Arc::clone(&self.settings),
+        }
+    }
+}
+
+/// Cancels the query a [`TestDb`] runs; see [`TestDb::cancel_token`].
+#[derive(Clone)]
+pub struct CancelToken {
+    token: tokio_postgres::CancelToken,
+    settings: Arc<Settings>,
+}
+
+impl fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CancelToken").finish_non_exhaustive()
+    }
+}
+
+impl CancelToken {
+    /// Asks the server to cancel the query in progress, if any, as tokio-postgres's
+    /// `CancelToken::cancel_query` does (the query then fails with `query_canceled`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when the server cannot be reached, [`Error::Postgres`] when the
+    /// request fails.
+    pub async fn cancel_query(&self, _tls: tokio_postgres::NoTls) -> Result<()> {
+        use tokio_postgres::config::Host;
+        let config = &self.settings.pg_config;
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let token = self.token.clone();
+        let host = config.get_hosts().first().cloned();
+        runtime::run(async move {
+            let io = Error::io("connecting to the server to cancel a query");
+            let pg = Error::pg("cancelling a query");
+            match host {
+                Some(Host::Unix(dir)) => {
+                    let path = dir.join(format!(".s.PGSQL.{port}"));
+                    let socket = tokio::net::UnixStream::connect(path).await.map_err(io)?;
+                    token
+                        .cancel_query_raw(socket, tokio_postgres::NoTls)
+                        .await
+                        .map_err(pg)
+                }
+                Some(Host::Tcp(host)) => {
+                    let socket = tokio::net::TcpStream::connect((host.as_str(), port))
+                        .await
+                        .map_err(io)?;
+                    token
+                        .cancel_query_raw(socket, tokio_postgres::NoTls)
+                        .await
+                        .map_err(pg)
+                }
+                None => Err(io(std::io::ErrorKind::NotFound.into())),
+            }
+        })
         .await
     }
 }
 
+/// The handle derefs to deadpool-postgres's pooled client, which implements
+/// deadpool's `GenericClient` and derefs on to tokio-postgres's `Client`, so `&*db`
+/// goes where a `&deadpool_postgres::Client` goes and `&db` where a `&Client` goes.
 impl Deref for TestDb {
-    type Target = ClientWrapper;
+    type Target = Object;
 
-    fn deref(&self) -> &ClientWrapper {
+    fn deref(&self) -> &Object {
+        self.object()
+    }
+}
+
+/// `&mut *db` goes where a `&mut tokio_postgres::Client` goes: the transactions it
+/// opens are savepoints inside the test's transaction.
+impl DerefMut for TestDb {
+    fn deref_mut(&mut self) -> &mut Object {
         self.client
-            .as_ref()
+            .as_mut()
             .expect("the client is present until drop")
     }
 }
@@ -231,85 +347,4 @@ async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str
         return owner.after_commit(worker, test).await;
     }
     Ok(())
-}
-
-/// A nested transaction of a [`TestDb`]: a SAVEPOINT. Derefs to the client.
-pub struct Savepoint<'a> {
-    client: &'a ClientWrapper,
-    name: String,
-    depth: u32,
-    done: bool,
-}
-
-impl fmt::Debug for Savepoint<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Savepoint")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a> Savepoint<'a> {
-    async fn start(client: &'a ClientWrapper, depth: u32) -> Result<Self, tokio_postgres::Error> {
-        let name = format!("pgfixture_sp_{depth}");
-        client.batch_execute(&format!("SAVEPOINT {name}")).await?;
-        Ok(Savepoint {
-            client,
-            name,
-            depth,
-            done: false,
-        })
-    }
-
-    /// A savepoint nested in this one.
-    ///
-    /// # Errors
-    ///
-    /// The driver's error when `SAVEPOINT` fails.
-    pub async fn transaction(&mut self) -> Result<Savepoint<'_>, tokio_postgres::Error> {
-        Savepoint::start(self.client, self.depth + 1).await
-    }
-
-    /// Keeps the savepoint's changes in the enclosing transaction (`RELEASE SAVEPOINT`).
-    ///
-    /// # Errors
-    ///
-    /// The driver's error.
-    pub async fn commit(mut self) -> Result<(), tokio_postgres::Error> {
-        self.done = true;
-        self.client
-            .batch_execute(&format!("RELEASE SAVEPOINT {}", self.name))
-            .await
-    }
-
-    /// Discards the savepoint's changes (`ROLLBACK TO SAVEPOINT`).
-    ///
-    /// # Errors
-    ///
-    /// The driver's error.
-    pub async fn rollback(mut self) -> Result<(), tokio_postgres::Error> {
-        self.done = true;
-        self.client
-            .batch_execute(&format!(
-                "ROLLBACK TO SAVEPOINT {0}; RELEASE SAVEPOINT {0}",
-                self.name
-            ))
-            .await
-    }
-}
-
-impl Deref for Savepoint<'_> {
-    type Target = ClientWrapper;
-
-    fn deref(&self) -> &ClientWrapper {
-        self.client
-    }
-}
-
-impl Drop for Savepoint<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.client.__private_api_rollback(Some(&self.name));
-        }
-    }
 }

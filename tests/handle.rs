@@ -432,3 +432,181 @@ async fn a_test_opens_connections_of_its_own_from_the_handle_settings() {
     db.release().await.unwrap();
     assert_eq!(fixture.stats().workers_reset, resets, "no reset was needed");
 }
+
+mod code_under_test {
+    //! Functions written against tokio-postgres's and deadpool's types, as a project's
+    //! repository layer would be.
+    use pgfixture::deadpool_postgres;
+    use pgfixture::tokio_postgres::{Client, Error, GenericClient, Transaction};
+
+    pub async fn count(client: &Client, owner: &str) -> Result<i64, Error> {
+        Ok(client
+            .query_one("SELECT count(*) FROM notes WHERE owner = $1", &[&owner])
+            .await?
+            .get(0))
+    }
+
+    pub async fn insert(client: &impl GenericClient, owner: &str) -> Result<u64, Error> {
+        client
+            .execute(
+                "INSERT INTO notes (owner, body) VALUES ($1, 'x')",
+                &[&owner],
+            )
+            .await
+    }
+
+    pub async fn insert_in_tx(tx: &Transaction<'_>, owner: &str) -> Result<u64, Error> {
+        insert(tx, owner).await
+    }
+
+    /// Opens and commits a transaction of its own.
+    pub async fn transfer(client: &mut Client, owner: &str) -> Result<(), Error> {
+        let tx = client.transaction().await?;
+        insert(&tx, owner).await?;
+        insert_in_tx(&tx, owner).await?;
+        tx.commit().await
+    }
+
+    /// Opens a transaction and fails halfway: rolled back when dropped.
+    pub async fn half_done(client: &mut Client, owner: &str) -> Result<(), Error> {
+        let tx = client.transaction().await?;
+        insert(&tx, owner).await?;
+        tx.execute("SELECT 1/0", &[]).await.map(|_| ())
+    }
+
+    pub async fn pooled(client: &impl deadpool_postgres::GenericClient) -> Result<i64, Error> {
+        Ok(client.query_one("SELECT 1::bigint", &[]).await?.get(0))
+    }
+}
+
+/// Whether the test's transaction is still open: its transaction-local mark is there.
+async fn in_test_transaction(db: &pgfixture::TestDb) -> bool {
+    db.query_one(
+        "SELECT coalesce(current_setting('pgfixture.test', true), '') = 'open'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Code written against `&Client`, `&mut Client`, `&Transaction<'_>` and
+/// `impl GenericClient` takes the handle; the transactions it opens and commits are
+/// savepoints, so the test's transaction (and the next test) are kept.
+#[tokio::test]
+async fn code_written_against_tokio_postgres_takes_the_handle() {
+    use code_under_test::*;
+    let fixture = single_worker();
+    let leaks = fixture.stats().commit_leaks;
+    let mut db = fixture.worker_db().await.unwrap();
+    insert(db.client(), "generic").await.unwrap();
+    assert_eq!(count(&db, "generic").await.unwrap(), 1);
+    assert_eq!(pooled(&*db).await.unwrap(), 1);
+
+    transfer(&mut db, "transfer").await.unwrap();
+    transfer(db.client_mut(), "transfer").await.unwrap();
+    assert_eq!(count(&db, "transfer").await.unwrap(), 4);
+    assert!(
+        in_test_transaction(&db).await,
+        "the code's COMMIT ended the test's transaction"
+    );
+
+    assert!(half_done(&mut db, "half").await.is_err());
+    assert_eq!(
+        count(&db, "half").await.unwrap(),
+        0,
+        "the failed transaction was rolled back"
+    );
+    assert!(in_test_transaction(&db).await);
+
+    // BEGIN and COMMIT sent alone are savepoints too.
+    db.batch_execute("BEGIN").await.unwrap();
+    insert(db.client(), "raw").await.unwrap();
+    db.batch_execute("COMMIT").await.unwrap();
+    db.batch_execute("START TRANSACTION").await.unwrap();
+    insert(db.client(), "raw").await.unwrap();
+    db.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(count(&db, "raw").await.unwrap(), 1);
+    assert!(in_test_transaction(&db).await);
+
+    // The nested transaction is tokio-postgres's own type, with all it offers.
+    let mut tx = db.transaction().await.unwrap();
+    insert_in_tx(&tx, "nested").await.unwrap();
+    let statement = tx
+        .prepare("SELECT owner FROM notes WHERE owner = $1")
+        .await
+        .unwrap();
+    let portal = tx.bind(&statement, &[&"nested"]).await.unwrap();
+    assert_eq!(tx.query_portal(&portal, 10).await.unwrap().len(), 1);
+    {
+        let inner = tx.savepoint("named").await.unwrap();
+        insert(&inner, "nested").await.unwrap();
+        inner.rollback().await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    assert_eq!(count(&db, "nested").await.unwrap(), 1);
+    {
+        let tx = db.transaction().await.unwrap();
+        insert(&tx, "dropped").await.unwrap();
+    }
+    assert_eq!(count(&db, "dropped").await.unwrap(), 0);
+    drop(db);
+
+    // Nothing of it reached the next test, and nothing was taken for a commit.
+    let db = fixture.worker_db().await.unwrap();
+    for owner in ["generic", "transfer", "raw", "nested"] {
+        assert_eq!(count(&db, owner).await.unwrap(), 0, "{owner} leaked");
+    }
+    drop(db);
+    assert_eq!(
+        fixture.stats().commit_leaks,
+        leaks,
+        "a savepoint was taken for a commit"
+    );
+}
+
+/// A nested transaction's isolation level applies to the test's transaction, which
+/// PostgreSQL allows as the test's first statement (also for the first test of a
+/// nextest process, whose worker check runs on the same connection).
+#[tokio::test]
+async fn a_nested_transaction_sets_the_isolation_level_first() {
+    use pgfixture::tokio_postgres::IsolationLevel;
+    let mut db = pgfixture::worker_db().await.unwrap();
+    let tx = db
+        .build_transaction()
+        .isolation_level(IsolationLevel::Serializable)
+        .start()
+        .await
+        .unwrap();
+    let level: String = tx
+        .query_one("SHOW transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(level, "serializable");
+    tx.commit().await.unwrap();
+    assert!(in_test_transaction(&db).await);
+}
+
+/// The handle's cancel token reaches the server (the driver's own does not know the
+/// address of a connection pgfixture opened).
+#[tokio::test]
+async fn a_running_query_is_cancelled_through_the_handle() {
+    let db = pgfixture::worker_db().await.unwrap();
+    let token = db.cancel_token();
+    let cancel = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token
+            .cancel_query(pgfixture::tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    });
+    let error = db.execute("SELECT pg_sleep(30)", &[]).await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&pgfixture::tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{error}"
+    );
+    cancel.await.unwrap();
+    db.release().await.unwrap();
+}
