@@ -17,8 +17,25 @@ use crate::{DatabaseUrl, Error, Result, runtime};
 /// Starts a test's transaction and marks it, so that its end can tell whether the test
 /// committed it: the mark (a transaction-local setting) is gone once the transaction is.
 pub(crate) const BEGIN: &str = "BEGIN; SET LOCAL pgfixture.test = 'open'";
-/// Ends a test's transaction: reads the mark, then rolls back, in one round trip.
-pub(crate) const END: &str = "SELECT current_setting('pgfixture.test', true); ROLLBACK";
+/// What a test may leave on its connection that a rollback does not undo, cleared
+/// before the connection goes to the next test: session advisory locks (job queues take
+/// them), the sequences' `currval` and `lastval`, and the names of statements
+/// prepared with SQL `PREPARE`, which are deallocated. The driver's own statements,
+/// prepared through the protocol (`from_sql` false), stay cached.
+macro_rules! cleanup {
+    () => {
+        "ROLLBACK; SELECT pg_advisory_unlock_all() AS pgfixture_unlocked; DISCARD SEQUENCES; \
+         SELECT name AS pgfixture_prepared FROM pg_prepared_statements WHERE from_sql"
+    };
+}
+/// Ends a test's transaction: reads the mark, rolls back and clears the session
+/// ([`cleanup!`]), in one round trip.
+pub(crate) const END: &str = concat!(
+    "SELECT current_setting('pgfixture.test', true) AS pgfixture_mark; ",
+    cleanup!()
+);
+/// The same without the mark, for a transaction a failed statement aborted.
+const CLEANUP: &str = cleanup!();
 
 /// A connection to the current worker's database, inside a transaction that is rolled
 /// back when the handle drops.
@@ -184,6 +201,90 @@ impl TestDb {
         self.client_mut().build_transaction()
     }
 
+    /// Runs the checks of the deferred constraints now, as the `COMMIT` that a test's
+    /// transaction never reaches would, and returns the error that `COMMIT` would give.
+    /// The constraints stay deferred afterwards (the check runs in a savepoint that is
+    /// rolled back), so the test's transaction goes on as before, also after a
+    /// violation.
+    ///
+    /// # Errors
+    ///
+    /// The server's error for the first violated constraint (`foreign_key_violation`,
+    /// `unique_violation`, ...).
+    pub async fn check_deferred_constraints(&self) -> Result<(), tokio_postgres::Error> {
+        let check = self.client().batch_execute("SET CONSTRAINTS ALL IMMEDIATE");
+        self.in_savepoint(check, false).await
+    }
+
+    /// [`execute`](tokio_postgres::Client::execute) inside a savepoint: when the
+    /// statement fails (a test that expects an error), only the statement is rolled
+    /// back and the test's transaction stays usable. Without it, the first error
+    /// aborts the test's transaction, and every later statement fails with "current
+    /// transaction is aborted".
+    ///
+    /// # Errors
+    ///
+    /// The statement's error.
+    pub async fn try_execute<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, tokio_postgres::Error>
+    where
+        T: ?Sized + tokio_postgres::ToStatement,
+    {
+        self.in_savepoint(self.client().execute(statement, params), true)
+            .await
+    }
+
+    /// [`query`](tokio_postgres::Client::query) inside a savepoint; see
+    /// [`TestDb::try_execute`].
+    ///
+    /// # Errors
+    ///
+    /// The statement's error.
+    pub async fn try_query<T>(
+        &self,
+        statement: &T,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>
+    where
+        T: ?Sized + tokio_postgres::ToStatement,
+    {
+        self.in_savepoint(self.client().query(statement, params), true)
+            .await
+    }
+
+    /// [`batch_execute`](tokio_postgres::Client::batch_execute) inside a savepoint;
+    /// see [`TestDb::try_execute`].
+    ///
+    /// # Errors
+    ///
+    /// The statements' error.
+    pub async fn try_batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.in_savepoint(self.client().batch_execute(sql), true)
+            .await
+    }
+
+    /// Runs `work` after a savepoint; rolls back to the savepoint when `work` fails,
+    /// or always unless `keep`. The savepoint is sent ahead of `work` without waiting
+    /// (tokio-postgres keeps requests in order), so it costs no round trip of its own.
+    async fn in_savepoint<T>(
+        &self,
+        work: impl Future<Output = Result<T, tokio_postgres::Error>>,
+        keep: bool,
+    ) -> Result<T, tokio_postgres::Error> {
+        const BEGIN: &str = "SAVEPOINT pgfixture_try";
+        const KEEP: &str = "RELEASE SAVEPOINT pgfixture_try";
+        const UNDO: &str = "ROLLBACK TO SAVEPOINT pgfixture_try; RELEASE SAVEPOINT pgfixture_try";
+        let client = self.client();
+        let (savepoint, result) = futures::join!(client.batch_execute(BEGIN), work);
+        savepoint?;
+        let end = if keep && result.is_ok() { KEEP } else { UNDO };
+        client.batch_execute(end).await?;
+        result
+    }
+
     /// The tokio-postgres client, for code written against `&Client` or
     /// `impl GenericClient` (tokio-postgres seals that trait, so the handle itself
     /// cannot implement it; `Client` and `Transaction` do).
@@ -307,23 +408,54 @@ impl Drop for TestDb {
     }
 }
 
+/// Deallocates the statements the test prepared with SQL `PREPARE`, which the cleanup
+/// listed: another test's `PREPARE` of the same name would fail.
+async fn deallocate(
+    client: &Object,
+    messages: &[SimpleQueryMessage],
+) -> Result<(), tokio_postgres::Error> {
+    let statements: String = messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row)
+                if row.columns().first().map(|c| c.name()) == Some("pgfixture_prepared") =>
+            {
+                row.get(0)
+            }
+            _ => None,
+        })
+        .map(|name| format!("DEALLOCATE \"{}\";", name.replace('"', "\"\"")))
+        .collect();
+    if statements.is_empty() {
+        Ok(())
+    } else {
+        client.batch_execute(&statements).await
+    }
+}
+
 /// Checks that the test's transaction is still open and rolls it back (one round trip,
 /// two for a transaction a failed statement aborted); after a commit, resets the
 /// worker. A connection that fails is discarded.
 async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str>) -> Result<()> {
     let limit = owner.config().acquire_timeout;
     let ended = async {
-        match client.simple_query(END).await {
-            Ok(messages) => Ok(!messages
-                .iter()
-                .any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("open")))),
+        let messages = match client.simple_query(END).await {
+            Ok(messages) => messages,
             // A failed statement left the transaction aborted, and so still open; the
             // error skipped the ROLLBACK after the check.
             Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
-                client.batch_execute("ROLLBACK").await.map(|()| false)
+                let messages = client.simple_query(CLEANUP).await?;
+                return deallocate(&client, &messages).await.map(|()| false);
             }
-            Err(e) => Err(e),
-        }
+            Err(e) => return Err(e),
+        };
+        let open = messages.iter().any(|m| {
+            matches!(m, SimpleQueryMessage::Row(row)
+                if row.columns().first().map(|c| c.name()) == Some("pgfixture_mark")
+                    && row.get(0) == Some("open"))
+        });
+        deallocate(&client, &messages).await?;
+        Ok(!open)
     };
     let committed = match tokio::time::timeout(limit, ended).await {
         Ok(Ok(committed)) => committed,

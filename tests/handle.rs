@@ -610,3 +610,103 @@ async fn a_running_query_is_cancelled_through_the_handle() {
     cancel.await.unwrap();
     db.release().await.unwrap();
 }
+
+async fn backend_pid(db: &pgfixture::TestDb) -> i32 {
+    db.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// What survives a rollback on a pooled connection never reaches the next test: a
+/// statement prepared with SQL `PREPARE`, a session advisory lock, the sequences'
+/// `currval`. The driver's own cached statements stay usable.
+#[tokio::test]
+async fn session_state_never_crosses_tests() {
+    let fixture = single_worker();
+    let db = fixture.worker_db().await.unwrap();
+    let first = backend_pid(&db).await;
+    db.batch_execute(
+        "PREPARE mine AS SELECT 1; SELECT pg_advisory_lock(4242); SELECT nextval('notes_id_seq')",
+    )
+    .await
+    .unwrap();
+    let cached = db.prepare_cached("SELECT 2::int").await.unwrap();
+    db.query_one(&cached, &[]).await.unwrap();
+    drop(db);
+
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        backend_pid(&db).await,
+        first,
+        "the next test got another connection"
+    );
+    db.batch_execute("PREPARE mine AS SELECT 2")
+        .await
+        .expect("the last test's prepared statement is still there");
+    let (other, _) = own_connection(db.pg_config()).await;
+    let free: bool = other
+        .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(free, "the last test's session advisory lock is still held");
+    other
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    let currval = db.try_query("SELECT currval('notes_id_seq')", &[]).await;
+    assert!(currval.is_err(), "the last test's currval is still defined");
+    let cached = db.prepare_cached("SELECT 2::int").await.unwrap();
+    let two: i32 = db.query_one(&cached, &[]).await.unwrap().get(0);
+    assert_eq!(two, 2, "the driver's cached statement was lost");
+}
+
+/// A transaction per test changes two things that have one-call remedies: deferred
+/// constraints are checked on demand, and an expected error runs in a savepoint.
+#[tokio::test]
+async fn deferred_constraints_and_expected_errors_have_one_call_remedies() {
+    use pgfixture::tokio_postgres::error::SqlState;
+    let db = pgfixture::worker_db().await.unwrap();
+    db.batch_execute(
+        "CREATE TEMP TABLE parent (id int PRIMARY KEY); \
+         CREATE TEMP TABLE child (p int REFERENCES parent DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .await
+    .unwrap();
+    db.execute("INSERT INTO child VALUES (1)", &[])
+        .await
+        .unwrap();
+    let error = db.check_deferred_constraints().await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(&SqlState::FOREIGN_KEY_VIOLATION),
+        "{error}"
+    );
+    // The transaction goes on, the constraint still deferred.
+    db.execute("INSERT INTO child VALUES (2)", &[])
+        .await
+        .unwrap();
+    db.execute("INSERT INTO parent VALUES (1), (2)", &[])
+        .await
+        .unwrap();
+    db.check_deferred_constraints().await.unwrap();
+    db.execute("INSERT INTO child VALUES (3)", &[])
+        .await
+        .unwrap();
+
+    let error = db
+        .try_execute("INSERT INTO users (email) VALUES ('seed@example.com')", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(&SqlState::UNIQUE_VIOLATION), "{error}");
+    assert!(db.try_batch_execute("SELECT 1/0").await.is_err());
+    let users: i64 = db
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("the expected error aborted the test's transaction")
+        .get(0);
+    assert_eq!(users, 1);
+    assert_eq!(db.try_query("SELECT 1", &[]).await.unwrap().len(), 1);
+    db.release().await.unwrap();
+}
