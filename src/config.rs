@@ -156,6 +156,9 @@ pub struct Config {
     pub allow_remote: bool,
     pub(crate) docker_host: Option<String>,
     pub(crate) path: Option<String>,
+    /// No fixtures directory was looked for: neither `PGFIXTURE_FIXTURES` nor
+    /// `CARGO_MANIFEST_DIR` is set (a test binary run outside cargo).
+    pub(crate) fixtures_unknown: bool,
 }
 
 impl Default for Config {
@@ -179,6 +182,7 @@ impl Default for Config {
             allow_remote: false,
             docker_host: None,
             path: None,
+            fixtures_unknown: false,
         }
     }
 }
@@ -237,6 +241,8 @@ impl Config {
         if let Some(v) = env.var("PGFIXTURE_IMAGE") {
             config.image = parse_image(&v)?;
         }
+        config.fixtures_unknown =
+            env.var("PGFIXTURE_FIXTURES").is_none() && env.var("CARGO_MANIFEST_DIR").is_none();
         config.fixtures = match env.var("PGFIXTURE_FIXTURES") {
             Some(dir) => Some(PathBuf::from(dir)),
             None => env
@@ -677,6 +683,15 @@ mod tests {
         assert_eq!(c.acquire_timeout, Duration::from_secs(30));
         assert!(c.grace <= Duration::from_secs(15));
         assert!(!c.require_docker);
+        assert!(
+            c.fixtures_unknown,
+            "no CARGO_MANIFEST_DIR: said once when built"
+        );
+        let c = Config::from_lookup(&env(&[("CARGO_MANIFEST_DIR", "/nonexistent")])).unwrap();
+        assert!(
+            !c.fixtures_unknown && c.fixtures.is_none(),
+            "looked for, and none there"
+        );
     }
 
     #[test]

@@ -69,11 +69,17 @@ impl FixtureBuilder {
         /// The image of the Docker backend (`PGFIXTURE_IMAGE`).
         image: impl Into<String> => |c, v| c.image = v.into());
     setter!(
-        /// The directory of `*.sql` fixtures (`PGFIXTURE_FIXTURES`).
-        fixtures: impl Into<std::path::PathBuf> => |c, v| c.fixtures = Some(v.into()));
+    /// The directory of `*.sql` fixtures (`PGFIXTURE_FIXTURES`).
+    fixtures: impl Into<std::path::PathBuf> => |c, v| {
+        c.fixtures = Some(v.into());
+        c.fixtures_unknown = false;
+    });
     setter!(
-        /// No fixtures at all.
-        no_fixtures: () => |c, _v| c.fixtures = None);
+    /// No fixtures at all.
+    no_fixtures: () => |c, _v| {
+        c.fixtures = None;
+        c.fixtures_unknown = false;
+    });
     setter!(
         /// Connections per worker pool (`PGFIXTURE_POOL_SIZE`).
         pool_size: usize => |c, v| c.pool_size = Some(v));
@@ -113,6 +119,14 @@ impl FixtureBuilder {
         if let Some(inner) = registry.iter().find(|i| i.config == config) {
             return Ok(Fixture {
                 inner: Arc::clone(inner),
+            });
+        }
+        if config.fixtures_unknown && config.fixtures.is_none() {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                eprintln!(
+                    "pgfixture: applying no fixtures: CARGO_MANIFEST_DIR is not set (this test binary runs outside cargo), so $CARGO_MANIFEST_DIR/fixtures cannot be found; set PGFIXTURE_FIXTURES to your fixtures directory"
+                );
             });
         }
         let fixtures = FixtureSet::load(config.fixtures.as_deref())?;

@@ -358,9 +358,10 @@ mod tests {
     #[test]
     fn messages_split_across_writes_are_rewritten_whole() {
         let mut s = TestStream::new(());
-        let mut startup = 16u32.to_be_bytes().to_vec();
+        let body = b"user\0x\0\0";
+        let mut startup = ((8 + body.len()) as u32).to_be_bytes().to_vec();
         startup.extend_from_slice(&196608u32.to_be_bytes());
-        startup.extend_from_slice(b"user\0x\0\0\0");
+        startup.extend_from_slice(body);
         let mut wire = startup.clone();
         wire.extend(query(BEGIN));
         wire.extend(query("START TRANSACTION"));

@@ -932,3 +932,40 @@ fn extensions_and_roles_in_fixtures_work_in_schema_mode_too() {
         "{error}"
     );
 }
+
+/// A test binary run outside cargo (a debugger, an IDE, a nextest archive) has no
+/// `CARGO_MANIFEST_DIR`, so the default fixtures directory cannot be found: it says so
+/// on stderr, naming `PGFIXTURE_FIXTURES`, instead of failing far from the cause.
+#[test]
+fn fixtures_not_found_outside_cargo_are_announced() {
+    let run = unique_run("nomf");
+    let out = run_child(&[
+        ("CARGO_MANIFEST_DIR", ""),
+        ("PGFIXTURE_RUN_ID", &run),
+        ("PGFIXTURE_GRACE", "1"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("CARGO_MANIFEST_DIR is not set").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("set PGFIXTURE_FIXTURES"), "{stderr}");
+    // With the directory named, the fixtures are there.
+    let out = run_child(&[
+        ("CARGO_MANIFEST_DIR", ""),
+        (
+            "PGFIXTURE_FIXTURES",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures"),
+        ),
+        ("PGFIXTURE_RUN_ID", &run),
+        ("PGFIXTURE_GRACE", "1"),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("CHILD-OK users=1"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("CARGO_MANIFEST_DIR is not set"));
+}
