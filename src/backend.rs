@@ -57,12 +57,40 @@ done
 wait "$pg"
 "#;
 
-/// `-c name=value` arguments for `postgres`.
-fn server_args() -> Vec<String> {
+/// `-c name=value` arguments for `postgres`: pgfixture's throwaway-data settings,
+/// then the user's (`PGFIXTURE_SERVER_SETTINGS`), which win.
+fn server_args(config: &Config) -> Vec<String> {
     crate::server::THROWAWAY_SETTINGS
         .iter()
+        .map(|(k, v)| (*k, *v))
+        .chain(
+            config
+                .server_settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        )
         .flat_map(|(k, v)| ["-c".to_owned(), format!("{k}={v}")])
         .collect()
+}
+
+/// The error for a server that would not start because it rejected one of the
+/// user's settings: `PGFIXTURE_SERVER_SETTINGS`, the setting, and the server's words.
+/// `None` when its output (`log`) names none of them.
+pub(crate) fn settings_error(config: &Config, log: &str) -> Option<Error> {
+    config.server_settings.iter().find_map(|(name, value)| {
+        let quoted = format!("\"{name}\"");
+        let line = log
+            .lines()
+            .find(|line| line.to_ascii_lowercase().contains(&quoted))?;
+        Some(Error::config(
+            "PGFIXTURE_SERVER_SETTINGS",
+            format!("{name}={value}"),
+            format!(
+                "is refused by the server, which did not start: {}",
+                line.trim()
+            ),
+        ))
+    })
 }
 
 impl Source {

@@ -154,6 +154,12 @@ pub struct Config {
     /// Allow `PGFIXTURE_URL` to name a host that is not loopback.
     /// `PGFIXTURE_ALLOW_REMOTE=1`; default off.
     pub allow_remote: bool,
+    /// `-c` settings for the servers pgfixture starts (time zone,
+    /// `shared_preload_libraries`, `max_connections`, `log_statement`, ...), after
+    /// pgfixture's own, so they win. Servers with other settings are other servers.
+    /// `PGFIXTURE_SERVER_SETTINGS` (`timezone=UTC,log_statement=all`; a value that holds
+    /// a comma goes in single quotes); default none.
+    pub server_settings: Vec<(String, String)>,
     pub(crate) docker_host: Option<String>,
     pub(crate) path: Option<String>,
     /// No fixtures directory was looked for: neither `PGFIXTURE_FIXTURES` nor
@@ -180,6 +186,7 @@ impl Default for Config {
             reuse: false,
             reuse_idle: DEFAULT_REUSE_IDLE,
             allow_remote: false,
+            server_settings: Vec::new(),
             docker_host: None,
             path: None,
             fixtures_unknown: false,
@@ -295,6 +302,9 @@ impl Config {
         if let Some(v) = env.var("PGFIXTURE_URL") {
             config.url = Some(ServerUrl::parse(&v)?);
         }
+        if let Some(v) = env.var("PGFIXTURE_SERVER_SETTINGS") {
+            config.server_settings = parse_server_settings(&v)?;
+        }
         if let Some(v) = env.var("PGFIXTURE_ALLOW_REMOTE") {
             config.allow_remote = parse_flag("PGFIXTURE_ALLOW_REMOTE", &v)?;
         }
@@ -364,7 +374,17 @@ impl Config {
             }
             _ => {}
         }
+        for (name, value) in &self.server_settings {
+            check_setting(name, value, &format!("{name}={value}"))?;
+        }
         if let Some(url) = &self.url {
+            if !self.server_settings.is_empty() {
+                return Err(Error::config(
+                    "PGFIXTURE_SERVER_SETTINGS",
+                    settings_text(&self.server_settings),
+                    "applies to the servers pgfixture starts, not to an existing one (PGFIXTURE_URL): set them on that server, or unset PGFIXTURE_SERVER_SETTINGS",
+                ));
+            }
             if self.isolation == Isolation::Container {
                 return Err(Error::config(
                     "PGFIXTURE_ISOLATION",
@@ -600,6 +620,92 @@ fn parse_image(value: &str) -> Result<String> {
     }
 }
 
+/// The settings as `PGFIXTURE_SERVER_SETTINGS` writes them.
+pub(crate) fn settings_text(settings: &[(String, String)]) -> String {
+    settings
+        .iter()
+        .map(|(name, value)| {
+            if value.contains(',') || value.contains('\'') {
+                format!("{name}='{}'", value.replace('\'', "''"))
+            } else {
+                format!("{name}={value}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `name=value` pairs separated by commas; a value in single quotes may hold commas
+/// (and a doubled quote for a quote).
+fn parse_server_settings(text: &str) -> Result<Vec<(String, String)>> {
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut quoted = false;
+    for c in text.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                item.push(c);
+            }
+            ',' if !quoted => items.push(std::mem::take(&mut item)),
+            _ => item.push(c),
+        }
+    }
+    if quoted {
+        return Err(Error::config(
+            "PGFIXTURE_SERVER_SETTINGS",
+            text,
+            "has a quote that is never closed",
+        ));
+    }
+    items.push(item);
+    let mut settings = Vec::new();
+    for item in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        let Some((name, value)) = item.split_once('=') else {
+            return Err(Error::config(
+                "PGFIXTURE_SERVER_SETTINGS",
+                item,
+                "must be name=value pairs separated by commas, such as timezone=UTC,log_statement=all",
+            ));
+        };
+        let name = name.trim().to_ascii_lowercase();
+        let value = value.trim();
+        let value = match value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+            Some(inner) => inner.replace("''", "'"),
+            None => value.to_owned(),
+        };
+        check_setting(&name, &value, item)?;
+        settings.push((name, value));
+    }
+    Ok(settings)
+}
+
+/// A setting's name is a PostgreSQL parameter name; its value is one line.
+fn check_setting(name: &str, value: &str, item: &str) -> Result<()> {
+    let name_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+    if !name_ok {
+        return Err(Error::config(
+            "PGFIXTURE_SERVER_SETTINGS",
+            item,
+            "names a parameter that is not a PostgreSQL setting name (letters, digits, '_' and '.')",
+        ));
+    }
+    if value.contains(['\n', '\r', '\0']) {
+        return Err(Error::config(
+            "PGFIXTURE_SERVER_SETTINGS",
+            item,
+            "has a value that is not one line",
+        ));
+    }
+    Ok(())
+}
+
 /// Longest run id kept as it is; longer or other ids are hashed to exactly
 /// [`HASHED_RUN_ID`] hex digits, so that the two kinds never meet.
 const MAX_PLAIN_RUN_ID: usize = 11;
@@ -729,6 +835,49 @@ mod tests {
             c.run_id
         );
         assert_ne!(c.run_id, "0a1b2c3d4e5f");
+    }
+
+    #[test]
+    fn server_settings_parse_with_quoted_commas() {
+        let c = checked(&[(
+            "PGFIXTURE_SERVER_SETTINGS",
+            " TimeZone=UTC, shared_preload_libraries='pg_stat_statements,auto_explain' ,log_statement=all,,x.y='it''s'",
+        )])
+        .unwrap();
+        let pairs: Vec<(&str, &str)> = c
+            .server_settings
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("timezone", "UTC"),
+                (
+                    "shared_preload_libraries",
+                    "pg_stat_statements,auto_explain"
+                ),
+                ("log_statement", "all"),
+                ("x.y", "it's"),
+            ]
+        );
+        assert_eq!(
+            settings_text(&c.server_settings),
+            "timezone=UTC,shared_preload_libraries='pg_stat_statements,auto_explain',log_statement=all,x.y='it''s'"
+        );
+        for bad in ["timezone", "a b=1", "x='unclosed", "-c=1", "=1"] {
+            let err = checked(&[("PGFIXTURE_SERVER_SETTINGS", bad)]).unwrap_err();
+            assert!(
+                err.to_string().starts_with("PGFIXTURE_SERVER_SETTINGS"),
+                "{bad}: {err}"
+            );
+        }
+        let err = checked(&[
+            ("PGFIXTURE_SERVER_SETTINGS", "timezone=UTC"),
+            ("PGFIXTURE_URL", "postgres://u:p@127.0.0.1/db"),
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("PGFIXTURE_URL"), "{err}");
     }
 
     #[test]

@@ -93,6 +93,11 @@ impl FixtureBuilder {
         /// How long servers stay up after their last connection (`PGFIXTURE_GRACE`).
         grace: Duration => |c, v| c.grace = v);
     setter!(
+        /// Adds a `-c` setting for the servers pgfixture starts
+        /// (`PGFIXTURE_SERVER_SETTINGS`), such as `("timezone", "UTC")`; it wins over
+        /// pgfixture's own. Servers with other settings are other servers.
+        server_setting: (&str, &str) => |c, v| c.server_settings.push((v.0.to_ascii_lowercase(), v.1.to_owned())));
+    setter!(
         /// Fail instead of falling back when Docker does not answer (`PGFIXTURE_REQUIRE_DOCKER`).
         require_docker: bool => |c, v| c.require_docker = v);
 
@@ -619,7 +624,14 @@ impl Inner {
 
     /// The name of a server: run, backend and flavour, and what it is for.
     fn server_name(&self, kind: &str, flavour: &str, role: &str) -> String {
-        let digest = Sha256::digest(format!("{kind}:{flavour}").as_bytes());
+        // Servers with other settings are other servers.
+        let settings = &self.config.server_settings;
+        let digest = if settings.is_empty() {
+            Sha256::digest(format!("{kind}:{flavour}").as_bytes())
+        } else {
+            let settings = crate::config::settings_text(settings);
+            Sha256::digest(format!("{kind}:{flavour}:{settings}").as_bytes())
+        };
         let flavour: String = digest[..3].iter().map(|b| format!("{b:02x}")).collect();
         format!("pgfixture-{}-{flavour}-{role}", self.config.run_id)
     }

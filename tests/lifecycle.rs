@@ -969,3 +969,71 @@ fn fixtures_not_found_outside_cargo_are_announced() {
     );
     assert!(!String::from_utf8_lossy(&out.stderr).contains("CARGO_MANIFEST_DIR is not set"));
 }
+
+/// `PGFIXTURE_SERVER_SETTINGS` (here the builder's `server_setting`) reaches the
+/// servers pgfixture starts, which are other servers than those without it; a setting
+/// the server refuses is an error naming it, and leaves nothing behind.
+#[tokio::test]
+async fn server_settings_make_other_servers_and_a_refused_one_is_named() {
+    let (run, refused_run) = (unique_run("sets"), unique_run("refu"));
+    let fixture = |settings: &[(&str, &str)]| {
+        let mut config = pgfixture::Config::from_env().unwrap();
+        // The servers that refuse their settings are checked for leftovers; this
+        // process keeps connections to the others.
+        config.run_id = if settings.iter().any(|(_, v)| *v == "lots" || *v == "1") {
+            refused_run.clone()
+        } else {
+            run.clone()
+        };
+        config.worker = None;
+        config.grace = Duration::from_secs(1);
+        let mut builder = Fixture::builder().config(config).workers(1);
+        for setting in settings {
+            builder = builder.server_setting(*setting);
+        }
+        builder.build().unwrap()
+    };
+    let server = "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || \
+                  pg_postmaster_start_time()::text, current_setting('timezone'), current_setting('work_mem')";
+    let plain = fixture(&[]).worker_db().await.unwrap();
+    let set = fixture(&[("TimeZone", "Pacific/Chatham"), ("work_mem", "5MB")])
+        .worker_db()
+        .await
+        .unwrap();
+    let a = plain.query_one(server, &[]).await.unwrap();
+    let b = set.query_one(server, &[]).await.unwrap();
+    assert_ne!(
+        a.get::<_, String>(0),
+        b.get::<_, String>(0),
+        "one server for both"
+    );
+    assert_eq!(b.get::<_, String>(1), "Pacific/Chatham");
+    assert_eq!(b.get::<_, String>(2), "5MB");
+    assert_ne!(a.get::<_, String>(1), "Pacific/Chatham");
+    drop((plain, set));
+
+    for (name, value) in [("work_mem", "lots"), ("no_such_setting", "1")] {
+        let error = fixture(&[(name, value)]).worker_db().await.unwrap_err();
+        let text = error.to_string();
+        assert!(
+            matches!(
+                error,
+                Error::Config {
+                    var: "PGFIXTURE_SERVER_SETTINGS",
+                    ..
+                }
+            ) && text.contains(&format!("{name}={value}"))
+                && text.contains(&format!("\"{name}\"")),
+            "{name}={value}: {text}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !leftovers(&refused_run).await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind by servers that refused their settings: {:?}",
+            leftovers(&refused_run).await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

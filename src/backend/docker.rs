@@ -171,7 +171,7 @@ impl Docker {
                 });
             }
             match self.create(name, config).await {
-                Ok(password) => {
+                Ok((password, output)) => {
                     let _notice = SlowNotice::new(format!(
                         "starting PostgreSQL container {name} from {}",
                         self.image
@@ -181,10 +181,18 @@ impl Docker {
                     })?;
                     let server = Server::loopback(port, password, name.to_owned());
                     let started = Instant::now();
-                    server
+                    let ready = server
                         .wait_ready(deadline, || self.still_running(name))
-                        .await
-                        .map_err(|e| timeout_with(e, config))?;
+                        .await;
+                    if let (Err(Error::Docker { .. }), Some(output)) = (&ready, &output) {
+                        // Give the output a moment to arrive.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        let text = output.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                        if let Some(error) = super::settings_error(config, &text) {
+                            return Err(error);
+                        }
+                    }
+                    ready.map_err(|e| timeout_with(e, config))?;
                     // Tell the watchdog the server is in use, however short our connections are.
                     let admin = server.admin().await?;
                     admin
@@ -315,7 +323,11 @@ impl Docker {
     }
 
     /// Creates and starts the container; returns its password.
-    async fn create(&self, name: &str, config: &Config) -> Result<String, DockerError> {
+    async fn create(
+        &self,
+        name: &str,
+        config: &Config,
+    ) -> Result<(String, Option<Output>), DockerError> {
         self.sweep_stuck().await;
         spawn_reaper(name, config);
         let io = |e: Error| DockerError::IOError {
@@ -344,7 +356,7 @@ impl Docker {
             script,
             "pgfixture-watchdog".to_owned(),
         ];
-        cmd.extend(server_args());
+        cmd.extend(server_args(config));
         let labels = HashMap::from([
             (LABEL.to_owned(), "1".to_owned()),
             (LABEL_RUN.to_owned(), config.run_id.clone()),
@@ -396,14 +408,57 @@ impl Docker {
                 created?;
             }
         }
+        // With settings of the user's, the server's own words are kept for the error
+        // if it refuses one: the container is gone (auto-removed) once it exits.
+        let output = if config.server_settings.is_empty() {
+            None
+        } else {
+            self.output(name).await
+        };
         if let Err(e) = self.client.start_container(name, None).await {
             let options = RemoveContainerOptionsBuilder::new().force(true).build();
             let _ = self.client.remove_container(name, Some(options)).await;
             return Err(e);
         }
-        Ok(password)
+        Ok((password, output))
+    }
+
+    /// What the container `name` prints, collected from now on (attached before it
+    /// starts); `None` when the daemon does not let us attach.
+    async fn output(&self, name: &str) -> Option<Output> {
+        use futures::StreamExt;
+        let options = bollard::query_parameters::AttachContainerOptionsBuilder::new()
+            .stdout(true)
+            .stderr(true)
+            .stream(true)
+            .logs(true)
+            .build();
+        let attached = self
+            .client
+            .attach_container(name, Some(options))
+            .await
+            .ok()?;
+        let output = Output::default();
+        let sink = output.clone();
+        let mut stream = attached.output;
+        tokio::spawn(async move {
+            while let Some(Ok(chunk)) = stream.next().await {
+                let mut text = sink.0.lock().unwrap_or_else(|e| e.into_inner());
+                // Enough for the server's start; a long-lived server's log is not kept.
+                if text.len() < 64 * 1024 {
+                    text.push_str(&String::from_utf8_lossy(&chunk.into_bytes()));
+                } else {
+                    break;
+                }
+            }
+        });
+        Some(output)
     }
 }
+
+/// What a container printed, collected as it runs.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Output(std::sync::Arc<std::sync::Mutex<String>>);
 
 /// Sets the password of an existing data directory (`$POSTGRES_PASSWORD`, a SCRAM
 /// verifier, which holds no quote) as the user the server runs as.

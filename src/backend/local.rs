@@ -300,7 +300,7 @@ impl Local {
             "-c".to_owned(),
             format!("unix_socket_directories={}", dir.display()),
         ]);
-        postgres.extend(server_args());
+        postgres.extend(server_args(config));
         // Published by the watchdog (renamed to `pending`) once postgres runs.
         write_private(
             &dir.join("starting"),
@@ -351,6 +351,8 @@ impl Local {
                 let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
                 if log.contains("could not bind") || log.contains("Address already in use") {
                     Ok(None)
+                } else if let Some(error) = super::settings_error(config, &log) {
+                    Err(error)
                 } else {
                     Err(Error::Local {
                         message: format!("postgres exited during start: {}", log.trim()),
