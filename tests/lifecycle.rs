@@ -1037,3 +1037,140 @@ async fn server_settings_make_other_servers_and_a_refused_one_is_named() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+fn process_alive(pid: &str) -> bool {
+    // A zombie (killed, not yet reaped by init) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or_default()
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// A local server whose watchdog is killed (as a CI system kills every process of a
+/// job's session) stops by itself, and the next pgfixture process removes its directory.
+#[tokio::test]
+async fn a_local_server_stops_when_its_watchdog_is_killed() {
+    let run = unique_run("wdog");
+    let mut config = pgfixture::Config::from_env().unwrap();
+    config.run_id = run.clone();
+    config.worker = None;
+    config.backend = pgfixture::Backend::Local;
+    config.url = None;
+    config.grace = Duration::from_secs(60);
+    let fixture = Fixture::builder()
+        .config(config)
+        .workers(1)
+        .build()
+        .unwrap();
+    let db = fixture.worker_db().await.unwrap();
+    let dir = std::fs::read_dir(std::env::temp_dir().join(format!("pgfixture-{}", own_uid())))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("pgfixture-{run}"))
+        })
+        .expect("the server's directory");
+    let watchdog = std::fs::read_to_string(dir.join("watchdog"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let postmaster = std::fs::read_to_string(dir.join("data/postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(process_alive(&postmaster));
+    std::process::Command::new("kill")
+        .args(["-KILL", &watchdog])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while process_alive(&postmaster) {
+        assert!(
+            Instant::now() < deadline,
+            "postgres {postmaster} outlived its watchdog"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(db);
+    assert!(dir.exists(), "nobody but the next process removes it");
+    // The next process that starts a local server sweeps it.
+    let out = run_child(&[
+        ("PGFIXTURE_RUN_ID", &unique_run("wdog")),
+        ("PGFIXTURE_BACKEND", "local"),
+        ("PGFIXTURE_GRACE", "1"),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("CHILD-OK"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !dir.exists(),
+        "the orphaned directory {} is still there",
+        dir.display()
+    );
+}
+
+/// This user's id, as pgfixture names its directory (`$TMPDIR/pgfixture-<uid>`).
+fn own_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").unwrap().uid()
+}
+
+/// The per-user record of container addresses loses the records of containers that
+/// are gone, at the next container creation (it once grew by a file per container).
+#[tokio::test]
+async fn records_of_gone_containers_are_removed() {
+    // Docker itself: scripts/test.sh selects this test out of the local backend's runs.
+    let records = std::env::temp_dir()
+        .join(format!("pgfixture-{}", own_uid()))
+        .join("docker-endpoints");
+    std::fs::create_dir_all(&records).unwrap();
+    let stale = records.join(format!("pgfixture-{}-000000-shared", unique_run("gone")));
+    std::fs::write(&stale, "172.17.0.99:5432\n").unwrap();
+    // Older than a minute, as a record of a container long gone.
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let mut config = pgfixture::Config::from_env().unwrap();
+    config.run_id = unique_run("recs");
+    config.worker = None;
+    config.backend = pgfixture::Backend::Docker;
+    config.url = None;
+    config.grace = Duration::from_secs(2);
+    let fixture = Fixture::builder()
+        .config(config)
+        .workers(1)
+        .build()
+        .unwrap();
+    let db = fixture.worker_db().await.unwrap();
+    let own: Vec<_> = std::fs::read_dir(&records)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .contains(&fixture.config().run_id)
+        })
+        .collect();
+    assert_eq!(own.len(), 1, "the new container's record");
+    assert!(
+        !stale.exists(),
+        "the gone container's record is still there"
+    );
+    drop(db);
+}

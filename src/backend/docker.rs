@@ -15,7 +15,8 @@ use futures::StreamExt;
 use testcontainers::bollard;
 use testcontainers::bollard::errors::Error as DockerError;
 use testcontainers::bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, HostConfig, PortBinding,
+    ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, HostConfig,
+    PortBinding,
 };
 use testcontainers::bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -298,28 +299,35 @@ impl Docker {
     async fn sweep_stuck(&self) {
         let options = bollard::query_parameters::ListContainersOptionsBuilder::new()
             .all(true)
-            .filters(&HashMap::from([
-                ("label", vec![format!("{LABEL}=1")]),
-                ("status", vec!["created".to_owned()]),
-            ]))
+            .filters(&HashMap::from([("label", vec![format!("{LABEL}=1")])]))
             .build();
-        let Ok(stuck) = self.client.list_containers(Some(options)).await else {
+        let Ok(containers) = self.client.list_containers(Some(options)).await else {
             return;
         };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or_default();
-        for container in stuck {
-            let old = container
-                .created
-                .is_some_and(|t| now - t > STUCK_CREATE.as_secs() as i64);
-            if let (true, Some(id)) = (old, container.id) {
+        let mut names = std::collections::HashSet::new();
+        for container in containers {
+            names.extend(
+                container
+                    .names
+                    .iter()
+                    .flatten()
+                    .map(|n| n.trim_start_matches('/').to_owned()),
+            );
+            let stuck = container.state == Some(ContainerSummaryStateEnum::CREATED)
+                && container
+                    .created
+                    .is_some_and(|t| now - t > STUCK_CREATE.as_secs() as i64);
+            if let (true, Some(id)) = (stuck, container.id) {
                 tracing::warn!(container = %id, "removing a container that was created but never started");
                 let options = RemoveContainerOptionsBuilder::new().force(true).build();
                 let _ = self.client.remove_container(&id, Some(options)).await;
             }
         }
+        forget_gone(&names);
     }
 
     /// Creates and starts the container; returns its password.
@@ -570,6 +578,28 @@ fn remember(name: &str, server: &Server) {
             .and_then(|m| m.modified())
             .is_ok_and(|t| t.elapsed().unwrap_or_default() > DAY);
         if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Removes the records of containers that no longer exist (`names` holds those that
+/// do): without this, the directory gained a file per container and never lost one.
+/// A record younger than a minute is kept: its container may have been created after
+/// `names` was listed.
+fn forget_gone(names: &std::collections::HashSet<String>) {
+    const YOUNG: Duration = Duration::from_secs(60);
+    for entry in std::fs::read_dir(endpoints())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() < YOUNG);
+        if !young && !name.starts_with('.') && !names.contains(&name) {
             let _ = std::fs::remove_file(entry.path());
         }
     }

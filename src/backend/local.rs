@@ -28,6 +28,8 @@ pub(crate) struct Local {
     base: PathBuf,
     /// PostgreSQL refuses to run as root; as root, servers run as this (uid, gid).
     run_as: Option<(u32, u32)>,
+    /// `setpriv` (util-linux) is there: servers and initdb get a parent-death signal.
+    setpriv: bool,
 }
 
 fn has_server(dir: &Path) -> bool {
@@ -105,27 +107,57 @@ impl Local {
             return Err("running as root, PostgreSQL must run as another user, which needs setpriv (Debian package util-linux)".to_owned());
         }
         let base = crate::server::user_dir();
-        Ok(Local { bin, base, run_as })
+        let setpriv = which("setpriv").is_some();
+        Ok(Local {
+            bin,
+            base,
+            run_as,
+            setpriv,
+        })
     }
 
     pub(crate) fn bin(&self) -> &Path {
         &self.bin
     }
 
-    /// The command line that runs `program` as the server's user.
-    fn command(&self, program: &str) -> Vec<String> {
+    /// The command line that runs `program` as the server's user, with `signal` as
+    /// its parent-death signal: the watchdog is its parent, so if the watchdog is
+    /// killed (say a CI system kills every process of the job's session), `program`
+    /// is stopped by the kernel instead of living on, re-parented to init.
+    fn command(&self, program: &str, signal: &str) -> Vec<String> {
         let mut cmd = Vec::new();
-        if let Some((uid, gid)) = self.run_as {
-            cmd.extend([
-                "setpriv".to_owned(),
-                format!("--reuid={uid}"),
-                format!("--regid={gid}"),
-                "--clear-groups".to_owned(),
-                "--".to_owned(),
-            ]);
+        if self.setpriv {
+            cmd.push("setpriv".to_owned());
+            if let Some((uid, gid)) = self.run_as {
+                cmd.extend([
+                    format!("--reuid={uid}"),
+                    format!("--regid={gid}"),
+                    "--clear-groups".to_owned(),
+                ]);
+            }
+            // Set after the user change, which would clear it.
+            cmd.extend([format!("--pdeathsig={signal}"), "--".to_owned()]);
         }
         cmd.push(self.bin.join(program).display().to_string());
         cmd
+    }
+
+    /// Removes the server directories whose watchdog is dead (killed), and stops
+    /// what runs in them: once per process, before its first server.
+    fn sweep_orphans(&self) {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(|| {
+            for entry in std::fs::read_dir(&self.base).into_iter().flatten().flatten() {
+                let dir = entry.path();
+                let is_server = entry.file_name().to_string_lossy().starts_with("pgfixture-")
+                    && dir.is_dir();
+                if is_server && orphaned(&dir) {
+                    tracing::warn!(dir = %dir.display(), "removing a server directory whose watchdog was killed");
+                    stop_postmaster(&dir);
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        });
     }
 
     /// The server `name`, started unless a process of this run started it already.
@@ -138,6 +170,7 @@ impl Local {
     ) -> Result<(Server, bool)> {
         std::fs::create_dir_all(&self.base)
             .map_err(Error::io(format!("creating {}", self.base.display())))?;
+        self.sweep_orphans();
         let dir = self.base.join(name);
         loop {
             match std::fs::create_dir(&dir) {
@@ -276,7 +309,7 @@ impl Local {
         // the second initdb takes leaves no orphan half-way and no directory behind:
         // the watchdog finishes the start, or records the failure and removes `dir`.
         let data = dir.join("data");
-        let mut initdb = self.command("initdb");
+        let mut initdb = self.command("initdb", "KILL");
         initdb.extend([
             "-D".to_owned(),
             dir.join("init").display().to_string(),
@@ -289,7 +322,7 @@ impl Local {
             "--no-sync".to_owned(),
         ]);
         let port = free_port()?;
-        let mut postgres = self.command("postgres");
+        let mut postgres = self.command("postgres", "INT");
         postgres.extend([
             "-D".to_owned(),
             data.display().to_string(),
@@ -445,6 +478,33 @@ fn abandoned(dir: &Path) -> bool {
         Ok(pid) => !Path::new("/proc").join(pid.trim()).exists(),
         // Killed between making the directory and naming itself.
         Err(_) => older_than(dir),
+    }
+}
+
+/// Whether the watchdog that started the server in `dir` is dead: its pid is gone, or
+/// belongs to another program now. A directory without a watchdog yet is left to
+/// [`abandoned`].
+fn orphaned(dir: &Path) -> bool {
+    let Ok(pid) = std::fs::read_to_string(dir.join("watchdog")) else {
+        return false;
+    };
+    let cmdline = std::fs::read(Path::new("/proc").join(pid.trim()).join("cmdline"));
+    !cmdline.is_ok_and(|c| c.windows(18).any(|w| w == b"pgfixture-watchdog"))
+}
+
+/// Stops the postmaster of `dir`'s data directory, if one still runs there (one that
+/// started before parent-death signals, or without `setpriv`).
+fn stop_postmaster(dir: &Path) {
+    let Ok(pidfile) = std::fs::read_to_string(dir.join("data").join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = pidfile.lines().next().map(str::trim) else {
+        return;
+    };
+    let is_postgres = std::fs::read(Path::new("/proc").join(pid).join("cmdline"))
+        .is_ok_and(|c| c.windows(8).any(|w| w == b"postgres"));
+    if is_postgres {
+        let _ = Command::new("kill").args(["-QUIT", pid]).status();
     }
 }
 
