@@ -54,6 +54,30 @@ async fn measure(fixture: &Fixture, iterations: usize) -> (Vec<Duration>, Vec<Du
     (per_test, floor)
 }
 
+/// A `worker_pool()` test, from taking the pool to the moment the next test may start
+/// (the release, with its reset when one is needed): `statement` on one of its
+/// connections, committed.
+async fn pool_test(fixture: &Fixture, statement: &str, iterations: usize) -> Vec<Duration> {
+    let mut times = Vec::with_capacity(iterations);
+    for i in 0..iterations + 3 {
+        let started = Instant::now();
+        let pool = fixture.worker_pool().await.unwrap();
+        pool.get()
+            .await
+            .unwrap()
+            .batch_execute(statement)
+            .await
+            .unwrap();
+        pool.release().await.unwrap();
+        // The first few warm the pools up.
+        if i >= 3 {
+            times.push(started.elapsed());
+        }
+    }
+    times.sort();
+    times
+}
+
 fn main() {
     let iterations: usize = std::env::var("BENCH_ITERATIONS")
         .ok()
@@ -84,6 +108,40 @@ fn main() {
             us(percentile(&per_test, 0.95)),
             us(floor50),
             p50.as_secs_f64() / floor50.as_secs_f64()
+        );
+    }
+    let pool_iterations = (iterations / 10).max(20);
+    println!();
+    println!(
+        "worker_pool() tests, in-process, warm ({pool_iterations} iterations per mode): take the pool, one statement, release (and reset, if needed)"
+    );
+    println!(
+        "{:<10} {:>14} {:>14} {:>16} {:>16}",
+        "mode", "reads p50", "reads p95", "commits p50", "commits p95"
+    );
+    for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
+        let fixture = Fixture::builder()
+            .isolation(isolation)
+            .workers(1)
+            .build()
+            .unwrap();
+        let reads = runtime.block_on(pool_test(
+            &fixture,
+            "SELECT count(*) FROM users",
+            pool_iterations,
+        ));
+        let commits = runtime.block_on(pool_test(
+            &fixture,
+            "INSERT INTO notes (owner, body) VALUES ('bench', 'x')",
+            pool_iterations,
+        ));
+        println!(
+            "{:<10} {}    {}      {}      {}",
+            format!("{isolation:?}").to_lowercase(),
+            us(percentile(&reads, 0.5)),
+            us(percentile(&reads, 0.95)),
+            us(percentile(&commits, 0.5)),
+            us(percentile(&commits, 0.95)),
         );
     }
     let stats = Fixture::builder().workers(1).build().unwrap().stats();

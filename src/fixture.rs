@@ -206,6 +206,30 @@ impl Phase {
     }
 }
 
+/// Every idle connection of the worker's pool (at least one, opened if need be).
+async fn idle_connections(
+    worker: &Worker,
+    id: &WorkerId,
+) -> Result<Vec<deadpool_postgres::Object>> {
+    let idle = worker.pool.status().available.max(1);
+    let mut clients = Vec::with_capacity(idle);
+    for _ in 0..idle {
+        clients.push(worker.pool.get().await.map_err(|source| Error::Pool {
+            worker: id.to_string(),
+            source,
+        })?);
+    }
+    Ok(clients)
+}
+
+/// The `application_name` of a worker pool's connections: the run's, then the worker,
+/// within PostgreSQL's 63 bytes.
+fn pool_application_name(run: &str, id: &WorkerId) -> String {
+    let mut name = format!("{run}/pool-{id}");
+    name.truncate(provision::MAX_IDENT);
+    name
+}
+
 /// The name of the running test: libtest runs each test on a thread named after it.
 fn current_test() -> Option<String> {
     std::thread::current()
@@ -250,7 +274,6 @@ struct Worker {
     search_path: Option<String>,
     /// The worker's database (database and container modes) or schema (schema mode).
     target: String,
-    pool_size: usize,
     /// The connection that found the worker ready in a new process, already inside a
     /// test's transaction: the first test takes it (see [`Inner::attach_worker`]).
     /// Never pooled while it holds that transaction.
@@ -275,6 +298,7 @@ struct Counters {
     workers_reused: AtomicU64,
     workers_reset: AtomicU64,
     commit_leaks: AtomicU64,
+    pools_unchanged: AtomicU64,
 }
 
 /// What a [`Fixture`] did in this process, for reports and tests.
@@ -300,6 +324,9 @@ pub struct Stats {
     pub workers_reset: u64,
     /// Test handles whose transaction had been committed by the test when released.
     pub commit_leaks: u64,
+    /// Worker pools released with nothing changed through them, so that their worker
+    /// needed no reset.
+    pub pools_unchanged: u64,
     /// Test handles given out, per worker.
     pub served: BTreeMap<WorkerId, u64>,
 }
@@ -401,6 +428,7 @@ impl Fixture {
             workers_reused: c.workers_reused.load(Ordering::Relaxed),
             workers_reset: c.workers_reset.load(Ordering::Relaxed),
             commit_leaks: c.commit_leaks.load(Ordering::Relaxed),
+            pools_unchanged: c.pools_unchanged.load(Ordering::Relaxed),
             served,
         }
     }
@@ -496,46 +524,110 @@ impl Inner {
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
             let worker = self.worker(&id, deadline).await?;
-            // Its open transaction must not reach the pool; closed instead.
-            drop(worker.take_primed().map(deadpool_postgres::Object::take));
+            // The first test's transaction, begun by the worker's check: ended, and
+            // the connection goes back to the pool.
+            if let Some(primed) = worker.take_primed() {
+                primed
+                    .batch_execute(crate::testdb::END)
+                    .await
+                    .map_err(Error::pg(format!("ending the check of worker {id}")))?;
+            }
+            let target = self.target(&worker);
+            // Code under test gets the worker's own pool, whose connections are warm;
+            // the connections it opens itself from the pool's settings carry a name of
+            // their own, so that the release can tell when they are all closed.
+            let mut server = worker.server.clone();
+            server.application_name = pool_application_name(&server.application_name, &id);
+            // Every idle connection of the pool, so that each hands its pending
+            // statistics to the server before the first reading.
+            let clients = idle_connections(&worker, &id).await?;
             // Marked first: if this process dies while the pool is out, whoever takes
             // the worker next finds the mark and resets it.
-            let target = match self.config.isolation {
-                Isolation::Schema => provision::Target::Schema(
-                    &worker.target,
-                    (self.config.effective_backend() != Backend::Url)
-                        .then_some(worker.dbname.as_str()),
-                ),
-                _ => provision::Target::Database(&worker.target),
-            };
-            let client = worker.pool.get().await.map_err(|source| Error::Pool {
-                worker: id.to_string(),
-                source,
-            })?;
-            client
+            clients[0]
                 .batch_execute(&provision::mark_sql(target, &self.worker_mark(), true))
                 .await
                 .map_err(Error::pg(format!(
                     "marking worker {id} as in use by a worker pool"
                 )))?;
-            drop(client);
-            let pool = crate::pool::build(
-                &worker.server,
-                &worker.dbname,
-                worker.search_path.as_deref(),
-                worker.pool_size,
-                self.config.acquire_timeout,
-            );
+            let connections: Vec<&tokio_postgres::Client> = clients.iter().map(|c| &***c).collect();
+            provision::flush_statistics(&connections).await;
+            let before = provision::fingerprint(&clients[0], target).await?;
+            drop(clients);
             Ok(WorkerPool {
-                settings: Arc::clone(&worker.settings),
-                pool: Some(pool),
+                settings: Settings::new(&server, &worker.dbname, worker.search_path.as_deref()),
+                pool: Some(worker.pool.clone()),
                 worker: id,
                 lease,
                 owner: Arc::clone(&self),
+                application_name: server.application_name,
+                before,
             })
         })
         .await
         .map_err(Error::with_connection_advice)
+    }
+
+    /// Where the marks of `worker` go.
+    fn target<'w>(&self, worker: &'w Worker) -> provision::Target<'w> {
+        match self.config.isolation {
+            Isolation::Schema => provision::Target::Schema(
+                &worker.target,
+                (self.config.effective_backend() != Backend::Url).then_some(worker.dbname.as_str()),
+            ),
+            _ => provision::Target::Database(&worker.target),
+        }
+    }
+
+    /// After a worker pool whose connections are named `application_name`: when they
+    /// are all closed and nothing they did shows in the worker (its reading equals
+    /// `before`), the worker is marked clean again, a millisecond or two; else it is
+    /// rebuilt from the fixtures ([`Inner::reset`]).
+    pub(crate) async fn release_pool(
+        &self,
+        id: &WorkerId,
+        application_name: &str,
+        before: Option<String>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + self.config.acquire_timeout;
+        if let Some(before) = before {
+            let worker = self.worker(id, deadline).await?;
+            let target = self.target(&worker);
+            let status = worker.pool.status();
+            // A connection still out (held past the guard) could change it later.
+            if status.size == status.available {
+                let clients = idle_connections(&worker, id).await?;
+                // Whatever the code under test left in the connections' sessions goes,
+                // and their statistics reach the server.
+                let cleaned = futures::future::join_all(
+                    clients
+                        .iter()
+                        .map(|c| c.simple_query(provision::POOL_CLEANUP)),
+                )
+                .await;
+                let mut clean = true;
+                for (client, messages) in clients.iter().zip(cleaned) {
+                    match messages {
+                        Ok(messages) => crate::testdb::deallocate(client, &messages)
+                            .await
+                            .map_err(Error::pg(format!("cleaning the pool of worker {id}")))?,
+                        Err(_) => clean = false,
+                    }
+                }
+                if clean && provision::wait_closed(&clients[0], application_name).await? {
+                    let after = provision::fingerprint(&clients[0], target).await?;
+                    if after.as_deref() == Some(before.as_str()) {
+                        clients[0]
+                            .batch_execute(&provision::mark_sql(target, &self.worker_mark(), false))
+                            .await
+                            .map_err(Error::pg(format!("marking worker {id} clean")))?;
+                        self.stats.pools_unchanged.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(worker = %id, "nothing changed through the worker pool; no reset");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.reset(id).await
     }
 
     /// Rebuilds the worker from the fixtures after a test committed its transaction
@@ -849,7 +941,6 @@ impl Inner {
             dbname,
             search_path,
             target: worker_name,
-            pool_size: size,
             primed: Mutex::new(None),
             settings,
         }))
@@ -984,7 +1075,6 @@ impl Inner {
             dbname,
             search_path,
             target: name.to_owned(),
-            pool_size: size,
             primed: Mutex::new(Some(client)),
             settings,
         })))

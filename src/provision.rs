@@ -510,6 +510,123 @@ pub(crate) async fn reset_schema(
     .await
 }
 
+/// What the code under test of a worker pool may have changed in a worker database,
+/// read before and after: the database's tuple counters (every insert, update and
+/// delete, attempted or committed, of tables and of the catalogs, so every DDL), its
+/// settings, privileges and prepared transactions. Equal readings mean that nothing
+/// was changed; the counters also count what was rolled back, so the check can only
+/// err towards a reset. `NULL` where it cannot tell: counters off, or a server before
+/// PostgreSQL 15, whose statistics collector could lose counts.
+const DATABASE_FINGERPRINT: &str = "\
+SELECT CASE WHEN current_setting('track_counts')::bool \
+            AND current_setting('server_version_num')::int >= 150000 THEN concat_ws(':', \
+  pg_stat_get_db_tuples_inserted(d.oid), pg_stat_get_db_tuples_updated(d.oid), \
+  pg_stat_get_db_tuples_deleted(d.oid), pg_stat_get_db_stat_reset_time(d.oid), \
+  d.datacl::text, d.datconnlimit, \
+  (SELECT string_agg(r.setrole || '=' || c, ',' ORDER BY r.setrole, c) \
+     FROM pg_db_role_setting r, unnest(r.setconfig) c \
+    WHERE r.setdatabase = d.oid AND c NOT LIKE 'pgfixture.%'), \
+  (SELECT count(*) FROM pg_prepared_xacts x WHERE x.database = d.datname)) END \
+FROM pg_database d WHERE d.datname = $1";
+
+/// The same for a worker schema in a database that other workers share: the tuple
+/// counters of its tables, and every catalog row of the objects in it with the
+/// transaction that last wrote it (`xmin`), so that any DDL in the schema shows.
+const SCHEMA_FINGERPRINT: &str = "\
+WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = $1), \
+rel AS (SELECT c.oid, c.xmin FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM ns)), \
+rows AS ( \
+  SELECT 'c' || oid || ':' || xmin FROM rel \
+  UNION ALL SELECT 'a' || a.attrelid || '.' || a.attnum || ':' || a.xmin FROM pg_attribute a JOIN rel ON rel.oid = a.attrelid \
+  UNION ALL SELECT 'd' || x.oid || ':' || x.xmin FROM pg_attrdef x JOIN rel ON rel.oid = x.adrelid \
+  UNION ALL SELECT 'i' || x.indexrelid || ':' || x.xmin FROM pg_index x JOIN rel ON rel.oid = x.indrelid \
+  UNION ALL SELECT 'g' || x.oid || ':' || x.xmin FROM pg_trigger x JOIN rel ON rel.oid = x.tgrelid \
+  UNION ALL SELECT 'r' || x.oid || ':' || x.xmin FROM pg_rewrite x JOIN rel ON rel.oid = x.ev_class \
+  UNION ALL SELECT 'o' || x.oid || ':' || x.xmin FROM pg_policy x JOIN rel ON rel.oid = x.polrelid \
+  UNION ALL SELECT 'q' || x.seqrelid || ':' || x.xmin FROM pg_sequence x JOIN rel ON rel.oid = x.seqrelid \
+  UNION ALL SELECT 'e' || x.objoid || '.' || x.objsubid || ':' || x.xmin FROM pg_description x \
+    JOIN rel ON rel.oid = x.objoid AND x.classoid = 'pg_class'::regclass \
+  UNION ALL SELECT 'p' || x.oid || ':' || x.xmin FROM pg_proc x WHERE x.pronamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 't' || x.oid || ':' || x.xmin FROM pg_type x WHERE x.typnamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 'k' || x.oid || ':' || x.xmin FROM pg_constraint x WHERE x.connamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 'x' || x.oid || ':' || x.xmin FROM pg_statistic_ext x WHERE x.stxnamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 'n' || x.oid || ':' || x.xmin FROM pg_operator x WHERE x.oprnamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 'l' || x.oid || ':' || x.xmin FROM pg_collation x WHERE x.collnamespace = (SELECT oid FROM ns) \
+) \
+SELECT CASE WHEN current_setting('track_counts')::bool \
+            AND current_setting('server_version_num')::int >= 150000 THEN concat_ws(':', \
+  (SELECT sum(pg_stat_get_tuples_inserted(oid)) || '.' || sum(pg_stat_get_tuples_updated(oid)) \
+          || '.' || sum(pg_stat_get_tuples_deleted(oid)) FROM rel), \
+  (SELECT md5(coalesce(string_agg(r, ',' ORDER BY r), '')) FROM rows r(r))) END";
+
+/// The reading of [`DATABASE_FINGERPRINT`] or [`SCHEMA_FINGERPRINT`] for `target`, on
+/// `client` (a connection to the worker's database, or to the one holding the schema).
+/// `None` where it cannot tell.
+pub(crate) async fn fingerprint(
+    client: &deadpool_postgres::Object,
+    target: Target<'_>,
+) -> Result<Option<String>> {
+    let (sql, name) = match target {
+        Target::Database(name) => (DATABASE_FINGERPRINT, name),
+        Target::Schema(name, _) => (SCHEMA_FINGERPRINT, name),
+    };
+    let read = Error::pg(format!("reading what changed in {name}"));
+    // Prepared once per connection: planning the schema's reading costs more than
+    // running it.
+    let statement = match client.prepare_cached(sql).await {
+        Ok(statement) => statement,
+        Err(e) => return Err(read(e)),
+    };
+    let row = client.query_opt(&statement, &[&name]).await.map_err(read)?;
+    Ok(row.and_then(|row| row.get(0)))
+}
+
+/// Makes the connections `clients` (idle, of the worker's test pool) hand their
+/// pending statistics to the server now, so that a later [`fingerprint`] does not see
+/// them arrive (a backend sends them at most once a second). PostgreSQL 15 and later.
+pub(crate) async fn flush_statistics(clients: &[&Client]) {
+    let flushes = clients.iter().map(|c| {
+        c.batch_execute(
+            "SELECT pg_stat_force_next_flush() WHERE current_setting('server_version_num')::int >= 150000",
+        )
+    });
+    let _ = futures::future::join_all(flushes).await;
+}
+
+/// Ends what the code under test of a worker pool left in a pooled connection's
+/// session before tests use it again, as `DISCARD ALL` would but keeping the driver's
+/// prepared statements (the SQL-prepared ones are listed for deallocation), and hands
+/// its statistics to the server. The `ROLLBACK` ends a transaction left open (a
+/// warning when there is none).
+pub(crate) const POOL_CLEANUP: &str = "ROLLBACK; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
+    RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; \
+    SELECT pg_stat_force_next_flush() WHERE current_setting('server_version_num')::int >= 150000; \
+    SELECT name AS pgfixture_prepared FROM pg_prepared_statements WHERE from_sql";
+
+/// Waits until no connection named `application_name` is open (their backends send
+/// their statistics as they exit), polling every millisecond for up to a second.
+/// Returns whether they are gone.
+pub(crate) async fn wait_closed(client: &Client, application_name: &str) -> Result<bool> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let open: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&application_name],
+            )
+            .await
+            .map_err(Error::pg("looking for a worker pool's connections"))?
+            .get(0);
+        if open == 0 {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// The mark of a worker database or schema of `run`.
 pub(crate) fn worker_mark(run: &str) -> String {
     format!("{MARK} worker run={run}")
@@ -588,7 +705,8 @@ async fn sweep_locked(admin: &Client, own: &str, grace: Duration) -> Result<Vec<
                  ) \
                  SELECT kind, name, run FROM owned \
                  WHERE run IS NOT NULL AND run <> $1 \
-                   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = '{}' || run) \
+                   AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = '{0}' || run \
+                                   OR application_name LIKE '{0}' || run || '/%') \
                    AND NOT EXISTS (SELECT 1 FROM {RUNS} r WHERE r.run = owned.run \
                                    AND r.seen > now() - make_interval(secs => $2))",
                 crate::server::APPLICATION

@@ -410,7 +410,7 @@ impl Drop for TestDb {
 
 /// Deallocates the statements the test prepared with SQL `PREPARE`, which the cleanup
 /// listed: another test's `PREPARE` of the same name would fail.
-async fn deallocate(
+pub(crate) async fn deallocate(
     client: &Object,
     messages: &[SimpleQueryMessage],
 ) -> Result<(), tokio_postgres::Error> {

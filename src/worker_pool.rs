@@ -26,6 +26,10 @@ pub struct WorkerPool {
     pub(crate) worker: WorkerId,
     pub(crate) lease: Option<Arc<SlotLease>>,
     pub(crate) owner: Arc<Inner>,
+    /// The `application_name` of the pool's connections.
+    pub(crate) application_name: String,
+    /// What the worker looked like when the pool was handed out ([`crate::provision`]).
+    pub(crate) before: Option<String>,
 }
 
 impl fmt::Debug for WorkerPool {
@@ -82,11 +86,13 @@ impl WorkerPool {
         let worker = self.worker.clone();
         let lease = self.lease.take();
         let owner = Arc::clone(&self.owner);
+        let application_name = std::mem::take(&mut self.application_name);
+        let before = self.before.take();
         async move {
+            // The worker's own pool: its connections stay open and warm.
             let Some(pool) = pool else { return Ok(()) };
-            pool.close();
             drop(pool);
-            let result = owner.reset(&worker).await;
+            let result = owner.release_pool(&worker, &application_name, before).await;
             drop(lease);
             result
         }

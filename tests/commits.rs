@@ -381,3 +381,125 @@ fn a_worker_marked_by_its_comment_alone_is_used_and_marked_again() {
     assert_eq!((notes, reset), (0, 0));
     assert!(mark > 0, "the worker carries its mark's setting again");
 }
+
+/// The worker as the fixtures made it, in one row: seed rows, and no trace of the
+/// changes [`a_worker_pool_that_changes_nothing_needs_no_reset`] makes.
+async fn pristine(db: &TestDb) -> String {
+    db.query_one(
+        "SELECT concat_ws(' ', \
+           (SELECT count(*) FROM users), (SELECT count(*) FROM notes), \
+           to_regclass('pooled_table') IS NULL, to_regproc('pooled_f') IS NULL, \
+           (SELECT count(*) FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = 'notes'), \
+           (SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'notes'), \
+           coalesce(obj_description('notes'::regclass, 'pg_class'), '-'), current_setting('work_mem'))",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// A worker pool through which nothing changed (reads, connections of its own,
+/// LISTEN) costs no reset; any change (data, DDL of every kind, a database setting) is
+/// seen, and the worker rebuilt, so nothing ever reaches the next test.
+#[tokio::test]
+async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
+    let (_serial, fixture) = single_worker().await;
+    let db = fixture.worker_db().await.unwrap();
+    let fresh = pristine(&db).await;
+    // A test's rolled-back writes just before must not count against the pool.
+    db.batch_execute("INSERT INTO notes (owner, body) VALUES ('before', 'x')")
+        .await
+        .unwrap();
+    drop(db);
+
+    let before = fixture.stats();
+    let pool = fixture.worker_pool().await.unwrap();
+    let client = pool.get().await.unwrap();
+    client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap();
+    // Session state that commits nothing, left for the next test to trip on.
+    client
+        .batch_execute(
+            "SET statement_timeout = '1234s'; PREPARE pooled_statement AS SELECT 1; \
+             SELECT pg_advisory_lock(77); BEGIN",
+        )
+        .await
+        .unwrap();
+    let (own, connection) = pool.pg_config().connect(NoTls).await.unwrap();
+    let task = tokio::spawn(connection);
+    own.batch_execute("LISTEN pooled; SELECT * FROM notes")
+        .await
+        .unwrap();
+    drop((client, own));
+    task.await.unwrap().unwrap();
+    pool.release().await.unwrap();
+    let after = fixture.stats();
+    assert_eq!(
+        after.workers_reset, before.workers_reset,
+        "a read-only pool was reset"
+    );
+    assert_eq!(after.pools_unchanged, before.pools_unchanged + 1);
+    let db = fixture.worker_db().await.unwrap();
+    db.batch_execute("PREPARE pooled_statement AS SELECT 2")
+        .await
+        .expect("the pool's prepared statement reached the next test");
+    let (timeout, locked): (String, i64) = {
+        let row = db
+            .query_one(
+                "SELECT current_setting('statement_timeout'), \
+                        (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 77)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_ne!(
+        timeout, "1234s",
+        "the pool's session setting reached the next test"
+    );
+    assert_eq!(locked, 0, "the pool's advisory lock is still held");
+    drop(db);
+
+    let mut changes = vec![
+        "INSERT INTO notes (owner, body) VALUES ('pooled', 'x')",
+        "DELETE FROM users",
+        "UPDATE users SET email = 'changed@example.com'",
+        "TRUNCATE notes",
+        "CREATE TABLE pooled_table (id int)",
+        "ALTER TABLE notes ADD COLUMN pooled int",
+        "CREATE INDEX pooled_idx ON notes (body)",
+        "COMMENT ON TABLE notes IS 'pooled'",
+        "CREATE FUNCTION pooled_f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        // Rolled back: counted all the same, so a reset that was not needed.
+        "BEGIN; INSERT INTO notes (owner, body) VALUES ('pooled', 'x'); ROLLBACK",
+    ];
+    if fixture.config().isolation != pgfixture::Isolation::Schema {
+        changes.push(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET work_mem = ''7MB''', current_database()); END $$",
+        );
+    }
+    for change in changes {
+        let before = fixture.stats();
+        let pool = fixture.worker_pool().await.unwrap();
+        pool.get()
+            .await
+            .unwrap()
+            .batch_execute(change)
+            .await
+            .unwrap();
+        pool.release().await.unwrap();
+        let after = fixture.stats();
+        assert_eq!(
+            after.workers_reset,
+            before.workers_reset + 1,
+            "{change}: not seen"
+        );
+        let db = fixture.worker_db().await.unwrap();
+        assert_eq!(pristine(&db).await, fresh, "{change} reached the next test");
+    }
+}
