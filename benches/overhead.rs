@@ -57,9 +57,17 @@ async fn measure(fixture: &Fixture, iterations: usize) -> (Vec<Duration>, Vec<Du
 /// A `worker_pool()` test, from taking the pool to the moment the next test may start
 /// (the release, with its reset when one is needed): `statement` on one of its
 /// connections, committed.
-async fn pool_test(fixture: &Fixture, statement: &str, iterations: usize) -> Vec<Duration> {
+/// `pause` (untimed) between tests stands for the other tests of a suite, during which
+/// a spare clone is made in the background.
+async fn pool_test(
+    fixture: &Fixture,
+    statement: &str,
+    iterations: usize,
+    pause: Duration,
+) -> Vec<Duration> {
     let mut times = Vec::with_capacity(iterations);
     for i in 0..iterations + 3 {
+        tokio::time::sleep(pause).await;
         let started = Instant::now();
         let pool = fixture.worker_pool().await.unwrap();
         pool.get()
@@ -116,8 +124,8 @@ fn main() {
         "worker_pool() tests, in-process, warm ({pool_iterations} iterations per mode): take the pool, one statement, release (and reset, if needed)"
     );
     println!(
-        "{:<10} {:>14} {:>14} {:>16} {:>16}",
-        "mode", "reads p50", "reads p95", "commits p50", "commits p95"
+        "{:<10} {:>12} {:>12} {:>16} {:>16} {:>20}",
+        "mode", "reads p50", "reads p95", "commits p50", "commits p95", "back to back p50"
     );
     for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
         let fixture = Fixture::builder()
@@ -125,23 +133,30 @@ fn main() {
             .workers(1)
             .build()
             .unwrap();
+        let insert = "INSERT INTO notes (owner, body) VALUES ('bench', 'x')";
         let reads = runtime.block_on(pool_test(
             &fixture,
             "SELECT count(*) FROM users",
             pool_iterations,
+            Duration::ZERO,
         ));
+        // Other tests between commits: 200 ms, time for a spare to be made.
         let commits = runtime.block_on(pool_test(
             &fixture,
-            "INSERT INTO notes (owner, body) VALUES ('bench', 'x')",
+            insert,
             pool_iterations,
+            Duration::from_millis(200),
         ));
+        let back_to_back =
+            runtime.block_on(pool_test(&fixture, insert, pool_iterations, Duration::ZERO));
         println!(
-            "{:<10} {}    {}      {}      {}",
+            "{:<10} {}  {}      {}      {}          {}",
             format!("{isolation:?}").to_lowercase(),
             us(percentile(&reads, 0.5)),
             us(percentile(&reads, 0.95)),
             us(percentile(&commits, 0.5)),
             us(percentile(&commits, 0.95)),
+            us(percentile(&back_to_back, 0.5)),
         );
     }
     let stats = Fixture::builder().workers(1).build().unwrap().stats();

@@ -157,6 +157,7 @@ impl FixtureBuilder {
             source: OnceCell::new(),
             shared: Mutex::new(Arc::new(OnceCell::new())),
             workers: Mutex::new(HashMap::new()),
+            admins: Mutex::new(HashMap::new()),
             backend: OnceLock::new(),
             trust_servers: std::sync::atomic::AtomicBool::new(true),
             stats: Counters::default(),
@@ -181,6 +182,8 @@ pub(crate) struct Inner {
     /// The shared server of database and schema modes.
     shared: Mutex<Arc<OnceCell<Server>>>,
     workers: Mutex<HashMap<WorkerId, Arc<OnceCell<Arc<Worker>>>>>,
+    /// Maintenance connections, per server.
+    admins: Mutex<HashMap<String, Pool>>,
     /// The backend's kind and flavour, once a server was found or started.
     backend: OnceLock<(&'static str, String)>,
     /// Take servers another process has used as described (no checking connection);
@@ -204,6 +207,19 @@ impl Phase {
     fn get(&self) -> String {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// A connection of the maintenance `pool` of `server`.
+async fn admin_connection(pool: &Pool, server: &Server) -> Result<deadpool_postgres::Object> {
+    pool.get().await.map_err(|source| match source {
+        deadpool_postgres::PoolError::Backend(e) => {
+            Error::pg(format!("connecting to server {}", server.name))(e)
+        }
+        source => Error::Pool {
+            worker: "maintenance".to_owned(),
+            source,
+        },
+    })
 }
 
 /// Every idle connection of the worker's pool (at least one, opened if need be).
@@ -299,6 +315,7 @@ struct Counters {
     workers_reset: AtomicU64,
     commit_leaks: AtomicU64,
     pools_unchanged: AtomicU64,
+    spares_used: AtomicU64,
 }
 
 /// What a [`Fixture`] did in this process, for reports and tests.
@@ -327,6 +344,9 @@ pub struct Stats {
     /// Worker pools released with nothing changed through them, so that their worker
     /// needed no reset.
     pub pools_unchanged: u64,
+    /// Resets done by putting a spare clone, made in the background, in the worker's
+    /// place (database and container modes).
+    pub spares_used: u64,
     /// Test handles given out, per worker.
     pub served: BTreeMap<WorkerId, u64>,
 }
@@ -429,6 +449,7 @@ impl Fixture {
             workers_reset: c.workers_reset.load(Ordering::Relaxed),
             commit_leaks: c.commit_leaks.load(Ordering::Relaxed),
             pools_unchanged: c.pools_unchanged.load(Ordering::Relaxed),
+            spares_used: c.spares_used.load(Ordering::Relaxed),
             served,
         }
     }
@@ -565,6 +586,37 @@ impl Inner {
         })
         .await
         .map_err(Error::with_connection_advice)
+    }
+
+    /// A maintenance connection to `server`, from a small pool kept per server: a new
+    /// connection costs a few milliseconds, which every reset paid.
+    async fn admin(&self, server: &Server) -> Result<deadpool_postgres::Object> {
+        admin_connection(&self.admin_pool(server), server).await
+    }
+
+    fn admin_pool(&self, server: &Server) -> Pool {
+        let key = format!("{}:{}:{}", server.host, server.port, server.admin_db);
+        let mut pools = self.admins.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(key)
+            .or_insert_with(|| crate::pool::admin(server, self.config.acquire_timeout))
+            .clone()
+    }
+
+    /// Makes the worker's next spare database in the background ([`provision::refill_spare`]).
+    fn refill_spare(&self, server: &Server, template: &str, worker: &str) {
+        let (server, template, worker) = (server.clone(), template.to_owned(), worker.to_owned());
+        let pool = self.admin_pool(&server);
+        runtime::handle().spawn(async move {
+            let result = async {
+                let admin = admin_connection(&pool, &server).await?;
+                provision::refill_spare(&admin, &template, &worker).await
+            }
+            .await;
+            if let Err(error) = result {
+                tracing::debug!(%error, worker, "making a spare worker database failed");
+            }
+        });
     }
 
     /// Where the marks of `worker` go.
@@ -805,7 +857,7 @@ impl Inner {
         let mark = self.worker_mark();
         // One maintenance connection for every step; a worker found complete (the
         // common case in a nextest process) costs one query on it.
-        let admin = server.admin().await?;
+        let admin = self.admin(&server).await?;
         // From the configuration: resolving the source would ask Docker for the image,
         // three API calls that a worker on a known container does not need.
         let shared_server = self.config.effective_backend() == Backend::Url;
@@ -834,15 +886,25 @@ impl Inner {
                         provision::clone_database(&server, &admin, &template, &worker_name, &mark)
                             .await?;
                     } else {
-                        provision::reset_database(
+                        // Spares only on pgfixture's own servers: on a shared one an
+                        // unmarked database could outlive a killed run.
+                        let spares = !shared_server;
+                        let swapped = provision::reset_database(
                             &server,
                             &admin,
                             &template,
                             &worker_name,
                             &mark,
                             reset,
+                            spares,
                         )
                         .await?;
+                        if swapped {
+                            self.stats.spares_used.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if spares && reset {
+                            self.refill_spare(&server, &template, &worker_name);
+                        }
                     }
                 } else if !shared_server {
                     // Clean by its comment, yet the setting the next process checks

@@ -159,6 +159,31 @@ pub(crate) fn pg_config(server: &Server, dbname: &str, search_path: Option<&str>
     pg_config
 }
 
+/// Maintenance connections to `server` (its admin database). Each is handed out with
+/// its session's advisory locks released: a build cancelled by its acquire timeout
+/// could leave one held.
+pub(crate) fn admin(server: &Server, wait: Duration) -> Pool {
+    let manager = Manager::from_connect(
+        pg_config(server, &server.admin_db, None),
+        BackgroundConnect,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Custom("SELECT pg_advisory_unlock_all()".to_owned()),
+        },
+    );
+    Pool::builder(manager)
+        .max_size(ADMIN_POOL_SIZE)
+        .queue_mode(QueueMode::Lifo)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(wait))
+        .build()
+        .expect("a pool with a runtime and a size always builds")
+}
+
+/// Maintenance connections kept per server: provisioning and resets of parallel
+/// workers each hold one for a moment.
+const ADMIN_POOL_SIZE: usize = 4;
+
 /// The pool of worker connections to `dbname` on `server`, optionally with a
 /// `search_path` set at connection start (schema mode).
 pub(crate) fn build(

@@ -228,9 +228,12 @@ async fn ddl(client: &Client, sql: &str) -> Result<()> {
     loop {
         match client.batch_execute(sql).await {
             Ok(()) => return Ok(()),
-            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && tries < 100 => {
+            // A backend that was just closed or terminated exits within a
+            // millisecond or two: tried again soon, then less often.
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && tries < 200 => {
                 tries += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                let wait = if tries < 50 { 1 } else { 20 };
+                tokio::time::sleep(Duration::from_millis(wait)).await;
             }
             Err(e) => return Err(Error::pg(format!("running {sql}"))(e)),
         }
@@ -472,7 +475,10 @@ pub(crate) async fn schema(
 
 /// Replaces the worker database `name` with a fresh clone of `template`: always when
 /// `force`, else only if it is still marked dirty once the lock is held (another
-/// process may have reset it first).
+/// process may have reset it first). With `spares`, a spare clone made beforehand
+/// ([`refill_spare`]) takes the worker's place by two renames, a few milliseconds,
+/// and the old database is dropped later; without one, the worker is cloned now.
+/// Returns whether a spare was used (so that the caller makes the next one).
 pub(crate) async fn reset_database(
     server: &Server,
     admin: &Client,
@@ -480,11 +486,79 @@ pub(crate) async fn reset_database(
     name: &str,
     mark: &str,
     force: bool,
-) -> Result<()> {
+    spares: bool,
+) -> Result<bool> {
     with_lock(admin, name, async || {
-        if force || database_state(admin, name).await? == State::Dirty {
-            drop_database(admin, name).await?;
-            clone_database(server, admin, template, name, mark).await?;
+        if !(force || database_state(admin, name).await? == State::Dirty) {
+            return Ok(false);
+        }
+        let spare = format!("{name}_spare");
+        let old = format!("{name}_old");
+        if spares && database_exists(admin, &spare).await? && !database_exists(admin, &old).await? {
+            // Its connections go first: a database in use cannot be renamed.
+            admin
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
+                    &[&name],
+                )
+                .await
+                .map_err(Error::pg(format!("closing the connections to {name}")))?;
+            ddl(
+                admin,
+                &format!("ALTER DATABASE {} RENAME TO {}", ident(name), ident(&old)),
+            )
+            .await?;
+            ddl(admin, &mark_sql(Target::Database(&spare), mark, false)).await?;
+            ddl(
+                admin,
+                &format!("ALTER DATABASE {} RENAME TO {}", ident(&spare), ident(name)),
+            )
+            .await?;
+            tracing::debug!(database = name, "worker database replaced by its spare");
+            return Ok(true);
+        }
+        drop_database(admin, name).await?;
+        clone_database(server, admin, template, name, mark).await?;
+        Ok(false)
+    })
+    .await
+}
+
+/// Drops what [`reset_database`] left of the worker database `name` (its old self)
+/// and makes its next spare, a clone of `template`, unless one is there. Run in the
+/// background after a reset; a process that exits meanwhile leaves the server to
+/// finish the statement in flight (a half-made database is never visible), and
+/// the next reset falls back to cloning.
+pub(crate) async fn refill_spare(admin: &Client, template: &str, name: &str) -> Result<()> {
+    let spare = format!("{name}_spare");
+    let old = format!("{name}_old");
+    with_lock(admin, &spare, async || {
+        ddl(
+            admin,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&old)),
+        )
+        .await?;
+        if !database_exists(admin, &spare).await? {
+            let version: i32 = admin
+                .query_one("SELECT current_setting('server_version_num')::int", &[])
+                .await
+                .map_err(Error::pg("reading server_version_num"))?
+                .get(0);
+            let strategy = if version >= 150000 {
+                " STRATEGY = FILE_COPY"
+            } else {
+                ""
+            };
+            ddl(
+                admin,
+                &format!(
+                    "CREATE DATABASE {} TEMPLATE {}{strategy}",
+                    ident(&spare),
+                    ident(template)
+                ),
+            )
+            .await?;
         }
         Ok(())
     })

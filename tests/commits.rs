@@ -503,3 +503,41 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
         assert_eq!(pristine(&db).await, fresh, "{change} reached the next test");
     }
 }
+
+/// Resets after commits take a spare clone made in the background (database and
+/// container modes), and each one still leaves the worker as the fixtures made it.
+#[tokio::test]
+async fn resets_after_commits_use_a_spare_and_leak_nothing() {
+    let (_serial, fixture) = single_worker().await;
+    let db = fixture.worker_db().await.unwrap();
+    let fresh = pristine(&db).await;
+    drop(db);
+    let before = fixture.stats();
+    for round in 0..4 {
+        let pool = fixture.worker_pool().await.unwrap();
+        pool.get()
+            .await
+            .unwrap()
+            .batch_execute(
+                "INSERT INTO notes (owner, body) VALUES ('spare', 'x'); DELETE FROM users",
+            )
+            .await
+            .unwrap();
+        pool.release().await.unwrap();
+        let db = fixture.worker_db().await.unwrap();
+        assert_eq!(
+            pristine(&db).await,
+            fresh,
+            "round {round}: the commit reached the next test"
+        );
+        drop(db);
+        // Time for the spare to be made, as a test's own work would give it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let after = fixture.stats();
+    assert_eq!(after.workers_reset, before.workers_reset + 4);
+    if fixture.config().isolation != pgfixture::Isolation::Schema && fixture.config().url.is_none()
+    {
+        assert!(after.spares_used >= before.spares_used + 2, "{after:?}");
+    }
+}
