@@ -7,6 +7,7 @@
 //! processes: a watchdog beside each server counts the server's TCP connections (in
 //! `/proc/net/tcp`), so a process that is killed still lets its servers go.
 
+#[cfg(feature = "docker")]
 pub(crate) mod docker;
 mod local;
 
@@ -19,6 +20,7 @@ use crate::{Error, Result};
 /// A resolved backend.
 #[derive(Debug)]
 pub(crate) enum Source {
+    #[cfg(feature = "docker")]
     Docker(docker::Docker),
     Local(local::Local),
     /// An existing server (`PGFIXTURE_URL`).
@@ -110,15 +112,31 @@ impl Source {
                     )))?;
                 Ok(Source::Url(server))
             }
+            #[cfg(feature = "docker")]
             Backend::Docker => Ok(Source::Docker(docker::Docker::connect(config).await?)),
+            #[cfg(not(feature = "docker"))]
+            Backend::Docker => Err(Error::config(
+                "PGFIXTURE_BACKEND",
+                "docker",
+                "needs pgfixture's `docker` feature (a default feature): enable it, or choose local or url",
+            )),
             Backend::Local => Ok(Source::Local(local::Local::find(config).map_err(|message| Error::Local {
                 message: format!("{message} (install the Debian package 'postgresql' or set PGFIXTURE_PG_BIN)"),
             })?)),
             Backend::Auto => {
+                #[cfg(feature = "docker")]
                 let docker_error = match docker::Docker::connect(config).await {
                     Ok(docker) => return Ok(Source::Docker(docker)),
                     Err(e) if config.require_docker => return Err(e),
                     Err(e) => e.to_string(),
+                };
+                #[cfg(not(feature = "docker"))]
+                let docker_error = if config.require_docker {
+                    return Err(Error::Docker {
+                        message: "PGFIXTURE_REQUIRE_DOCKER=1, but pgfixture was built without its `docker` feature".to_owned(),
+                    });
+                } else {
+                    "pgfixture was built without its `docker` feature".to_owned()
                 };
                 match local::Local::find(config) {
                     Ok(local) => {
@@ -140,6 +158,7 @@ impl Source {
 
     pub(crate) fn kind(&self) -> &'static str {
         match self {
+            #[cfg(feature = "docker")]
             Source::Docker(_) => "docker",
             Source::Local(_) => "local",
             Source::Url(_) => "url",
@@ -149,6 +168,7 @@ impl Source {
     /// What servers are made of: the image or the binaries' directory.
     pub(crate) fn flavour(&self) -> String {
         match self {
+            #[cfg(feature = "docker")]
             Source::Docker(d) => d.image().to_owned(),
             Source::Local(l) => l.bin().display().to_string(),
             Source::Url(server) => format!("{}:{}", server.host, server.port),
@@ -167,6 +187,7 @@ impl Source {
         trust: bool,
     ) -> Result<(Server, bool)> {
         let (server, started) = match self {
+            #[cfg(feature = "docker")]
             Source::Docker(d) => d.server(name, config, deadline).await?,
             Source::Local(l) => l.server(name, config, deadline, trust).await?,
             Source::Url(server) => (server.clone(), false),

@@ -782,16 +782,19 @@ impl Inner {
 
     async fn server(&self, role: &str, deadline: Instant) -> Result<Server> {
         // A container another process of the run recorded: no Docker API call at all.
-        let may_be_docker = matches!(
-            self.config.effective_backend(),
-            Backend::Docker | Backend::Auto
-        );
-        if may_be_docker && self.trust_servers.load(Ordering::Relaxed) {
-            let name = self.server_name("docker", &self.config.image, role);
-            if let Some(server) = crate::backend::docker::known(&name)? {
-                let _ = self.backend.set(("docker", self.config.image.clone()));
-                self.stats.servers_reused.fetch_add(1, Ordering::Relaxed);
-                return Ok(server.for_run(&self.config.run_id));
+        #[cfg(feature = "docker")]
+        {
+            let may_be_docker = matches!(
+                self.config.effective_backend(),
+                Backend::Docker | Backend::Auto
+            );
+            if may_be_docker && self.trust_servers.load(Ordering::Relaxed) {
+                let name = self.server_name("docker", &self.config.image, role);
+                if let Some(server) = crate::backend::docker::known(&name)? {
+                    let _ = self.backend.set(("docker", self.config.image.clone()));
+                    self.stats.servers_reused.fetch_add(1, Ordering::Relaxed);
+                    return Ok(server.for_run(&self.config.run_id));
+                }
             }
         }
         let source = self.source().await?;

@@ -26,8 +26,9 @@ pub use testdb::{CancelToken, TestDb};
 pub use worker::WorkerId;
 pub use worker_pool::WorkerPool;
 
+#[cfg(feature = "docker")]
+pub use bollard;
 pub use deadpool_postgres;
-pub use testcontainers;
 pub use tokio_postgres;
 
 use std::sync::OnceLock;

@@ -7,7 +7,7 @@ use std::time::Duration;
 mod common;
 
 use common::own_fixture;
-use pgfixture::testcontainers::bollard;
+use pgfixture::bollard;
 use pgfixture::{Fixture, Isolation};
 
 /// Kills the server `db` is connected to, the hard way.

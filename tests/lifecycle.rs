@@ -364,7 +364,7 @@ fn docker_failures_say_what_to_fix() {
 /// initdb, each with a password of its own (set before the server listens).
 #[tokio::test]
 async fn containers_start_initialised_with_passwords_of_their_own() {
-    use pgfixture::testcontainers::bollard;
+    use pgfixture::bollard;
     let first = common::own_fixture("init1", Isolation::Container);
     let db = first.worker_db().await.unwrap();
     if first.stats().backend != Some("docker") {

@@ -11,16 +11,15 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use testcontainers::bollard;
-use testcontainers::bollard::errors::Error as DockerError;
-use testcontainers::bollard::models::{
+use bollard::errors::Error as DockerError;
+use bollard::models::{
     ContainerCreateBody, ContainerStateStatusEnum, ContainerSummaryStateEnum, HostConfig,
     PortBinding,
 };
-use testcontainers::bollard::query_parameters::{
+use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, RemoveContainerOptionsBuilder,
 };
+use futures::StreamExt;
 
 use super::{IDLE_LOOP, server_args, timeout_with};
 use crate::config::Config;

@@ -3,8 +3,8 @@
 
 use std::process::{Command, Output};
 
-use pgfixture::testcontainers::bollard;
-use pgfixture::testcontainers::bollard::models::ContainerSummary;
+use pgfixture::bollard;
+use pgfixture::bollard::models::ContainerSummary;
 
 /// The Docker daemon, when one answers.
 pub async fn docker() -> Option<bollard::Docker> {
