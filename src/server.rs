@@ -193,7 +193,6 @@ pub(crate) fn user_dir() -> std::path::PathBuf {
 /// user finds a container's password this way, so the password itself never travels
 /// through the Docker API, whose client logs request and response bodies at debug level;
 /// the container gets only its SCRAM verifier ([`scram_verifier`]).
-#[cfg_attr(not(feature = "docker"), allow(dead_code))]
 pub(crate) fn derived_password(name: &str) -> Result<String> {
     use sha2::{Digest, Sha256};
     let secret = user_secret()?;
@@ -229,7 +228,6 @@ pub(crate) fn scram_verifier(password: &str) -> Result<String> {
     ))
 }
 
-#[cfg_attr(not(feature = "docker"), allow(dead_code))]
 fn user_secret() -> Result<String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -1174,3 +1174,67 @@ async fn records_of_gone_containers_are_removed() {
     );
     drop(db);
 }
+
+/// Local servers start from a cached initialised data directory (no initdb after the
+/// first); a damaged cache is detected, removed, and made again by the next start.
+#[test]
+fn a_damaged_initdb_cache_is_detected_and_rebuilt() {
+    // A directory of its own (through TMPDIR), so that the damage meets no other test.
+    let tmp = std::env::temp_dir().join(format!("pgfx-{}", unique_run("c")));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp_text = tmp.display().to_string();
+    let child = || {
+        let out = run_child(&[
+            ("PGFIXTURE_RUN_ID", &unique_run("cache")),
+            ("PGFIXTURE_BACKEND", "local"),
+            ("PGFIXTURE_GRACE", "1"),
+            ("TMPDIR", &tmp_text),
+        ]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("CHILD-OK users=1"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    child();
+    let caches = tmp
+        .join(format!("pgfixture-{}", own_uid()))
+        .join("initdb-cache");
+    let versions: Vec<PathBuf> = std::fs::read_dir(&caches)
+        .expect("a cache after a local start")
+        .flatten()
+        .map(|e| e.path().join("data").join("PG_VERSION"))
+        .filter(|p| p.exists())
+        .collect();
+    assert!(
+        !versions.is_empty(),
+        "no cached data directory in {}",
+        caches.display()
+    );
+    let original = std::fs::read(&versions[0]).unwrap();
+    for version in &versions {
+        // Cut short, as a disk that filled up or a stray clean-up would leave it.
+        std::fs::write(version, b"").unwrap();
+    }
+    child();
+    for version in &versions {
+        assert_eq!(
+            std::fs::read(version).ok().as_deref(),
+            Some(original.as_slice()),
+            "the damaged cache {} was not rebuilt",
+            version.display()
+        );
+    }
+    // The servers' directories go after their grace period; then the rest.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(tmp.join(format!("pgfixture-{}", own_uid())))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("pgfixture-"))
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}

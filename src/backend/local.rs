@@ -15,8 +15,14 @@ use std::time::{Duration, Instant};
 
 use super::{IDLE_LOOP, server_args, timeout_with};
 use crate::config::Config;
-use crate::server::{SUPERUSER, Server, SlowNotice, random_password};
+use crate::server::{SUPERUSER, Server, SlowNotice};
 use crate::{Error, Result};
+
+/// The directory (under the per-user directory) of cached initialised data
+/// directories. Not named `pgfixture-*`, which are servers.
+const CACHE_DIR: &str = "initdb-cache";
+/// Changes whenever the initdb arguments below change, so that an older cache is not used.
+const INITDB_VERSION: &str = "initdb-1 scram-sha-256 trust UTF8 C";
 
 /// Ports tried before giving up on finding one nobody else takes first.
 const PORT_ATTEMPTS: usize = 5;
@@ -140,6 +146,23 @@ impl Local {
         }
         cmd.push(self.bin.join(program).display().to_string());
         cmd
+    }
+
+    /// Where the initialised data directory for servers of these binaries is kept:
+    /// keyed by the binaries (path, size and time of `postgres`), initdb's arguments,
+    /// the user the servers run as and the servers' password.
+    fn cache_dir(&self, password: &str) -> PathBuf {
+        use sha2::{Digest, Sha256};
+        let postgres = std::fs::metadata(self.bin.join("postgres"))
+            .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
+            .unwrap_or_default();
+        let digest = Sha256::digest(format!(
+            "{INITDB_VERSION}:{}:{postgres}:{:?}:{password}",
+            self.bin.display(),
+            self.run_as
+        ));
+        let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        self.base.join(CACHE_DIR).join(key)
     }
 
     /// Removes the server directories whose watchdog is dead (killed), and stops
@@ -297,14 +320,25 @@ impl Local {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))
                 .map_err(Error::io(format!("chown {}", dir.display())))?;
         }
-        let password = random_password()?;
+        // One password for the servers of these binaries, derived from this user's
+        // secret: the cached data directory holds its verifier.
+        let password = crate::server::derived_password(&format!("local {}", self.bin.display()))?;
+        let cache = self.cache_dir(&password);
+        let cached = {
+            let (cache, init) = (cache.clone(), dir.join("init"));
+            tokio::task::spawn_blocking(move || cache_valid(&cache) && copy_cached(&cache, &init))
+                .await
+                .unwrap_or(false)
+        };
         let pwfile = dir.join("pwfile");
-        // initdb stores a SCRAM verifier given as the password as is.
-        write_private(
-            &pwfile,
-            &crate::server::scram_verifier(&password)?,
-            self.run_as,
-        )?;
+        if !cached {
+            // initdb stores a SCRAM verifier given as the password as is.
+            write_private(
+                &pwfile,
+                &crate::server::scram_verifier(&password)?,
+                self.run_as,
+            )?;
+        }
         // The detached watchdog runs initdb too, so that a test process killed during
         // the second initdb takes leaves no orphan half-way and no directory behind:
         // the watchdog finishes the start, or records the failure and removes `dir`.
@@ -348,6 +382,7 @@ impl Local {
             dir,
             port,
             config.server_grace().as_secs(),
+            &cache,
             &initdb,
             &postgres,
         )?;
@@ -404,14 +439,29 @@ impl Local {
         dir: &Path,
         port: u16,
         grace: u64,
+        cache: &Path,
         initdb: &[String],
         postgres: &[String],
     ) -> Result<()> {
         let initdb: Vec<String> = initdb.iter().map(|a| shell_quote(a)).collect();
         let initdb = initdb.join(" ");
+        // A data directory copied from the cache (`init` exists) needs no initdb; a
+        // fresh one is copied into the cache, with a manifest of its files' sizes,
+        // before the server first writes to it.
         let script = format!(
-            "dir=$1; port=$2; grace=$3; shift 3\necho $$ > \"$dir/watchdog\"\nmarker=\"$dir/ready\"\n\
-             if ! {initdb} >\"$dir/initdb.log\" 2>&1 || ! mv \"$dir/init\" \"$dir/data\"; then\n\
+            "dir=$1; port=$2; grace=$3; cache=$4; shift 4\necho $$ > \"$dir/watchdog\"\nmarker=\"$dir/ready\"\n\
+             if [ ! -d \"$dir/init\" ]; then\n\
+                 if ! {initdb} >\"$dir/initdb.log\" 2>&1; then\n\
+                     rm -f \"$dir/pwfile\"; echo initdb > \"$dir/exited\"; sleep 5; rm -rf \"$dir\"; exit 1\n\
+                 fi\n\
+                 if [ ! -e \"$cache\" ]; then\n\
+                     tmp=\"$cache.tmp.$$\"\n\
+                     mkdir -p \"$tmp\" && cp -a \"$dir/init\" \"$tmp/data\" &&\n\
+                     (cd \"$tmp/data\" && find . -type f -printf '%P %s\\n') > \"$tmp/manifest\" &&\n\
+                     mv -T \"$tmp\" \"$cache\" 2>/dev/null || rm -rf \"$tmp\"\n\
+                 fi\n\
+             fi\n\
+             if ! mv \"$dir/init\" \"$dir/data\"; then\n\
                  rm -f \"$dir/pwfile\"; echo initdb > \"$dir/exited\"; sleep 5; rm -rf \"$dir\"; exit 1\n\
              fi\n\
              rm -f \"$dir/pwfile\"\n\
@@ -428,6 +478,7 @@ impl Local {
             .arg(dir)
             .arg(port.to_string())
             .arg(grace.to_string())
+            .arg(cache)
             .args(postgres)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -506,6 +557,48 @@ fn stop_postmaster(dir: &Path) {
     if is_postgres {
         let _ = Command::new("kill").args(["-QUIT", pid]).status();
     }
+}
+
+/// Whether the cached data directory `cache` is complete: every file its manifest
+/// names is there with its size. One that is not (a file removed or cut short since)
+/// is removed, and the next start runs initdb and caches its result again. A cache
+/// is published by a rename once whole, so a half-written one is never seen.
+fn cache_valid(cache: &Path) -> bool {
+    let Ok(manifest) = std::fs::read_to_string(cache.join("manifest")) else {
+        return false;
+    };
+    let data = cache.join("data");
+    let whole = manifest.contains("PG_VERSION ")
+        && manifest.lines().all(|line| {
+            line.rsplit_once(' ').is_some_and(|(path, size)| {
+                std::fs::metadata(data.join(path)).is_ok_and(|m| size.parse() == Ok(m.len()))
+            })
+        });
+    if !whole {
+        tracing::warn!(cache = %cache.display(), "the cached data directory is damaged; removing it");
+        let bad = cache.with_extension(format!("bad{}", std::process::id()));
+        if std::fs::rename(cache, &bad).is_ok() {
+            let _ = std::fs::remove_dir_all(bad);
+        }
+    }
+    whole
+}
+
+/// Copies the cached data directory into `init` (ownership kept: the servers' user's
+/// when running as root); a failed copy leaves nothing, and initdb runs instead.
+fn copy_cached(cache: &Path, init: &Path) -> bool {
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg("--reflink=auto")
+        .arg(cache.join("data"))
+        .arg(init)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !copied {
+        let _ = std::fs::remove_dir_all(init);
+    }
+    copied
 }
 
 /// `arg` quoted for `sh`.
