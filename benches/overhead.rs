@@ -100,18 +100,30 @@ fn main() {
         "{:<10} {:>11} {:>11} {:>11} {:>9}",
         "mode", "p50", "p95", "floor p50", "x floor"
     );
-    for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
+    for (isolation, reset_sequences) in [
+        (Isolation::Database, false),
+        (Isolation::Schema, false),
+        (Isolation::Container, false),
+        // Every test restarts the fixtures' two sequences first.
+        (Isolation::Database, true),
+    ] {
         let fixture = Fixture::builder()
             .isolation(isolation)
             .workers(1)
+            .reset_sequences(reset_sequences)
             .build()
             .unwrap();
         let (per_test, floor) = runtime.block_on(measure(&fixture, iterations));
         let p50 = percentile(&per_test, 0.5);
         let floor50 = percentile(&floor, 0.5);
+        let name = format!("{isolation:?}").to_lowercase();
         println!(
             "{:<10} {} {} {} {:>8.2}x",
-            format!("{isolation:?}").to_lowercase(),
+            if reset_sequences {
+                format!("{name}+seq")
+            } else {
+                name
+            },
             us(p50),
             us(percentile(&per_test, 0.95)),
             us(floor50),

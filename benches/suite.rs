@@ -432,6 +432,127 @@ fn suite(
     }
 }
 
+/// What a test of the mixed suite does: shaped like the real project's suite that
+/// was ported (130 of 168 tests on `worker_db()`, 23 opening connections of their own,
+/// 7 committing): of every 20 tests, 17 plain, 2 with a connection of their own, 1
+/// that commits. Each runs the I/O-bound body.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Plain,
+    OwnConnection,
+    Commits,
+}
+
+fn kind(test: usize) -> Kind {
+    match test % 20 {
+        0 => Kind::Commits,
+        7 | 14 => Kind::OwnConnection,
+        _ => Kind::Plain,
+    }
+}
+
+/// One mixed suite of `tests` tests, `workers` at a time, the pgfixture way
+/// (`fixture`) or the naive way (`None`: one server already running, a new connection
+/// per test, nothing isolated).
+fn mixed_suite(workers: usize, tests: usize, fixture: Option<Fixture>, raw: &Arc<Raw>) -> Duration {
+    let raw = Arc::clone(raw);
+    run_suite(workers, tests, move |n| {
+        let fixture = fixture.clone();
+        let raw = Arc::clone(&raw);
+        async move {
+            match (fixture, kind(n)) {
+                (None, kind) => {
+                    let client = raw.connect("bench_shared").await;
+                    body(&client, n, Load::Io).await;
+                    if kind == Kind::OwnConnection {
+                        let own = raw.connect("bench_shared").await;
+                        own.batch_execute("LISTEN mixed; SELECT 1").await.unwrap();
+                    }
+                }
+                (Some(fixture), Kind::Commits) => {
+                    let pool = fixture.worker_pool().await.unwrap();
+                    body(&pool.get().await.unwrap(), n, Load::Io).await;
+                    pool.release().await.unwrap();
+                }
+                (Some(fixture), kind) => {
+                    let db = fixture.worker_db().await.unwrap();
+                    body(&db, n, Load::Io).await;
+                    if kind == Kind::OwnConnection {
+                        let (own, connection) = db.pg_config().connect(NoTls).await.unwrap();
+                        tokio::spawn(connection);
+                        own.batch_execute("LISTEN mixed; SELECT 1").await.unwrap();
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// The mixed suite at 1 and 4 workers: the naive way against pgfixture from cold (a
+/// new run: server start, template, workers, all inside the suite's time) and
+/// pgfixture reused (`PGFIXTURE_REUSE=1`'s case: server, template and workers there).
+fn mixed_suites(tests: usize, repeat: usize, run: &str, raw: &Arc<Raw>) {
+    println!();
+    println!(
+        "mixed suite ({tests} tests: of every 20, 17 worker_db(), 2 with a connection of their own, 1 worker_pool() that commits; I/O-bound), median of {repeat}: seconds; x naive"
+    );
+    println!(
+        "{:<17} {:>8} {:>8} {:>10} {:>10}",
+        "strategy", "1", "4", "x naive 1", "x naive 4"
+    );
+    static COLD: AtomicUsize = AtomicUsize::new(0);
+    let cold = |workers: usize| {
+        // A run of its own: nothing of it exists yet.
+        let run = format!("{}m{}", &run[..6], COLD.fetch_add(1, Ordering::Relaxed));
+        fixture(&run, Isolation::Database, workers)
+    };
+    // Reused: the workers of an earlier run found ready, provisioned (untimed) here.
+    let reused: Vec<Fixture> = [1, 4]
+        .into_iter()
+        .map(|workers| {
+            let fixture = fixture(run, Isolation::Database, workers);
+            let warm = fixture.clone();
+            run_suite(workers, workers, move |_| {
+                let fixture = warm.clone();
+                async move {
+                    let db = fixture.worker_db().await.unwrap();
+                    db.query_one("SELECT pg_sleep(0.05)", &[]).await.unwrap();
+                }
+            });
+            fixture
+        })
+        .collect();
+    let mut rows: Vec<(&str, Vec<Vec<Duration>>)> = vec![
+        ("naive", vec![Vec::new(), Vec::new()]),
+        ("pgfixture-cold", vec![Vec::new(), Vec::new()]),
+        ("pgfixture-reuse", vec![Vec::new(), Vec::new()]),
+    ];
+    for _ in 0..repeat {
+        for (i, workers) in [1, 4].into_iter().enumerate() {
+            raw.empty_shared();
+            rows[0].1[i].push(mixed_suite(workers, tests, None, raw));
+            // Its own server, which stops after the grace period once the bench ends.
+            rows[1].1[i].push(mixed_suite(workers, tests, Some(cold(workers)), raw));
+            rows[2].1[i].push(mixed_suite(workers, tests, Some(reused[i].clone()), raw));
+        }
+    }
+    let medians: Vec<(&str, Vec<Duration>)> = rows
+        .into_iter()
+        .map(|(name, samples)| (name, samples.into_iter().map(median).collect()))
+        .collect();
+    let naive = medians[0].1.clone();
+    for (name, times) in &medians {
+        println!(
+            "{:<17} {:>8.2} {:>8.2} {:>9.2}x {:>9.2}x",
+            name,
+            times[0].as_secs_f64(),
+            times[1].as_secs_f64(),
+            times[0].as_secs_f64() / naive[0].as_secs_f64(),
+            times[1].as_secs_f64() / naive[1].as_secs_f64(),
+        );
+    }
+}
+
 /// A connection of one worker thread for the unsafe floor, driven by a runtime of its
 /// own (a test's runtime dies with the test).
 #[derive(Clone)]
@@ -664,6 +785,9 @@ fn main() {
             );
             results.push((load, strategy, times));
         }
+    }
+    if std::env::var("BENCH_MIXED").as_deref() != Ok("0") {
+        mixed_suites(tests, repeat, &run, &raw);
     }
     plot(&results, tests, &plot_path);
     let csv_path = plot_path.with_extension("csv");

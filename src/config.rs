@@ -160,6 +160,11 @@ pub struct Config {
     /// `PGFIXTURE_SERVER_SETTINGS` (`timezone=UTC,log_statement=all`; a value that holds
     /// a comma goes in single quotes); default none.
     pub server_settings: Vec<(String, String)>,
+    /// Restart every sequence at the value the fixtures left when each test begins,
+    /// inside its transaction, so that ids are those of a fresh database (what
+    /// `#[sqlx::test]` users assume with `id == 1`). `PGFIXTURE_RESET_SEQUENCES=1`;
+    /// default off. Not in schema mode on a server of your own (`PGFIXTURE_URL`).
+    pub reset_sequences: bool,
     pub(crate) docker_host: Option<String>,
     pub(crate) path: Option<String>,
     /// No fixtures directory was looked for: neither `PGFIXTURE_FIXTURES` nor
@@ -187,6 +192,7 @@ impl Default for Config {
             reuse_idle: DEFAULT_REUSE_IDLE,
             allow_remote: false,
             server_settings: Vec::new(),
+            reset_sequences: false,
             docker_host: None,
             path: None,
             fixtures_unknown: false,
@@ -305,6 +311,9 @@ impl Config {
         if let Some(v) = env.var("PGFIXTURE_SERVER_SETTINGS") {
             config.server_settings = parse_server_settings(&v)?;
         }
+        if let Some(v) = env.var("PGFIXTURE_RESET_SEQUENCES") {
+            config.reset_sequences = parse_flag("PGFIXTURE_RESET_SEQUENCES", &v)?;
+        }
         if let Some(v) = env.var("PGFIXTURE_ALLOW_REMOTE") {
             config.allow_remote = parse_flag("PGFIXTURE_ALLOW_REMOTE", &v)?;
         }
@@ -378,6 +387,13 @@ impl Config {
             check_setting(name, value, &format!("{name}={value}"))?;
         }
         if let Some(url) = &self.url {
+            if self.reset_sequences && self.isolation == Isolation::Schema {
+                return Err(Error::config(
+                    "PGFIXTURE_RESET_SEQUENCES",
+                    "1",
+                    "needs database mode with an existing server (PGFIXTURE_URL): pgfixture keeps a schema's sequence values in settings only on the servers it starts",
+                ));
+            }
             if !self.server_settings.is_empty() {
                 return Err(Error::config(
                     "PGFIXTURE_SERVER_SETTINGS",

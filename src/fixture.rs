@@ -98,6 +98,10 @@ impl FixtureBuilder {
         /// pgfixture's own. Servers with other settings are other servers.
         server_setting: (&str, &str) => |c, v| c.server_settings.push((v.0.to_ascii_lowercase(), v.1.to_owned())));
     setter!(
+        /// Restart the sequences at the fixtures' values when each test begins
+        /// (`PGFIXTURE_RESET_SEQUENCES`).
+        reset_sequences: bool => |c, v| c.reset_sequences = v);
+    setter!(
         /// Fail instead of falling back when Docker does not answer (`PGFIXTURE_REQUIRE_DOCKER`).
         require_docker: bool => |c, v| c.require_docker = v);
 
@@ -296,6 +300,8 @@ struct Worker {
     primed: Mutex<Option<deadpool_postgres::Object>>,
     /// How code under test reaches the worker with connections of its own.
     settings: Arc<Settings>,
+    /// What begins a test's transaction ([`Inner::begin_sql`]).
+    begin: String,
 }
 
 impl Worker {
@@ -575,7 +581,12 @@ impl Inner {
             let before = provision::fingerprint(&clients[0], target).await?;
             drop(clients);
             Ok(WorkerPool {
-                settings: Settings::new(&server, &worker.dbname, worker.search_path.as_deref()),
+                settings: Settings::new(
+                    &server,
+                    &worker.dbname,
+                    worker.search_path.as_deref(),
+                    worker.settings.restart_sequences.clone(),
+                ),
                 pool: Some(worker.pool.clone()),
                 worker: id,
                 lease,
@@ -725,12 +736,25 @@ impl Inner {
         // which is handled like a commit (reported, worker reset). A connection found
         // closed fails here, as before.
         use futures::FutureExt;
-        if let Some(Err(e)) = client.batch_execute(crate::testdb::BEGIN).now_or_never() {
+        if let Some(Err(e)) = client.batch_execute(&worker.begin).now_or_never() {
             return Err(Error::pg(format!(
                 "starting the test transaction on worker {id}"
             ))(e));
         }
         Ok(client)
+    }
+
+    /// What begins a test's transaction on a worker: [`crate::testdb::BEGIN`], then,
+    /// with [`Config::reset_sequences`], the restart of its sequences.
+    fn begin_sql(&self, target: provision::Target<'_>) -> String {
+        match provision::sequences_setting(target) {
+            Some(setting) if self.config.reset_sequences => format!(
+                "{}; {}",
+                crate::testdb::BEGIN,
+                provision::restart_sequences(&setting)
+            ),
+            _ => crate::testdb::BEGIN.to_owned(),
+        }
     }
 
     /// The mark (comment) of this configuration's worker databases and schemas.
@@ -998,7 +1022,16 @@ impl Inner {
             elapsed = ?started.elapsed(),
             "worker ready"
         );
-        let settings = Settings::new(&server, &dbname, search_path.as_deref());
+        let target = match self.config.isolation {
+            Isolation::Schema => {
+                provision::Target::Schema(&worker_name, (!shared_server).then_some(dbname.as_str()))
+            }
+            _ => provision::Target::Database(&worker_name),
+        };
+        let restart =
+            provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
+        let settings = Settings::new(&server, &dbname, search_path.as_deref(), restart);
+        let begin = self.begin_sql(target);
         Ok(Arc::new(Worker {
             pool,
             served: AtomicU64::new(0),
@@ -1008,6 +1041,7 @@ impl Inner {
             target: worker_name,
             primed: Mutex::new(None),
             settings,
+            begin,
         }))
     }
 
@@ -1107,7 +1141,7 @@ impl Inner {
         // The first test's transaction begins in the same round trip; if the worker is
         // not ready, the connection goes with this pool.
         let messages = match client
-            .simple_query(&format!("{sql}; {}", crate::testdb::BEGIN))
+            .simple_query(&format!("{sql}; {}", self.begin_sql(target)))
             .await
         {
             Ok(messages) => messages,
@@ -1132,7 +1166,10 @@ impl Inner {
         if size < wanted {
             pool.resize(size);
         }
-        let settings = Settings::new(server, &dbname, search_path.as_deref());
+        let restart =
+            provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
+        let settings = Settings::new(server, &dbname, search_path.as_deref(), restart);
+        let begin = self.begin_sql(target);
         Ok(Some(Arc::new(Worker {
             pool,
             served: AtomicU64::new(0),
@@ -1142,6 +1179,7 @@ impl Inner {
             target: name.to_owned(),
             primed: Mutex::new(Some(client)),
             settings,
+            begin,
         })))
     }
 }

@@ -263,19 +263,83 @@ pub(crate) async fn template(
                 .connect(&building)
                 .await
                 .map_err(Error::pg(format!("connecting to {building}")))?;
-            fixtures.apply(&client).await
+            fixtures.apply(&client).await?;
+            sequences(&client, "").await
         }
         .await;
-        if let Err(e) = applied {
-            let _ = ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await;
-            return Err(e);
-        }
-        ddl(admin, &format!("COMMENT ON DATABASE {} IS '{MARK} template'", ident(&building))).await?;
+        let sequences = match applied {
+            Ok(sequences) => sequences,
+            Err(e) => {
+                let _ = ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await;
+                return Err(e);
+            }
+        };
+        // The sequences' state goes with the template's mark, for its clones.
+        ddl(
+            admin,
+            &format!("COMMENT ON DATABASE {} IS '{MARK} template{SEQUENCES}{sequences}'", ident(&building)),
+        )
+        .await?;
         ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(&name))).await?;
         tracing::info!(template = %name, files = fixtures.files.len(), server = %server.name, "template built");
         Ok((name.clone(), true))
     })
     .await
+}
+
+/// Where a template's mark holds its sequences' state ([`sequences`]).
+const SEQUENCES: &str = " sequences=";
+
+/// The state of the sequences the fixtures left, as `oid:next value` pairs separated by
+/// commas: in the connection's database (`schema` empty) or in one schema. Restarting
+/// each sequence at its value ([`RESTART_SEQUENCES`]) gives the ids a fresh database
+/// would. Only digits, ':' and ',', so it goes into comments and settings as it is.
+pub(crate) async fn sequences(client: &Client, schema: &str) -> Result<String> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(string_agg(c.oid || ':' || CASE WHEN s.last_value IS NULL \
+                 THEN p.seqstart ELSE s.last_value + p.seqincrement END, ',' ORDER BY c.oid), '') \
+             FROM pg_class c JOIN pg_sequence p ON p.seqrelid = c.oid \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             JOIN pg_sequences s ON s.schemaname = n.nspname AND s.sequencename = c.relname \
+             WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND ($1 = '' OR n.nspname = $1)",
+            &[&schema],
+        )
+        .await
+        .map_err(Error::pg("reading the fixtures' sequences"))?;
+    Ok(row.get(0))
+}
+
+/// The state of `template`'s sequences, as its mark holds it.
+async fn template_sequences(admin: &Client, template: &str) -> Result<String> {
+    let comment = database_comment(admin, template).await?.unwrap_or_default();
+    Ok(comment
+        .split_once(SEQUENCES)
+        .map(|(_, s)| s.to_owned())
+        .unwrap_or_default())
+}
+
+/// Restarts every sequence of the worker at the value the fixtures left, from the
+/// setting `{setting}` ([`sequences`]): inside the test's transaction, so the restart
+/// is rolled back with it.
+pub(crate) fn restart_sequences(setting: &str) -> String {
+    format!(
+        "DO $pgfixture$ DECLARE s text; BEGIN \
+         FOREACH s IN ARRAY string_to_array(coalesce(current_setting('{setting}', true), ''), ',') LOOP \
+         EXECUTE format('ALTER SEQUENCE %s RESTART WITH %s', split_part(s, ':', 1)::oid::regclass, split_part(s, ':', 2)); \
+         END LOOP; END $pgfixture$"
+    )
+}
+
+/// The setting that holds a worker's sequences' state: `pgfixture.sequences` on a
+/// worker database, `pgfixture.sequences_<schema>` for a worker schema.
+pub(crate) fn sequences_setting(target: Target<'_>) -> Option<String> {
+    match target {
+        Target::Database(_) => Some("pgfixture.sequences".to_owned()),
+        Target::Schema(name, Some(_)) => Some(format!("pgfixture.sequences_{name}")),
+        Target::Schema(_, None) => None,
+    }
 }
 
 /// Clones `template` into the worker database `name`, unless it exists.
@@ -311,6 +375,7 @@ pub(crate) async fn clone_database(
         )
         .await?;
         ddl(admin, &mark_sql(Target::Database(&building), mark, false)).await?;
+        set_sequences(admin, template, &building).await?;
         ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(name))).await?;
         tracing::info!(database = name, template, server = %server.name, "worker database provisioned");
         Ok(true)
@@ -397,6 +462,19 @@ pub(crate) fn schema_search_path(schema: &str) -> String {
     format!("{schema},{SHARED_SCHEMA}")
 }
 
+/// Gives the clone `database` of `template` its sequences' state as a setting.
+async fn set_sequences(admin: &Client, template: &str, database: &str) -> Result<()> {
+    let sequences = template_sequences(admin, template).await?;
+    ddl(
+        admin,
+        &format!(
+            "ALTER DATABASE {} SET pgfixture.sequences = '{sequences}'",
+            ident(database)
+        ),
+    )
+    .await
+}
+
 /// The database that holds the worker schemas of schema mode.
 pub(crate) async fn schema_database(admin: &Client, name: &str) -> Result<()> {
     if database_exists(admin, name).await? {
@@ -447,12 +525,21 @@ pub(crate) async fn schema(
                 .await
                 .map_err(Error::pg(format!("creating schema {building}")))?;
             fixtures.apply(client).await?;
-            // Commented under the temporary name; the setting is named after the
+            // Commented under the temporary name; the settings are named after the
             // final one.
-            let setting = Target::Schema(schema, settings_on)
+            let mut setting = Target::Schema(schema, settings_on)
                 .setting_sql(mark)
                 .map(|sql| format!("{sql};"))
                 .unwrap_or_default();
+            if let (Some(db), Some(name)) =
+                (settings_on, sequences_setting(Target::Schema(schema, settings_on)))
+            {
+                let sequences = sequences(client, &building).await?;
+                setting.push_str(&format!(
+                    " ALTER DATABASE {} SET {name} = '{sequences}';",
+                    ident(db)
+                ));
+            }
             client
                 .batch_execute(&format!(
                     "{}; ALTER SCHEMA {} RENAME TO {}; {setting} COMMIT;",

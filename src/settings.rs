@@ -40,10 +40,18 @@ pub(crate) struct Settings {
     /// Through the port published on 127.0.0.1 (Docker); else the same as above.
     pub(crate) published_pg_config: tokio_postgres::Config,
     pub(crate) published_url: DatabaseUrl,
+    /// What restarts the worker's sequences at the fixtures' values, where the worker
+    /// keeps them ([`crate::provision::restart_sequences`]).
+    pub(crate) restart_sequences: Option<String>,
 }
 
 impl Settings {
-    pub(crate) fn new(server: &Server, dbname: &str, search_path: Option<&str>) -> Arc<Self> {
+    pub(crate) fn new(
+        server: &Server,
+        dbname: &str,
+        search_path: Option<&str>,
+        restart_sequences: Option<String>,
+    ) -> Arc<Self> {
         let pg_config = crate::pool::pg_config(server, dbname, search_path);
         let url = url_for(server, &server.host, server.port, dbname, search_path);
         let (published_pg_config, published_url) = match server.published_port {
@@ -64,6 +72,7 @@ impl Settings {
             url,
             published_pg_config,
             published_url,
+            restart_sequences,
         })
     }
 }
@@ -146,7 +155,7 @@ mod tests {
     fn urls_encode_and_hide_the_password() {
         let mut server = Server::loopback(5433, "s3cr/t".into(), "x".into());
         server.application_name = "pgfixture/run1".into();
-        let settings = Settings::new(&server, "pgfx_w_1", Some("pgfx_w_1"));
+        let settings = Settings::new(&server, "pgfx_w_1", Some("pgfx_w_1"), None);
         let url = settings.url.as_str();
         assert_eq!(
             url,
@@ -169,7 +178,7 @@ mod tests {
         let mut server = Server::loopback(5432, "pw".into(), "c".into());
         server.host = "172.17.0.2".into();
         server.published_port = Some(32781);
-        let settings = Settings::new(&server, "db", None);
+        let settings = Settings::new(&server, "db", None, None);
         assert!(settings.url.as_str().contains("@172.17.0.2:5432/db"));
         assert!(
             settings

@@ -216,6 +216,31 @@ impl TestDb {
         self.in_savepoint(check, false).await
     }
 
+    /// Restarts every sequence of the worker at the value the fixtures left, inside the
+    /// test's transaction (so the restart is rolled back with it): the next `nextval`
+    /// gives what it would in a fresh database, as `#[sqlx::test]` users assume when
+    /// they assert `id == 1`. [`Config::reset_sequences`](crate::Config::reset_sequences)
+    /// (`PGFIXTURE_RESET_SEQUENCES=1`) does it as every test begins. Each sequence
+    /// restarts on a new file, so it costs about as much as a small insert.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] in schema mode on a server of your own (`PGFIXTURE_URL`),
+    /// where pgfixture keeps no record of the sequences; the server's error otherwise.
+    pub async fn reset_sequences(&self) -> Result<()> {
+        let Some(restart) = &self.settings.restart_sequences else {
+            return Err(Error::config(
+                "PGFIXTURE_URL",
+                "",
+                "is set: reset_sequences needs the servers pgfixture starts, which keep the fixtures' sequence values",
+            ));
+        };
+        self.client()
+            .batch_execute(restart)
+            .await
+            .map_err(Error::pg("restarting the worker's sequences"))
+    }
+
     /// [`execute`](tokio_postgres::Client::execute) inside a savepoint: when the
     /// statement fails (a test that expects an error), only the statement is rolled
     /// back and the test's transaction stays usable. Without it, the first error

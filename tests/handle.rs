@@ -710,3 +710,54 @@ async fn deferred_constraints_and_expected_errors_have_one_call_remedies() {
     assert_eq!(db.try_query("SELECT 1", &[]).await.unwrap().len(), 1);
     db.release().await.unwrap();
 }
+
+/// Sequences restart at the values the fixtures left: on demand, or as every test
+/// begins with `reset_sequences` (`PGFIXTURE_RESET_SEQUENCES=1`); without it, ids go
+/// on from test to test.
+#[tokio::test]
+async fn sequences_restart_at_the_fixtures_values() {
+    async fn ids(db: &pgfixture::TestDb) -> (i64, i64) {
+        let user: i64 = db
+            .query_one(
+                "INSERT INTO users (email) VALUES ('seq@example.com') RETURNING id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let note: i64 = db
+            .query_one(
+                "INSERT INTO notes (owner, body) VALUES ('seq', 'x') RETURNING id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (user, note)
+    }
+    let fixture = single_worker();
+    let mut without = Vec::new();
+    for _ in 0..2 {
+        let db = fixture.worker_db().await.unwrap();
+        without.push(ids(&db).await);
+    }
+    assert!(
+        without[1] > without[0],
+        "sequences are not rolled back: {without:?}"
+    );
+    for _ in 0..3 {
+        let db = fixture.worker_db().await.unwrap();
+        db.reset_sequences().await.unwrap();
+        // The fixtures' one user took id 1; no note was seeded.
+        assert_eq!(ids(&db).await, (2, 1));
+    }
+    let every = Fixture::builder()
+        .workers(1)
+        .reset_sequences(true)
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let db = every.worker_db().await.unwrap();
+        assert_eq!(ids(&db).await, (2, 1));
+    }
+}
