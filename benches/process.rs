@@ -125,7 +125,8 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let run_id = format!("bench{:07x}", std::process::id());
+    // At most 11 characters: used as it is, in this process and its children alike.
+    let run_id = format!("bn{:07x}", std::process::id() & 0xfff_ffff);
     let mut backend = String::new();
     for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
         let mode = format!("{isolation:?}").to_lowercase();

@@ -18,7 +18,9 @@ seconds=${SOAK_SECONDS:-90}
 # its tests when kills leave gaps, and the isolation suite asserts one server per
 # worker (or per run) for the whole run.
 grace=10
-prefix="soak$(printf '%04x' $((RANDOM % 65536)))"
+# Run ids of up to 11 lowercase letters and digits are used as they are (longer ones
+# are hashed), so that the servers of a round can be found by name below.
+prefix="sk$(printf '%04x' $((RANDOM % 65536)))"
 logs=$(mktemp -d)
 modes=(database schema container)
 cargo build --tests --quiet || {
