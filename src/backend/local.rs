@@ -174,7 +174,7 @@ impl Local {
                 let dir = entry.path();
                 let is_server = entry.file_name().to_string_lossy().starts_with("pgfixture-")
                     && dir.is_dir();
-                if is_server && orphaned(&dir) {
+                if is_server && (orphaned(&dir) || abandoned(&dir)) {
                     tracing::warn!(dir = %dir.display(), "removing a server directory whose watchdog was killed");
                     stop_postmaster(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
@@ -324,9 +324,11 @@ impl Local {
         // secret: the cached data directory holds its verifier.
         let password = crate::server::derived_password(&format!("local {}", self.bin.display()))?;
         let cache = self.cache_dir(&password);
+        // Checked here, copied by the watchdog: a test process killed during the copy
+        // then leaves no half-made directory without a watchdog.
         let cached = {
-            let (cache, init) = (cache.clone(), dir.join("init"));
-            tokio::task::spawn_blocking(move || cache_valid(&cache) && copy_cached(&cache, &init))
+            let cache = cache.clone();
+            tokio::task::spawn_blocking(move || cache_valid(&cache))
                 .await
                 .unwrap_or(false)
         };
@@ -382,7 +384,7 @@ impl Local {
             dir,
             port,
             config.server_grace().as_secs(),
-            &cache,
+            (&cache, cached),
             &initdb,
             &postgres,
         )?;
@@ -439,17 +441,21 @@ impl Local {
         dir: &Path,
         port: u16,
         grace: u64,
-        cache: &Path,
+        (cache, cached): (&Path, bool),
         initdb: &[String],
         postgres: &[String],
     ) -> Result<()> {
         let initdb: Vec<String> = initdb.iter().map(|a| shell_quote(a)).collect();
         let initdb = initdb.join(" ");
-        // A data directory copied from the cache (`init` exists) needs no initdb; a
-        // fresh one is copied into the cache, with a manifest of its files' sizes,
-        // before the server first writes to it.
+        // A data directory copied from the cache (checked by the creator) needs no
+        // initdb; a fresh one is copied into the cache, with a manifest of its files'
+        // sizes, before the server first writes to it.
         let script = format!(
-            "dir=$1; port=$2; grace=$3; cache=$4; shift 4\necho $$ > \"$dir/watchdog\"\nmarker=\"$dir/ready\"\n\
+            "dir=$1; port=$2; grace=$3; cache=$4; cached=$5; shift 5\necho $$ > \"$dir/watchdog\"\nmarker=\"$dir/ready\"\n\
+             if [ \"$cached\" = 1 ] && ! cp -a --reflink=auto \"$cache/data\" \"$dir/init\" 2>/dev/null; then\n\
+                 rm -rf \"$dir/init\"; echo 'the cached data directory could not be copied' > \"$dir/initdb.log\"\n\
+                 echo initdb > \"$dir/exited\"; sleep 5; rm -rf \"$dir\"; exit 1\n\
+             fi\n\
              if [ ! -d \"$dir/init\" ]; then\n\
                  if ! {initdb} >\"$dir/initdb.log\" 2>&1; then\n\
                      rm -f \"$dir/pwfile\"; echo initdb > \"$dir/exited\"; sleep 5; rm -rf \"$dir\"; exit 1\n\
@@ -479,6 +485,7 @@ impl Local {
             .arg(port.to_string())
             .arg(grace.to_string())
             .arg(cache)
+            .arg(if cached { "1" } else { "0" })
             .args(postgres)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -582,23 +589,6 @@ fn cache_valid(cache: &Path) -> bool {
         }
     }
     whole
-}
-
-/// Copies the cached data directory into `init` (ownership kept: the servers' user's
-/// when running as root); a failed copy leaves nothing, and initdb runs instead.
-fn copy_cached(cache: &Path, init: &Path) -> bool {
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg("--reflink=auto")
-        .arg(cache.join("data"))
-        .arg(init)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !copied {
-        let _ = std::fs::remove_dir_all(init);
-    }
-    copied
 }
 
 /// `arg` quoted for `sh`.
