@@ -510,7 +510,11 @@ fn mixed_suites(tests: usize, repeat: usize, run: &str, raw: &Arc<Raw>) {
     let reused: Vec<Fixture> = [1, 4]
         .into_iter()
         .map(|workers| {
-            let fixture = fixture(run, Isolation::Database, workers);
+            // A configuration of its own (the raw server's guard holds the slot of the
+            // plain one-worker fixture of this run).
+            let mut config = fixture(run, Isolation::Database, workers).config().clone();
+            config.acquire_timeout = Duration::from_secs(45);
+            let fixture = Fixture::builder().config(config).build().unwrap();
             let warm = fixture.clone();
             run_suite(workers, workers, move |_| {
                 let fixture = warm.clone();

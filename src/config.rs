@@ -894,6 +894,21 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("PGFIXTURE_URL"), "{err}");
+        let err = checked(&[
+            ("PGFIXTURE_RESET_SEQUENCES", "1"),
+            ("PGFIXTURE_ISOLATION", "schema"),
+            ("PGFIXTURE_URL", "postgres://u:p@127.0.0.1/db"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("PGFIXTURE_RESET_SEQUENCES"),
+            "{err}"
+        );
+        assert!(
+            checked(&[("PGFIXTURE_RESET_SEQUENCES", "1")])
+                .unwrap()
+                .reset_sequences
+        );
     }
 
     #[test]
