@@ -13,6 +13,7 @@ use tokio::sync::OnceCell;
 use crate::backend::Source;
 use crate::config::{Backend, Config, Isolation};
 use crate::fixtures::{FixtureSet, SharedStatement};
+use crate::isolation::schema::SCHEMA_DATABASE;
 use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
 use crate::server::Server;
 use crate::settings::Settings;
@@ -195,9 +196,6 @@ pub(crate) struct Inner {
     trust_servers: std::sync::atomic::AtomicBool,
     stats: Counters,
 }
-
-/// The database of the worker schemas on servers pgfixture starts.
-const SCHEMA_DATABASE: &str = "pgfx_schemas";
 
 /// What an acquire is waiting for, reported when it times out.
 #[derive(Default)]
@@ -632,13 +630,12 @@ impl Inner {
 
     /// Where the marks of `worker` go.
     fn target<'w>(&self, worker: &'w Worker) -> provision::Target<'w> {
-        match self.config.isolation {
-            Isolation::Schema => provision::Target::Schema(
-                &worker.target,
-                (self.config.effective_backend() != Backend::Url).then_some(worker.dbname.as_str()),
-            ),
-            _ => provision::Target::Database(&worker.target),
-        }
+        crate::isolation::target(
+            self.config.isolation,
+            &worker.target,
+            &worker.dbname,
+            self.config.effective_backend() == Backend::Url,
+        )
     }
 
     /// After a worker pool whose connections are named `application_name`: when they
@@ -891,113 +888,39 @@ impl Inner {
         if shared_server {
             provision::touch_run(&admin, &self.config.run_id).await?;
         }
-        let (dbname, search_path, state) = match self.config.isolation {
+        let prepare = crate::isolation::Prepare {
+            server: &server,
+            admin: &admin,
+            name: &worker_name,
+            mark: &mark,
+            reset,
+            shared_server,
+            run_id: &self.config.run_id,
+            grace: self.config.server_grace(),
+            fixtures: &self.fixtures,
+            shared_statements: &self.shared_statements,
+        };
+        let prepared = match self.config.isolation {
+            Isolation::Schema => crate::isolation::schema::prepare(&prepare).await?,
             Isolation::Database | Isolation::Container => {
-                let state = provision::database_state(&admin, &worker_name).await?;
-                if state == State::Foreign {
-                    return Err(Error::NotOurs {
-                        object: format!("database {worker_name} on {}", server.name),
-                    });
-                }
-                if shared_server && state == State::Missing {
-                    provision::sweep(&admin, &self.config.run_id, self.config.server_grace())
-                        .await?;
-                }
-                if reset || state != State::Clean {
-                    let (template, built) =
-                        provision::template(&server, &admin, &self.fixtures).await?;
-                    if built {
-                        self.stats.templates_built.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if state == State::Missing {
-                        provision::clone_database(&server, &admin, &template, &worker_name, &mark)
-                            .await?;
-                    } else {
-                        // Spares only on pgfixture's own servers: on a shared one an
-                        // unmarked database could outlive a killed run.
-                        let spares = !shared_server;
-                        let swapped = provision::reset_database(
-                            &server,
-                            &admin,
-                            &template,
-                            &worker_name,
-                            &mark,
-                            reset,
-                            spares,
-                        )
-                        .await?;
-                        if swapped {
-                            self.stats.spares_used.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if spares && reset {
-                            self.refill_spare(&server, &template, &worker_name);
-                        }
-                    }
-                } else if !shared_server {
-                    // Clean by its comment, yet the setting the next process checks
-                    // did not say so: a worker marked by a pgfixture from before the
-                    // setting, on a reused server. Marked again, so that the next
-                    // process finds it ready on its first connection. (A worker is
-                    // used by one process at a time, so the mark read is current.)
-                    let target = provision::Target::Database(&worker_name);
-                    provision::mark_clean(&admin, target, &mark).await?;
-                }
-                (worker_name.clone(), None, state)
-            }
-            Isolation::Schema => {
-                // A server of pgfixture's own gets a database for the schemas; on an
-                // existing server they go into the database PGFIXTURE_URL names.
-                let dbname = if shared_server {
-                    server.admin_db.as_str()
-                } else {
-                    provision::schema_database(&admin, SCHEMA_DATABASE).await?;
-                    SCHEMA_DATABASE
-                };
-                let client = server
-                    .connect(dbname)
-                    .await
-                    .map_err(Error::pg(format!("connecting to {dbname}")))?;
-                let state = provision::schema_state(&client, &worker_name).await?;
-                if state == State::Foreign {
-                    return Err(Error::NotOurs {
-                        object: format!("schema {worker_name} in {dbname} on {}", server.name),
-                    });
-                }
-                if shared_server && state == State::Missing {
-                    provision::sweep(&client, &self.config.run_id, self.config.server_grace())
-                        .await?;
-                }
-                // The schemas' settings live on pgfixture's own database only.
-                let settings_on = (!shared_server).then_some(dbname);
-                let fixtures = &self.fixtures;
-                if state == State::Missing || reset || state == State::Dirty {
-                    provision::shared_statements(
-                        &client,
-                        &self.shared_statements,
-                        fixtures.hash(16),
-                    )
-                    .await?;
-                }
-                if state == State::Missing {
-                    provision::schema(&client, &worker_name, settings_on, fixtures, &mark).await?;
-                } else if reset || state == State::Dirty {
-                    provision::reset_schema(
-                        &client,
-                        &worker_name,
-                        settings_on,
-                        fixtures,
-                        &mark,
-                        reset,
-                    )
-                    .await?;
-                } else if !shared_server {
-                    // Clean by its comment: marked again, as for a database above.
-                    let target = provision::Target::Schema(&worker_name, settings_on);
-                    provision::mark_clean(&client, target, &mark).await?;
-                }
-                (dbname.to_owned(), Some(worker_name.clone()), state)
+                crate::isolation::database::prepare(&prepare).await?
             }
         };
+        if prepared.template_built {
+            self.stats.templates_built.fetch_add(1, Ordering::Relaxed);
+        }
+        if prepared.spare_used {
+            self.stats.spares_used.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(template) = &prepared.refill_from {
+            self.refill_spare(&server, template, &worker_name);
+        }
+        let crate::isolation::Prepared {
+            dbname,
+            search_path,
+            state,
+            ..
+        } = prepared;
         let counter = match (state, reset) {
             (State::Missing, _) => &self.stats.workers_provisioned,
             (State::Dirty | State::Foreign, _) | (_, true) => &self.stats.workers_reset,
@@ -1022,12 +945,8 @@ impl Inner {
             elapsed = ?started.elapsed(),
             "worker ready"
         );
-        let target = match self.config.isolation {
-            Isolation::Schema => {
-                provision::Target::Schema(&worker_name, (!shared_server).then_some(dbname.as_str()))
-            }
-            _ => provision::Target::Database(&worker_name),
-        };
+        let target =
+            crate::isolation::target(self.config.isolation, &worker_name, &dbname, shared_server);
         let restart =
             provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
         let settings = Settings::new(&server, &dbname, search_path.as_deref(), restart);
@@ -1099,14 +1018,13 @@ impl Inner {
         use deadpool_postgres::PoolError;
         use tokio_postgres::SimpleQueryMessage;
         // `name` is pgfixture's own: lowercase letters, digits and '_'.
-        let (dbname, search_path, target) = match self.config.isolation {
-            Isolation::Schema => (
-                SCHEMA_DATABASE,
-                Some(name.to_owned()),
-                provision::Target::Schema(name, Some(SCHEMA_DATABASE)),
-            ),
-            _ => (name, None, provision::Target::Database(name)),
+        // The workers of pgfixture's own servers (this path is not taken for
+        // PGFIXTURE_URL).
+        let (dbname, search_path) = match self.config.isolation {
+            Isolation::Schema => (SCHEMA_DATABASE, Some(name.to_owned())),
+            _ => (name, None),
         };
+        let target = crate::isolation::target(self.config.isolation, name, dbname, false);
         let dbname = dbname.to_owned();
         // The mark as a setting, loaded when the connection started. SHOW takes no
         // snapshot, so the test may still choose its transaction's isolation level.

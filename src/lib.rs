@@ -7,6 +7,7 @@ mod config;
 mod error;
 mod fixture;
 mod fixtures;
+mod isolation;
 mod pool;
 mod provision;
 mod runtime;

@@ -1,0 +1,64 @@
+//! Schema mode: a schema per worker in one shared database, the fixtures applied in
+//! each (their statements on extensions and roles once per database), rebuilt on
+//! reset.
+
+use super::{Prepare, Prepared};
+use crate::provision::{self, State, Target};
+use crate::{Error, Result};
+
+/// The database of the worker schemas on servers pgfixture starts.
+pub(crate) const SCHEMA_DATABASE: &str = "pgfx_schemas";
+
+/// Where the worker schema `name`'s marks go: its comment, and on pgfixture's own
+/// servers a setting of `dbname`, the database that holds it.
+pub(crate) fn target<'a>(name: &'a str, dbname: &'a str, shared_server: bool) -> Target<'a> {
+    Target::Schema(name, (!shared_server).then_some(dbname))
+}
+
+/// Finds, builds or rebuilds the worker schema.
+pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
+    let name = p.name;
+    // A server of pgfixture's own gets a database for the schemas; on an existing
+    // server they go into the database PGFIXTURE_URL names.
+    let dbname = if p.shared_server {
+        p.server.admin_db.as_str()
+    } else {
+        provision::schema_database(p.admin, SCHEMA_DATABASE).await?;
+        SCHEMA_DATABASE
+    };
+    let client = p
+        .server
+        .connect(dbname)
+        .await
+        .map_err(Error::pg(format!("connecting to {dbname}")))?;
+    let state = provision::schema_state(&client, name).await?;
+    if state == State::Foreign {
+        return Err(Error::NotOurs {
+            object: format!("schema {name} in {dbname} on {}", p.server.name),
+        });
+    }
+    if p.shared_server && state == State::Missing {
+        provision::sweep(&client, p.run_id, p.grace).await?;
+    }
+    // The schemas' settings live on pgfixture's own database only.
+    let settings_on = (!p.shared_server).then_some(dbname);
+    if state == State::Missing || p.reset || state == State::Dirty {
+        provision::shared_statements(&client, p.shared_statements, p.fixtures.hash(16)).await?;
+    }
+    if state == State::Missing {
+        provision::schema(&client, name, settings_on, p.fixtures, p.mark).await?;
+    } else if p.reset || state == State::Dirty {
+        provision::reset_schema(&client, name, settings_on, p.fixtures, p.mark, p.reset).await?;
+    } else if !p.shared_server {
+        // Clean by its comment: marked again, as a database is.
+        provision::mark_clean(&client, target(name, dbname, p.shared_server), p.mark).await?;
+    }
+    Ok(Prepared {
+        dbname: dbname.to_owned(),
+        search_path: Some(name.to_owned()),
+        state,
+        template_built: false,
+        spare_used: false,
+        refill_from: None,
+    })
+}
