@@ -399,10 +399,12 @@ impl Fixture {
 
     /// A connection pool on this worker's database (or schema), for code under test
     /// that commits for real: it opens its own connections, commits, uses
-    /// LISTEN/NOTIFY, or runs concurrent transactions. The worker is reset (its
-    /// database cloned again from the template, or its schema rebuilt) when the guard
-    /// drops, before any other test gets the worker. In-process, the guard holds the
-    /// worker's slot like a [`TestDb`] does.
+    /// LISTEN/NOTIFY, or runs concurrent transactions. It is the worker's own pool of
+    /// warm connections. When the guard drops, before any other test gets the worker,
+    /// pgfixture reads whether anything was changed through it; if so, the worker is
+    /// reset (a spare clone takes its place, or its database is cloned again from the
+    /// template, or its schema rebuilt). In-process, the guard holds the worker's slot
+    /// like a [`TestDb`] does.
     ///
     /// Do not hold a [`TestDb`] of the same fixture while the guard drops: the reset
     /// closes every connection to the worker's database.

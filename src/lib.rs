@@ -59,7 +59,8 @@ pub async fn worker_db() -> Result<TestDb> {
 }
 
 /// A connection pool on the calling test's worker database, for code that commits for
-/// real; the worker is reset when the guard drops. See [`Fixture::worker_pool`].
+/// real; when the guard drops, the worker is reset if anything was changed through it.
+/// See [`Fixture::worker_pool`].
 ///
 /// # Errors
 ///

@@ -16,10 +16,13 @@ use crate::{Result, runtime};
 /// under test that opens its own connections and commits: it derefs to the pool.
 ///
 /// Nothing here is rolled back. Instead, when the guard drops (or on
-/// [`WorkerPool::release`]), its connections are closed and the worker's database is
-/// cloned again from the fixture template (its schema rebuilt, in schema mode) before
-/// any other test gets the worker. The worker is marked while the guard is out, so if
-/// the process dies first, the next process to take the worker resets it.
+/// [`WorkerPool::release`]), before any other test gets the worker, pgfixture reads
+/// whether anything was changed through the pool or through connections opened from
+/// its settings (the README's "Tests that commit"): if nothing was, the pool's sessions
+/// are cleared and the worker goes on as it is; else the worker is reset (a spare clone
+/// takes its place, or its database is cloned again from the template, or its schema
+/// rebuilt). The worker is marked while the guard is out, so if the process dies
+/// first, the next process to take the worker resets it.
 pub struct WorkerPool {
     pub(crate) pool: Option<Pool>,
     pub(crate) settings: Arc<Settings>,
