@@ -596,7 +596,10 @@ pub(crate) async fn reset_database(
                 &format!("ALTER DATABASE {} RENAME TO {}", ident(name), ident(&old)),
             )
             .await?;
+            // Marked and given its sequences' state here, not when it was made: the
+            // process that made it may have exited right after creating it.
             ddl(admin, &mark_sql(Target::Database(&spare), mark, false)).await?;
+            set_sequences(admin, template, &spare).await?;
             ddl(
                 admin,
                 &format!("ALTER DATABASE {} RENAME TO {}", ident(&spare), ident(name)),
