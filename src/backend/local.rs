@@ -543,11 +543,20 @@ fn abandoned(dir: &Path) -> bool {
 /// belongs to another program now. A directory without a watchdog yet is left to
 /// [`abandoned`].
 fn orphaned(dir: &Path) -> bool {
-    let Ok(pid) = std::fs::read_to_string(dir.join("watchdog")) else {
+    let path = dir.join("watchdog");
+    // Being written (the shell truncates it first), or written a moment ago: not
+    // judged yet.
+    let settled = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(2));
+    let Ok(pid) = std::fs::read_to_string(&path) else {
         return false;
     };
-    let cmdline = std::fs::read(Path::new("/proc").join(pid.trim()).join("cmdline"));
-    !cmdline.is_ok_and(|c| c.windows(18).any(|w| w == b"pgfixture-watchdog"))
+    let Ok(pid) = pid.trim().parse::<u32>() else {
+        return false;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"));
+    settled && !cmdline.is_ok_and(|c| c.windows(18).any(|w| w == b"pgfixture-watchdog"))
 }
 
 /// Stops the postmaster of `dir`'s data directory, if one still runs there (one that
