@@ -312,6 +312,19 @@ fn fixture(run: &str, isolation: Isolation, workers: usize) -> Fixture {
         .unwrap()
 }
 
+/// Provisions all `workers` of `fixture`, untimed: each holds a handle while the
+/// others take theirs.
+fn provision_workers(fixture: &Fixture, workers: usize) {
+    let warm = fixture.clone();
+    run_suite(workers, workers, move |_| {
+        let fixture = warm.clone();
+        async move {
+            let db = fixture.worker_db().await.unwrap();
+            db.query_one("SELECT pg_sleep(0.05)", &[]).await.unwrap();
+        }
+    });
+}
+
 static UNIQUE: AtomicUsize = AtomicUsize::new(0);
 
 /// How many tests the database- and clone-per-test alternatives run of a longer suite
@@ -353,14 +366,7 @@ fn suite(
             if strategy == Strategy::PgfixtureWarm {
                 // Workers provisioned before the suite starts: what a long suite
                 // amortises, and what nextest's later processes and PGFIXTURE_REUSE get.
-                let warm = fixture.clone();
-                run_suite(workers, workers, move |_| {
-                    let fixture = warm.clone();
-                    async move {
-                        let db = fixture.worker_db().await.unwrap();
-                        db.query_one("SELECT pg_sleep(0.05)", &[]).await.unwrap();
-                    }
-                });
+                provision_workers(&fixture, workers);
             }
             let elapsed = run_suite(workers, tests, move |n| {
                 let fixture = fixture.clone();
@@ -515,14 +521,7 @@ fn mixed_suites(tests: usize, repeat: usize, run: &str, raw: &Arc<Raw>) {
             let mut config = fixture(run, Isolation::Database, workers).config().clone();
             config.acquire_timeout = Duration::from_secs(45);
             let fixture = Fixture::builder().config(config).build().unwrap();
-            let warm = fixture.clone();
-            run_suite(workers, workers, move |_| {
-                let fixture = warm.clone();
-                async move {
-                    let db = fixture.worker_db().await.unwrap();
-                    db.query_one("SELECT pg_sleep(0.05)", &[]).await.unwrap();
-                }
-            });
+            provision_workers(&fixture, workers);
             fixture
         })
         .collect();

@@ -163,21 +163,13 @@ pub(crate) fn pg_config(server: &Server, dbname: &str, search_path: Option<&str>
 /// its session's advisory locks released: a build cancelled by its acquire timeout
 /// could leave one held.
 pub(crate) fn admin(server: &Server, wait: Duration) -> Pool {
-    let manager = Manager::from_connect(
+    let recycling = RecyclingMethod::Custom("SELECT pg_advisory_unlock_all()".to_owned());
+    pool(
         pg_config(server, &server.admin_db, None),
-        BackgroundConnect,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Custom("SELECT pg_advisory_unlock_all()".to_owned()),
-        },
-    );
-    Pool::builder(manager)
-        .max_size(ADMIN_POOL_SIZE)
-        .queue_mode(QueueMode::Lifo)
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(wait))
-        .create_timeout(Some(wait))
-        .build()
-        .expect("a pool with a runtime and a size always builds")
+        recycling,
+        ADMIN_POOL_SIZE,
+        wait,
+    )
 }
 
 /// Maintenance connections kept per server: provisioning and resets of parallel
@@ -193,19 +185,32 @@ pub(crate) fn build(
     size: usize,
     wait: Duration,
 ) -> Pool {
-    let manager = Manager::from_connect(
+    // A test's transaction always ends in ROLLBACK, so a returned connection is
+    // clean; a closed one is detected without a query.
+    pool(
         pg_config(server, dbname, search_path),
+        RecyclingMethod::Fast,
+        size,
+        wait,
+    )
+}
+
+/// A pool of `size` connections with `pg_config`, opened on the background runtime,
+/// the most recently returned one handed out first: it is warm (its statements and
+/// caches are hot), and idle ones beyond what is needed stay idle.
+fn pool(
+    pg_config: PgConfig,
+    recycling_method: RecyclingMethod,
+    size: usize,
+    wait: Duration,
+) -> Pool {
+    let manager = Manager::from_connect(
+        pg_config,
         BackgroundConnect,
-        ManagerConfig {
-            // A test's transaction always ends in ROLLBACK, so a returned connection is
-            // clean; a closed one is detected without a query.
-            recycling_method: RecyclingMethod::Fast,
-        },
+        ManagerConfig { recycling_method },
     );
     Pool::builder(manager)
         .max_size(size)
-        // The most recently returned connection first: it is warm (its statements and
-        // caches are hot), and idle ones beyond what tests need stay idle.
         .queue_mode(QueueMode::Lifo)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(wait))

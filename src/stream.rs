@@ -64,11 +64,15 @@ impl<S> TestStream<S> {
                 let Some(len) = rest.get(..4).map(|b| be_u32(b) as usize) else {
                     break;
                 };
-                if len < 8 || rest.len() < len {
-                    // A short length cannot be a request: passed on for the server to refuse.
-                    if len < 8 && rest.len() >= 4 {
-                        self.started = true;
-                    }
+                if len < 8 {
+                    // A short length cannot be a request: passed on for the server to
+                    // refuse, and nothing is rewritten from here.
+                    self.output.extend_from_slice(rest);
+                    self.started = true;
+                    at = self.input.len();
+                    break;
+                }
+                if rest.len() < len {
                     break;
                 }
                 let code = be_u32(&rest[4..8]);

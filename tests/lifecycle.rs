@@ -863,11 +863,8 @@ fn extensions_and_roles_in_fixtures_work_in_schema_mode_too() {
                 ),
             ],
         );
-        let mut config = pgfixture::Config::from_env().unwrap();
-        config.run_id = unique_run("ext");
-        config.worker = None;
+        let mut config = common::own_config("ext", Duration::from_secs(2));
         config.isolation = isolation;
-        config.grace = Duration::from_secs(2);
         let fixture = Fixture::builder()
             .config(config)
             .fixtures(&dir)
@@ -1054,18 +1051,9 @@ fn process_alive(pid: &str) -> bool {
 /// job's session) stops by itself, and the next pgfixture process removes its directory.
 #[tokio::test]
 async fn a_local_server_stops_when_its_watchdog_is_killed() {
-    let run = unique_run("wdog");
-    let mut config = pgfixture::Config::from_env().unwrap();
-    config.run_id = run.clone();
-    config.worker = None;
-    config.backend = pgfixture::Backend::Local;
-    config.url = None;
-    config.grace = Duration::from_secs(60);
-    let fixture = Fixture::builder()
-        .config(config)
-        .workers(1)
-        .build()
-        .unwrap();
+    let fixture =
+        common::own_fixture_on("wdog", pgfixture::Backend::Local, Duration::from_secs(60));
+    let run = fixture.config().run_id.clone();
     let db = fixture.worker_db().await.unwrap();
     let dir = std::fs::read_dir(std::env::temp_dir().join(format!("pgfixture-{}", own_uid())))
         .unwrap()
@@ -1148,17 +1136,8 @@ async fn records_of_gone_containers_are_removed() {
         .unwrap()
         .set_modified(old)
         .unwrap();
-    let mut config = pgfixture::Config::from_env().unwrap();
-    config.run_id = unique_run("recs");
-    config.worker = None;
-    config.backend = pgfixture::Backend::Docker;
-    config.url = None;
-    config.grace = Duration::from_secs(2);
-    let fixture = Fixture::builder()
-        .config(config)
-        .workers(1)
-        .build()
-        .unwrap();
+    let fixture =
+        common::own_fixture_on("recs", pgfixture::Backend::Docker, Duration::from_secs(2));
     let db = fixture.worker_db().await.unwrap();
     let own: Vec<_> = std::fs::read_dir(&records)
         .unwrap()

@@ -103,14 +103,38 @@ pub fn unique_run(tag: &str) -> String {
     format!("{tag}{:07x}", (mixed >> 20) & 0xfff_ffff)
 }
 
-/// A fixture of a run of its own (so servers of its own), from the environment, with
-/// one in-process worker, `isolation`, and a 2 s grace period.
-pub fn own_fixture(tag: &str, isolation: pgfixture::Isolation) -> pgfixture::Fixture {
+/// The environment's configuration for a run of its own (so servers of its own), with
+/// in-process workers and a `grace` period.
+pub fn own_config(tag: &str, grace: std::time::Duration) -> pgfixture::Config {
     let mut config = pgfixture::Config::from_env().unwrap();
     config.run_id = unique_run(tag);
     config.worker = None;
+    config.grace = grace;
+    config
+}
+
+/// A fixture of a run of its own, from the environment, with one in-process worker on
+/// `backend` (the URL of the environment is dropped for the local and Docker ones).
+pub fn own_fixture_on(
+    tag: &str,
+    backend: pgfixture::Backend,
+    grace: std::time::Duration,
+) -> pgfixture::Fixture {
+    let mut config = own_config(tag, grace);
+    config.backend = backend;
+    config.url = None;
+    pgfixture::Fixture::builder()
+        .config(config)
+        .workers(1)
+        .build()
+        .unwrap()
+}
+
+/// A fixture of a run of its own (so servers of its own), from the environment, with
+/// one in-process worker, `isolation`, and a 2 s grace period.
+pub fn own_fixture(tag: &str, isolation: pgfixture::Isolation) -> pgfixture::Fixture {
+    let mut config = own_config(tag, std::time::Duration::from_secs(2));
     config.isolation = isolation;
-    config.grace = std::time::Duration::from_secs(2);
     pgfixture::Fixture::builder()
         .config(config)
         .workers(1)
