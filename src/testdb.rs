@@ -464,7 +464,13 @@ pub(crate) async fn deallocate(
 async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str>) -> Result<()> {
     let limit = owner.config().acquire_timeout;
     let ended = async {
-        let messages = match client.simple_query(END).await {
+        let ended = match client.simple_query(END).await {
+            // A cancel request is asynchronous: one sent for the test's last query can
+            // arrive once that query is over, and cancel this one instead. Once more.
+            Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => client.simple_query(END).await,
+            other => other,
+        };
+        let messages = match ended {
             Ok(messages) => messages,
             // A failed statement left the transaction aborted, and so still open; the
             // error skipped the ROLLBACK after the check.
