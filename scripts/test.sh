@@ -50,15 +50,20 @@ if [[ " $backends " == *" docker "* ]] && ! docker info >/dev/null 2>&1; then
     backends=${backends//docker/}
 fi
 
-cargo build --tests --quiet || exit 1
+# Every driver: the server-backed suites build with all features.
+cargo build --tests --quiet --all-features || exit 1
 run "unit tests" cargo test --lib --quiet
-run "doc tests" cargo test --doc --quiet
+run "unit tests, all features" cargo test --lib --quiet --all-features
+run "doc tests" cargo test --doc --quiet --all-features
+# The expected compiler messages are those of the default features.
+run "attribute misuse (compile-fail)" cargo test --quiet --test compile_fail
+suites=(--test isolation --test handle --test commits --test attribute --test sqlx --test migrations)
 
 for backend in $backends; do
     for mode in $modes; do
         export PGFIXTURE_BACKEND=$backend PGFIXTURE_ISOLATION=$mode
-        run "$backend/$mode cargo test" cargo test --quiet --test isolation --test handle --test commits
-        run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast --test isolation --test handle --test commits
+        run "$backend/$mode cargo test" cargo test --quiet --all-features "${suites[@]}"
+        run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast --all-features "${suites[@]}"
     done
     export PGFIXTURE_ISOLATION=database
     # Docker's own lifecycle tests run with the docker backend only.

@@ -115,6 +115,11 @@ pub struct Config {
     /// Directory of `*.sql` fixtures, applied in file-name order. `PGFIXTURE_FIXTURES`;
     /// default `$CARGO_MANIFEST_DIR/fixtures` when it exists, else none.
     pub fixtures: Option<PathBuf>,
+    /// Directory of migrations, applied into each template (each worker schema in
+    /// schema mode) before the fixtures: plain `*.sql` files in file-name order, or
+    /// sqlx's layout through sqlx's migrator (feature `sqlx`). `PGFIXTURE_MIGRATIONS`;
+    /// default `$CARGO_MANIFEST_DIR/migrations` when it exists, else none.
+    pub migrations: Option<PathBuf>,
     /// A fixed worker id for this process. `PGFIXTURE_WORKER`, else
     /// `NEXTEST_TEST_GLOBAL_SLOT`; default none: in-process slots.
     pub worker: Option<WorkerId>,
@@ -170,6 +175,31 @@ pub struct Config {
     /// No fixtures directory was looked for: neither `PGFIXTURE_FIXTURES` nor
     /// `CARGO_MANIFEST_DIR` is set (a test binary run outside cargo).
     pub(crate) fixtures_unknown: bool,
+    /// The same for the migrations folder (`PGFIXTURE_MIGRATIONS`).
+    pub(crate) migrations_unknown: bool,
+    /// A sqlx migrator given in code, instead of `migrations`.
+    #[cfg(feature = "sqlx")]
+    pub(crate) migrator: Option<MigratorRef>,
+}
+
+/// A static sqlx migrator, compared by address.
+#[cfg(feature = "sqlx")]
+#[derive(Clone, Copy)]
+pub(crate) struct MigratorRef(pub(crate) &'static ::sqlx::migrate::Migrator);
+
+#[cfg(feature = "sqlx")]
+impl PartialEq for MigratorRef {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+#[cfg(feature = "sqlx")]
+impl std::fmt::Debug for MigratorRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let versions: Vec<i64> = self.0.iter().map(|m| m.version).collect();
+        write!(f, "Migrator({:p}, versions {versions:?})", self.0)
+    }
 }
 
 impl Default for Config {
@@ -179,6 +209,7 @@ impl Default for Config {
             backend: Backend::default(),
             image: DEFAULT_IMAGE.to_owned(),
             fixtures: None,
+            migrations: None,
             worker: None,
             workers: default_workers(None),
             pool_size: None,
@@ -196,6 +227,9 @@ impl Default for Config {
             docker_host: None,
             path: None,
             fixtures_unknown: false,
+            migrations_unknown: false,
+            #[cfg(feature = "sqlx")]
+            migrator: None,
         }
     }
 }
@@ -261,6 +295,15 @@ impl Config {
             None => env
                 .var("CARGO_MANIFEST_DIR")
                 .map(|dir| PathBuf::from(dir).join("fixtures"))
+                .filter(|dir| dir.is_dir()),
+        };
+        config.migrations_unknown =
+            env.var("PGFIXTURE_MIGRATIONS").is_none() && env.var("CARGO_MANIFEST_DIR").is_none();
+        config.migrations = match env.var("PGFIXTURE_MIGRATIONS") {
+            Some(dir) => Some(PathBuf::from(dir)),
+            None => env
+                .var("CARGO_MANIFEST_DIR")
+                .map(|dir| PathBuf::from(dir).join("migrations"))
                 .filter(|dir| dir.is_dir()),
         };
         config.worker = match (

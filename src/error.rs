@@ -123,6 +123,30 @@ pub enum Error {
         source: tokio_postgres::Error,
     },
 
+    /// A statement or connection of the sqlx driver failed.
+    #[cfg(feature = "sqlx")]
+    #[error("{context}: {source}")]
+    Sqlx {
+        /// What pgfixture was doing.
+        context: String,
+        /// sqlx's error.
+        #[source]
+        source: ::sqlx::Error,
+    },
+
+    /// A migration failed, or the migrations folder cannot be used as it is.
+    #[error("migration {}{}{}: {message}", path.display(), line.map(|l| format!(", line {l}")).unwrap_or_default(), statement.as_ref().map(|s| format!(", in `{s}`")).unwrap_or_default())]
+    Migration {
+        /// The migration file (or folder) to fix.
+        path: PathBuf,
+        /// The line of the failing statement, when the server said where.
+        line: Option<usize>,
+        /// The failing statement's beginning.
+        statement: Option<String>,
+        /// What is wrong: the server's message, or the rule the folder breaks.
+        message: String,
+    },
+
     /// The worker's connection pool could not give a connection.
     #[error(
         "worker {worker}: no pooled connection: {source} (raise PGFIXTURE_POOL_SIZE or PGFIXTURE_ACQUIRE_TIMEOUT)"
@@ -208,6 +232,12 @@ impl Error {
     pub(crate) fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Self {
         let context = context.into();
         move |source| Error::Postgres { context, source }
+    }
+
+    #[cfg(feature = "sqlx")]
+    pub(crate) fn sqlx(context: impl Into<String>) -> impl FnOnce(::sqlx::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Sqlx { context, source }
     }
 
     /// The driver's error inside, if any.

@@ -12,6 +12,7 @@ use tokio::sync::OnceCell;
 
 use crate::backend::Source;
 use crate::config::{Backend, Config, Isolation};
+use crate::driver::Checkout;
 use crate::fixtures::{FixtureSet, SharedStatement};
 use crate::isolation::schema::SCHEMA_DATABASE;
 use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
@@ -75,11 +76,56 @@ impl FixtureBuilder {
         c.fixtures = Some(v.into());
         c.fixtures_unknown = false;
     });
-    setter!(
     /// No fixtures at all.
-    no_fixtures: () => |c, _v| {
-        c.fixtures = None;
-        c.fixtures_unknown = false;
+    pub fn no_fixtures(mut self) -> Self {
+        if let Ok(c) = &mut self.config {
+            c.fixtures = None;
+            c.fixtures_unknown = false;
+        }
+        self
+    }
+    setter!(
+    /// The migrations folder (`PGFIXTURE_MIGRATIONS`).
+    migrations: impl Into<std::path::PathBuf> => |c, v| {
+        c.migrations = Some(v.into());
+        c.migrations_unknown = false;
+        #[cfg(feature = "sqlx")]
+        { c.migrator = None; }
+    });
+    /// No migrations at all (`#[pgfixture::test(migrations = false)]`).
+    pub fn no_migrations(mut self) -> Self {
+        if let Ok(c) = &mut self.config {
+            c.migrations = None;
+            c.migrations_unknown = false;
+            #[cfg(feature = "sqlx")]
+            {
+                c.migrator = None;
+            }
+        }
+        self
+    }
+    setter!(
+    /// A sqlx migrator given in code (`sqlx::migrate!()`), run instead of a migrations
+    /// folder (`#[pgfixture::test(migrator = "...")]`).
+    #[cfg(feature = "sqlx")]
+    sqlx_migrator: &'static ::sqlx::migrate::Migrator => |c, v| {
+        c.migrations = None;
+        c.migrations_unknown = false;
+        c.migrator = Some(crate::config::MigratorRef(v));
+    });
+    setter!(
+    /// The crate's directory, recorded when the test was compiled: where the default
+    /// fixtures and migrations are looked for when the environment does not say
+    /// (a test binary run outside cargo). `#[pgfixture::test]` sets it.
+    manifest_dir: &str => |c, v| {
+        if c.fixtures_unknown {
+            c.fixtures = Some(std::path::Path::new(v).join("fixtures")).filter(|d| d.is_dir());
+            c.fixtures_unknown = false;
+        }
+        if c.migrations_unknown {
+            c.migrations = Some(std::path::Path::new(v).join("migrations")).filter(|d| d.is_dir());
+            c.migrations_unknown = false;
+        }
     });
     setter!(
         /// Connections per worker pool (`PGFIXTURE_POOL_SIZE`).
@@ -139,7 +185,16 @@ impl FixtureBuilder {
                 );
             });
         }
-        let fixtures = FixtureSet::load(config.fixtures.as_deref())?;
+        let migrations = match &config.migrations {
+            Some(dir) => crate::migrations::Migrations::load(dir)?,
+            None => None,
+        };
+        #[cfg(feature = "sqlx")]
+        let migrations = match config.migrator {
+            Some(m) => Some(crate::migrations::Migrations::from_migrator(m.0)),
+            None => migrations,
+        };
+        let fixtures = FixtureSet::load_with(migrations, config.fixtures.as_deref())?;
         // Schema mode runs extensions and roles once per database, and refuses
         // database-wide objects up front.
         let (fixtures, shared) = match config.isolation {
@@ -284,7 +339,7 @@ fn server_gone(error: &Error) -> bool {
 
 /// A provisioned worker: where its database or schema is, and the pool of test
 /// connections to it.
-struct Worker {
+pub(crate) struct Worker {
     pool: Pool,
     served: AtomicU64,
     server: Server,
@@ -300,13 +355,58 @@ struct Worker {
     settings: Arc<Settings>,
     /// What begins a test's transaction ([`Inner::begin_sql`]).
     begin: String,
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    /// Connections other drivers keep between tests ([`crate::driver`]); they go with
+    /// the worker when it is reset.
+    idle: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
 }
 
+/// Connections a worker's stash keeps per driver: one test holds a worker at a time, so
+/// more than two are rarely needed; more are closed.
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+const IDLE_PER_WORKER: usize = 2;
+
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
 impl Worker {
+    pub(crate) fn settings(&self) -> &Arc<Settings> {
+        &self.settings
+    }
+
+    pub(crate) fn begin_sql(&self) -> &str {
+        &self.begin
+    }
+
+    /// A connection of type `T` from the stash.
+    pub(crate) fn take_idle<T: std::any::Any>(&self) -> Option<T> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let at = idle.iter().position(|c| c.is::<T>())?;
+        idle.swap_remove(at).downcast().ok().map(|c| *c)
+    }
+
+    /// Puts a connection in the stash, unless it holds enough of its type.
+    pub(crate) fn keep_idle<T: std::any::Any + Send>(&self, conn: T) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.iter().filter(|c| c.is::<T>()).count() < IDLE_PER_WORKER {
+            idle.push(Box::new(conn));
+        }
+    }
+
     /// The primed connection, if the first test has not taken it.
     fn take_primed(&self) -> Option<deadpool_postgres::Object> {
         self.primed.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
+}
+
+/// Ends the first test's transaction that the worker's check began, for a handle that
+/// does not use it; the connection goes back to the pool.
+async fn end_primed(worker: &Worker, id: &WorkerId) -> Result<()> {
+    if let Some(primed) = worker.take_primed() {
+        primed
+            .batch_execute(crate::driver::END)
+            .await
+            .map_err(Error::pg(format!("ending the check of worker {id}")))?;
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -386,10 +486,14 @@ impl Fixture {
     /// [`Error::AcquireTimeout`] when no slot frees up or the server does not start in
     /// time; the backend's, fixture's or server's error when provisioning fails.
     pub async fn worker_db(&self) -> Result<TestDb> {
+        self.worker_db_named(current_test()).await
+    }
+
+    /// [`Fixture::worker_db`] for the test `test` (its full name, for reports).
+    pub(crate) async fn worker_db_named(&self, test: Option<String>) -> Result<TestDb> {
         let inner = Arc::clone(&self.inner);
         let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
         let reused_lease = held.is_some();
-        let test = current_test();
         let db = runtime::run(async move { inner.test_db(held, test).await }).await?;
         if !reused_lease && let Some(lease) = db.lease() {
             Slots::remember(self.inner.id, lease);
@@ -421,6 +525,21 @@ impl Fixture {
             Slots::remember(self.inner.id, lease);
         }
         Ok(guard)
+    }
+
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    /// The calling test's worker, for a driver to hand out a connection of its own
+    /// ([`crate::driver`]); `test` names the test, else its thread's name does.
+    pub(crate) async fn checkout(&self, test: Option<String>) -> Result<Checkout> {
+        let inner = Arc::clone(&self.inner);
+        let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
+        let reused_lease = held.is_some();
+        let test = test.or_else(current_test);
+        let checkout = runtime::run(async move { inner.checkout(held, test).await }).await?;
+        if !reused_lease && let Some(lease) = &checkout.lease {
+            Slots::remember(self.inner.id, lease);
+        }
+        Ok(checkout)
     }
 
     /// The worker id of the calling test: the fixed id of this process, else the slot
@@ -545,20 +664,38 @@ impl Inner {
         .map_err(Error::with_connection_advice)
     }
 
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    async fn checkout(
+        self: Arc<Self>,
+        held: Option<Arc<SlotLease>>,
+        test: Option<String>,
+    ) -> Result<Checkout> {
+        let phase = Phase::default();
+        let deadline = Instant::now() + self.config.acquire_timeout;
+        self.timed(&phase, async {
+            let (lease, id) = self.take_worker(held, &phase).await;
+            let worker = self.worker(&id, deadline).await?;
+            end_primed(&worker, &id).await?;
+            worker.served.fetch_add(1, Ordering::Relaxed);
+            Ok(Checkout {
+                id,
+                lease,
+                worker,
+                owner: Arc::clone(&self),
+                test,
+            })
+        })
+        .await
+        .map_err(Error::with_connection_advice)
+    }
+
     async fn worker_pool(self: Arc<Self>, held: Option<Arc<SlotLease>>) -> Result<WorkerPool> {
         let phase = Phase::default();
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
             let worker = self.worker(&id, deadline).await?;
-            // The first test's transaction, begun by the worker's check: ended, and
-            // the connection goes back to the pool.
-            if let Some(primed) = worker.take_primed() {
-                primed
-                    .batch_execute(crate::testdb::END)
-                    .await
-                    .map_err(Error::pg(format!("ending the check of worker {id}")))?;
-            }
+            end_primed(&worker, &id).await?;
             let target = self.target(&worker);
             // Code under test gets the worker's own pool, whose connections are warm;
             // the connections it opens itself from the pool's settings carry a name of
@@ -743,16 +880,16 @@ impl Inner {
         Ok(client)
     }
 
-    /// What begins a test's transaction on a worker: [`crate::testdb::BEGIN`], then,
+    /// What begins a test's transaction on a worker: [`crate::driver::BEGIN`], then,
     /// with [`Config::reset_sequences`], the restart of its sequences.
     fn begin_sql(&self, target: provision::Target<'_>) -> String {
         match provision::sequences_setting(target) {
             Some(setting) if self.config.reset_sequences => format!(
                 "{}; {}",
-                crate::testdb::BEGIN,
+                crate::driver::BEGIN,
                 provision::restart_sequences(&setting)
             ),
-            _ => crate::testdb::BEGIN.to_owned(),
+            _ => crate::driver::BEGIN.to_owned(),
         }
     }
 
@@ -963,6 +1100,7 @@ impl Inner {
             primed: Mutex::new(None),
             settings,
             begin,
+            idle: Mutex::default(),
         }))
     }
 
@@ -1100,6 +1238,7 @@ impl Inner {
             primed: Mutex::new(Some(client)),
             settings,
             begin,
+            idle: Mutex::default(),
         })))
     }
 }

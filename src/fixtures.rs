@@ -21,11 +21,23 @@ pub(crate) struct FixtureFile {
 pub(crate) struct FixtureSet {
     pub(crate) files: Vec<FixtureFile>,
     hash: String,
+    /// Migrations run by a migrator, before the files (plain migration files are
+    /// among `files`, first).
+    pub(crate) migrations: Option<std::sync::Arc<crate::migrations::Migrations>>,
 }
 
 impl FixtureSet {
     /// Reads `dir`'s `*.sql` files in file-name order; no directory means no fixtures.
+    #[cfg(test)]
     pub(crate) fn load(dir: Option<&Path>) -> Result<Self> {
+        Self::load_with(None, dir)
+    }
+
+    /// [`FixtureSet::load`] after `migrations`.
+    pub(crate) fn load_with(
+        migrations: Option<crate::migrations::Migrations>,
+        dir: Option<&Path>,
+    ) -> Result<Self> {
         let mut files = Vec::new();
         if let Some(dir) = dir {
             let entries = std::fs::read_dir(dir).map_err(|source| Error::FixturesDir {
@@ -61,14 +73,34 @@ impl FixtureSet {
                 files.push(FixtureFile { path, sql });
             }
         }
-        Ok(Self::from_files(files))
+        Ok(Self::with_migrations(migrations, files))
     }
 
+    #[cfg(test)]
     pub(crate) fn from_files(files: Vec<FixtureFile>) -> Self {
+        Self::with_migrations(None, files)
+    }
+
+    /// The migrations, then the fixture `files`: plain migration files are applied as
+    /// the first fixtures; others by their migrator. Either changes the key.
+    pub(crate) fn with_migrations(
+        migrations: Option<crate::migrations::Migrations>,
+        mut files: Vec<FixtureFile>,
+    ) -> Self {
         let mut digest = Sha256::new();
         // What pgfixture keeps with a template changed (its sequences' state): a
         // template built by an earlier version is not taken for one of this version.
         digest.update(b"pgfixture template 2");
+        if let Some(m) = &migrations {
+            m.hash_into(&mut digest);
+        }
+        let migrations = match migrations {
+            Some(m) if m.layout == crate::migrations::Layout::Plain => {
+                files.splice(0..0, m.files);
+                None
+            }
+            other => other.map(std::sync::Arc::new),
+        };
         for file in &files {
             let name = file
                 .path
@@ -85,12 +117,37 @@ impl FixtureSet {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect::<String>();
-        FixtureSet { files, hash }
+        FixtureSet {
+            files,
+            hash,
+            migrations,
+        }
     }
 
     /// The first `n` hex digits of the content hash.
     pub(crate) fn hash(&self, n: usize) -> &str {
         &self.hash[..n.min(self.hash.len())]
+    }
+
+    /// Runs the migrations of a migrator, if any, into `dbname` on `server` (into
+    /// `schema` in schema mode, which must be committed already), then the files on
+    /// `client`.
+    pub(crate) async fn apply_all(
+        &self,
+        client: &Client,
+        server: &crate::server::Server,
+        dbname: &str,
+        schema: Option<&str>,
+    ) -> Result<()> {
+        if let Some(m) = &self.migrations {
+            m.apply(client, server, dbname, schema).await?;
+        }
+        self.apply(client).await
+    }
+
+    /// Whether a migrator runs on a connection of its own (see [`FixtureSet::apply_all`]).
+    pub(crate) fn migrator(&self) -> bool {
+        self.migrations.as_ref().is_some_and(|m| m.own_connection())
     }
 
     /// Runs every file on `client`, in order, each as one query (so a file is one
@@ -233,6 +290,7 @@ impl FixtureSet {
             FixtureSet {
                 files,
                 hash: self.hash.clone(),
+                migrations: self.migrations.clone(),
             },
             shared,
         ))
@@ -272,7 +330,6 @@ pub(crate) fn statement_error(
     completed: usize,
     error: &tokio_postgres::Error,
 ) -> Error {
-    let statements = crate::sql::split(sql);
     let (message, position) = match error.as_db_error() {
         Some(db) => {
             let mut message = db.message().to_owned();
@@ -293,6 +350,24 @@ pub(crate) fn statement_error(
         }
         None => (error.to_string(), None),
     };
+    let (line, statement) = locate(sql, position, completed);
+    Error::Fixture {
+        path: path.to_owned(),
+        line,
+        statement,
+        message,
+    }
+}
+
+/// Where in `sql` an error is: the line and an excerpt of the statement that holds
+/// the 1-based character `position` the server gave, else of the statement after the
+/// `completed` first ones.
+pub(crate) fn locate(
+    sql: &str,
+    position: Option<usize>,
+    completed: usize,
+) -> (Option<usize>, Option<String>) {
+    let statements = crate::sql::split(sql);
     let statement = match position {
         // A character position in the whole text: the statement that holds it.
         Some(pos) => {
@@ -309,12 +384,7 @@ pub(crate) fn statement_error(
         (None, Some(s)) => Some(s.line),
         (None, None) => None,
     };
-    Error::Fixture {
-        path: path.to_owned(),
-        line,
-        statement: statement.map(|s| s.excerpt()),
-        message,
-    }
+    (line, statement.map(|s| s.excerpt()))
 }
 
 /// The 1-based line of the 1-based character position `pos` in `sql`.

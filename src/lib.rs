@@ -2,12 +2,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+mod attribute;
 mod backend;
 mod config;
+mod driver;
 mod error;
 mod fixture;
 mod fixtures;
 mod isolation;
+mod migrations;
 mod pool;
 mod provision;
 mod runtime;
@@ -27,10 +30,31 @@ pub use testdb::{CancelToken, TestDb};
 pub use worker::WorkerId;
 pub use worker_pool::WorkerPool;
 
+/// An async test on its worker's PostgreSQL; its one parameter, chosen by its type,
+/// is its handle. See the README's "The attribute".
+#[cfg(feature = "macros")]
+pub use pgfixture_macros::test;
+
+/// What `#[pgfixture::test]` expands to calls; not a public API.
+#[doc(hidden)]
+pub mod __macro {
+    pub use crate::attribute::*;
+}
+
 #[cfg(feature = "docker")]
 pub use bollard;
 pub use deadpool_postgres;
 pub use tokio_postgres;
+
+/// The sqlx driver (feature `sqlx`): sqlx's own types for the test's connection and the
+/// worker's pool. The module re-exports the sqlx crate pgfixture is built with, so that
+/// `pgfixture::sqlx::PgPool` and the rest never mismatch your own.
+#[cfg(feature = "sqlx")]
+pub mod sqlx {
+    pub use crate::driver::sqlx::{TestDb, WorkerPool, worker_db, worker_pool};
+    #[doc(no_inline)]
+    pub use ::sqlx::*;
+}
 
 use std::sync::OnceLock;
 

@@ -263,7 +263,7 @@ pub(crate) async fn template(
                 .connect(&building)
                 .await
                 .map_err(Error::pg(format!("connecting to {building}")))?;
-            fixtures.apply(&client).await?;
+            fixtures.apply_all(&client, server, &building, None).await?;
             sequences(&client, "").await
         }
         .await;
@@ -502,6 +502,7 @@ async fn schema_exists(client: &Client, schema: &str) -> Result<bool> {
 /// ([`Target::Schema`]). Returns whether this call created it.
 pub(crate) async fn schema(
     client: &Client,
+    at: (&Server, &str),
     schema: &str,
     settings_on: Option<&str>,
     fixtures: &FixtureSet,
@@ -515,13 +516,26 @@ pub(crate) async fn schema(
             return Ok(false);
         }
         let building = format!("{schema}_new");
+        let (b, s) = (ident(&building), ident(SHARED_SCHEMA));
         let run = async {
+            // A migrator works on a connection of its own, which sees only a
+            // committed schema; it is dropped again if anything fails.
+            let create = format!("DROP SCHEMA IF EXISTS {b} CASCADE; CREATE SCHEMA {b};");
+            let begin = format!("BEGIN; SET LOCAL search_path TO {b}, {s};");
+            let sql = if fixtures.migrator() {
+                client
+                    .batch_execute(&create)
+                    .await
+                    .map_err(Error::pg(format!("creating schema {building}")))?;
+                if let Some(m) = &fixtures.migrations {
+                    m.apply(client, at.0, at.1, Some(&building)).await?;
+                }
+                begin
+            } else {
+                format!("BEGIN; {create} SET LOCAL search_path TO {b}, {s};")
+            };
             client
-                .batch_execute(&format!(
-                    "BEGIN; DROP SCHEMA IF EXISTS {b} CASCADE; CREATE SCHEMA {b}; SET LOCAL search_path TO {b}, {s};",
-                    b = ident(&building),
-                    s = ident(SHARED_SCHEMA)
-                ))
+                .batch_execute(&sql)
                 .await
                 .map_err(Error::pg(format!("creating schema {building}")))?;
             fixtures.apply(client).await?;
@@ -531,9 +545,10 @@ pub(crate) async fn schema(
                 .setting_sql(mark)
                 .map(|sql| format!("{sql};"))
                 .unwrap_or_default();
-            if let (Some(db), Some(name)) =
-                (settings_on, sequences_setting(Target::Schema(schema, settings_on)))
-            {
+            if let (Some(db), Some(name)) = (
+                settings_on,
+                sequences_setting(Target::Schema(schema, settings_on)),
+            ) {
                 let sequences = sequences(client, &building).await?;
                 setting.push_str(&format!(
                     " ALTER DATABASE {} SET {name} = '{sequences}';",
@@ -552,9 +567,16 @@ pub(crate) async fn schema(
         };
         if let Err(e) = run.await {
             let _ = client.batch_execute("ROLLBACK").await;
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {b} CASCADE"))
+                .await;
             return Err(e);
         }
-        tracing::info!(schema, files = fixtures.files.len(), "worker schema provisioned");
+        tracing::info!(
+            schema,
+            files = fixtures.files.len(),
+            "worker schema provisioned"
+        );
         Ok(true)
     })
     .await
@@ -658,6 +680,7 @@ pub(crate) async fn refill_spare(admin: &Client, template: &str, name: &str) -> 
 /// Replaces the worker schema `name` with a fresh one, as [`reset_database`] does.
 pub(crate) async fn reset_schema(
     client: &Client,
+    at: (&Server, &str),
     name: &str,
     settings_on: Option<&str>,
     fixtures: &FixtureSet,
@@ -667,7 +690,7 @@ pub(crate) async fn reset_schema(
     with_lock(client, name, async || {
         if force || schema_state(client, name).await? == State::Dirty {
             drop_schema(client, name).await?;
-            schema(client, name, settings_on, fixtures, mark).await?;
+            schema(client, at, name, settings_on, fixtures, mark).await?;
         }
         Ok(())
     })

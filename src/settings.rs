@@ -43,6 +43,9 @@ pub(crate) struct Settings {
     /// What restarts the worker's sequences at the fixtures' values, where the worker
     /// keeps them ([`crate::provision::restart_sequences`]).
     pub(crate) restart_sequences: Option<String>,
+    /// Schema mode: the connections' `search_path`, for drivers that set it themselves.
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    pub(crate) search_path: Option<String>,
 }
 
 impl Settings {
@@ -73,6 +76,7 @@ impl Settings {
             published_pg_config,
             published_url,
             restart_sequences,
+            search_path: search_path.map(crate::provision::schema_search_path),
         })
     }
 }

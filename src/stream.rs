@@ -11,7 +11,7 @@
 //! opens its own transactions, and the test's transaction is kept.
 //!
 //! It knows when a test's transaction begins and ends by the queries pgfixture itself
-//! sends ([`crate::testdb::BEGIN`], [`crate::testdb::END`]); connections of a worker
+//! sends ([`crate::driver::BEGIN`], [`crate::driver::END`]); connections of a worker
 //! pool never send them and pass through unchanged. Only whole simple queries are
 //! rewritten: a `COMMIT` inside a batch of several statements, or through the extended
 //! protocol (`execute("COMMIT", &[])`), is a real commit, which pgfixture detects when
@@ -229,12 +229,12 @@ fn command(query: &str) -> Command {
 impl Rewriter {
     /// The query to send instead of `query`, if any.
     fn rewrite(&mut self, query: &str) -> Option<String> {
-        if query.contains(crate::testdb::BEGIN) {
+        if query.contains(crate::driver::BEGIN) {
             self.in_test = true;
             self.depth = 0;
             return None;
         }
-        if query == crate::testdb::END {
+        if query == crate::driver::END {
             self.in_test = false;
             self.depth = 0;
             return None;
@@ -276,7 +276,7 @@ impl Rewriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testdb::{BEGIN, END};
+    use crate::driver::{BEGIN, END};
 
     #[test]
     fn transaction_commands_are_recognised() {

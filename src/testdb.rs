@@ -14,28 +14,7 @@ use crate::settings::Settings;
 use crate::worker::{SlotLease, WorkerId};
 use crate::{DatabaseUrl, Error, Result, runtime};
 
-/// Starts a test's transaction and marks it, so that its end can tell whether the test
-/// committed it: the mark (a transaction-local setting) is gone once the transaction is.
-pub(crate) const BEGIN: &str = "BEGIN; SET LOCAL pgfixture.test = 'open'";
-/// What a test may leave on its connection that a rollback does not undo, cleared
-/// before the connection goes to the next test: session advisory locks (job queues take
-/// them), the sequences' `currval` and `lastval`, and the names of statements
-/// prepared with SQL `PREPARE`, which are deallocated. The driver's own statements,
-/// prepared through the protocol (`from_sql` false), stay cached.
-macro_rules! cleanup {
-    () => {
-        "ROLLBACK; SELECT pg_advisory_unlock_all() AS pgfixture_unlocked; DISCARD SEQUENCES; \
-         SELECT name AS pgfixture_prepared FROM pg_prepared_statements WHERE from_sql"
-    };
-}
-/// Ends a test's transaction: reads the mark, rolls back and clears the session
-/// ([`cleanup!`]), in one round trip.
-pub(crate) const END: &str = concat!(
-    "SELECT current_setting('pgfixture.test', true) AS pgfixture_mark; ",
-    cleanup!()
-);
-/// The same without the mark, for a transaction a failed statement aborted.
-const CLEANUP: &str = cleanup!();
+use crate::driver::{CLEANUP, END, MARK_COLUMN, PREPARED_COLUMN};
 
 /// A connection to the current worker's database, inside a transaction that is rolled
 /// back when the handle drops.
@@ -439,18 +418,14 @@ pub(crate) async fn deallocate(
     client: &Object,
     messages: &[SimpleQueryMessage],
 ) -> Result<(), tokio_postgres::Error> {
-    let statements: String = messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row)
-                if row.columns().first().map(|c| c.name()) == Some("pgfixture_prepared") =>
-            {
-                row.get(0)
-            }
-            _ => None,
-        })
-        .map(|name| format!("DEALLOCATE \"{}\";", name.replace('"', "\"\"")))
-        .collect();
+    let statements = crate::driver::deallocate_sql(messages.iter().filter_map(|m| match m {
+        SimpleQueryMessage::Row(row)
+            if row.columns().first().map(|c| c.name()) == Some(PREPARED_COLUMN) =>
+        {
+            row.get(0)
+        }
+        _ => None,
+    }));
     if statements.is_empty() {
         Ok(())
     } else {
@@ -482,7 +457,7 @@ async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str
         };
         let open = messages.iter().any(|m| {
             matches!(m, SimpleQueryMessage::Row(row)
-                if row.columns().first().map(|c| c.name()) == Some("pgfixture_mark")
+                if row.columns().first().map(|c| c.name()) == Some(MARK_COLUMN)
                     && row.get(0) == Some("open"))
         });
         deallocate(&client, &messages).await?;

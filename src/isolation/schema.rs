@@ -46,9 +46,26 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
         provision::shared_statements(&client, p.shared_statements, p.fixtures.hash(16)).await?;
     }
     if state == State::Missing {
-        provision::schema(&client, name, settings_on, p.fixtures, p.mark).await?;
+        provision::schema(
+            &client,
+            (p.server, dbname),
+            name,
+            settings_on,
+            p.fixtures,
+            p.mark,
+        )
+        .await?;
     } else if p.reset || state == State::Dirty {
-        provision::reset_schema(&client, name, settings_on, p.fixtures, p.mark, p.reset).await?;
+        provision::reset_schema(
+            &client,
+            (p.server, dbname),
+            name,
+            settings_on,
+            p.fixtures,
+            p.mark,
+            p.reset,
+        )
+        .await?;
     } else if !p.shared_server {
         // Clean by its comment: marked again, as a database is.
         provision::mark_clean(&client, target(name, dbname, p.shared_server), p.mark).await?;

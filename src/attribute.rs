@@ -1,0 +1,340 @@
+//! What `#[pgfixture::test]` expands to calls: the runtime, the handle chosen by the
+//! parameter's type ([`TestHandle`]), the test's fixtures and migrations. Not a public
+//! API: the attribute is.
+
+use std::future::Future;
+use std::path::Path;
+
+use crate::{Error, Fixture, Result};
+
+/// What the attribute knows about a test.
+#[derive(Debug)]
+pub struct TestArgs {
+    /// The test's full path (`module::name`), for reports.
+    pub name: &'static str,
+    /// The test's source file (`file!()`), whose `fixtures/` the fixtures come from.
+    pub file: &'static str,
+    /// The crate's directory when the test was compiled.
+    pub manifest_dir: &'static str,
+    /// `fixtures(...)`, applied inside the test's transaction.
+    pub fixtures: &'static [TestFixture],
+    /// Where the migrations come from.
+    pub migrations: Migrations,
+}
+
+/// A fixture file of one test, read at compile time.
+#[derive(Debug)]
+pub struct TestFixture {
+    /// As written, relative to the test's source file.
+    pub path: &'static str,
+    /// Its text.
+    pub sql: &'static str,
+}
+
+/// `migrations = ...` / `migrator = ...`.
+#[derive(Debug)]
+pub enum Migrations {
+    /// `PGFIXTURE_MIGRATIONS`, else `<crate>/migrations` when it exists.
+    Inferred,
+    /// A folder, relative to the crate's directory.
+    Path(&'static str),
+    /// `migrations = false`.
+    Disabled,
+    /// A static sqlx migrator (`sqlx::migrate!()`).
+    #[cfg(feature = "sqlx")]
+    Migrator(&'static ::sqlx::migrate::Migrator),
+}
+
+impl TestArgs {
+    /// The fixture the environment describes, with this test's migrations, and the
+    /// crate's directory for what the environment does not say.
+    pub fn fixture(&self) -> Result<Fixture> {
+        let builder = Fixture::builder().manifest_dir(self.manifest_dir);
+        let builder = match self.migrations {
+            Migrations::Inferred => builder,
+            Migrations::Path(path) => builder.migrations(Path::new(self.manifest_dir).join(path)),
+            Migrations::Disabled => builder.no_migrations(),
+            #[cfg(feature = "sqlx")]
+            Migrations::Migrator(migrator) => builder.sqlx_migrator(migrator),
+        };
+        builder.build()
+    }
+
+    /// The fixture's file as the error of a test names it.
+    fn fixture_path(&self, fixture: &TestFixture) -> std::path::PathBuf {
+        let dir = Path::new(self.file).parent().unwrap_or(Path::new(""));
+        dir.join(fixture.path)
+    }
+
+    /// Applies the test's fixtures on `client`; an error names the file, line and
+    /// statement.
+    async fn apply_files(&self, client: &tokio_postgres::Client) -> Result<()> {
+        for fixture in self.fixtures {
+            crate::fixtures::apply_file(client, &self.fixture_path(fixture), fixture.sql).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A type a `#[pgfixture::test]` can take as its one parameter.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a handle #[pgfixture::test] can give",
+    label = "the test's one parameter is its handle",
+    note = "take pgfixture::TestDb or pgfixture::WorkerPool; with the `sqlx` feature also pgfixture::sqlx::TestDb, pgfixture::sqlx::WorkerPool, sqlx::PgPool, sqlx::pool::PoolConnection<sqlx::Postgres> or sqlx::PgConnection"
+)]
+pub trait TestHandle: Sized {
+    /// What the attribute keeps while the test runs, and releases after it.
+    type Guard: Send;
+
+    /// The handle, with the test's fixtures applied through it.
+    fn acquire(
+        fixture: &Fixture,
+        args: &TestArgs,
+    ) -> impl Future<Output = Result<(Self, Self::Guard)>>;
+
+    /// Releases what the test held, once it is over.
+    fn release(guard: Self::Guard) -> impl Future<Output = Result<()>>;
+}
+
+/// A handle a plain (not `async`) test can take: none yet (the sync drivers come with
+/// diesel).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is an async handle: make the test an `async fn`",
+    label = "needs an `async fn` test"
+)]
+pub trait SyncTestHandle: Sized {
+    /// The handle.
+    fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<Self>;
+}
+
+/// Fails to compile, with [`TestHandle`]'s message, unless `H` is a handle.
+pub fn assert_handle<H: TestHandle>() {}
+
+/// Fails to compile, with [`SyncTestHandle`]'s message, unless `H` is a handle of a
+/// plain test.
+pub fn assert_sync_handle<H: SyncTestHandle>() {}
+
+/// The test's runtime, as `#[tokio::test]` builds it.
+pub fn runtime(multi_thread: bool, worker_threads: Option<usize>) -> tokio::runtime::Runtime {
+    let mut builder = if multi_thread {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = worker_threads {
+            b.worker_threads(n);
+        }
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    builder
+        .enable_all()
+        .build()
+        .expect("pgfixture: cannot build the test's runtime")
+}
+
+/// Runs a test without a handle.
+pub fn run_plain<F, Fut>(_args: TestArgs, runtime: tokio::runtime::Runtime, test: F) -> Fut::Output
+where
+    F: FnOnce() -> Fut,
+    Fut: Future,
+{
+    runtime.block_on(test())
+}
+
+/// Runs a test with its handle `H`.
+pub fn run<H, F, Fut>(args: TestArgs, runtime: tokio::runtime::Runtime, test: F) -> Fut::Output
+where
+    H: TestHandle,
+    F: FnOnce(H) -> Fut,
+    Fut: Future,
+{
+    runtime.block_on(async move {
+        let fixture = args.fixture().unwrap_or_else(|e| panic!("pgfixture: {e}"));
+        let (handle, guard) = H::acquire(&fixture, &args)
+            .await
+            .unwrap_or_else(|e| panic!("pgfixture: {} could not get its handle: {e}", args.name));
+        let output = test(handle).await;
+        if let Err(e) = H::release(guard).await {
+            panic!(
+                "pgfixture: releasing the handle of {} failed: {e}",
+                args.name
+            );
+        }
+        output
+    })
+}
+
+/// Runs a plain test with its handle `H`.
+pub fn run_sync<H, F, T>(args: TestArgs, test: F) -> T
+where
+    H: SyncTestHandle,
+    F: FnOnce(H) -> T,
+{
+    let fixture = args.fixture().unwrap_or_else(|e| panic!("pgfixture: {e}"));
+    let handle = H::acquire(&fixture, &args)
+        .unwrap_or_else(|e| panic!("pgfixture: {} could not get its handle: {e}", args.name));
+    test(handle)
+}
+
+#[diagnostic::do_not_recommend]
+impl TestHandle for crate::TestDb {
+    type Guard = ();
+
+    async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, ())> {
+        let db = fixture.worker_db_named(Some(args.name.to_owned())).await?;
+        args.apply_files(db.client()).await?;
+        Ok((db, ()))
+    }
+
+    async fn release((): ()) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[diagnostic::do_not_recommend]
+impl TestHandle for crate::WorkerPool {
+    type Guard = ();
+
+    async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, ())> {
+        let pool = fixture.worker_pool().await?;
+        if !args.fixtures.is_empty() {
+            let client = pool.get().await.map_err(|source| Error::Pool {
+                worker: pool.worker_id().to_string(),
+                source,
+            })?;
+            args.apply_files(&client).await?;
+        }
+        Ok((pool, ()))
+    }
+
+    async fn release((): ()) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(feature = "sqlx")]
+mod sqlx_handles {
+    use ::sqlx::pool::PoolConnection;
+    use ::sqlx::{Connection, PgConnection, PgPool, Postgres};
+    use sqlx_core::transaction::TransactionManager;
+
+    use super::{TestArgs, TestHandle};
+    use crate::driver::sqlx::{TestDb, WorkerPool};
+    use crate::{Error, Fixture, Result};
+
+    /// Applies the test's fixtures on `conn`; an error names the file.
+    async fn apply(args: &TestArgs, conn: &mut PgConnection) -> Result<()> {
+        for fixture in args.fixtures {
+            if let Err(e) = ::sqlx::raw_sql(fixture.sql).execute(&mut *conn).await {
+                return Err(Error::Fixture {
+                    path: args.fixture_path(fixture),
+                    line: None,
+                    statement: None,
+                    message: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    #[diagnostic::do_not_recommend]
+    impl TestHandle for TestDb {
+        type Guard = ();
+
+        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, ())> {
+            let mut db = TestDb::acquire_named(fixture, Some(args.name.to_owned())).await?;
+            apply(args, &mut db).await?;
+            Ok((db, ()))
+        }
+
+        async fn release((): ()) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[diagnostic::do_not_recommend]
+    impl TestHandle for WorkerPool {
+        type Guard = ();
+
+        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, ())> {
+            let pool = WorkerPool::acquire(fixture).await?;
+            if !args.fixtures.is_empty() {
+                let mut conn = pool
+                    .acquire()
+                    .await
+                    .map_err(Error::sqlx("taking a connection of the worker pool"))?;
+                apply(args, &mut conn).await?;
+            }
+            Ok((pool, ()))
+        }
+
+        async fn release((): ()) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `#[sqlx::test]`'s `PgPool`: the worker's pool, commits allowed.
+    #[diagnostic::do_not_recommend]
+    impl TestHandle for PgPool {
+        type Guard = WorkerPool;
+
+        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, WorkerPool)> {
+            let (guard, ()) = <WorkerPool as TestHandle>::acquire(fixture, args).await?;
+            Ok(((*guard).clone(), guard))
+        }
+
+        async fn release(guard: WorkerPool) -> Result<()> {
+            guard.release().await
+        }
+    }
+
+    /// Begins the test's transaction on a connection of the worker pool through
+    /// sqlx's transaction manager: the code under test's `begin()` is a savepoint.
+    async fn begin(conn: &mut PgConnection, args: &TestArgs) -> Result<()> {
+        <::sqlx::postgres::PgTransactionManager as TransactionManager>::begin(conn, None)
+            .await
+            .map_err(Error::sqlx("starting the test's transaction"))?;
+        apply(args, conn).await
+    }
+
+    /// `#[sqlx::test]`'s `PoolConnection<Postgres>`: a connection of the worker pool,
+    /// inside a transaction that is never committed; the worker is reset after the
+    /// test if anything changed.
+    #[diagnostic::do_not_recommend]
+    impl TestHandle for PoolConnection<Postgres> {
+        type Guard = WorkerPool;
+
+        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, WorkerPool)> {
+            let pool = WorkerPool::acquire(fixture).await?;
+            let mut conn = pool
+                .acquire()
+                .await
+                .map_err(Error::sqlx("taking a connection of the worker pool"))?;
+            begin(&mut conn, args).await?;
+            Ok((conn, pool))
+        }
+
+        async fn release(guard: WorkerPool) -> Result<()> {
+            guard.release().await
+        }
+    }
+
+    /// A `PgConnection` of the test's own, on the worker, inside a transaction that is
+    /// never committed; the worker is reset after the test if anything changed.
+    #[diagnostic::do_not_recommend]
+    impl TestHandle for PgConnection {
+        type Guard = WorkerPool;
+
+        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, WorkerPool)> {
+            let pool = WorkerPool::acquire(fixture).await?;
+            let mut conn = PgConnection::connect_with(&pool.connect_options())
+                .await
+                .map_err(Error::sqlx("connecting to the worker"))?;
+            begin(&mut conn, args).await?;
+            Ok((conn, pool))
+        }
+
+        async fn release(guard: WorkerPool) -> Result<()> {
+            guard.release().await
+        }
+    }
+}

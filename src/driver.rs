@@ -1,0 +1,131 @@
+//! What every driver shares, and the drivers.
+//!
+//! The core ([`crate::fixture`]) owns servers, workers, templates, marks and resets. A
+//! driver says how a connection is opened, pooled and handed out, and nothing more:
+//! it takes the worker with [`Checkout`], begins the test's transaction with
+//! [`Checkout::begin_sql`], ends it with the statements below, and hands the result to
+//! [`Checkout::end`]. Connections a driver keeps between tests go in the worker's stash
+//! ([`Checkout::take_idle`], [`Checkout::keep_idle`]), which goes with the worker when it
+//! is reset. The tokio-postgres driver is [`crate::testdb`]; the others live here, one
+//! file and one feature each.
+
+#[cfg(feature = "sqlx")]
+pub(crate) mod sqlx;
+
+use std::any::Any;
+use std::sync::Arc;
+
+use crate::Result;
+use crate::fixture::{Inner, Worker};
+use crate::settings::Settings;
+use crate::worker::{SlotLease, WorkerId};
+
+/// Starts a test's transaction and marks it, so that its end can tell whether the test
+/// committed it: the mark (a transaction-local setting) is gone once the transaction is.
+pub(crate) const BEGIN: &str = "BEGIN; SET LOCAL pgfixture.test = 'open'";
+
+/// Reads the mark [`BEGIN`] set.
+macro_rules! mark {
+    () => {
+        "SELECT current_setting('pgfixture.test', true) AS pgfixture_mark"
+    };
+}
+
+/// What a test may leave on its connection that a rollback does not undo, cleared
+/// before the connection goes to the next test: session advisory locks (job queues take
+/// them), the sequences' `currval` and `lastval`, and the names of statements
+/// prepared with SQL `PREPARE`, which are listed to be deallocated ([`deallocate_sql`]).
+/// The driver's own statements, prepared through the protocol (`from_sql` false), stay
+/// cached. Each may run inside or outside a transaction.
+macro_rules! session_cleanup {
+    () => {
+        "SELECT pg_advisory_unlock_all() AS pgfixture_unlocked; DISCARD SEQUENCES; \
+         SELECT name AS pgfixture_prepared FROM pg_prepared_statements WHERE from_sql"
+    };
+}
+
+/// Ends a test's transaction: reads the mark, rolls back and clears the session, in one
+/// round trip.
+pub(crate) const END: &str = concat!(mark!(), "; ROLLBACK; ", session_cleanup!());
+/// The same without the mark, for a transaction a failed statement aborted.
+pub(crate) const CLEANUP: &str = concat!("ROLLBACK; ", session_cleanup!());
+/// The mark and the session's clean-up without the rollback, for drivers whose own
+/// transaction manager must send it (sqlx counts its transactions' depth).
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+pub(crate) const CHECK: &str = concat!(mark!(), "; ", session_cleanup!());
+/// The session's clean-up alone.
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+pub(crate) const SESSION_CLEANUP: &str = session_cleanup!();
+/// The column of [`END`]'s and [`CHECK`]'s row that holds the mark; `open` while the
+/// test's transaction is.
+pub(crate) const MARK_COLUMN: &str = "pgfixture_mark";
+/// The column of the statements to deallocate.
+pub(crate) const PREPARED_COLUMN: &str = "pgfixture_prepared";
+
+/// `DEALLOCATE` for each statement a test prepared with SQL `PREPARE` (another test's
+/// `PREPARE` of the same name would fail); empty when there is none.
+pub(crate) fn deallocate_sql<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    names
+        .into_iter()
+        .map(|name| format!("DEALLOCATE \"{}\";", name.replace('"', "\"\"")))
+        .collect()
+}
+
+/// A worker taken for one test, for a driver to open (or reuse) a connection on: it
+/// holds the in-process slot until [`Checkout::end`].
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+pub(crate) struct Checkout {
+    pub(crate) id: WorkerId,
+    pub(crate) lease: Option<Arc<SlotLease>>,
+    pub(crate) worker: Arc<Worker>,
+    pub(crate) owner: Arc<Inner>,
+    /// The test's name, for the commit report.
+    pub(crate) test: Option<String>,
+}
+
+impl std::fmt::Debug for Checkout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkout")
+            .field("worker", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+impl Checkout {
+    /// How to reach the worker.
+    pub(crate) fn settings(&self) -> &Arc<Settings> {
+        self.worker.settings()
+    }
+
+    /// What begins a test's transaction on this worker ([`BEGIN`], and the restart of
+    /// the sequences when configured).
+    pub(crate) fn begin_sql(&self) -> &str {
+        self.worker.begin_sql()
+    }
+
+    /// A connection of type `T` that an earlier test on this worker left.
+    pub(crate) fn take_idle<T: Any>(&self) -> Option<T> {
+        self.worker.take_idle()
+    }
+
+    /// Keeps `conn` for the next test on this worker.
+    pub(crate) fn keep_idle<T: Any + Send>(&self, conn: T) {
+        self.worker.keep_idle(conn);
+    }
+
+    /// The test's transaction is over: when the test committed it (`committed`), the
+    /// commit is reported and the worker rebuilt before the slot frees up.
+    pub(crate) async fn end(self, committed: bool) -> Result<()> {
+        let result = if committed {
+            self.owner
+                .after_commit(&self.id, self.test.as_deref())
+                .await
+        } else {
+            Ok(())
+        };
+        // The slot is free only once the worker is clean again.
+        drop(self.lease);
+        result
+    }
+}

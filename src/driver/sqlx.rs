@@ -1,0 +1,427 @@
+//! The sqlx driver: a `PgConnection` inside the test's transaction, begun through
+//! sqlx's own transaction manager, and a `PgPool` on the worker for code that commits.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+
+use ::sqlx::postgres::{
+    PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, PgSslMode, PgTransactionManager,
+};
+use ::sqlx::{AssertSqlSafe, Column, Connection, Row, SqlSafeStr};
+use sqlx_core::transaction::TransactionManager;
+
+use super::{CHECK, Checkout, MARK_COLUMN, PREPARED_COLUMN, SESSION_CLEANUP};
+use crate::settings::Settings;
+use crate::worker::WorkerId;
+use crate::{DatabaseUrl, Error, Fixture, Result, runtime};
+
+/// PostgreSQL's code for "current transaction is aborted".
+const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+/// PostgreSQL's code for "canceling statement due to user request".
+const QUERY_CANCELED: &str = "57014";
+
+/// The calling test's connection, as sqlx's [`PgConnection`], inside a transaction that
+/// is rolled back when the handle drops: [`crate::worker_db`] for sqlx.
+///
+/// # Errors
+///
+/// As [`crate::worker_db`], and [`Error::Sqlx`] when the connection cannot be opened.
+pub async fn worker_db() -> Result<TestDb> {
+    TestDb::acquire(crate::default_fixture()?).await
+}
+
+/// A sqlx [`PgPool`] on the calling test's worker, for code that commits:
+/// [`crate::worker_pool`] for sqlx.
+///
+/// # Errors
+///
+/// As [`crate::worker_pool`].
+pub async fn worker_pool() -> Result<WorkerPool> {
+    WorkerPool::acquire(crate::default_fixture()?).await
+}
+
+/// A sqlx connection to the current worker's database, inside a transaction that is
+/// rolled back when the handle drops.
+///
+/// It derefs, mutably too, to sqlx's [`PgConnection`], so `query(...).fetch_one(&mut
+/// *db)`, `db.begin()` and code that takes `&mut PgConnection` or an
+/// `impl Executor` (`&mut *db`) work as usual. The test's transaction was begun through
+/// sqlx's own transaction manager, so a `begin()` of the code under test is a
+/// SAVEPOINT, and its `commit()` releases the savepoint: it never commits the test's
+/// transaction. A `COMMIT` the code sends itself (`raw_sql("COMMIT")`, or a `BEGIN ...
+/// COMMIT` of its own) does; it is found when the test ends, reported once on stderr
+/// with the test's name, and the worker is rebuilt before another test gets it.
+///
+/// The connection is opened on pgfixture's own runtime and kept for the worker's next
+/// test, so it outlives the `#[tokio::test]` runtime that used it, of either flavour.
+pub struct TestDb {
+    conn: Option<PgConnection>,
+    checkout: Option<Checkout>,
+}
+
+impl fmt::Debug for TestDb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestDb")
+            .field("worker", &self.checkout.as_ref().map(|c| &c.id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestDb {
+    /// [`worker_db`] on `fixture` instead of the environment's.
+    ///
+    /// # Errors
+    ///
+    /// As [`worker_db`].
+    pub async fn acquire(fixture: &Fixture) -> Result<TestDb> {
+        Self::acquire_named(fixture, None).await
+    }
+
+    pub(crate) async fn acquire_named(fixture: &Fixture, test: Option<String>) -> Result<TestDb> {
+        let checkout = fixture.checkout(test).await?;
+        // On the background runtime: a new connection's socket belongs to the runtime
+        // that opens it, and this one outlives every test's.
+        runtime::run(async move {
+            let begin = checkout.begin_sql().to_owned();
+            let mut conn = match checkout.take_idle::<PgConnection>() {
+                Some(mut idle) => match begin_test(&mut idle, &begin).await {
+                    Ok(()) => Some(idle),
+                    // Closed since (a restarted server): a new one.
+                    Err(_) => None,
+                },
+                None => None,
+            };
+            if conn.is_none() {
+                let mut fresh = connect(checkout.settings(), &checkout.id).await?;
+                begin_test(&mut fresh, &begin)
+                    .await
+                    .map_err(Error::sqlx(format!(
+                        "starting the test transaction on worker {}",
+                        checkout.id
+                    )))?;
+                conn = Some(fresh);
+            }
+            Ok(TestDb {
+                conn,
+                checkout: Some(checkout),
+            })
+        })
+        .await
+    }
+
+    fn checkout(&self) -> &Checkout {
+        self.checkout
+            .as_ref()
+            .expect("the worker is held until drop")
+    }
+
+    /// The worker this handle belongs to.
+    pub fn worker_id(&self) -> &WorkerId {
+        &self.checkout().id
+    }
+
+    /// The worker's connection settings as sqlx's [`PgConnectOptions`], for code under
+    /// test that opens connections or pools of its own (LISTEN through
+    /// `PgListener::connect_with`, a `PgPool` of its own). Those connections are not
+    /// inside the test's transaction; what they commit stays (see "Tests that
+    /// commit" in the README).
+    pub fn connect_options(&self) -> PgConnectOptions {
+        connect_options(self.checkout().settings())
+    }
+
+    /// The same settings as a `postgres://` URL; its `Debug` and `Display` hide the
+    /// password.
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.checkout().settings().url
+    }
+
+    /// The settings through the port the server publishes on 127.0.0.1 (Docker); see
+    /// [`crate::TestDb::published_pg_config`].
+    pub fn published_url(&self) -> &DatabaseUrl {
+        &self.checkout().settings().published_url
+    }
+
+    /// Rolls the test's transaction back and keeps the connection for the worker's next
+    /// test, reporting an error the rollback met (a dropped handle cannot). A test that
+    /// committed is handled as on drop (reported, worker reset), not as an error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Sqlx`] when the rollback fails; the connection is then closed.
+    pub async fn release(mut self) -> Result<()> {
+        runtime::run(self.finish()).await
+    }
+
+    fn finish(&mut self) -> impl Future<Output = Result<()>> + Send + 'static {
+        let conn = self.conn.take();
+        let checkout = self.checkout.take();
+        async move {
+            let (Some(conn), Some(checkout)) = (conn, checkout) else {
+                return Ok(());
+            };
+            let limit = checkout.owner.config().acquire_timeout;
+            match tokio::time::timeout(limit, end_test(conn)).await {
+                Ok(Ok((conn, committed))) => {
+                    if !committed {
+                        checkout.keep_idle(conn);
+                    }
+                    checkout.end(committed).await
+                }
+                Ok(Err(e)) => {
+                    let worker = checkout.id.clone();
+                    checkout.end(false).await?;
+                    Err(Error::sqlx(format!(
+                        "rolling back the test transaction of worker {worker}"
+                    ))(e))
+                }
+                Err(_) => {
+                    let worker = checkout.id.clone();
+                    checkout.end(false).await?;
+                    Err(Error::AcquireTimeout {
+                        timeout: limit,
+                        waiting_for: format!(
+                            "the rollback of a test transaction on worker {worker}"
+                        ),
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Deref for TestDb {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn
+            .as_ref()
+            .expect("the connection is present until drop")
+    }
+}
+
+impl DerefMut for TestDb {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn
+            .as_mut()
+            .expect("the connection is present until drop")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.conn.is_some() {
+            let finish = self.finish();
+            runtime::block_on(async move {
+                if let Err(error) = finish.await {
+                    tracing::warn!(%error, "ending a test's transaction failed");
+                }
+            });
+        }
+    }
+}
+
+/// Begins the test's transaction through sqlx's transaction manager, which then counts
+/// it: the code under test's `begin()` is a savepoint.
+async fn begin_test(conn: &mut PgConnection, begin: &str) -> Result<(), ::sqlx::Error> {
+    let statement = AssertSqlSafe(begin.to_owned()).into_sql_str();
+    PgTransactionManager::begin(conn, Some(statement)).await
+}
+
+/// Reads the test transaction's mark, clears the session and rolls back (through sqlx's
+/// transaction manager, which counted the transaction). Returns the connection and
+/// whether the test had committed its transaction.
+async fn end_test(mut conn: PgConnection) -> Result<(PgConnection, bool), ::sqlx::Error> {
+    let mut checked = ::sqlx::raw_sql(CHECK).fetch_all(&mut conn).await;
+    // A cancel request is asynchronous: one sent for the test's last query can arrive
+    // once that query is over, and cancel this one instead. Once more.
+    if matches!(&checked, Err(e) if code(e) == Some(QUERY_CANCELED)) {
+        checked = ::sqlx::raw_sql(CHECK).fetch_all(&mut conn).await;
+    }
+    let (rows, committed) = match checked {
+        Ok(rows) => {
+            let open = rows.iter().any(|row| {
+                column(row) == Some(MARK_COLUMN) && text(row).as_deref() == Some("open")
+            });
+            (rows, !open)
+        }
+        // A failed statement left the transaction aborted, and so still open.
+        Err(e) if code(&e) == Some(IN_FAILED_SQL_TRANSACTION) => {
+            rollback_all(&mut conn).await?;
+            let rows = ::sqlx::raw_sql(SESSION_CLEANUP)
+                .fetch_all(&mut conn)
+                .await?;
+            (rows, false)
+        }
+        Err(e) => return Err(e),
+    };
+    rollback_all(&mut conn).await?;
+    let deallocate = super::deallocate_sql(
+        rows.iter()
+            .filter(|row| column(row) == Some(PREPARED_COLUMN))
+            .filter_map(|row| row.try_get::<&str, _>(0).ok()),
+    );
+    if !deallocate.is_empty() {
+        ::sqlx::raw_sql(AssertSqlSafe(deallocate))
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok((conn, committed))
+}
+
+/// Ends every transaction sqlx counts on `conn`: the test's, and savepoints the code
+/// under test left open.
+async fn rollback_all(conn: &mut PgConnection) -> Result<(), ::sqlx::Error> {
+    while PgTransactionManager::get_transaction_depth(conn) > 0 {
+        PgTransactionManager::rollback(conn).await?;
+    }
+    Ok(())
+}
+
+fn column(row: &PgRow) -> Option<&str> {
+    row.columns().first().map(|c| c.name())
+}
+
+fn text(row: &PgRow) -> Option<String> {
+    row.try_get::<Option<String>, _>(0).ok().flatten()
+}
+
+fn code(error: &::sqlx::Error) -> Option<&str> {
+    match error {
+        ::sqlx::Error::Database(e) => e
+            .try_downcast_ref::<::sqlx::postgres::PgDatabaseError>()
+            .map(|e| e.code()),
+        _ => None,
+    }
+}
+
+/// sqlx's options for the worker `settings` describe.
+pub(crate) fn connect_options(settings: &Settings) -> PgConnectOptions {
+    use tokio_postgres::config::Host;
+    let config = &settings.pg_config;
+    let mut options = PgConnectOptions::new_without_pgpass()
+        // pgfixture's servers are local and speak no TLS; so is its tokio-postgres path.
+        .ssl_mode(PgSslMode::Disable)
+        .port(config.get_ports().first().copied().unwrap_or(5432));
+    options = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => options.host(host),
+        Some(Host::Unix(dir)) => options.socket(dir),
+        None => options,
+    };
+    if let Some(user) = config.get_user() {
+        options = options.username(user);
+    }
+    if let Some(password) = config.get_password() {
+        options = options.password(&String::from_utf8_lossy(password));
+    }
+    if let Some(dbname) = config.get_dbname() {
+        options = options.database(dbname);
+    }
+    if let Some(name) = config.get_application_name() {
+        options = options.application_name(name);
+    }
+    if let Some(search_path) = &settings.search_path {
+        options = options.options([("search_path", search_path.as_str())]);
+    }
+    options
+}
+
+/// A new connection to the worker, opened on the calling runtime (the background one).
+async fn connect(settings: &Settings, worker: &WorkerId) -> Result<PgConnection> {
+    PgConnection::connect_with(&connect_options(settings))
+        .await
+        .map_err(Error::sqlx(format!("connecting to worker {worker}")))
+}
+
+/// A sqlx [`PgPool`] on the current worker's database (or schema), for code under
+/// test that commits for real; it derefs to the pool. Nothing here is rolled back: as
+/// for [`crate::WorkerPool`], when the guard drops (or on [`WorkerPool::release`]) the
+/// pool is closed, and before any other test gets the worker pgfixture reads whether
+/// anything was changed; if so, the worker is reset.
+///
+/// The pool opens its connections when the test first needs them, on the test's
+/// runtime, and closes them when the guard goes: it does not outlive the test.
+pub struct WorkerPool {
+    pool: Option<PgPool>,
+    core: Option<crate::WorkerPool>,
+}
+
+impl fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("worker", &self.core.as_ref().map(|c| c.worker_id()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerPool {
+    /// [`worker_pool`] on `fixture` instead of the environment's.
+    ///
+    /// # Errors
+    ///
+    /// As [`worker_pool`].
+    pub async fn acquire(fixture: &Fixture) -> Result<WorkerPool> {
+        let core = fixture.worker_pool().await?;
+        let options = connect_options(&core.settings);
+        let pool = PgPoolOptions::new()
+            .max_connections(core.status().max_size.max(1) as u32)
+            .acquire_timeout(fixture.config().acquire_timeout)
+            .connect_lazy_with(options);
+        Ok(WorkerPool {
+            pool: Some(pool),
+            core: Some(core),
+        })
+    }
+
+    fn core(&self) -> &crate::WorkerPool {
+        self.core.as_ref().expect("the worker is held until drop")
+    }
+
+    /// The worker the pool belongs to.
+    pub fn worker_id(&self) -> &WorkerId {
+        self.core().worker_id()
+    }
+
+    /// The pool's connection settings, for connections of the test's own.
+    pub fn connect_options(&self) -> PgConnectOptions {
+        connect_options(&self.core().settings)
+    }
+
+    /// The same settings as a `postgres://` URL.
+    pub fn url(&self) -> &DatabaseUrl {
+        self.core().url()
+    }
+
+    /// Closes the pool and resets the worker if anything was changed, reporting an
+    /// error the reset met (a dropped guard can only log it).
+    ///
+    /// # Errors
+    ///
+    /// The server's error when the worker cannot be rebuilt.
+    pub async fn release(mut self) -> Result<()> {
+        // Closed here, on the test's runtime, where its connections were opened.
+        if let Some(pool) = self.pool.take() {
+            pool.close().await;
+        }
+        match self.core.take() {
+            Some(core) => core.release().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Deref for WorkerPool {
+    type Target = PgPool;
+
+    fn deref(&self) -> &PgPool {
+        self.pool.as_ref().expect("the pool is present until drop")
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        // Dropped without `release`: the pool's connections close as its last handle
+        // goes, and the core's guard waits until the server saw them close.
+        drop(self.pool.take());
+        drop(self.core.take());
+    }
+}

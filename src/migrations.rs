@@ -1,0 +1,576 @@
+//! Migrations: the folder's layout, read and checked before anything is built, and
+//! applied once into each template (or worker schema) before the fixtures, through the
+//! migration tool's own migrator.
+//!
+//! - plain `*.sql` files: applied in file-name order, as fixtures are;
+//! - sqlx's layout (`<version>_<description>.sql`, reversible `.up.sql` / `.down.sql`):
+//!   run by sqlx's `Migrator` (feature `sqlx`), so `_sqlx_migrations` holds what sqlx
+//!   writes;
+//! - diesel's (`<version>_<name>/up.sql`) and refinery's (`V<n>__<name>.sql`) layouts
+//!   are recognised and refused until their drivers exist, never misapplied.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::fixtures::FixtureFile;
+use crate::{Error, Result};
+
+/// How a migrations folder is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    Plain,
+    Sqlx,
+    Diesel,
+    Refinery,
+}
+
+impl Layout {
+    fn describe(self) -> &'static str {
+        match self {
+            Layout::Plain => "plain .sql files",
+            Layout::Sqlx => "sqlx's layout (<version>_<description>.sql)",
+            Layout::Diesel => "diesel's layout (<version>_<name>/up.sql)",
+            Layout::Refinery => "refinery's layout (V<n>__<name>.sql)",
+        }
+    }
+}
+
+/// One entry of a migrations folder, as the layout check sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) name: String,
+    /// A directory holding an `up.sql` (diesel's layout).
+    pub(crate) diesel_dir: bool,
+}
+
+/// What one entry says about the layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Plain,
+    /// sqlx: the version and whether it is a down migration.
+    Sqlx(i64, bool),
+    /// A `<prefix>_<rest>.sql` whose prefix is digits too long for a version.
+    BadVersion,
+    Diesel,
+    Refinery,
+    /// Not a migration (another extension, a hidden file, a directory without `up.sql`).
+    Other,
+}
+
+fn kind(entry: &Entry) -> Kind {
+    if entry.diesel_dir {
+        return Kind::Diesel;
+    }
+    let name = entry.name.as_str();
+    if name.starts_with('.') || !name.ends_with(".sql") {
+        return Kind::Other;
+    }
+    if let Some(rest) = name.strip_prefix(['V', 'U'])
+        && let Some((version, _)) = rest.split_once("__")
+        && !version.is_empty()
+        && version.chars().all(|c| c.is_ascii_digit() || c == '.')
+    {
+        return Kind::Refinery;
+    }
+    if let Some((version, _)) = name.split_once('_')
+        && !version.is_empty()
+        && version.chars().all(|c| c.is_ascii_digit())
+    {
+        return match version.parse::<i64>() {
+            Ok(v) => Kind::Sqlx(v, name.ends_with(".down.sql")),
+            Err(_) => Kind::BadVersion,
+        };
+    }
+    Kind::Plain
+}
+
+/// The layout of a folder with these entries, or what is wrong with it: the files that
+/// mix layouts, share a version, or have a version that is not a number.
+pub(crate) fn layout(entries: &[Entry]) -> std::result::Result<Option<Layout>, String> {
+    let kinds: Vec<(&Entry, Kind)> = entries.iter().map(|e| (e, kind(e))).collect();
+    let names = |wanted: &dyn Fn(&Kind) -> bool| -> Vec<&str> {
+        let mut names: Vec<&str> = kinds
+            .iter()
+            .filter(|(_, k)| wanted(k))
+            .map(|(e, _)| e.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names
+    };
+    let bad = names(&|k| *k == Kind::BadVersion);
+    if !bad.is_empty() {
+        return Err(format!(
+            "{}: the version (before the first '_') must be a number that fits in 64 bits",
+            bad.join(", ")
+        ));
+    }
+    let found: Vec<(Layout, Vec<&str>)> = [
+        (Layout::Plain, names(&|k| *k == Kind::Plain)),
+        (Layout::Sqlx, names(&|k| matches!(k, Kind::Sqlx(..)))),
+        (Layout::Diesel, names(&|k| *k == Kind::Diesel)),
+        (Layout::Refinery, names(&|k| *k == Kind::Refinery)),
+    ]
+    .into_iter()
+    .filter(|(_, names)| !names.is_empty())
+    .collect();
+    match found.as_slice() {
+        [] => Ok(None),
+        [(Layout::Sqlx, _)] => {
+            // Two migrations of one version (and one direction): sqlx would record
+            // the first and fail on the second.
+            let mut versions: Vec<(i64, bool, &str)> = kinds
+                .iter()
+                .filter_map(|(e, k)| match k {
+                    Kind::Sqlx(v, down) => Some((*v, *down, e.name.as_str())),
+                    _ => None,
+                })
+                .collect();
+            versions.sort_unstable();
+            let duplicates: Vec<String> = versions
+                .windows(2)
+                .filter(|w| w[0].0 == w[1].0 && w[0].1 == w[1].1)
+                .map(|w| format!("{} and {} (version {})", w[0].2, w[1].2, w[0].0))
+                .collect();
+            if duplicates.is_empty() {
+                Ok(Some(Layout::Sqlx))
+            } else {
+                Err(format!(
+                    "two migrations have one version: {}; give each its own",
+                    duplicates.join(", ")
+                ))
+            }
+        }
+        [(layout, _)] => Ok(Some(*layout)),
+        mixed => {
+            let mut message = String::from("the folder mixes layouts:");
+            for (layout, names) in mixed {
+                let shown: Vec<&str> = names.iter().take(3).copied().collect();
+                let more = names.len().saturating_sub(shown.len());
+                let _ = write!(message, " {} ({}", layout.describe(), shown.join(", "));
+                if more > 0 {
+                    let _ = write!(message, " and {more} more");
+                }
+                message.push(')');
+                message.push(';');
+            }
+            message.push_str(" keep one layout per folder");
+            Err(message)
+        }
+    }
+}
+
+/// Where the migrations come from.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+pub(crate) enum Source {
+    /// A folder, in the layout found.
+    Dir(PathBuf),
+    /// A migrator given in code (`#[pgfixture::test(migrator = "...")]`).
+    #[cfg(feature = "sqlx")]
+    Migrator(&'static ::sqlx::migrate::Migrator),
+}
+
+/// The migrations of a run: applied before the fixtures, and part of the templates' key.
+#[derive(Debug, Clone)]
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+pub(crate) struct Migrations {
+    pub(crate) source: Source,
+    pub(crate) layout: Layout,
+    /// The files to apply, in order (plain layout), or every migration (sqlx's
+    /// layout: for the key and for naming the file of an error).
+    pub(crate) files: Vec<FixtureFile>,
+}
+
+impl Migrations {
+    /// Reads and checks the folder `dir`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Migration`] naming the folder or files: unreadable, a mix of layouts,
+    /// a version twice or not a number, a layout pgfixture cannot run (yet, or without
+    /// the `sqlx` feature).
+    pub(crate) fn load(dir: &Path) -> Result<Option<Self>> {
+        let folder_error = |message: String| Error::Migration {
+            path: dir.to_owned(),
+            line: None,
+            statement: None,
+            message,
+        };
+        let read = std::fs::read_dir(dir).map_err(|e| {
+            folder_error(format!(
+                "cannot read the migrations folder: {e}; set PGFIXTURE_MIGRATIONS to your migrations folder"
+            ))
+        })?;
+        let mut entries = Vec::new();
+        for entry in read {
+            let entry = entry.map_err(|e| folder_error(format!("cannot list the folder: {e}")))?;
+            let path = entry.path();
+            entries.push(Entry {
+                name: entry.file_name().to_string_lossy().into_owned(),
+                diesel_dir: path.is_dir() && path.join("up.sql").is_file(),
+            });
+        }
+        let Some(layout) = layout(&entries).map_err(folder_error)? else {
+            return Ok(None);
+        };
+        match layout {
+            Layout::Diesel | Layout::Refinery => {
+                return Err(folder_error(format!(
+                    "is in {}, which pgfixture cannot run yet (its driver comes in a later release); point PGFIXTURE_MIGRATIONS elsewhere, or apply the schema from plain .sql files in PGFIXTURE_FIXTURES",
+                    layout.describe()
+                )));
+            }
+            Layout::Sqlx if cfg!(not(feature = "sqlx")) => {
+                return Err(folder_error(format!(
+                    "is in {}: enable pgfixture's `sqlx` feature (pgfixture = {{ version = \"...\", features = [\"sqlx\"] }}) to run it through sqlx's migrator",
+                    layout.describe()
+                )));
+            }
+            _ => {}
+        }
+        let mut files = Vec::new();
+        let mut wanted: Vec<(Option<i64>, String)> = entries
+            .iter()
+            .filter_map(|e| match kind(e) {
+                Kind::Plain => Some((None, e.name.clone())),
+                Kind::Sqlx(v, _) => Some((Some(v), e.name.clone())),
+                _ => None,
+            })
+            .collect();
+        // sqlx's order is the versions' (1, 2, 10); plain files go by name.
+        wanted.sort();
+        for (_, name) in wanted {
+            let path = dir.join(&name);
+            let sql = std::fs::read_to_string(&path).map_err(|e| Error::Migration {
+                path: path.clone(),
+                line: None,
+                statement: None,
+                message: format!("cannot read it: {e}"),
+            })?;
+            files.push(FixtureFile { path, sql });
+        }
+        Ok(Some(Migrations {
+            source: Source::Dir(dir.to_owned()),
+            layout,
+            files,
+        }))
+    }
+
+    /// A static sqlx migrator's migrations.
+    #[cfg(feature = "sqlx")]
+    pub(crate) fn from_migrator(migrator: &'static ::sqlx::migrate::Migrator) -> Self {
+        Migrations {
+            source: Source::Migrator(migrator),
+            layout: Layout::Sqlx,
+            files: Vec::new(),
+        }
+    }
+
+    /// Feeds what identifies these migrations into a template's key.
+    pub(crate) fn hash_into(&self, digest: &mut Sha256) {
+        digest.update(format!("migrations {:?}", self.layout).as_bytes());
+        for file in &self.files {
+            let name = file
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            digest.update((name.len() as u64).to_le_bytes());
+            digest.update(name.as_bytes());
+            digest.update((file.sql.len() as u64).to_le_bytes());
+            digest.update(file.sql.as_bytes());
+        }
+        #[cfg(feature = "sqlx")]
+        if let Source::Migrator(migrator) = &self.source {
+            for m in migrator.iter() {
+                digest.update(m.version.to_le_bytes());
+                digest.update(m.description.as_bytes());
+                digest.update([u8::from(m.migration_type.is_down_migration())]);
+                digest.update(&m.checksum[..]);
+            }
+        }
+    }
+
+    /// Whether the migrations need a connection of their own (a migrator), so that the
+    /// schema they go into must be committed first.
+    pub(crate) fn own_connection(&self) -> bool {
+        self.layout == Layout::Sqlx
+    }
+
+    /// Applies the migrations to the database `dbname` on `server` (into `schema`
+    /// first on the `search_path` in schema mode): plain files on `client`, a migrator
+    /// on a connection of its own.
+    pub(crate) async fn apply(
+        &self,
+        client: &tokio_postgres::Client,
+        server: &crate::server::Server,
+        dbname: &str,
+        schema: Option<&str>,
+    ) -> Result<()> {
+        match self.layout {
+            Layout::Plain => {
+                for file in &self.files {
+                    crate::fixtures::apply_file(client, &file.path, &file.sql)
+                        .await
+                        .map_err(as_migration_error)?;
+                }
+                Ok(())
+            }
+            #[cfg(feature = "sqlx")]
+            Layout::Sqlx => self.run_sqlx(server, dbname, schema).await,
+            _ => {
+                let _ = (server, dbname, schema);
+                unreachable!("refused when loaded")
+            }
+        }
+    }
+
+    #[cfg(feature = "sqlx")]
+    async fn run_sqlx(
+        &self,
+        server: &crate::server::Server,
+        dbname: &str,
+        schema: Option<&str>,
+    ) -> Result<()> {
+        use ::sqlx::Connection;
+        use ::sqlx::migrate::{MigrateError, Migrator};
+        let owned;
+        let migrator: &Migrator = match &self.source {
+            Source::Dir(dir) => {
+                let mut m = Migrator::new(dir.as_path())
+                    .await
+                    .map_err(|e| Error::Migration {
+                        path: dir.clone(),
+                        line: None,
+                        statement: None,
+                        message: format!("sqlx's migrator cannot read the folder: {e}"),
+                    })?;
+                // pgfixture holds its own lock on what it builds.
+                m.set_locking(false);
+                owned = m;
+                &owned
+            }
+            Source::Migrator(m) => m,
+        };
+        let settings = crate::settings::Settings::new(server, dbname, schema, None);
+        let options = crate::driver::sqlx::connect_options(&settings);
+        let mut conn = ::sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(Error::sqlx(format!(
+                "connecting to {dbname} to run the migrations"
+            )))?;
+        // `run_direct`: `run` takes an `Acquire`, whose future rustc cannot prove `Send`
+        // for every lifetime inside pgfixture's own futures.
+        let result = migrator.run_direct(None, &mut conn, false).await;
+        let _ = conn.close().await;
+        result.map_err(|e| match e {
+            MigrateError::ExecuteMigration(source, version) => self.located(version, &source),
+            other => Error::Migration {
+                path: self.folder(),
+                line: None,
+                statement: None,
+                message: format!("sqlx's migrator failed: {other}"),
+            },
+        })
+    }
+
+    /// The error of migration `version`: its file, line, statement and the server's
+    /// message.
+    #[cfg(feature = "sqlx")]
+    fn located(&self, version: i64, error: &::sqlx::Error) -> Error {
+        let file = self.files.iter().find(|f| {
+            f.path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.split_once('_'))
+                .is_some_and(|(v, _)| v.parse() == Ok(version))
+                && !f.path.to_string_lossy().ends_with(".down.sql")
+        });
+        let (message, position) = match error {
+            ::sqlx::Error::Database(db) => {
+                match db.try_downcast_ref::<::sqlx::postgres::PgDatabaseError>() {
+                    Some(pg) => {
+                        let mut message = pg.message().to_owned();
+                        if let Some(detail) = pg.detail() {
+                            message.push_str(&format!(" (detail: {detail})"));
+                        }
+                        if let Some(hint) = pg.hint() {
+                            message.push_str(&format!(" (hint: {hint})"));
+                        }
+                        let position = match pg.position() {
+                            Some(::sqlx::postgres::PgErrorPosition::Original(p)) => Some(p),
+                            _ => None,
+                        };
+                        (message, position)
+                    }
+                    None => (db.message().to_owned(), None),
+                }
+            }
+            other => (other.to_string(), None),
+        };
+        match file {
+            Some(file) => {
+                let (line, statement) = match position {
+                    Some(_) => crate::fixtures::locate(&file.sql, position, 0),
+                    None => (None, None),
+                };
+                Error::Migration {
+                    path: file.path.clone(),
+                    line,
+                    statement,
+                    message,
+                }
+            }
+            None => Error::Migration {
+                path: self.folder().join(format!("{version}_*")),
+                line: None,
+                statement: None,
+                message,
+            },
+        }
+    }
+
+    /// The folder, or what stands for a migrator given in code.
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    pub(crate) fn folder(&self) -> PathBuf {
+        match &self.source {
+            Source::Dir(dir) => dir.clone(),
+            #[cfg(feature = "sqlx")]
+            Source::Migrator(_) => PathBuf::from("<the migrator given to #[pgfixture::test]>"),
+        }
+    }
+}
+
+/// A fixture error of a plain migration file, as the migration error it is.
+fn as_migration_error(error: Error) -> Error {
+    match error {
+        Error::Fixture {
+            path,
+            line,
+            statement,
+            message,
+        } => Error::Migration {
+            path,
+            line,
+            statement,
+            message,
+        },
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(names: &[&str]) -> Vec<Entry> {
+        names
+            .iter()
+            .map(|n| Entry {
+                name: n.trim_end_matches('/').to_owned(),
+                diesel_dir: n.ends_with('/'),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layouts_are_recognised() {
+        let l = |names: &[&str]| layout(&entries(names));
+        assert_eq!(l(&[]), Ok(None));
+        assert_eq!(l(&["README.md", ".keep"]), Ok(None));
+        assert_eq!(l(&["schema.sql", "seed_data.sql"]), Ok(Some(Layout::Plain)));
+        assert_eq!(
+            l(&[
+                "1_init.sql",
+                "2_users.up.sql",
+                "2_users.down.sql",
+                "README.md"
+            ]),
+            Ok(Some(Layout::Sqlx))
+        );
+        assert_eq!(
+            l(&["20240101000000_init.sql", "20240102000000_more.sql"]),
+            Ok(Some(Layout::Sqlx))
+        );
+        assert_eq!(
+            l(&["2024-01-01-000000_init/", "2024-01-02-000000_more/"]),
+            Ok(Some(Layout::Diesel))
+        );
+        assert_eq!(
+            l(&["V1__init.sql", "V2__more.sql"]),
+            Ok(Some(Layout::Refinery))
+        );
+    }
+
+    #[test]
+    fn bad_folders_name_their_files() {
+        let l = |names: &[&str]| layout(&entries(names)).unwrap_err();
+        let mixed = l(&["1_init.sql", "schema.sql"]);
+        assert!(
+            mixed.contains("mixes layouts")
+                && mixed.contains("schema.sql")
+                && mixed.contains("1_init.sql"),
+            "{mixed}"
+        );
+        let mixed = l(&["1_init.sql", "V2__more.sql"]);
+        assert!(
+            mixed.contains("refinery") && mixed.contains("V2__more.sql"),
+            "{mixed}"
+        );
+        let twice = l(&["1_a.sql", "1_b.sql", "2_c.sql"]);
+        assert!(twice.contains("1_a.sql and 1_b.sql (version 1)"), "{twice}");
+        let twice = l(&["1_a.sql", "1_a.up.sql"]);
+        assert!(twice.contains("1_a.sql and 1_a.up.sql"), "{twice}");
+        let big = l(&["99999999999999999999_init.sql", "1_a.sql"]);
+        assert!(
+            big.contains("99999999999999999999_init.sql") && big.contains("number"),
+            "{big}"
+        );
+        // A version that is not a number is a file of another layout here.
+        let word = l(&["1_init.sql", "v2_more.sql"]);
+        assert!(word.contains("v2_more.sql"), "{word}");
+    }
+
+    #[test]
+    fn up_and_down_of_one_version_are_one_migration() {
+        assert_eq!(
+            layout(&entries(&[
+                "1_a.up.sql",
+                "1_a.down.sql",
+                "10_b.sql",
+                "2_c.sql"
+            ])),
+            Ok(Some(Layout::Sqlx))
+        );
+    }
+
+    #[test]
+    fn sqlx_folders_load_in_version_order_without_the_feature_saying_so() {
+        let dir = std::env::temp_dir().join(format!("pgfx-migrations-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, sql) in [
+            ("10_c.sql", "SELECT 10"),
+            ("2_b.sql", "SELECT 2"),
+            ("1_a.sql", "SELECT 1"),
+        ] {
+            std::fs::write(dir.join(name), sql).unwrap();
+        }
+        let loaded = Migrations::load(&dir);
+        if cfg!(feature = "sqlx") {
+            let m = loaded.unwrap().unwrap();
+            let names: Vec<_> = m
+                .files
+                .iter()
+                .map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(names, ["1_a.sql", "2_b.sql", "10_c.sql"]);
+        } else {
+            let e = loaded.unwrap_err().to_string();
+            assert!(e.contains("`sqlx` feature"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

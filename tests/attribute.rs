@@ -1,0 +1,181 @@
+//! `#[pgfixture::test]`: each handle type it gives, per-test fixtures, runtime options,
+//! tests that return `Result`, and isolation between its tests (each inserts the same
+//! row and expects to be alone). Runs on the backend and isolation mode the environment
+//! selects, under `cargo test` and `cargo nextest run`.
+
+use pgfixture::{TestDb, WorkerPool};
+
+async fn notes(db: &TestDb, owner: &str) -> i64 {
+    db.query_one("SELECT count(*) FROM notes WHERE owner = $1", &[&owner])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Each of these inserts one row and expects to be alone: a leak from any other test
+/// of the file (which all use the owner `isolated`) fails it.
+async fn alone(db: &TestDb) {
+    assert_eq!(
+        notes(db, "isolated").await,
+        0,
+        "another test's row leaked in"
+    );
+    db.execute(
+        "INSERT INTO notes (owner, body) VALUES ('isolated', 'x')",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(notes(db, "isolated").await, 1);
+}
+
+#[pgfixture::test]
+async fn takes_a_test_db(db: TestDb) {
+    alone(&db).await;
+}
+
+#[pgfixture::test]
+async fn takes_a_test_db_again(db: TestDb) {
+    alone(&db).await;
+}
+
+#[pgfixture::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_on_a_multi_thread_runtime(db: TestDb) {
+    assert_eq!(
+        tokio::runtime::Handle::current().runtime_flavor(),
+        tokio::runtime::RuntimeFlavor::MultiThread
+    );
+    alone(&db).await;
+}
+
+#[pgfixture::test(fixtures("seed_notes", "seed_more.sql"))]
+async fn applies_fixtures_inside_the_transaction(db: TestDb) {
+    assert_eq!(notes(&db, "attribute").await, 2);
+    alone(&db).await;
+}
+
+#[pgfixture::test(fixtures(path = "fixtures", scripts("seed_notes")))]
+async fn applies_fixtures_from_a_path(db: TestDb) {
+    assert_eq!(notes(&db, "attribute").await, 1);
+}
+
+#[pgfixture::test]
+async fn sees_no_fixture_of_other_tests(db: TestDb) {
+    assert_eq!(
+        notes(&db, "attribute").await,
+        0,
+        "a per-test fixture leaked"
+    );
+}
+
+#[pgfixture::test]
+async fn returns_a_result(db: TestDb) -> Result<(), pgfixture::tokio_postgres::Error> {
+    db.execute(
+        "INSERT INTO notes (owner, body) VALUES ('result', 'x')",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+#[pgfixture::test]
+#[should_panic(expected = "the test's own panic")]
+async fn keeps_other_attributes(_db: TestDb) {
+    panic!("the test's own panic");
+}
+
+#[pgfixture::test]
+async fn takes_no_handle() {
+    tokio::task::yield_now().await;
+}
+
+#[pgfixture::test]
+async fn takes_a_worker_pool(pool: WorkerPool) {
+    let client = pool.get().await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM notes WHERE owner = 'isolated'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "another test's row leaked in");
+    client
+        .execute(
+            "INSERT INTO notes (owner, body) VALUES ('isolated', 'committed')",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+#[cfg(feature = "sqlx")]
+mod sqlx_handles {
+    use pgfixture::sqlx::{self, Connection, PgConnection, PgPool, Postgres};
+    use sqlx::pool::PoolConnection;
+
+    async fn alone(conn: &mut PgConnection) {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes WHERE owner = 'isolated'")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "another test's row leaked in");
+        // Through the code under test's own transaction: a savepoint.
+        let mut tx = conn.begin().await.unwrap();
+        sqlx::query("INSERT INTO notes (owner, body) VALUES ('isolated', 'x')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    #[pgfixture::test]
+    async fn takes_a_sqlx_test_db(mut db: pgfixture::sqlx::TestDb) {
+        alone(&mut db).await;
+    }
+
+    #[pgfixture::test(fixtures("seed_notes"))]
+    async fn takes_a_sqlx_test_db_with_fixtures(mut db: pgfixture::sqlx::TestDb) {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes WHERE owner = 'attribute'")
+            .fetch_one(&mut *db)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        alone(&mut db).await;
+    }
+
+    #[pgfixture::test]
+    async fn takes_a_pg_pool(pool: PgPool) {
+        let mut conn = pool.acquire().await.unwrap();
+        alone(&mut conn).await;
+        // Commits are allowed on the pool: the worker is reset afterwards.
+        sqlx::query("INSERT INTO notes (owner, body) VALUES ('isolated', 'committed')")
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    #[pgfixture::test(fixtures("seed_notes"))]
+    async fn takes_a_pg_pool_with_fixtures(pool: PgPool) {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM notes WHERE owner = 'attribute'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    #[pgfixture::test]
+    async fn takes_a_pool_connection(mut conn: PoolConnection<Postgres>) {
+        alone(&mut conn).await;
+    }
+
+    #[pgfixture::test]
+    async fn takes_a_pg_connection(mut conn: PgConnection) {
+        alone(&mut conn).await;
+        conn.close().await.unwrap();
+    }
+
+    #[pgfixture::test]
+    async fn takes_a_sqlx_worker_pool(pool: pgfixture::sqlx::WorkerPool) {
+        let mut conn = pool.acquire().await.unwrap();
+        alone(&mut conn).await;
+    }
+}

@@ -1,0 +1,270 @@
+//! Migrations: applied once into the template (each worker schema in schema mode)
+//! before the fixtures; sqlx's layout through sqlx's own migrator, so that
+//! `_sqlx_migrations` is what sqlx writes and the application's own migrator finds
+//! nothing to do; plain files in name order; bad folders and failing migrations named.
+//! Runs on the backend and isolation mode the environment selects.
+
+use std::path::{Path, PathBuf};
+
+use pgfixture::sqlx::migrate::Migrator;
+use pgfixture::sqlx::{Connection, PgConnection, TestDb};
+use pgfixture::{Error, Fixture};
+
+const SQLX_MIGRATIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/migrations/sqlx");
+
+fn with_migrations(dir: impl Into<PathBuf>) -> Fixture {
+    Fixture::builder()
+        .workers(1)
+        .migrations(dir)
+        .build()
+        .expect("fixture")
+}
+
+/// A folder of its own under the target directory, with `files` in it.
+fn folder(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("migrations")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, sql) in files {
+        std::fs::write(dir.join(file), sql).unwrap();
+    }
+    dir
+}
+
+/// `_sqlx_migrations` as sqlx compares it: version, description, success, checksum.
+async fn recorded(conn: &mut PgConnection) -> Vec<(i64, String, bool, Vec<u8>)> {
+    sqlx::query_as(
+        "SELECT version, description, success, checksum FROM _sqlx_migrations ORDER BY version",
+    )
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn sqlx_migrations_run_in_version_order_and_down_files_never() {
+    let fixture = with_migrations(SQLX_MIGRATIONS);
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    // Version 10 altered the table of version 2, and seeded a row.
+    let seeded: String = sqlx::query_scalar("SELECT name FROM accounts")
+        .fetch_one(&mut *db)
+        .await
+        .unwrap();
+    assert_eq!(seeded, "seeded by a migration");
+    sqlx::query("INSERT INTO orders (account_id, note) SELECT id, 'n' FROM accounts")
+        .execute(&mut *db)
+        .await
+        .unwrap();
+    let orders: i64 = sqlx::query_scalar("SELECT order_count(id) FROM accounts")
+        .fetch_one(&mut *db)
+        .await
+        .unwrap();
+    assert_eq!(orders, 1);
+    let versions: Vec<i64> = recorded(&mut db).await.into_iter().map(|r| r.0).collect();
+    assert_eq!(versions, [1, 2, 10]);
+    // The fixtures came after the migrations.
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&mut *db)
+        .await
+        .unwrap();
+    assert_eq!(users, 1);
+}
+
+#[tokio::test]
+async fn sqlx_migrations_table_is_what_sqlx_writes_and_the_apps_migrator_finds_nothing_to_do() {
+    let fixture = with_migrations(SQLX_MIGRATIONS);
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let ours = recorded(&mut db).await;
+
+    // sqlx's own migrator on a fresh database of the same server.
+    let mut admin = PgConnection::connect_with(&db.connect_options())
+        .await
+        .unwrap();
+    let fresh = format!("pgfx_sqlxcheck_{}", std::process::id());
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {fresh}"),
+        format!("CREATE DATABASE {fresh}"),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+    // In schema mode the worker's settings name its schema: the fresh database's own.
+    let options = db
+        .connect_options()
+        .database(&fresh)
+        .options([("search_path", "public")]);
+    let mut conn = PgConnection::connect_with(&options).await.unwrap();
+    let migrator = Migrator::new(Path::new(SQLX_MIGRATIONS)).await.unwrap();
+    migrator.run(&mut conn).await.unwrap();
+    let theirs = recorded(&mut conn).await;
+    conn.close().await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {fresh} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        ours, theirs,
+        "_sqlx_migrations differs from what sqlx writes"
+    );
+
+    // The application's start-up migration, in the test: nothing to apply, no
+    // checksum mismatch.
+    migrator.run(&mut *db).await.unwrap();
+    assert_eq!(recorded(&mut db).await, ours);
+}
+
+#[tokio::test]
+async fn a_changed_migration_builds_another_template() {
+    let a = folder(
+        "changed-a",
+        &[("1_t.sql", "CREATE TABLE changed_a (x int);")],
+    );
+    let b = folder(
+        "changed-b",
+        &[("1_t.sql", "CREATE TABLE changed_b (x int);")],
+    );
+    for (dir, table, other) in [(a, "changed_a", "changed_b"), (b, "changed_b", "changed_a")] {
+        let fixture = with_migrations(dir);
+        let mut db = TestDb::acquire(&fixture).await.unwrap();
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_name LIKE 'changed_%' AND table_schema = current_schema()",
+        )
+        .fetch_all(&mut *db)
+        .await
+        .unwrap();
+        assert_eq!(
+            tables,
+            [table],
+            "{other} came from another migrations folder"
+        );
+    }
+}
+
+#[tokio::test]
+async fn plain_migration_files_apply_in_name_order_before_the_fixtures() {
+    let dir = folder(
+        "plain",
+        &[
+            ("b_second.sql", "INSERT INTO plain_steps VALUES ('b');"),
+            ("a_first.sql", "CREATE TABLE plain_steps (step text);"),
+        ],
+    );
+    let fixture = with_migrations(dir);
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let steps: Vec<String> = sqlx::query_scalar("SELECT step FROM plain_steps")
+        .fetch_all(&mut *db)
+        .await
+        .unwrap();
+    assert_eq!(steps, ["b"]);
+}
+
+/// The names of half-built templates or schemas left on the worker's server: those
+/// still there after five seconds (other tests of the file may be building theirs).
+async fn leftovers(db: &mut TestDb) -> Vec<String> {
+    let mut left = Vec::new();
+    for _ in 0..50 {
+        left = sqlx::query_scalar(
+            "SELECT datname::text FROM pg_database WHERE datname LIKE 'pgfx%\\_new' \
+             UNION ALL SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'pgfx%\\_new'",
+        )
+        .fetch_all(&mut **db)
+        .await
+        .unwrap();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    left
+}
+
+#[tokio::test]
+async fn a_failing_migration_names_its_file_line_and_message_and_leaves_nothing() {
+    let dir = folder(
+        "failing",
+        &[
+            ("1_ok.sql", "CREATE TABLE failing_ok (x int);"),
+            (
+                "2_bad.sql",
+                "-- fine so far\nCREATE TABLE failing_two (x int);\nINSERT INTO no_such_table VALUES (1);\n",
+            ),
+        ],
+    );
+    let fixture = with_migrations(&dir);
+    let error = TestDb::acquire(&fixture).await.unwrap_err();
+    let Error::Migration {
+        path,
+        line,
+        message,
+        ..
+    } = &error
+    else {
+        panic!("not a migration error: {error}");
+    };
+    assert_eq!(path, &dir.join("2_bad.sql"), "{error}");
+    assert_eq!(*line, Some(3), "{error}");
+    assert!(message.contains("no_such_table"), "{error}");
+    let shown = error.to_string();
+    assert!(
+        shown.contains("2_bad.sql") && shown.contains("line 3"),
+        "{shown}"
+    );
+
+    let good = with_migrations(SQLX_MIGRATIONS);
+    let mut db = TestDb::acquire(&good).await.unwrap();
+    assert_eq!(leftovers(&mut db).await, Vec::<String>::new());
+}
+
+#[test]
+fn bad_folders_are_refused_before_anything_is_built() {
+    /// A case: its name, its files, and what the error must say.
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case<'_>; 4] = [
+        (
+            "mixed",
+            &[("1_a.sql", ""), ("schema.sql", "")],
+            &["mixes layouts", "schema.sql"],
+        ),
+        (
+            "twice",
+            &[("1_a.sql", ""), ("1_b.sql", "")],
+            &["1_a.sql and 1_b.sql"],
+        ),
+        (
+            "nan",
+            &[("1_a.sql", ""), ("123456789012345678901234_b.sql", "")],
+            &["123456789012345678901234_b.sql", "number"],
+        ),
+        (
+            "refinery",
+            &[("V1__init.sql", "")],
+            &["refinery", "cannot run yet"],
+        ),
+    ];
+    for (name, files, wanted) in cases {
+        let dir = folder(name, files);
+        let error = Fixture::builder()
+            .migrations(&dir)
+            .build()
+            .expect_err(name)
+            .to_string();
+        for w in wanted {
+            assert!(error.contains(w), "{name}: {error:?} lacks {w:?}");
+        }
+    }
+    let diesel = folder("diesel", &[]);
+    std::fs::create_dir_all(diesel.join("2024-01-01-000000_init")).unwrap();
+    std::fs::write(diesel.join("2024-01-01-000000_init/up.sql"), "").unwrap();
+    let error = Fixture::builder()
+        .migrations(&diesel)
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("diesel"), "{error}");
+}

@@ -1,0 +1,231 @@
+//! The sqlx driver: rollback, savepoints through sqlx's own transaction manager,
+//! commit leaks, the worker pool, and connections that outlive test runtimes. Runs on
+//! the backend and isolation mode the environment selects.
+
+use pgfixture::Fixture;
+use pgfixture::sqlx::{Connection, PgConnection, TestDb, WorkerPool};
+
+/// A fixture with one in-process worker: consecutive handles come from one worker.
+fn single_worker() -> Fixture {
+    Fixture::builder().workers(1).build().expect("fixture")
+}
+
+async fn count(conn: &mut PgConnection, owner: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM notes WHERE owner = $1")
+        .bind(owner)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+async fn insert(conn: &mut PgConnection, owner: &str) {
+    sqlx::query("INSERT INTO notes (owner, body) VALUES ($1, 'x')")
+        .bind(owner)
+        .execute(conn)
+        .await
+        .unwrap();
+}
+
+async fn backend_pid(conn: &mut PgConnection) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn dropping_the_handle_rolls_back() {
+    let fixture = single_worker();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    insert(&mut db, "sqlx-drop").await;
+    assert_eq!(count(&mut db, "sqlx-drop").await, 1);
+    drop(db);
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert_eq!(
+        count(&mut db, "sqlx-drop").await,
+        0,
+        "the dropped handle's insert survived"
+    );
+    db.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn begin_and_commit_of_the_code_under_test_are_savepoints() {
+    let fixture = single_worker();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    {
+        let mut tx = db.begin().await.unwrap();
+        insert(&mut tx, "sqlx-savepoint").await;
+        tx.commit().await.unwrap();
+    }
+    {
+        let mut tx = db.begin().await.unwrap();
+        insert(&mut tx, "sqlx-savepoint-undone").await;
+        tx.rollback().await.unwrap();
+    }
+    {
+        // Nested further, and dropped without a word: rolled back to its savepoint.
+        let mut outer = db.begin().await.unwrap();
+        let mut inner = outer.begin().await.unwrap();
+        insert(&mut inner, "sqlx-savepoint-dropped").await;
+        drop(inner);
+        outer.commit().await.unwrap();
+    }
+    assert_eq!(count(&mut db, "sqlx-savepoint").await, 1);
+    assert_eq!(count(&mut db, "sqlx-savepoint-undone").await, 0);
+    assert_eq!(count(&mut db, "sqlx-savepoint-dropped").await, 0);
+    let stats = fixture.stats();
+    db.release().await.unwrap();
+    // The committed savepoint went with the test's transaction.
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert_eq!(
+        count(&mut db, "sqlx-savepoint").await,
+        0,
+        "a savepoint's commit leaked"
+    );
+    assert_eq!(fixture.stats().commit_leaks, stats.commit_leaks);
+}
+
+#[tokio::test]
+async fn a_raw_commit_is_found_and_the_worker_reset() {
+    let fixture = single_worker();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let leaks = fixture.stats().commit_leaks;
+    insert(&mut db, "sqlx-raw-commit").await;
+    sqlx::raw_sql("COMMIT").execute(&mut *db).await.unwrap();
+    db.release().await.unwrap();
+    assert_eq!(
+        fixture.stats().commit_leaks,
+        leaks + 1,
+        "the commit was not found"
+    );
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert_eq!(
+        count(&mut db, "sqlx-raw-commit").await,
+        0,
+        "the committed row leaked"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_statement_does_not_poison_the_next_test() {
+    let fixture = single_worker();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert!(
+        sqlx::query("SELECT * FROM no_such_table")
+            .execute(&mut *db)
+            .await
+            .is_err()
+    );
+    drop(db);
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert_eq!(count(&mut db, "nobody").await, 0);
+}
+
+/// Twenty consecutive tests, each in a runtime of its own as `#[tokio::test]` builds
+/// them, alternating the two flavours: every one gets the same connection (same
+/// server pid) although the runtime that used it last is gone.
+#[test]
+fn connections_outlive_the_runtimes_of_tests() {
+    // A configuration of its own, so that no other test of this file (some commit and
+    // reset the worker) shares the worker.
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(3)
+        .build()
+        .expect("fixture");
+    let mut pids = Vec::new();
+    for round in 0..20 {
+        let runtime = if round % 2 == 0 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+        }
+        .enable_all()
+        .build()
+        .unwrap();
+        pids.push(runtime.block_on(async {
+            let mut db = TestDb::acquire(&fixture).await.unwrap();
+            insert(&mut db, "sqlx-runtime").await;
+            assert_eq!(count(&mut db, "sqlx-runtime").await, 1);
+            let pid = backend_pid(&mut db).await;
+            if round % 4 == 0 {
+                db.release().await.unwrap();
+            }
+            pid
+        }));
+        drop(runtime);
+    }
+    pids.dedup();
+    assert_eq!(
+        pids.len(),
+        1,
+        "a new backend after a runtime ended: {pids:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_worker_pool_commits_and_the_next_test_does_not_see_it() {
+    let fixture = single_worker();
+    let pool = WorkerPool::acquire(&fixture).await.unwrap();
+    sqlx::query("INSERT INTO notes (owner, body) VALUES ('sqlx-pool', 'x')")
+        .execute(&*pool)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM notes WHERE owner = 'sqlx-pool'")
+        .fetch_one(&*pool)
+        .await
+        .unwrap();
+    assert_eq!(seen, 1);
+    pool.release().await.unwrap();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert_eq!(
+        count(&mut db, "sqlx-pool").await,
+        0,
+        "the pool's commit leaked"
+    );
+}
+
+#[tokio::test]
+async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
+    let fixture = single_worker();
+    // The worker exists before the reading.
+    drop(TestDb::acquire(&fixture).await.unwrap());
+    let unchanged = fixture.stats().pools_unchanged;
+    let pool = WorkerPool::acquire(&fixture).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&*pool)
+        .await
+        .unwrap();
+    assert!(n >= 1);
+    pool.release().await.unwrap();
+    assert_eq!(fixture.stats().pools_unchanged, unchanged + 1);
+}
+
+#[tokio::test]
+async fn connect_options_reach_the_workers_database() {
+    let fixture = single_worker();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let mut own = PgConnection::connect_with(&db.connect_options())
+        .await
+        .unwrap();
+    let theirs: String =
+        sqlx::query_scalar("SELECT current_database()::text || '/' || current_schema()::text")
+            .fetch_one(&mut own)
+            .await
+            .unwrap();
+    let ours: String =
+        sqlx::query_scalar("SELECT current_database()::text || '/' || current_schema()::text")
+            .fetch_one(&mut *db)
+            .await
+            .unwrap();
+    assert_eq!(theirs, ours);
+    assert!(!format!("{:?}", db.url()).contains(&password(db.url().as_str())));
+}
+
+/// The password of a `postgres://user:password@...` URL.
+fn password(url: &str) -> String {
+    let rest = url.split_once("://").unwrap().1;
+    let userinfo = rest.split_once('@').unwrap().0;
+    userinfo.split_once(':').unwrap().1.to_owned()
+}

@@ -1,0 +1,6 @@
+#[pgfixture::test]
+fn plain(db: pgfixture::TestDb) {
+    let _ = db;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[pgfixture::test(migrations = "no/such/migrations")]
+async fn migrated(db: pgfixture::TestDb) {
+    let _ = db;
+}
+
+fn main() {}

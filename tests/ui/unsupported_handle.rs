@@ -1,0 +1,6 @@
+#[pgfixture::test]
+async fn takes_a_string(url: String) {
+    let _ = url;
+}
+
+fn main() {}
