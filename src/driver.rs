@@ -49,15 +49,8 @@ macro_rules! session_cleanup {
 pub(crate) const END: &str = concat!(mark!(), "; ROLLBACK; ", session_cleanup!());
 /// The same without the mark, for a transaction a failed statement aborted.
 pub(crate) const CLEANUP: &str = concat!("ROLLBACK; ", session_cleanup!());
-/// The mark and the session's clean-up without the rollback, for drivers whose own
-/// transaction manager must send it (sqlx counts its transactions' depth).
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
-pub(crate) const CHECK: &str = concat!(mark!(), "; ", session_cleanup!());
-/// The session's clean-up alone.
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
-pub(crate) const SESSION_CLEANUP: &str = session_cleanup!();
-/// The column of [`END`]'s and [`CHECK`]'s row that holds the mark; `open` while the
-/// test's transaction is.
+/// The column of [`END`]'s row that holds the mark; `open` while the test's
+/// transaction is.
 pub(crate) const MARK_COLUMN: &str = "pgfixture_mark";
 /// The column of the statements to deallocate.
 pub(crate) const PREPARED_COLUMN: &str = "pgfixture_prepared";

@@ -10,7 +10,7 @@ use ::sqlx::postgres::{
 use ::sqlx::{AssertSqlSafe, Column, Connection, Row, SqlSafeStr};
 use sqlx_core::transaction::TransactionManager;
 
-use super::{CHECK, Checkout, MARK_COLUMN, PREPARED_COLUMN, SESSION_CLEANUP};
+use super::{CLEANUP, Checkout, END, MARK_COLUMN, PREPARED_COLUMN};
 use crate::settings::Settings;
 use crate::worker::WorkerId;
 use crate::{DatabaseUrl, Error, Fixture, Result, runtime};
@@ -220,41 +220,51 @@ impl Drop for TestDb {
     }
 }
 
-/// Begins the test's transaction through sqlx's transaction manager, which then counts
-/// it: the code under test's `begin()` is a savepoint.
+/// Begins the test's transaction. On a new connection, through sqlx's transaction
+/// manager, which from then on counts one transaction open: the code under test's
+/// `begin()` is a savepoint. The connection keeps that count between tests (it is
+/// never handed to anything but a [`TestDb`]), so later tests begin and end their
+/// transactions with one simple query each, as the tokio-postgres path does.
 async fn begin_test(conn: &mut PgConnection, begin: &str) -> Result<(), ::sqlx::Error> {
-    let statement = AssertSqlSafe(begin.to_owned()).into_sql_str();
-    PgTransactionManager::begin(conn, Some(statement)).await
+    if PgTransactionManager::get_transaction_depth(conn) == 0 {
+        let statement = AssertSqlSafe(begin.to_owned()).into_sql_str();
+        PgTransactionManager::begin(conn, Some(statement)).await
+    } else {
+        ::sqlx::raw_sql(AssertSqlSafe(begin.to_owned()))
+            .execute(conn)
+            .await
+            .map(drop)
+    }
 }
 
-/// Reads the test transaction's mark, clears the session and rolls back (through sqlx's
-/// transaction manager, which counted the transaction). Returns the connection and
-/// whether the test had committed its transaction.
+/// Rolls back what the code under test left open (savepoints it leaked), reads the
+/// test transaction's mark, rolls back and clears the session, in one round trip.
+/// Returns the connection and whether the test had committed its transaction. sqlx
+/// still counts one transaction open, for the next test ([`begin_test`]).
 async fn end_test(mut conn: PgConnection) -> Result<(PgConnection, bool), ::sqlx::Error> {
-    let mut checked = ::sqlx::raw_sql(CHECK).fetch_all(&mut conn).await;
+    while PgTransactionManager::get_transaction_depth(&conn) > 1 {
+        PgTransactionManager::rollback(&mut conn).await?;
+    }
+    let mut ended = ::sqlx::raw_sql(END).fetch_all(&mut conn).await;
     // A cancel request is asynchronous: one sent for the test's last query can arrive
     // once that query is over, and cancel this one instead. Once more.
-    if matches!(&checked, Err(e) if code(e) == Some(QUERY_CANCELED)) {
-        checked = ::sqlx::raw_sql(CHECK).fetch_all(&mut conn).await;
+    if matches!(&ended, Err(e) if code(e) == Some(QUERY_CANCELED)) {
+        ended = ::sqlx::raw_sql(END).fetch_all(&mut conn).await;
     }
-    let (rows, committed) = match checked {
+    let (rows, committed) = match ended {
         Ok(rows) => {
             let open = rows.iter().any(|row| {
                 column(row) == Some(MARK_COLUMN) && text(row).as_deref() == Some("open")
             });
             (rows, !open)
         }
-        // A failed statement left the transaction aborted, and so still open.
+        // A failed statement left the transaction aborted, and so still open; the
+        // error skipped the rollback after the check.
         Err(e) if code(&e) == Some(IN_FAILED_SQL_TRANSACTION) => {
-            rollback_all(&mut conn).await?;
-            let rows = ::sqlx::raw_sql(SESSION_CLEANUP)
-                .fetch_all(&mut conn)
-                .await?;
-            (rows, false)
+            (::sqlx::raw_sql(CLEANUP).fetch_all(&mut conn).await?, false)
         }
         Err(e) => return Err(e),
     };
-    rollback_all(&mut conn).await?;
     let deallocate = super::deallocate_sql(
         rows.iter()
             .filter(|row| column(row) == Some(PREPARED_COLUMN))
@@ -266,15 +276,6 @@ async fn end_test(mut conn: PgConnection) -> Result<(PgConnection, bool), ::sqlx
             .await?;
     }
     Ok((conn, committed))
-}
-
-/// Ends every transaction sqlx counts on `conn`: the test's, and savepoints the code
-/// under test left open.
-async fn rollback_all(conn: &mut PgConnection) -> Result<(), ::sqlx::Error> {
-    while PgTransactionManager::get_transaction_depth(conn) > 0 {
-        PgTransactionManager::rollback(conn).await?;
-    }
-    Ok(())
 }
 
 fn column(row: &PgRow) -> Option<&str> {
