@@ -1133,7 +1133,13 @@ impl Inner {
         };
         let budget =
             (max.max(0) as usize).saturating_sub(RESERVED_CONNECTIONS) / pools_per_server.max(1);
-        let size = wanted.min(budget.max(1));
+        // Other drivers keep a few connections per worker besides the pool.
+        let others = if cfg!(feature = "sqlx") {
+            IDLE_PER_WORKER
+        } else {
+            0
+        };
+        let size = wanted.min(budget.saturating_sub(others).max(1));
         if size < wanted {
             tracing::warn!(
                 wanted,
