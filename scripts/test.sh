@@ -50,20 +50,19 @@ if [[ " $backends " == *" docker "* ]] && ! docker info >/dev/null 2>&1; then
     backends=${backends//docker/}
 fi
 
-# Every driver: the server-backed suites build with all features.
-cargo build --tests --quiet --all-features || exit 1
+# Tests and examples build with every driver: the package dev-depends on itself with
+# its features on (Cargo.toml).
+cargo build --tests --quiet || exit 1
 run "unit tests" cargo test --lib --quiet
-run "unit tests, all features" cargo test --lib --quiet --all-features
-run "doc tests" cargo test --doc --quiet --all-features
-# The expected compiler messages are those of the default features.
+run "doc tests" cargo test --doc --quiet
 run "attribute misuse (compile-fail)" cargo test --quiet --test compile_fail
-suites=(--test isolation --test handle --test commits --test attribute --test sqlx --test migrations)
+suites=(--test isolation --test handle --test commits --test attribute --test sqlx --test migrations --test sea_orm)
 
 for backend in $backends; do
     for mode in $modes; do
         export PGFIXTURE_BACKEND=$backend PGFIXTURE_ISOLATION=$mode
-        run "$backend/$mode cargo test" cargo test --quiet --all-features "${suites[@]}"
-        run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast --all-features "${suites[@]}"
+        run "$backend/$mode cargo test" cargo test --quiet "${suites[@]}"
+        run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast "${suites[@]}"
     done
     export PGFIXTURE_ISOLATION=database
     # Docker's own lifecycle tests run with the docker backend only.

@@ -161,6 +161,21 @@ pub(crate) fn layout(entries: &[Entry]) -> std::result::Result<Option<Layout>, S
     }
 }
 
+/// Why pgfixture cannot run a folder in `layout` (with the `sqlx` feature or not).
+fn refusal(layout: Layout, sqlx: bool) -> Option<String> {
+    match layout {
+        Layout::Diesel | Layout::Refinery => Some(format!(
+            "is in {}, which pgfixture cannot run yet (its driver comes in a later release); point PGFIXTURE_MIGRATIONS elsewhere, or apply the schema from plain .sql files in PGFIXTURE_FIXTURES",
+            layout.describe()
+        )),
+        Layout::Sqlx if !sqlx => Some(format!(
+            "is in {}: enable pgfixture's `sqlx` feature (pgfixture = {{ version = \"...\", features = [\"sqlx\"] }}) to run it through sqlx's migrator",
+            layout.describe()
+        )),
+        _ => None,
+    }
+}
+
 /// Where the migrations come from.
 #[derive(Debug, Clone)]
 #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
@@ -215,20 +230,8 @@ impl Migrations {
         let Some(layout) = layout(&entries).map_err(folder_error)? else {
             return Ok(None);
         };
-        match layout {
-            Layout::Diesel | Layout::Refinery => {
-                return Err(folder_error(format!(
-                    "is in {}, which pgfixture cannot run yet (its driver comes in a later release); point PGFIXTURE_MIGRATIONS elsewhere, or apply the schema from plain .sql files in PGFIXTURE_FIXTURES",
-                    layout.describe()
-                )));
-            }
-            Layout::Sqlx if cfg!(not(feature = "sqlx")) => {
-                return Err(folder_error(format!(
-                    "is in {}: enable pgfixture's `sqlx` feature (pgfixture = {{ version = \"...\", features = [\"sqlx\"] }}) to run it through sqlx's migrator",
-                    layout.describe()
-                )));
-            }
-            _ => {}
+        if let Some(refusal) = refusal(layout, cfg!(feature = "sqlx")) {
+            return Err(folder_error(refusal));
         }
         let mut files = Vec::new();
         let mut wanted: Vec<(Option<i64>, String)> = entries
@@ -547,7 +550,19 @@ mod tests {
     }
 
     #[test]
-    fn sqlx_folders_load_in_version_order_without_the_feature_saying_so() {
+    fn layouts_pgfixture_cannot_run_say_what_to_do() {
+        let sqlx = refusal(Layout::Sqlx, false).unwrap();
+        assert!(sqlx.contains("`sqlx` feature"), "{sqlx}");
+        assert_eq!(refusal(Layout::Sqlx, true), None);
+        assert_eq!(refusal(Layout::Plain, false), None);
+        for layout in [Layout::Diesel, Layout::Refinery] {
+            let refused = refusal(layout, true).unwrap();
+            assert!(refused.contains("cannot run yet"), "{refused}");
+        }
+    }
+
+    #[test]
+    fn sqlx_folders_load_in_version_order() {
         let dir = std::env::temp_dir().join(format!("pgfx-migrations-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -559,6 +574,7 @@ mod tests {
             std::fs::write(dir.join(name), sql).unwrap();
         }
         let loaded = Migrations::load(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
         if cfg!(feature = "sqlx") {
             let m = loaded.unwrap().unwrap();
             let names: Vec<_> = m
@@ -568,9 +584,7 @@ mod tests {
                 .collect();
             assert_eq!(names, ["1_a.sql", "2_b.sql", "10_c.sql"]);
         } else {
-            let e = loaded.unwrap_err().to_string();
-            assert!(e.contains("`sqlx` feature"), "{e}");
+            assert!(loaded.is_err());
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
