@@ -54,6 +54,38 @@ async fn measure(fixture: &Fixture, iterations: usize) -> (Vec<Duration>, Vec<Du
     (per_test, floor)
 }
 
+/// The same for the sqlx driver: `pgfixture::sqlx::TestDb`, acquire → `SELECT 1` →
+/// release, against the floor of sqlx itself: `begin()`, the query and `rollback()` on
+/// a `PgConnection` already held, on the same worker.
+async fn measure_sqlx(fixture: &Fixture, iterations: usize) -> (Vec<Duration>, Vec<Duration>) {
+    use pgfixture::sqlx::{self, Connection, TestDb};
+    for _ in 0..20 {
+        let mut db = TestDb::acquire(fixture).await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *db).await.unwrap();
+        db.release().await.unwrap();
+    }
+    let options = TestDb::acquire(fixture).await.unwrap().connect_options();
+    let mut held = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    let mut per_test = Vec::with_capacity(iterations);
+    let mut floor = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let mut db = TestDb::acquire(fixture).await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *db).await.unwrap();
+        db.release().await.unwrap();
+        per_test.push(started.elapsed());
+
+        let started = Instant::now();
+        let mut tx = held.begin().await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+        tx.rollback().await.unwrap();
+        floor.push(started.elapsed());
+    }
+    per_test.sort();
+    floor.sort();
+    (per_test, floor)
+}
+
 /// A `worker_pool()` test, from taking the pool to the moment the next test may start
 /// (the release, with its reset when one is needed): `statement` on one of its
 /// connections, committed.
@@ -124,6 +156,32 @@ fn main() {
             } else {
                 name
             },
+            us(p50),
+            us(percentile(&per_test, 0.95)),
+            us(floor50),
+            p50.as_secs_f64() / floor50.as_secs_f64()
+        );
+    }
+    println!();
+    println!(
+        "sqlx driver: pgfixture::sqlx::TestDb, acquire -> SELECT 1 -> release; floor: begin() -> SELECT 1 -> rollback() on a held PgConnection"
+    );
+    println!(
+        "{:<10} {:>11} {:>11} {:>11} {:>9}",
+        "mode", "p50", "p95", "floor p50", "x floor"
+    );
+    for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
+        let fixture = Fixture::builder()
+            .isolation(isolation)
+            .workers(1)
+            .build()
+            .unwrap();
+        let (per_test, floor) = runtime.block_on(measure_sqlx(&fixture, iterations));
+        let p50 = percentile(&per_test, 0.5);
+        let floor50 = percentile(&floor, 0.5);
+        println!(
+            "{:<10} {} {} {} {:>8.2}x",
+            format!("{isolation:?}").to_lowercase(),
             us(p50),
             us(percentile(&per_test, 0.95)),
             us(floor50),

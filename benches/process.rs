@@ -14,7 +14,9 @@
 //! - `raw`: a process that opens one connection with tokio-postgres and runs the query
 //!   (the floor of a process that talks to PostgreSQL at all);
 //! - `pgfixture`: `worker_db()`, the query, `release()`. Its `inside` column is the part
-//!   after `main` starts, as the process measures it.
+//!   after `main` starts, as the process measures it;
+//! - `sqlx raw`: a process that opens one sqlx `PgConnection` and runs the query;
+//! - `sqlx`: `pgfixture::sqlx::worker_db()`, the query, `release()`.
 //!
 //! The process re-runs this binary with `PGFIXTURE_BENCH_CHILD` set.
 
@@ -41,7 +43,22 @@ fn child(mode: &str) {
         .build()
         .unwrap();
     runtime.block_on(async {
-        if mode == "raw" {
+        if mode == "sqlx_raw" {
+            use pgfixture::sqlx::Connection;
+            let url = std::env::var("PGFIXTURE_BENCH_URL").unwrap();
+            let mut conn = pgfixture::sqlx::PgConnection::connect(&url).await.unwrap();
+            pgfixture::sqlx::query("SELECT 1")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        } else if mode == "sqlx" {
+            let mut db = pgfixture::sqlx::worker_db().await.unwrap();
+            pgfixture::sqlx::query("SELECT 1")
+                .execute(&mut *db)
+                .await
+                .unwrap();
+            db.release().await.unwrap();
+        } else if mode == "raw" {
             let url = std::env::var("PGFIXTURE_BENCH_URL").unwrap();
             let (client, connection) =
                 pgfixture::tokio_postgres::connect(&url, pgfixture::tokio_postgres::NoTls)
@@ -118,8 +135,17 @@ fn main() {
         "per-test cost of a fresh process, warm worker ({n} processes per column, {profile} build)"
     );
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9}",
-        "mode", "empty", "raw", "pgfixture", "inside", "overhead", "x raw"
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9}",
+        "mode",
+        "empty",
+        "raw",
+        "pgfixture",
+        "inside",
+        "overhead",
+        "x raw",
+        "sqlx raw",
+        "sqlx",
+        "x raw"
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -167,20 +193,27 @@ fn main() {
         raw_env.push(("PGFIXTURE_BENCH_URL", url));
 
         let (mut empty, mut raw, mut pgf) = (Runs::default(), Runs::default(), Runs::default());
+        let (mut sqlx_raw, mut sqlx) = (Runs::default(), Runs::default());
         for _ in 0..n {
             empty.run("empty", &env);
             raw.run("raw", &raw_env);
             pgf.run("pgfixture", &env);
+            sqlx_raw.run("sqlx_raw", &raw_env);
+            sqlx.run("sqlx", &env);
         }
         let (e, r, p) = (empty.median(), raw.median(), pgf.median());
+        let (sr, sp) = (sqlx_raw.median(), sqlx.median());
         println!(
-            "{mode:<10} {} {} {} {} {} {:>8.2}x",
+            "{mode:<10} {} {} {} {} {} {:>8.2}x {} {} {:>8.2}x",
             ms(e),
             ms(r),
             ms(p),
             ms(pgf.median_inside()),
             ms(p.saturating_sub(e)),
-            p.as_secs_f64() / r.as_secs_f64()
+            p.as_secs_f64() / r.as_secs_f64(),
+            ms(sr),
+            ms(sp),
+            sp.as_secs_f64() / sr.as_secs_f64()
         );
         backend = fixture.stats().backend.unwrap_or("?").to_owned();
         runtime.block_on(pool.release()).unwrap();

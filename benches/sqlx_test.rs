@@ -1,0 +1,332 @@
+//! The real `#[sqlx::test]` against `#[pgfixture::test]`, side by side in one run, on
+//! the same migrations folder of a realistic size, and the build time of a file of
+//! 100 tests under `#[tokio::test]`, `#[pgfixture::test]` and `#[sqlx::test]`.
+//!
+//! ```text
+//! cargo bench --bench sqlx_test
+//! ```
+//!
+//! It writes a small crate under `target/bench-sqlx-test/` (30 migrations with tables,
+//! indexes, functions and seed data; the same tests three times over), builds it, and
+//! runs each test binary as `cargo test` would, with 1, 2, 4 and 8 test threads:
+//!
+//! - `sqlx_test`: `#[sqlx::test] async fn t(pool: PgPool)`: a database per test, every
+//!   migration run in it, on a server this bench starts (through pgfixture, with the
+//!   same settings) and passes as `DATABASE_URL`;
+//! - `renamed`: the same file with the attribute renamed to `#[pgfixture::test]`;
+//! - `test_db`: the same tests taking `pgfixture::sqlx::TestDb`.
+//!
+//! pgfixture's runs start their own server each time (a new run id per process):
+//! their wall time includes the cold start and the template build, which a
+//! `#[sqlx::test]` run does not pay here because its server is already up.
+//!
+//! `BENCH_TESTS` (default 40) sets the tests per file, `BENCH_REPEAT` (default 3) the
+//! runs per cell, `BENCH_THREADS` (default `1,2,4,8`) the thread counts, and
+//! `BENCH_BUILD=0` skips the build-time part. Medians are printed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const MIGRATIONS: usize = 30;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// Migration `i` of 30: each adds a table with an index and seed rows, every third a
+/// function, every fifth alters an earlier table.
+fn migration(i: usize) -> String {
+    let mut sql = format!(
+        "CREATE TABLE t{i} (\n    id bigserial PRIMARY KEY,\n    name text NOT NULL,\n    \
+         amount numeric NOT NULL DEFAULT 0,\n    created_at timestamptz NOT NULL DEFAULT now()\n);\n\
+         CREATE INDEX t{i}_name ON t{i} (name);\n\
+         INSERT INTO t{i} (name, amount) SELECT 'seed ' || g, g FROM generate_series(1, 50) g;\n"
+    );
+    if i.is_multiple_of(3) {
+        sql.push_str(&format!(
+            "CREATE FUNCTION t{i}_total() RETURNS numeric LANGUAGE sql STABLE AS $$ SELECT coalesce(sum(amount), 0) FROM t{i} $$;\n"
+        ));
+    }
+    if i.is_multiple_of(5) && i > 1 {
+        sql.push_str(&format!(
+            "ALTER TABLE t{} ADD COLUMN t{i}_id bigint REFERENCES t{i} (id);\n",
+            i - 1
+        ));
+    }
+    sql
+}
+
+/// One realistic small test body on `$conn` (an executor expression).
+fn body(n: usize, conn: &str) -> String {
+    format!(
+        "    sqlx::query(\"INSERT INTO t1 (name, amount) VALUES ($1, 10)\").bind(\"test {n}\").execute({conn}).await.unwrap();\n    \
+         let (count,): (i64,) = sqlx::query_as(\"SELECT count(*) FROM t1 WHERE name LIKE 'test %'\").fetch_one({conn}).await.unwrap();\n    \
+         assert_eq!(count, 1, \"another test's row is visible\");\n"
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // Unchanged files keep their times, so that cargo rebuilds nothing needlessly.
+    if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+/// The generated crate.
+fn generate(dir: &Path, tests: usize) {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    write(
+        &dir.join("Cargo.toml"),
+        &format!(
+            r#"[package]
+name = "bench-sqlx-test"
+version = "0.0.0"
+edition = "2024"
+publish = false
+
+[workspace]
+
+[dev-dependencies]
+pgfixture = {{ path = "{repo}", features = ["sqlx"] }}
+sqlx = {{ version = "0.9.0", default-features = false, features = ["postgres", "runtime-tokio", "migrate", "macros"] }}
+tokio = {{ version = "1", features = ["macros", "rt-multi-thread"] }}
+"#
+        ),
+    );
+    write(&dir.join("src/lib.rs"), "");
+    for i in 1..=MIGRATIONS {
+        write(
+            &dir.join(format!("migrations/{:04}_step_{i}.sql", i)),
+            &migration(i),
+        );
+    }
+    let file = |attr: &str, param: &str, conn: &str| {
+        let mut text = String::from("#![allow(unused)]\nuse sqlx::{PgPool, Connection};\n\n");
+        for n in 0..tests {
+            text.push_str(&format!(
+                "#[{attr}]\nasync fn t{n}({param}) {{\n{}}}\n\n",
+                body(n, conn)
+            ));
+        }
+        text
+    };
+    write(
+        &dir.join("tests/sqlx_test.rs"),
+        &file("sqlx::test", "pool: PgPool", "&pool"),
+    );
+    write(
+        &dir.join("tests/renamed.rs"),
+        &file("pgfixture::test", "pool: PgPool", "&pool"),
+    );
+    write(
+        &dir.join("tests/test_db.rs"),
+        &file(
+            "pgfixture::test",
+            "mut db: pgfixture::sqlx::TestDb",
+            "&mut *db",
+        ),
+    );
+    // Build time: 100 tests per file, each attribute.
+    let build = |attr: &str, param: &str, conn: &str| {
+        let mut text = String::from("#![allow(unused)]\nuse sqlx::PgPool;\n\n");
+        for n in 0..100 {
+            let body = if conn.is_empty() {
+                format!("    assert_eq!({n} + 1, {});\n", n + 1)
+            } else {
+                body(n, conn)
+            };
+            text.push_str(&format!(
+                "#[{attr}]\nasync fn t{n}({param}) {{\n{body}}}\n\n"
+            ));
+        }
+        text
+    };
+    write(
+        &dir.join("tests/build_tokio.rs"),
+        &build("tokio::test", "", ""),
+    );
+    write(
+        &dir.join("tests/build_pgfixture.rs"),
+        &build("pgfixture::test", "pool: PgPool", "&pool"),
+    );
+    write(
+        &dir.join("tests/build_sqlx.rs"),
+        &build("sqlx::test", "pool: PgPool", "&pool"),
+    );
+}
+
+/// Builds the test binaries and returns their paths by target name.
+fn build(dir: &Path) -> Vec<(String, PathBuf)> {
+    let output = Command::new(env!("CARGO"))
+        .args(["test", "--no-run", "--message-format=json"])
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .output()
+        .expect("cargo test --no-run");
+    assert!(
+        output.status.success(),
+        "building the generated crate failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Some(exe) = field(line, "\"executable\":\"") else {
+            continue;
+        };
+        let Some(name) = field(line, "\"name\":\"") else {
+            continue;
+        };
+        binaries.push((name, PathBuf::from(exe)));
+    }
+    binaries
+}
+
+/// The string value after `key` in a line of cargo's JSON.
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(key)? + key.len();
+    let end = line[start..].find('"')? + start;
+    Some(line[start..end].to_owned())
+}
+
+/// Runs `binary` with `threads` test threads; its wall time.
+fn run(binary: &Path, dir: &Path, threads: usize, database_url: &str) -> Duration {
+    let started = Instant::now();
+    let output = Command::new(binary)
+        .args(["--test-threads", &threads.to_string(), "-q"])
+        .current_dir(dir)
+        .env("CARGO_MANIFEST_DIR", dir)
+        .env("DATABASE_URL", database_url)
+        .env_remove("PGFIXTURE_RUN_ID")
+        .env_remove("NEXTEST_RUN_ID")
+        .output()
+        .expect("running a test binary");
+    let wall = started.elapsed();
+    assert!(
+        output.status.success(),
+        "{} failed:\n{}\n{}",
+        binary.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    wall
+}
+
+/// Touches `file` and rebuilds its test target: the incremental build a change to that
+/// file costs, dependencies already built.
+fn rebuild(dir: &Path, target: &str) -> Duration {
+    let file = dir.join(format!("tests/{target}.rs"));
+    let text = std::fs::read_to_string(&file).unwrap();
+    // A change that alters the file's content, as an edit does.
+    let edited = match text.strip_suffix("// edit\n") {
+        Some(original) => original.to_owned(),
+        None => format!("{text}// edit\n"),
+    };
+    std::fs::write(&file, edited).unwrap();
+    let started = Instant::now();
+    let status = Command::new(env!("CARGO"))
+        .args(["test", "--no-run", "-q", "--test", target])
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .status()
+        .expect("cargo test --no-run");
+    assert!(status.success());
+    started.elapsed()
+}
+
+fn main() {
+    let tests = env_or("BENCH_TESTS", 40);
+    let repeat = env_or("BENCH_REPEAT", 3);
+    let threads: Vec<usize> = std::env::var("BENCH_THREADS")
+        .unwrap_or_else(|_| "1,2,4,8".into())
+        .split(',')
+        .filter_map(|t| t.trim().parse().ok())
+        .collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-sqlx-test");
+    generate(&dir, tests);
+    eprintln!(
+        "building {} (the first build compiles sqlx)...",
+        dir.display()
+    );
+    let binaries = build(&dir);
+    let binary = |name: &str| {
+        binaries
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("no test binary {name}"))
+    };
+
+    // The server #[sqlx::test] gets: one pgfixture starts, held up by a handle.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let fixture = pgfixture::Fixture::builder()
+        .no_fixtures()
+        .no_migrations()
+        .build()
+        .expect("fixture");
+    let db = runtime.block_on(fixture.worker_db()).expect("a server");
+    let url = db.url().as_str().to_owned();
+    let database_url = match url.rsplit_once('/') {
+        Some((server, rest)) => {
+            let query = rest
+                .split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default();
+            format!("{server}/postgres{query}")
+        }
+        None => url,
+    };
+
+    println!();
+    println!(
+        "#[sqlx::test] against #[pgfixture::test]: {tests} tests, {MIGRATIONS} migrations, median of {repeat} runs (wall time of the test binary)"
+    );
+    println!(
+        "{:<9} {:>12} {:>18} {:>18} {:>10} {:>10}",
+        "threads", "sqlx::test", "renamed (PgPool)", "sqlx::TestDb", "ratio", "ratio"
+    );
+    for &t in &threads {
+        let mut cells = Vec::new();
+        for name in ["sqlx_test", "renamed", "test_db"] {
+            let path = binary(name);
+            let runs: Vec<Duration> = (0..repeat)
+                .map(|_| run(&path, &dir, t, &database_url))
+                .collect();
+            cells.push(median(runs));
+        }
+        println!(
+            "{:<9} {:>12} {:>18} {:>18} {:>9.1}x {:>9.1}x",
+            t,
+            secs(cells[0]),
+            secs(cells[1]),
+            secs(cells[2]),
+            cells[0].as_secs_f64() / cells[1].as_secs_f64(),
+            cells[0].as_secs_f64() / cells[2].as_secs_f64(),
+        );
+    }
+    drop(db);
+
+    if std::env::var("BENCH_BUILD").as_deref() != Ok("0") {
+        println!();
+        println!("incremental build of a file of 100 tests after an edit, median of {repeat}");
+        for target in ["build_tokio", "build_pgfixture", "build_sqlx"] {
+            // Once to settle what the first build left.
+            rebuild(&dir, target);
+            let runs: Vec<Duration> = (0..repeat).map(|_| rebuild(&dir, target)).collect();
+            println!("  {target:<18} {}", secs(median(runs)));
+        }
+    }
+}
