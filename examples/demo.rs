@@ -193,7 +193,7 @@ fn main() {
     println!("  {:<28} {backend}", "backend");
     println!("  {:<28} {:?}", "isolation mode", config.isolation);
     println!("  {:<28} {}", "workers", WORKERS);
-    println!("  {:<28} {:<18} {}", "driver", "tokio-postgres", "sqlx");
+    println!("  {:<28} {:<18} sqlx", "driver", "tokio-postgres");
     let row = |label: &str, f: &dyn Fn(&Report) -> String| {
         println!("  {label:<28} {:<18} {}", f(&tokio_postgres), f(&sqlx));
     };
