@@ -259,6 +259,10 @@ impl Error {
         let full = self
             .postgres()
             .is_some_and(|pg| pg.code() == Some(&SqlState::TOO_MANY_CONNECTIONS));
+        #[cfg(feature = "sqlx")]
+        let full = full
+            || matches!(&self, Error::Sqlx { source: ::sqlx::Error::Database(db), .. }
+                if db.code().as_deref() == Some(SqlState::TOO_MANY_CONNECTIONS.code()));
         if full {
             let message = match &self {
                 Error::Postgres { context, source } => format!("{context}: {}", pg_message(source)),

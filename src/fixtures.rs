@@ -441,6 +441,42 @@ mod tests {
     }
 
     #[test]
+    fn migrations_are_part_of_the_key() {
+        use crate::migrations::{Layout, Migrations, Source};
+        let f = |name: &str, sql: &str| FixtureFile {
+            path: PathBuf::from(name),
+            sql: sql.into(),
+        };
+        let set = |layout, sql: &str| {
+            let migrations = Migrations {
+                source: Source::Dir(PathBuf::from("migrations")),
+                layout,
+                files: vec![f("1_init.sql", sql)],
+            };
+            FixtureSet::with_migrations(Some(migrations), vec![f("seed.sql", "x")])
+        };
+        let none = FixtureSet::from_files(vec![f("seed.sql", "x")]);
+        let one = set(Layout::Sqlx, "CREATE TABLE a ()");
+        let edited = set(Layout::Sqlx, "CREATE TABLE a (x int)");
+        assert_ne!(none.hash(16), one.hash(16));
+        assert_ne!(
+            one.hash(16),
+            edited.hash(16),
+            "an edited migration must build a new template"
+        );
+        assert_eq!(
+            one.hash(16),
+            set(Layout::Sqlx, "CREATE TABLE a ()").hash(16)
+        );
+        // Plain migration files are the first fixtures; a migrator's stay apart.
+        let plain = set(Layout::Plain, "CREATE TABLE a ()");
+        assert_eq!(plain.files.len(), 2);
+        assert!(plain.migrations.is_none());
+        assert_eq!(one.files.len(), 1);
+        assert!(one.migrator());
+    }
+
+    #[test]
     fn missing_dir_and_bad_utf8_are_named() {
         let err = FixtureSet::load(Some(Path::new("/nonexistent/pgfixture"))).unwrap_err();
         assert!(err.to_string().contains("PGFIXTURE_FIXTURES"), "{err}");

@@ -3,6 +3,8 @@
 //! row and expects to be alone). Runs on the backend and isolation mode the environment
 //! selects, under `cargo test` and `cargo nextest run`.
 
+use std::process::Command;
+
 use pgfixture::{TestDb, WorkerPool};
 
 async fn notes(db: &TestDb, owner: &str) -> i64 {
@@ -178,4 +180,69 @@ mod sqlx_handles {
         let mut conn = pool.acquire().await.unwrap();
         alone(&mut conn).await;
     }
+}
+
+/// Run by [`the_crate_directory_is_recorded_and_tests_are_named`] in a process of its
+/// own, without `CARGO_MANIFEST_DIR`: the fixtures are found all the same.
+#[pgfixture::test]
+#[ignore = "run by the_crate_directory_is_recorded_and_tests_are_named"]
+async fn child_outside_cargo(db: TestDb) {
+    let seeded: i64 = db
+        .query_one(
+            "SELECT count(*) FROM users WHERE email = 'seed@example.com'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seeded, 1, "the crate's fixtures were not applied");
+}
+
+/// The same, committing its transaction: the report names the test.
+#[pgfixture::test]
+#[ignore = "run by the_crate_directory_is_recorded_and_tests_are_named"]
+async fn child_commits(db: TestDb) {
+    db.batch_execute("COMMIT").await.unwrap();
+}
+
+/// Runs this binary's ignored test `name` with `CARGO_MANIFEST_DIR` removed, in a run
+/// of its own (the runner's variables removed: its workers are not the parent run's).
+fn run_outside_cargo(name: &str) -> std::process::Output {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.args([
+        "--exact",
+        name,
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ]);
+    for var in [
+        "CARGO_MANIFEST_DIR",
+        "NEXTEST_TEST_GLOBAL_SLOT",
+        "NEXTEST_RUN_ID",
+        "PGFIXTURE_WORKER",
+        "PGFIXTURE_RUN_ID",
+    ] {
+        command.env_remove(var);
+    }
+    command.output().expect("running the child test")
+}
+
+#[test]
+fn the_crate_directory_is_recorded_and_tests_are_named() {
+    let out = run_outside_cargo("child_outside_cargo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("applying no fixtures"),
+        "the attribute did not record the crate's directory: {stderr}"
+    );
+    let out = run_outside_cargo("child_commits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("attribute::child_commits committed its transaction"),
+        "the commit report does not name the test: {stderr}"
+    );
 }

@@ -229,3 +229,38 @@ fn password(url: &str) -> String {
     let userinfo = rest.split_once('@').unwrap().0;
     userinfo.split_once(':').unwrap().1.to_owned()
 }
+
+/// Plain `#[tokio::test]`s on the sqlx handle, each inserting the same unique email
+/// and expecting to be alone: a row that leaked from any other (test, worker, process
+/// under nextest) fails the insert.
+async fn alone(n: usize) {
+    let mut db = pgfixture::sqlx::worker_db().await.unwrap();
+    sqlx::query("INSERT INTO users (email) VALUES ('sqlx-isolated@example.com')")
+        .execute(&mut *db)
+        .await
+        .unwrap_or_else(|e| panic!("isolated_{n}: another test's row leaked in: {e}"));
+    let mut tx = db.begin().await.unwrap();
+    insert(&mut tx, "sqlx-isolated").await;
+    tx.commit().await.unwrap();
+    assert_eq!(count(&mut db, "sqlx-isolated").await, 1, "isolated_{n}");
+}
+
+#[tokio::test]
+async fn isolated_1() {
+    alone(1).await;
+}
+
+#[tokio::test]
+async fn isolated_2() {
+    alone(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_3() {
+    alone(3).await;
+}
+
+#[tokio::test]
+async fn isolated_4() {
+    alone(4).await;
+}

@@ -107,6 +107,7 @@ impl TestDb {
             })
         })
         .await
+        .map_err(Error::with_connection_advice)
     }
 
     fn checkout(&self) -> &Checkout {
