@@ -397,6 +397,20 @@ impl Worker {
     }
 }
 
+/// Opens a driver's connection with the settings given and sends the statements given
+/// (the worker's check and the first test's `BEGIN`) as its test transaction's start:
+/// `None` when the check says the worker is not ready (it raises an error naming
+/// [`NOT_READY`], or the database is missing), the connection otherwise.
+pub(crate) type Primer =
+    fn(
+        Arc<Settings>,
+        String,
+    ) -> futures::future::BoxFuture<'static, Result<Option<Box<dyn std::any::Any + Send>>>>;
+
+/// The setting whose absence makes a worker's check fail when the worker is not ready
+/// ([`Inner::attach_primed`]).
+pub(crate) const NOT_READY: &str = "pgfixture.worker_not_ready";
+
 /// Ends the first test's transaction that the worker's check began, for a handle that
 /// does not use it; the connection goes back to the pool.
 async fn end_primed(worker: &Worker, id: &WorkerId) -> Result<()> {
@@ -530,12 +544,17 @@ impl Fixture {
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     /// The calling test's worker, for a driver to hand out a connection of its own
     /// ([`crate::driver`]); `test` names the test, else its thread's name does.
-    pub(crate) async fn checkout(&self, test: Option<String>) -> Result<Checkout> {
+    pub(crate) async fn checkout(
+        &self,
+        test: Option<String>,
+        primer: Option<Primer>,
+    ) -> Result<Checkout> {
         let inner = Arc::clone(&self.inner);
         let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
         let reused_lease = held.is_some();
         let test = test.or_else(current_test);
-        let checkout = runtime::run(async move { inner.checkout(held, test).await }).await?;
+        let checkout =
+            runtime::run(async move { inner.checkout(held, test, primer).await }).await?;
         if !reused_lease && let Some(lease) = &checkout.lease {
             Slots::remember(self.inner.id, lease);
         }
@@ -669,12 +688,13 @@ impl Inner {
         self: Arc<Self>,
         held: Option<Arc<SlotLease>>,
         test: Option<String>,
+        primer: Option<Primer>,
     ) -> Result<Checkout> {
         let phase = Phase::default();
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
-            let worker = self.worker(&id, deadline).await?;
+            let worker = self.worker_primed(&id, deadline, primer).await?;
             end_primed(&worker, &id).await?;
             worker.served.fetch_add(1, Ordering::Relaxed);
             Ok(Checkout {
@@ -850,7 +870,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), Arc::clone(&cell));
-        cell.get_or_try_init(|| self.provision(id, deadline, true))
+        cell.get_or_try_init(|| self.provision(id, deadline, true, None))
             .await
             .map(|_| ())
     }
@@ -979,6 +999,17 @@ impl Inner {
     }
 
     async fn worker(&self, id: &WorkerId, deadline: Instant) -> Result<Arc<Worker>> {
+        self.worker_primed(id, deadline, None).await
+    }
+
+    /// [`Inner::worker`]; a worker another process left ready is checked on a
+    /// connection `primer` opens (a driver's own), which the first test then uses.
+    async fn worker_primed(
+        &self,
+        id: &WorkerId,
+        deadline: Instant,
+        primer: Option<Primer>,
+    ) -> Result<Arc<Worker>> {
         let cell = Arc::clone(
             self.workers
                 .lock()
@@ -986,7 +1017,7 @@ impl Inner {
                 .entry(id.clone())
                 .or_default(),
         );
-        cell.get_or_try_init(|| self.provision(id, deadline, false))
+        cell.get_or_try_init(|| self.provision(id, deadline, false, primer))
             .await
             .cloned()
     }
@@ -998,6 +1029,7 @@ impl Inner {
         id: &WorkerId,
         deadline: Instant,
         reset: bool,
+        primer: Option<Primer>,
     ) -> Result<Arc<Worker>> {
         use provision::State;
         let started = Instant::now();
@@ -1011,7 +1043,10 @@ impl Inner {
         };
         if !reset
             && self.config.effective_backend() != Backend::Url
-            && let Some(worker) = self.attach_worker(id, &server, &worker_name).await?
+            && let Some(worker) = match primer {
+                Some(primer) => self.attach_primed(&server, &worker_name, primer).await?,
+                None => self.attach_worker(id, &server, &worker_name).await?,
+            }
         {
             self.stats.workers_reused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(worker = %id, target = %worker_name, elapsed = ?started.elapsed(), "worker found ready");
@@ -1149,6 +1184,83 @@ impl Inner {
             );
         }
         size
+    }
+
+    /// [`Inner::attach_worker`] for a driver of its own: the check goes on a connection
+    /// `primer` opens, in the same round trip as the first test's `BEGIN`, and fails
+    /// unless the worker is clean and the server's `max_connections` leaves room for
+    /// the pool size asked for (else the worker is provisioned the usual way, which
+    /// lowers the pool size to fit). The connection goes to the worker's stash, its
+    /// test's transaction open, for the first test.
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    async fn attach_primed(
+        &self,
+        server: &Server,
+        name: &str,
+        primer: Primer,
+    ) -> Result<Option<Arc<Worker>>> {
+        let (dbname, search_path) = match self.config.isolation {
+            Isolation::Schema => (SCHEMA_DATABASE, Some(name.to_owned())),
+            _ => (name, None),
+        };
+        let target = crate::isolation::target(self.config.isolation, name, dbname, false);
+        let setting = target
+            .setting()
+            .expect("pgfixture's own servers mark workers with settings");
+        let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        let check = format!(
+            "SELECT CASE WHEN current_setting('{setting}', true) LIKE '{mark}%' \
+                AND current_setting('{setting}', true) NOT LIKE '%{dirty}' \
+                AND current_setting('max_connections')::int >= {needed} \
+             THEN 'ready' ELSE current_setting('{NOT_READY}') END",
+            mark = provision::MARK,
+            dirty = provision::DIRTY,
+            needed = self.max_connections_for(wanted),
+        );
+        let restart =
+            provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
+        let settings = Settings::new(server, dbname, search_path.as_deref(), restart);
+        let begin = self.begin_sql(target);
+        let Some(conn) = primer(Arc::clone(&settings), format!("{check}; {begin}")).await? else {
+            return Ok(None);
+        };
+        let pool = crate::pool::build(
+            server,
+            dbname,
+            search_path.as_deref(),
+            wanted,
+            self.config.acquire_timeout,
+        );
+        let worker = Worker {
+            pool,
+            served: AtomicU64::new(0),
+            server: server.clone(),
+            dbname: dbname.to_owned(),
+            search_path,
+            target: name.to_owned(),
+            primed: Mutex::new(None),
+            settings,
+            begin,
+            idle: Mutex::new(vec![conn]),
+        };
+        Ok(Some(Arc::new(worker)))
+    }
+
+    /// The `max_connections` a server needs for every worker's pool of `wanted`
+    /// connections and what other drivers keep ([`Inner::fit_pool_size`] in reverse).
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    fn max_connections_for(&self, wanted: usize) -> usize {
+        let slot = self
+            .config
+            .worker
+            .as_ref()
+            .and_then(|w| w.as_str().parse::<usize>().ok())
+            .map_or(0, |n| n + 1);
+        let pools_per_server = match self.config.isolation {
+            Isolation::Container => 1,
+            _ => self.config.workers.max(slot),
+        };
+        (wanted + IDLE_PER_WORKER) * pools_per_server.max(1) + RESERVED_CONNECTIONS
     }
 
     /// The worker as another process left it, checked on the first pooled connection,

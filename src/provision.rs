@@ -62,7 +62,7 @@ pub(crate) async fn database_exists(client: &Client, name: &str) -> Result<bool>
 pub(crate) const MARK: &str = "pgfixture";
 /// Appended to a worker's mark while code that commits for real uses it
 /// (`worker_pool`): whoever finds the mark resets the worker before using it.
-const DIRTY: &str = " dirty";
+pub(crate) const DIRTY: &str = " dirty";
 
 /// Whether a worker database or schema exists, and whether it needs a reset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,8 +1,12 @@
 //! The sqlx driver: a `PgConnection` inside the test's transaction, begun through
 //! sqlx's own transaction manager, and a `PgPool` on the worker for code that commits.
 
+use std::any::Any;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
 
 use ::sqlx::postgres::{
     PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, PgSslMode, PgTransactionManager,
@@ -78,10 +82,17 @@ impl TestDb {
     }
 
     pub(crate) async fn acquire_named(fixture: &Fixture, test: Option<String>) -> Result<TestDb> {
-        let checkout = fixture.checkout(test).await?;
+        let checkout = fixture.checkout(test, Some(prime)).await?;
         // On the background runtime: a new connection's socket belongs to the runtime
         // that opens it, and this one outlives every test's.
         runtime::run(async move {
+            // The connection that checked the worker, its transaction begun.
+            if let Some(Primed(conn)) = checkout.take_idle::<Primed>() {
+                return Ok(TestDb {
+                    conn: Some(conn),
+                    checkout: Some(checkout),
+                });
+            }
             let begin = checkout.begin_sql().to_owned();
             let mut conn = match checkout.take_idle::<PgConnection>() {
                 Some(mut idle) => match begin_test(&mut idle, &begin).await {
@@ -219,6 +230,38 @@ impl Drop for TestDb {
             });
         }
     }
+}
+
+/// A connection that checked a worker another process left ready, and began the first
+/// test's transaction in the same round trip (the core's `attach_primed`).
+struct Primed(PgConnection);
+
+/// PostgreSQL's code for "database does not exist".
+const INVALID_CATALOG_NAME: &str = "3D000";
+/// PostgreSQL's code for "unrecognized configuration parameter": the check's way of
+/// saying that the worker is not ready.
+const UNDEFINED_OBJECT: &str = "42704";
+
+/// The core's primer for sqlx: one connection and one round trip before the first
+/// test's statement, in a nextest process that finds its worker ready. The test's
+/// transaction begins through sqlx's transaction manager, as [`begin_test`] does.
+fn prime(
+    settings: Arc<Settings>,
+    sql: String,
+) -> BoxFuture<'static, Result<Option<Box<dyn Any + Send>>>> {
+    Box::pin(async move {
+        let mut conn = match PgConnection::connect_with(&connect_options(&settings)).await {
+            Ok(conn) => conn,
+            Err(e) if code(&e) == Some(INVALID_CATALOG_NAME) => return Ok(None),
+            Err(e) => return Err(Error::sqlx("connecting to a worker")(e)),
+        };
+        let statement = AssertSqlSafe(sql).into_sql_str();
+        match PgTransactionManager::begin(&mut conn, Some(statement)).await {
+            Ok(()) => Ok(Some(Box::new(Primed(conn)) as Box<dyn Any + Send>)),
+            Err(e) if code(&e) == Some(UNDEFINED_OBJECT) => Ok(None),
+            Err(e) => Err(Error::sqlx("checking a worker")(e)),
+        }
+    })
 }
 
 /// Begins the test's transaction. On a new connection, through sqlx's transaction
