@@ -6,11 +6,17 @@
 //! [`Checkout::begin_sql`], ends it with the statements below, and hands the result to
 //! [`Checkout::end`]. Connections a driver keeps between tests go in the worker's stash
 //! ([`Checkout::take_idle`], [`Checkout::keep_idle`]), which goes with the worker when it
-//! is reset. The tokio-postgres driver is [`crate::testdb`]; the others live here, one
-//! file and one feature each.
+//! is reset. One file per driver, each but tokio-postgres behind a feature:
+//!
+//! - [`tokio_postgres`]: the core's own driver. Its connections come from the
+//!   worker's deadpool-postgres pool, which the core also uses to check and reset
+//!   workers, so it takes its handle from the core directly.
+//! - `sqlx` (feature `sqlx`): a `PgConnection` kept in the worker's stash, begun
+//!   through sqlx's transaction manager, and a `PgPool` over the core's worker pool.
 
 #[cfg(feature = "sqlx")]
 pub(crate) mod sqlx;
+pub(crate) mod tokio_postgres;
 
 use std::any::Any;
 use std::sync::Arc;

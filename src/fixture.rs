@@ -13,12 +13,12 @@ use tokio::sync::OnceCell;
 use crate::backend::Source;
 use crate::config::{Backend, Config, Isolation};
 use crate::driver::Checkout;
+use crate::driver::tokio_postgres::TestDb;
 use crate::fixtures::{FixtureSet, SharedStatement};
 use crate::isolation::schema::SCHEMA_DATABASE;
 use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
 use crate::server::Server;
 use crate::settings::Settings;
-use crate::testdb::TestDb;
 use crate::worker::{SlotLease, Slots, WorkerId};
 use crate::worker_pool::WorkerPool;
 use crate::{Error, Result, provision, runtime};
@@ -826,9 +826,11 @@ impl Inner {
                 let mut clean = true;
                 for (client, messages) in clients.iter().zip(cleaned) {
                     match messages {
-                        Ok(messages) => crate::testdb::deallocate(client, &messages)
-                            .await
-                            .map_err(Error::pg(format!("cleaning the pool of worker {id}")))?,
+                        Ok(messages) => {
+                            crate::driver::tokio_postgres::deallocate(client, &messages)
+                                .await
+                                .map_err(Error::pg(format!("cleaning the pool of worker {id}")))?
+                        }
                         Err(_) => clean = false,
                     }
                 }

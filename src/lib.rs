@@ -18,15 +18,14 @@ mod server;
 mod settings;
 mod sql;
 mod stream;
-mod testdb;
 mod worker;
 mod worker_pool;
 
 pub use config::{Backend, Config, DEFAULT_IMAGE, Env, Isolation, OsEnv, ServerUrl};
+pub use driver::tokio_postgres::{CancelToken, TestDb};
 pub use error::{Error, Result};
 pub use fixture::{Fixture, FixtureBuilder, Stats};
 pub use settings::DatabaseUrl;
-pub use testdb::{CancelToken, TestDb};
 pub use worker::WorkerId;
 pub use worker_pool::WorkerPool;
 
