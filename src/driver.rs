@@ -113,6 +113,17 @@ impl Checkout {
         self.worker.keep_idle(conn);
     }
 
+    /// The worker's server was found gone (killed, or stopped by its watchdog as this
+    /// process came for it): forgets it and provisions the worker again, on a fresh
+    /// server if need be, as the tokio-postgres path does.
+    pub(crate) async fn refresh(&mut self, primer: Option<crate::fixture::Primer>) -> Result<()> {
+        tracing::warn!(worker = %self.id, "worker's server is gone; provisioning it again");
+        self.owner.forget(&self.id);
+        let deadline = std::time::Instant::now() + self.owner.config().acquire_timeout;
+        self.worker = self.owner.worker_primed(&self.id, deadline, primer).await?;
+        Ok(())
+    }
+
     /// The test's transaction is over: when the test committed it (`committed`), the
     /// commit is reported and the worker rebuilt before the slot frees up.
     pub(crate) async fn end(self, committed: bool) -> Result<()> {

@@ -313,22 +313,33 @@ fn current_test() -> Option<String> {
 
 /// Whether `error` says the server went away (killed, stopped, unreachable) rather
 /// than that a statement failed.
-fn server_gone(error: &Error) -> bool {
+pub(crate) fn server_gone(error: &Error) -> bool {
     use tokio_postgres::error::SqlState;
+    // A refused password: the port of a server that is gone now belongs to another
+    // (the record of a stopped container is read without asking Docker).
+    let gone_codes = [
+        SqlState::ADMIN_SHUTDOWN,
+        SqlState::CRASH_SHUTDOWN,
+        SqlState::CANNOT_CONNECT_NOW,
+        SqlState::INVALID_PASSWORD,
+        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+    ];
+    #[cfg(feature = "sqlx")]
+    if let Error::Sqlx { source, .. } = error {
+        return match source {
+            ::sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|code| gone_codes.iter().any(|c| c.code() == code)),
+            // No server answer at all: refused, reset or closed connections.
+            ::sqlx::Error::Io(_) => true,
+            _ => false,
+        };
+    }
     let Some(pg) = error.postgres() else {
         return false;
     };
     match pg.code() {
-        // A refused password: the port of a server that is gone now belongs to
-        // another (the record of a stopped container is read without asking Docker).
-        Some(code) => [
-            SqlState::ADMIN_SHUTDOWN,
-            SqlState::CRASH_SHUTDOWN,
-            SqlState::CANNOT_CONNECT_NOW,
-            SqlState::INVALID_PASSWORD,
-            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-        ]
-        .contains(code),
+        Some(code) => gone_codes.contains(code),
         // No server answer at all: refused, reset or closed connections.
         None => {
             pg.is_closed()
@@ -694,7 +705,15 @@ impl Inner {
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
-            let worker = self.worker_primed(&id, deadline, primer).await?;
+            let worker = match self.worker_primed(&id, deadline, primer).await {
+                // As in `test_db`: a server found gone is forgotten and replaced.
+                Err(error) if server_gone(&error) => {
+                    tracing::warn!(worker = %id, %error, "worker's server is gone; provisioning it again");
+                    self.forget(&id);
+                    self.worker_primed(&id, deadline, primer).await?
+                }
+                other => other?,
+            };
             end_primed(&worker, &id).await?;
             worker.served.fetch_add(1, Ordering::Relaxed);
             Ok(Checkout {
@@ -932,7 +951,7 @@ impl Inner {
 
     /// Drops what this process knows of the worker and of the shared server; the next
     /// use finds (or starts) them again.
-    fn forget(&self, id: &WorkerId) {
+    pub(crate) fn forget(&self, id: &WorkerId) {
         self.workers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1006,7 +1025,7 @@ impl Inner {
 
     /// [`Inner::worker`]; a worker another process left ready is checked on a
     /// connection `primer` opens (a driver's own), which the first test then uses.
-    async fn worker_primed(
+    pub(crate) async fn worker_primed(
         &self,
         id: &WorkerId,
         deadline: Instant,

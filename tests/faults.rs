@@ -171,3 +171,50 @@ async fn a_server_out_of_connections_says_what_to_lower() {
     }
     pool.release().await.unwrap();
 }
+
+/// The same through the sqlx driver, whose connections wait in the worker's stash: the
+/// next handle after the kill gets a fresh server, not a dead connection.
+#[tokio::test]
+async fn a_killed_server_is_replaced_for_sqlx_too() {
+    use pgfixture::sqlx;
+    let fixture = own_fixture("fsqx", Isolation::Database);
+    let db = fixture.worker_db().await.unwrap();
+    let mut conn = pgfixture::sqlx::TestDb::acquire(&fixture).await.unwrap();
+    let before: String = sqlx::query_scalar("SELECT pg_postmaster_start_time()::text")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    drop(conn); // into the worker's stash
+    kill_server(&fixture, &db).await;
+    drop(db);
+    // A backend whose postmaster was SIGKILLed may answer until it notices, within
+    // moments: until then the stashed connection still works. After, the next handle
+    // must come from a fresh server, not fail on the dead connection.
+    let fresh = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let mut conn = pgfixture::sqlx::TestDb::acquire(&fixture)
+                .await
+                .expect("a handle after the kill");
+            let Ok(after) =
+                sqlx::query_scalar::<_, String>("SELECT pg_postmaster_start_time()::text")
+                    .fetch_one(&mut *conn)
+                    .await
+            else {
+                // The backend died under this query: a test in flight fails.
+                continue;
+            };
+            if after != before {
+                return conn;
+            }
+            drop(conn);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let mut conn = fresh.expect("still the killed server after a minute");
+    let users: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(users, 1, "the fresh server has the fixtures");
+}

@@ -86,34 +86,16 @@ impl TestDb {
         // On the background runtime: a new connection's socket belongs to the runtime
         // that opens it, and this one outlives every test's.
         runtime::run(async move {
-            // The connection that checked the worker, its transaction begun.
-            if let Some(Primed(conn)) = checkout.take_idle::<Primed>() {
-                return Ok(TestDb {
-                    conn: Some(conn),
-                    checkout: Some(checkout),
-                });
-            }
-            let begin = checkout.begin_sql().to_owned();
-            let mut conn = match checkout.take_idle::<PgConnection>() {
-                Some(mut idle) => match begin_test(&mut idle, &begin).await {
-                    Ok(()) => Some(idle),
-                    // Closed since (a restarted server): a new one.
-                    Err(_) => None,
-                },
-                None => None,
+            let mut checkout = checkout;
+            let conn = match open(&checkout).await {
+                Err(e) if crate::fixture::server_gone(&e) => {
+                    checkout.refresh(Some(prime)).await?;
+                    open(&checkout).await?
+                }
+                other => other?,
             };
-            if conn.is_none() {
-                let mut fresh = connect(checkout.settings(), &checkout.id).await?;
-                begin_test(&mut fresh, &begin)
-                    .await
-                    .map_err(Error::sqlx(format!(
-                        "starting the test transaction on worker {}",
-                        checkout.id
-                    )))?;
-                conn = Some(fresh);
-            }
             Ok(TestDb {
-                conn,
+                conn: Some(conn),
                 checkout: Some(checkout),
             })
         })
@@ -230,6 +212,29 @@ impl Drop for TestDb {
             });
         }
     }
+}
+
+/// A connection of the worker inside a new test transaction: the one that checked the
+/// worker, else one an earlier test left, else a new one.
+async fn open(checkout: &Checkout) -> Result<PgConnection> {
+    if let Some(Primed(conn)) = checkout.take_idle::<Primed>() {
+        return Ok(conn);
+    }
+    let begin = checkout.begin_sql();
+    if let Some(mut idle) = checkout.take_idle::<PgConnection>()
+        && begin_test(&mut idle, begin).await.is_ok()
+    {
+        return Ok(idle);
+    }
+    // None, or closed since (a restarted server): a new one.
+    let mut fresh = connect(checkout.settings(), &checkout.id).await?;
+    begin_test(&mut fresh, begin)
+        .await
+        .map_err(Error::sqlx(format!(
+            "starting the test transaction on worker {}",
+            checkout.id
+        )))?;
+    Ok(fresh)
 }
 
 /// A connection that checked a worker another process left ready, and began the first
