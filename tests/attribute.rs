@@ -175,6 +175,45 @@ mod sqlx_handles {
         conn.close().await.unwrap();
     }
 
+    /// The application's migrator, as `sqlx::migrate!` embeds it.
+    static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations/sqlx");
+
+    async fn accounts(conn: &mut PgConnection) -> Option<String> {
+        sqlx::query_scalar("SELECT to_regclass('accounts')::text")
+            .fetch_one(conn)
+            .await
+            .unwrap()
+    }
+
+    async fn recorded_versions(conn: &mut PgConnection) -> Vec<i64> {
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(conn)
+            .await
+            .unwrap()
+    }
+
+    #[pgfixture::test(migrations = "tests/migrations/sqlx")]
+    async fn takes_a_migrations_folder(mut db: pgfixture::sqlx::TestDb) {
+        assert!(accounts(&mut db).await.is_some());
+        assert_eq!(recorded_versions(&mut db).await, [1, 2, 10]);
+        // The application's own start-up migration finds nothing to do.
+        MIGRATOR.run(&mut *db).await.unwrap();
+        alone(&mut db).await;
+    }
+
+    #[pgfixture::test(migrator = "MIGRATOR")]
+    async fn takes_a_migrator(mut db: pgfixture::sqlx::TestDb) {
+        assert!(accounts(&mut db).await.is_some());
+        assert_eq!(recorded_versions(&mut db).await, [1, 2, 10]);
+        alone(&mut db).await;
+    }
+
+    #[pgfixture::test(migrations = false, fixtures("seed_notes"))]
+    async fn takes_no_migrations(mut db: pgfixture::sqlx::TestDb) {
+        assert_eq!(accounts(&mut db).await, None);
+        alone(&mut db).await;
+    }
+
     #[pgfixture::test]
     async fn takes_a_sqlx_worker_pool(pool: pgfixture::sqlx::WorkerPool) {
         let mut conn = pool.acquire().await.unwrap();
