@@ -18,7 +18,9 @@
 //!
 //! pgfixture's runs start their own server each time (a new run id per process):
 //! their wall time includes the cold start and the template build, which a
-//! `#[sqlx::test]` run does not pay here because its server is already up.
+//! `#[sqlx::test]` run does not pay here because its server is already up. Both use the
+//! backend the environment selects (`PGFIXTURE_BACKEND=local` for the figures in
+//! BENCHMARKS.md).
 //!
 //! `BENCH_TESTS` (default 40) sets the tests per file, `BENCH_REPEAT` (default 3) the
 //! runs per cell, `BENCH_THREADS` (default `1,2,4,8`) the thread counts, and
@@ -205,8 +207,11 @@ fn field(line: &str, key: &str) -> Option<String> {
 /// Runs `binary` with `threads` test threads; its wall time.
 fn run(binary: &Path, dir: &Path, threads: usize, database_url: &str) -> Duration {
     let started = Instant::now();
+    // RUST_TEST_THREADS rather than --test-threads: pgfixture sizes its in-process
+    // worker slots from the variable (the flag alone leaves them at the core count).
     let output = Command::new(binary)
-        .args(["--test-threads", &threads.to_string(), "-q"])
+        .arg("-q")
+        .env("RUST_TEST_THREADS", threads.to_string())
         .current_dir(dir)
         .env("CARGO_MANIFEST_DIR", dir)
         .env("DATABASE_URL", database_url)
