@@ -123,7 +123,8 @@ pub struct Config {
     /// A fixed worker id for this process. `PGFIXTURE_WORKER`, else
     /// `NEXTEST_TEST_GLOBAL_SLOT`; default none: in-process slots.
     pub worker: Option<WorkerId>,
-    /// In-process worker slots. `PGFIXTURE_WORKERS`; default `RUST_TEST_THREADS`, else
+    /// In-process worker slots. `PGFIXTURE_WORKERS`; default the test harness's
+    /// `--test-threads` argument or `RUST_TEST_THREADS`, else
     /// the available parallelism (at least 2, so that a test that waits on another does
     /// not starve).
     pub workers: usize,
@@ -238,6 +239,12 @@ impl Default for Config {
 pub trait Env {
     /// The value of `name`, if set (an empty value counts as unset).
     fn var(&self, name: &str) -> Option<String>;
+
+    /// The test harness's `--test-threads` argument (`cargo test -- --test-threads 8`),
+    /// when the process was given one. None by default.
+    fn test_threads_arg(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The process environment.
@@ -248,6 +255,28 @@ impl Env for OsEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
     }
+
+    fn test_threads_arg(&self) -> Option<String> {
+        test_threads_arg(std::env::args())
+    }
+}
+
+/// The value of `--test-threads N` or `--test-threads=N` among a test binary's
+/// arguments (the harness takes the last one given).
+fn test_threads_arg(args: impl IntoIterator<Item = String>) -> Option<String> {
+    let mut found = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            break;
+        }
+        if arg == "--test-threads" {
+            found = args.next();
+        } else if let Some(value) = arg.strip_prefix("--test-threads=") {
+            found = Some(value.to_owned());
+        }
+    }
+    found
 }
 
 impl Env for HashMap<&str, &str> {
@@ -325,9 +354,11 @@ impl Config {
             )?),
             (None, None) => None,
         };
-        let test_threads = match env.var("RUST_TEST_THREADS") {
-            Some(v) => Some(parse_count("RUST_TEST_THREADS", &v, MAX_WORKERS)?),
-            None => None,
+        // The harness takes its argument over the variable; so do the worker slots.
+        let test_threads = match (env.test_threads_arg(), env.var("RUST_TEST_THREADS")) {
+            (Some(v), _) => Some(parse_count("--test-threads", &v, MAX_WORKERS)?),
+            (None, Some(v)) => Some(parse_count("RUST_TEST_THREADS", &v, MAX_WORKERS)?),
+            (None, None) => None,
         };
         config.workers = match env.var("PGFIXTURE_WORKERS") {
             Some(v) => parse_count("PGFIXTURE_WORKERS", &v, MAX_WORKERS)?,
@@ -1139,6 +1170,39 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.worker.unwrap().as_str(), "a");
+    }
+
+    #[test]
+    fn the_test_threads_argument_is_read_like_the_harness_does() {
+        let args = |a: &[&str]| test_threads_arg(a.iter().map(|s| (*s).to_owned()));
+        assert_eq!(args(&["bin", "--test-threads", "8"]), Some("8".into()));
+        assert_eq!(args(&["bin", "--test-threads=3", "-q"]), Some("3".into()));
+        assert_eq!(
+            args(&["bin", "--test-threads=3", "--test-threads", "5"]),
+            Some("5".into())
+        );
+        assert_eq!(args(&["bin", "--exact", "name"]), None);
+        assert_eq!(args(&["bin", "--", "--test-threads", "8"]), None);
+
+        struct Args(&'static str, Option<&'static str>);
+        impl Env for Args {
+            fn var(&self, name: &str) -> Option<String> {
+                (name == "RUST_TEST_THREADS")
+                    .then(|| self.1.map(str::to_owned))
+                    .flatten()
+            }
+            fn test_threads_arg(&self) -> Option<String> {
+                Some(self.0.to_owned())
+            }
+        }
+        assert_eq!(
+            Config::from_lookup(&Args("7", Some("3"))).unwrap().workers,
+            7
+        );
+        let e = Config::from_lookup(&Args("0", None))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--test-threads"), "{e}");
     }
 
     #[test]
