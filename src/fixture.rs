@@ -664,7 +664,7 @@ impl Inner {
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
             let ready = async {
-                let worker = self.worker(&id, deadline).await?;
+                let worker = self.worker_primed(&id, deadline, None).await?;
                 phase.set(format!("a pooled connection of worker {id}"));
                 let client = self.begin(&worker, &id).await?;
                 Ok::<_, Error>((worker, client))
@@ -680,7 +680,7 @@ impl Inner {
                     phase.set(format!(
                         "worker {id} to be provisioned again (its server was gone)"
                     ));
-                    let fresh = self.worker(&id, deadline).await?;
+                    let fresh = self.worker_primed(&id, deadline, None).await?;
                     let client = self.begin(&fresh, &id).await?;
                     (fresh, client)
                 }
@@ -733,7 +733,7 @@ impl Inner {
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
-            let worker = self.worker(&id, deadline).await?;
+            let worker = self.worker_primed(&id, deadline, None).await?;
             end_primed(&worker, &id).await?;
             let target = self.target(&worker);
             // Code under test gets the worker's own pool, whose connections are warm;
@@ -828,7 +828,7 @@ impl Inner {
     ) -> Result<()> {
         let deadline = Instant::now() + self.config.acquire_timeout;
         if let Some(before) = before {
-            let worker = self.worker(id, deadline).await?;
+            let worker = self.worker_primed(id, deadline, None).await?;
             let target = self.target(&worker);
             let status = worker.pool.status();
             // A connection still out (held past the guard) could change it later.
@@ -891,7 +891,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), Arc::clone(&cell));
-        cell.get_or_try_init(|| self.provision(id, deadline, true, None))
+        cell.get_or_try_init(|| self.provision_boxed(id, deadline, true, None))
             .await
             .map(|_| ())
     }
@@ -1019,10 +1019,6 @@ impl Inner {
             .cloned()
     }
 
-    async fn worker(&self, id: &WorkerId, deadline: Instant) -> Result<Arc<Worker>> {
-        self.worker_primed(id, deadline, None).await
-    }
-
     /// [`Inner::worker`]; a worker another process left ready is checked on a
     /// connection `primer` opens (a driver's own), which the first test then uses.
     pub(crate) async fn worker_primed(
@@ -1038,9 +1034,23 @@ impl Inner {
                 .entry(id.clone())
                 .or_default(),
         );
-        cell.get_or_try_init(|| self.provision(id, deadline, false, primer))
+        cell.get_or_try_init(|| self.provision_boxed(id, deadline, false, primer))
             .await
             .cloned()
+    }
+
+    /// [`Inner::provision`], boxed: the futures of provisioning nest deep (backends,
+    /// modes, templates), and a caller's future that held them inline made rustc's
+    /// layout queries overflow their depth limit in crates that await a handle.
+    /// Provisioning costs milliseconds; the allocation costs nothing next to it.
+    fn provision_boxed<'a>(
+        &'a self,
+        id: &'a WorkerId,
+        deadline: Instant,
+        reset: bool,
+        primer: Option<Primer>,
+    ) -> futures::future::BoxFuture<'a, Result<Arc<Worker>>> {
+        Box::pin(self.provision(id, deadline, reset, primer))
     }
 
     /// Makes (or finds) the worker's database or schema and its pool; rebuilds it from
