@@ -61,6 +61,11 @@ async fn applies_fixtures_from_a_path(db: TestDb) {
     assert_eq!(notes(&db, "attribute").await, 1);
 }
 
+#[pgfixture::test(fixtures("fixtures/seed_notes.sql"))]
+async fn applies_fixtures_by_explicit_path(db: TestDb) {
+    assert_eq!(notes(&db, "attribute").await, 1);
+}
+
 #[pgfixture::test]
 async fn sees_no_fixture_of_other_tests(db: TestDb) {
     assert_eq!(

@@ -108,6 +108,29 @@ async fn a_raw_commit_is_found_and_the_worker_reset() {
 }
 
 #[tokio::test]
+async fn a_begin_commit_of_its_own_is_found_and_the_worker_reset() {
+    let fixture = single_worker();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let leaks = fixture.stats().commit_leaks;
+    sqlx::raw_sql("BEGIN; INSERT INTO notes (owner, body) VALUES ('sqlx-own-commit', 'x'); COMMIT")
+        .execute(&mut *db)
+        .await
+        .unwrap();
+    db.release().await.unwrap();
+    assert_eq!(
+        fixture.stats().commit_leaks,
+        leaks + 1,
+        "the commit was not found"
+    );
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert_eq!(
+        count(&mut db, "sqlx-own-commit").await,
+        0,
+        "the committed row leaked"
+    );
+}
+
+#[tokio::test]
 async fn a_failed_statement_does_not_poison_the_next_test() {
     let fixture = single_worker();
     let mut db = TestDb::acquire(&fixture).await.unwrap();
