@@ -554,22 +554,34 @@ impl Fixture {
 
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     /// The calling test's worker, for a driver to hand out a connection of its own
-    /// ([`crate::driver`]); `test` names the test, else its thread's name does.
-    pub(crate) async fn checkout(
+    /// ([`crate::driver`]): `then` runs on the background runtime with it, where new
+    /// connections must be opened. `test` names the test, else its thread's name does.
+    pub(crate) async fn checkout<T, F, Fut>(
         &self,
         test: Option<String>,
         primer: Option<Primer>,
-    ) -> Result<Checkout> {
+        then: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(Checkout) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send,
+        T: Send + 'static,
+    {
         let inner = Arc::clone(&self.inner);
         let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
         let reused_lease = held.is_some();
         let test = test.or_else(current_test);
-        let checkout =
-            runtime::run(async move { inner.checkout(held, test, primer).await }).await?;
-        if !reused_lease && let Some(lease) = &checkout.lease {
+        // One trip to the background runtime for the worker and the driver's work on it.
+        let (lease, handed) = runtime::run(async move {
+            let checkout = inner.checkout(held, test, primer).await?;
+            let lease = checkout.lease.clone();
+            Ok::<_, Error>((lease, then(checkout).await?))
+        })
+        .await?;
+        if !reused_lease && let Some(lease) = &lease {
             Slots::remember(self.inner.id, lease);
         }
-        Ok(checkout)
+        Ok(handed)
     }
 
     /// The worker id of the calling test: the fixed id of this process, else the slot

@@ -82,25 +82,22 @@ impl TestDb {
     }
 
     pub(crate) async fn acquire_named(fixture: &Fixture, test: Option<String>) -> Result<TestDb> {
-        let checkout = fixture.checkout(test, Some(prime)).await?;
-        // On the background runtime: a new connection's socket belongs to the runtime
-        // that opens it, and this one outlives every test's.
-        runtime::run(async move {
-            let mut checkout = checkout;
-            let conn = match open(&checkout).await {
-                Err(e) if crate::fixture::server_gone(&e) => {
-                    checkout.refresh(Some(prime)).await?;
-                    open(&checkout).await?
-                }
-                other => other?,
-            };
-            Ok(TestDb {
-                conn: Some(conn),
-                checkout: Some(checkout),
+        fixture
+            .checkout(test, Some(prime), |mut checkout| async move {
+                let conn = match open(&checkout).await {
+                    Err(e) if crate::fixture::server_gone(&e) => {
+                        checkout.refresh(Some(prime)).await?;
+                        open(&checkout).await?
+                    }
+                    other => other?,
+                };
+                Ok(TestDb {
+                    conn: Some(conn),
+                    checkout: Some(checkout),
+                })
             })
-        })
-        .await
-        .map_err(Error::with_connection_advice)
+            .await
+            .map_err(Error::with_connection_advice)
     }
 
     fn checkout(&self) -> &Checkout {
@@ -222,7 +219,7 @@ async fn open(checkout: &Checkout) -> Result<PgConnection> {
     }
     let begin = checkout.begin_sql();
     if let Some(mut idle) = checkout.take_idle::<PgConnection>()
-        && begin_test(&mut idle, begin).await.is_ok()
+        && send_begin(&mut idle, begin).is_ok()
     {
         return Ok(idle);
     }
@@ -235,6 +232,24 @@ async fn open(checkout: &Checkout) -> Result<PgConnection> {
             checkout.id
         )))?;
     Ok(fresh)
+}
+
+/// Sends the test's `BEGIN` on a connection an earlier test left, without waiting for
+/// its answer: sqlx keeps a dropped query's answer to read before the next one, so the
+/// test's first statement follows the `BEGIN` on the wire, in the same round trip, as
+/// on the tokio-postgres path. A `BEGIN` that fails (a connection closed since) fails
+/// the test's first statement, and its end discards the connection.
+fn send_begin(conn: &mut PgConnection, begin: &str) -> Result<(), ::sqlx::Error> {
+    use futures::FutureExt;
+    debug_assert!(PgTransactionManager::get_transaction_depth(conn) > 0);
+    match ::sqlx::raw_sql(AssertSqlSafe(begin.to_owned()))
+        .execute(conn)
+        .now_or_never()
+    {
+        Some(Err(e)) => Err(e),
+        // Answered already, or on its way.
+        _ => Ok(()),
+    }
 }
 
 /// A connection that checked a worker another process left ready, and began the first
