@@ -745,17 +745,25 @@ impl Inner {
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
-            let worker = self.worker_primed(&id, deadline, None).await?;
-            end_primed(&worker, &id).await?;
+            let (worker, clients) = match self.pool_worker(&id, deadline).await {
+                // As in `test_db`: a server found gone (a stale record of a container
+                // its watchdog stopped) is forgotten and replaced.
+                Err(error) if server_gone(&error) => {
+                    tracing::warn!(worker = %id, %error, "worker's server is gone; provisioning it again");
+                    self.forget(&id);
+                    phase.set(format!(
+                        "worker {id} to be provisioned again (its server was gone)"
+                    ));
+                    self.pool_worker(&id, deadline).await?
+                }
+                other => other?,
+            };
             let target = self.target(&worker);
             // Code under test gets the worker's own pool, whose connections are warm;
             // the connections it opens itself from the pool's settings carry a name of
             // their own, so that the release can tell when they are all closed.
             let mut server = worker.server.clone();
             server.application_name = pool_application_name(&server.application_name, &id);
-            // Every idle connection of the pool, so that each hands its pending
-            // statistics to the server before the first reading.
-            let clients = idle_connections(&worker, &id).await?;
             // Marked first: if this process dies while the pool is out, whoever takes
             // the worker next finds the mark and resets it.
             clients[0]
@@ -785,6 +793,19 @@ impl Inner {
         })
         .await
         .map_err(Error::with_connection_advice)
+    }
+
+    /// The worker of a worker pool, and every idle connection of its pool, so that
+    /// each hands its pending statistics to the server before the first reading.
+    async fn pool_worker(
+        &self,
+        id: &WorkerId,
+        deadline: Instant,
+    ) -> Result<(Arc<Worker>, Vec<deadpool_postgres::Object>)> {
+        let worker = self.worker_primed(id, deadline, None).await?;
+        end_primed(&worker, id).await?;
+        let clients = idle_connections(&worker, id).await?;
+        Ok((worker, clients))
     }
 
     /// A maintenance connection to `server`, from a small pool kept per server: a new
