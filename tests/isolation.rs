@@ -195,22 +195,29 @@ async fn isolated_test(name: &str, spin: u64) {
     // schema (schema), never twice: count the marker roles the fixture makes, of the
     // databases that exist. A template build killed midway (the soak) leaves the role
     // of its dropped database, as it would leave any role a fixture file committed.
-    // The schemas of a clone have its template's oids.
-    let applied: i64 = db
+    // The schemas of a clone have its template's oids, so a clone matches no role. A
+    // server may hold several templates (under nextest, the suites with migrations of
+    // their own share the run's server): one role per template, none for a worker.
+    // One statement, one snapshot; a template still being built (`..._new`) is left
+    // out of both counts.
+    let row = db
         .query_one(
-            "SELECT count(*) FROM pg_roles r, pg_database d, pg_namespace n \
-             WHERE r.rolname = 'pgfx_applied_' || md5(d.oid::text || '/' || n.oid::text)",
+            "SELECT (SELECT count(*) FROM pg_roles r, pg_database d, pg_namespace n \
+                      WHERE r.rolname = 'pgfx_applied_' || md5(d.oid::text || '/' || n.oid::text) \
+                        AND d.datname NOT LIKE '%\\_new'), \
+                    (SELECT count(*) FROM pg_database \
+                      WHERE datname LIKE 'pgfx\\_t\\_%' AND datname NOT LIKE '%\\_new')",
             &[],
         )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let (applied, templates): (i64, i64) = (row.get(0), row.get(1));
     let isolation = pgfixture::Fixture::from_env().unwrap().config().isolation;
     match isolation {
         Isolation::Database | Isolation::Container => {
             assert_eq!(
-                applied, 1,
-                "{name}: fixtures applied {applied} times on one server"
+                applied, templates,
+                "{name}: fixtures applied {applied} times for {templates} templates on one server"
             )
         }
         Isolation::Schema => {
