@@ -354,11 +354,15 @@ impl Config {
             )?),
             (None, None) => None,
         };
-        // The harness takes its argument over the variable; so do the worker slots.
-        let test_threads = match (env.test_threads_arg(), env.var("RUST_TEST_THREADS")) {
-            (Some(v), _) => Some(parse_count("--test-threads", &v, MAX_WORKERS)?),
-            (None, Some(v)) => Some(parse_count("RUST_TEST_THREADS", &v, MAX_WORKERS)?),
-            (None, None) => None,
+        // The harness takes its argument over the variable; so do the worker slots. An
+        // invalid variable is an error either way.
+        let from_var = match env.var("RUST_TEST_THREADS") {
+            Some(v) => Some(parse_count("RUST_TEST_THREADS", &v, MAX_WORKERS)?),
+            None => None,
+        };
+        let test_threads = match env.test_threads_arg() {
+            Some(v) => Some(parse_count("--test-threads", &v, MAX_WORKERS)?),
+            None => from_var,
         };
         config.workers = match env.var("PGFIXTURE_WORKERS") {
             Some(v) => parse_count("PGFIXTURE_WORKERS", &v, MAX_WORKERS)?,
