@@ -270,7 +270,7 @@ fn prime(
     sql: String,
 ) -> BoxFuture<'static, Result<Option<Box<dyn Any + Send>>>> {
     Box::pin(async move {
-        let mut conn = match PgConnection::connect_with(&connect_options(&settings)).await {
+        let mut conn = match connect_within(&settings).await {
             Ok(conn) => conn,
             Err(e) if code(&e) == Some(INVALID_CATALOG_NAME) => return Ok(None),
             Err(e) => return Err(Error::sqlx("connecting to a worker")(e)),
@@ -392,9 +392,29 @@ pub(crate) fn connect_options(settings: &Settings) -> PgConnectOptions {
 
 /// A new connection to the worker, opened on the calling runtime (the background one).
 async fn connect(settings: &Settings, worker: &WorkerId) -> Result<PgConnection> {
-    PgConnection::connect_with(&connect_options(settings))
+    connect_within(settings)
         .await
         .map_err(Error::sqlx(format!("connecting to worker {worker}")))
+}
+
+/// sqlx's connect, within the connect timeout of the worker's settings (sqlx has none
+/// of its own): the address of a server that is gone can stay silent. A timeout is an
+/// I/O error, which counts as the server being gone.
+async fn connect_within(settings: &Settings) -> Result<PgConnection, ::sqlx::Error> {
+    let limit = settings
+        .pg_config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(std::time::Duration::from_secs(5));
+    match tokio::time::timeout(
+        limit,
+        PgConnection::connect_with(&connect_options(settings)),
+    )
+    .await
+    {
+        Ok(connected) => connected,
+        Err(_) => Err(::sqlx::Error::Io(std::io::ErrorKind::TimedOut.into())),
+    }
 }
 
 /// A sqlx [`PgPool`] on the current worker's database (or schema), for code under
