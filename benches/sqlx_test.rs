@@ -14,7 +14,10 @@
 //!   migration run in it, on a server this bench starts (through pgfixture, with the
 //!   same settings) and passes as `DATABASE_URL`;
 //! - `renamed`: the same file with the attribute renamed to `#[pgfixture::test]`;
-//! - `test_db`: the same tests taking `pgfixture::sqlx::TestDb`.
+//! - `test_db`: the same tests taking `pgfixture::sqlx::TestDb`, from cold (a server
+//!   to start, the template to build) and reused (`PGFIXTURE_REUSE=1` after one run
+//!   that is not measured: the edit-test loop, and the fair match for a
+//!   `#[sqlx::test]` server that is already up).
 //!
 //! pgfixture's runs start their own server each time (a new run id per process):
 //! their wall time includes the cold start and the template build, which a
@@ -22,7 +25,7 @@
 //! backend the environment selects (`PGFIXTURE_BACKEND=local` for the figures in
 //! BENCHMARKS.md).
 //!
-//! `BENCH_TESTS` (default 40) sets the tests per file, `BENCH_REPEAT` (default 3) the
+//! `BENCH_TESTS` (default 100) sets the tests per file, `BENCH_REPEAT` (default 3) the
 //! runs per cell, `BENCH_THREADS` (default `1,2,4,8`) the thread counts, and
 //! `BENCH_BUILD=0` skips the build-time part. Medians are printed.
 
@@ -142,32 +145,26 @@ tokio = {{ version = "1", features = ["macros", "rt-multi-thread"] }}
             "&mut *db",
         ),
     );
-    // Build time: 100 tests per file, each attribute.
-    let build = |attr: &str, param: &str, conn: &str| {
+    // Build time: 100 tests per file, each attribute, the same trivial body, so that
+    // only what the attribute generates differs.
+    let build = |attr: &str, param: &str| {
         let mut text = String::from("#![allow(unused)]\nuse sqlx::PgPool;\n\n");
         for n in 0..100 {
-            let body = if conn.is_empty() {
-                format!("    assert_eq!({n} + 1, {});\n", n + 1)
-            } else {
-                body(n, conn)
-            };
             text.push_str(&format!(
-                "#[{attr}]\nasync fn t{n}({param}) {{\n{body}}}\n\n"
+                "#[{attr}]\nasync fn t{n}({param}) {{\n    assert_eq!({n} + 1, {});\n}}\n\n",
+                n + 1
             ));
         }
         text
     };
-    write(
-        &dir.join("tests/build_tokio.rs"),
-        &build("tokio::test", "", ""),
-    );
+    write(&dir.join("tests/build_tokio.rs"), &build("tokio::test", ""));
     write(
         &dir.join("tests/build_pgfixture.rs"),
-        &build("pgfixture::test", "pool: PgPool", "&pool"),
+        &build("pgfixture::test", "_pool: PgPool"),
     );
     write(
         &dir.join("tests/build_sqlx.rs"),
-        &build("sqlx::test", "pool: PgPool", "&pool"),
+        &build("sqlx::test", "_pool: PgPool"),
     );
 }
 
@@ -205,7 +202,13 @@ fn field(line: &str, key: &str) -> Option<String> {
 }
 
 /// Runs `binary` with `threads` test threads; its wall time.
-fn run(binary: &Path, dir: &Path, threads: usize, database_url: &str) -> Duration {
+fn run(
+    binary: &Path,
+    dir: &Path,
+    threads: usize,
+    database_url: &str,
+    extra: &[(&str, &str)],
+) -> Duration {
     let started = Instant::now();
     // RUST_TEST_THREADS rather than --test-threads: pgfixture sizes its in-process
     // worker slots from the variable (the flag alone leaves them at the core count).
@@ -215,6 +218,9 @@ fn run(binary: &Path, dir: &Path, threads: usize, database_url: &str) -> Duratio
         .current_dir(dir)
         .env("CARGO_MANIFEST_DIR", dir)
         .env("DATABASE_URL", database_url)
+        // Servers of finished runs go soon, so that they do not pile up between runs.
+        .env("PGFIXTURE_GRACE", "2")
+        .envs(extra.iter().copied())
         .env_remove("PGFIXTURE_RUN_ID")
         .env_remove("NEXTEST_RUN_ID")
         .output()
@@ -253,7 +259,7 @@ fn rebuild(dir: &Path, target: &str) -> Duration {
 }
 
 fn main() {
-    let tests = env_or("BENCH_TESTS", 40);
+    let tests = env_or("BENCH_TESTS", 100);
     let repeat = env_or("BENCH_REPEAT", 3);
     let threads: Vec<usize> = std::env::var("BENCH_THREADS")
         .unwrap_or_else(|_| "1,2,4,8".into())
@@ -300,26 +306,46 @@ fn main() {
         "#[sqlx::test] against #[pgfixture::test]: {tests} tests, {MIGRATIONS} migrations, median of {repeat} runs (wall time of the test binary)"
     );
     println!(
-        "{:<9} {:>12} {:>18} {:>18} {:>10} {:>10}",
-        "threads", "sqlx::test", "renamed (PgPool)", "sqlx::TestDb", "ratio", "ratio"
+        "{:<8} {:>11} {:>17} {:>14} {:>16} {:>8} {:>8} {:>8}",
+        "threads",
+        "sqlx::test",
+        "renamed (PgPool)",
+        "TestDb, cold",
+        "TestDb, reused",
+        "ratio",
+        "ratio",
+        "ratio"
     );
+    let reuse = [("PGFIXTURE_REUSE", "1"), ("PGFIXTURE_REUSE_IDLE", "60")];
     for &t in &threads {
         let mut cells = Vec::new();
-        for name in ["sqlx_test", "renamed", "test_db"] {
+        for (name, extra) in [
+            ("sqlx_test", &[][..]),
+            ("renamed", &[][..]),
+            ("test_db", &[][..]),
+            ("test_db", &reuse[..]),
+        ] {
             let path = binary(name);
+            if !extra.is_empty() {
+                // The run that leaves servers, templates and workers for the next.
+                run(&path, &dir, t, &database_url, extra);
+            }
             let runs: Vec<Duration> = (0..repeat)
-                .map(|_| run(&path, &dir, t, &database_url))
+                .map(|_| run(&path, &dir, t, &database_url, extra))
                 .collect();
             cells.push(median(runs));
         }
+        let ratio = |i: usize| cells[0].as_secs_f64() / cells[i].as_secs_f64();
         println!(
-            "{:<9} {:>12} {:>18} {:>18} {:>9.1}x {:>9.1}x",
+            "{:<8} {:>11} {:>17} {:>14} {:>16} {:>7.1}x {:>7.1}x {:>7.1}x",
             t,
             secs(cells[0]),
             secs(cells[1]),
             secs(cells[2]),
-            cells[0].as_secs_f64() / cells[1].as_secs_f64(),
-            cells[0].as_secs_f64() / cells[2].as_secs_f64(),
+            secs(cells[3]),
+            ratio(1),
+            ratio(2),
+            ratio(3),
         );
     }
     drop(db);
