@@ -584,6 +584,59 @@ impl Fixture {
         Ok(handed)
     }
 
+    /// The calling test's worker, with a connection of type `T` that an earlier test
+    /// left in its stash, when the worker is ready in this process and a slot is free
+    /// now: taken without waiting and without a trip to the background runtime, so
+    /// that a driver hands the connection out in the caller's own task. `None` when
+    /// anything would have to wait or be done first (a slot, provisioning, the check's
+    /// connection to end, a connection to open): take [`Fixture::checkout`] then.
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    pub(crate) fn checkout_now<T: std::any::Any>(
+        &self,
+        test: Option<String>,
+    ) -> Option<(Checkout, T)> {
+        let inner = &self.inner;
+        let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
+        let fresh = held.is_none();
+        let lease = match (&inner.slots, held) {
+            (Some(_), Some(lease)) => Some(lease),
+            (Some(slots), None) => Some(slots.try_acquire()?),
+            (None, _) => None,
+        };
+        let id = match (&lease, &inner.config.worker) {
+            (Some(lease), _) => lease.worker(),
+            (None, Some(id)) => id.clone(),
+            (None, None) => return None,
+        };
+        let worker = inner
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .and_then(|cell| cell.get().cloned())?;
+        if worker
+            .primed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return None;
+        }
+        let conn = worker.take_idle::<T>()?;
+        if fresh && let Some(lease) = &lease {
+            Slots::remember(inner.id, lease);
+        }
+        worker.served.fetch_add(1, Ordering::Relaxed);
+        let checkout = Checkout {
+            id,
+            lease,
+            worker,
+            owner: Arc::clone(inner),
+            test: test.or_else(current_test),
+        };
+        Some((checkout, conn))
+    }
+
     /// The worker id of the calling test: the fixed id of this process, else the slot
     /// this thread holds, else `None` (no handle held yet).
     pub fn worker_id(&self) -> Option<WorkerId> {

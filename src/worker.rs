@@ -120,6 +120,23 @@ impl Slots {
         HELD.with(|held| held.borrow_mut().push((owner, Arc::downgrade(lease))));
     }
 
+    /// A free slot, if one is free now (no waiting).
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Arc<SlotLease>> {
+        let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
+        let id = self
+            .free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_first()
+            .expect("a permit guarantees a free slot id");
+        Some(Arc::new(SlotLease {
+            slots: Arc::clone(self),
+            id,
+            _permit: permit,
+        }))
+    }
+
     /// Waits for a free slot; the lowest free id is taken, so few workers are
     /// provisioned when few tests run at once.
     pub(crate) async fn acquire(self: &Arc<Self>) -> Arc<SlotLease> {

@@ -82,6 +82,17 @@ impl TestDb {
     }
 
     pub(crate) async fn acquire_named(fixture: &Fixture, test: Option<String>) -> Result<TestDb> {
+        // The common case, in the caller's own task: the worker is ready, and a
+        // connection an earlier test left waits in its stash.
+        if let Some((checkout, mut conn)) = fixture.checkout_now::<PgConnection>(test.clone())
+            && send_begin(&mut conn, checkout.begin_sql()).is_ok()
+        {
+            return Ok(TestDb {
+                conn: Some(conn),
+                checkout: Some(checkout),
+            });
+        }
+        // None, or closed since: the checked way, with a new connection if need be.
         fixture
             .checkout(test, Some(prime), |mut checkout| async move {
                 let conn = match open(&checkout).await {
@@ -140,7 +151,18 @@ impl TestDb {
     ///
     /// [`Error::Sqlx`] when the rollback fails; the connection is then closed.
     pub async fn release(mut self) -> Result<()> {
-        runtime::run(self.finish()).await
+        let (Some(conn), Some(checkout)) = (self.conn.take(), self.checkout.take()) else {
+            return Ok(());
+        };
+        // The rollback in the caller's own task (the connection's socket works from
+        // any runtime); only a reset, after a commit, goes to the background runtime.
+        let limit = checkout.owner.config().acquire_timeout;
+        let ended = tokio::time::timeout(limit, end_test(conn)).await;
+        if matches!(ended, Ok(Ok((_, true)))) {
+            runtime::run(after_end(checkout, ended, limit)).await
+        } else {
+            after_end(checkout, ended, limit).await
+        }
     }
 
     fn finish(&mut self) -> impl Future<Output = Result<()>> + Send + 'static {
@@ -151,31 +173,40 @@ impl TestDb {
                 return Ok(());
             };
             let limit = checkout.owner.config().acquire_timeout;
-            match tokio::time::timeout(limit, end_test(conn)).await {
-                Ok(Ok((conn, committed))) => {
-                    if !committed {
-                        checkout.keep_idle(conn);
-                    }
-                    checkout.end(committed).await
-                }
-                Ok(Err(e)) => {
-                    let worker = checkout.id.clone();
-                    checkout.end(false).await?;
-                    Err(Error::sqlx(format!(
-                        "rolling back the test transaction of worker {worker}"
-                    ))(e))
-                }
-                Err(_) => {
-                    let worker = checkout.id.clone();
-                    checkout.end(false).await?;
-                    Err(Error::AcquireTimeout {
-                        timeout: limit,
-                        waiting_for: format!(
-                            "the rollback of a test transaction on worker {worker}"
-                        ),
-                    })
-                }
+            let ended = tokio::time::timeout(limit, end_test(conn)).await;
+            after_end(checkout, ended, limit).await
+        }
+    }
+}
+
+/// How a test's transaction ended ([`end_test`], within a time limit).
+type Ended = Result<Result<(PgConnection, bool), ::sqlx::Error>, tokio::time::error::Elapsed>;
+
+/// What follows the end of a test's transaction: the connection goes back to the
+/// worker's stash, or after a commit the worker is reset (on the background runtime),
+/// or a failed end is reported and its connection closed.
+async fn after_end(checkout: Checkout, ended: Ended, limit: std::time::Duration) -> Result<()> {
+    match ended {
+        Ok(Ok((conn, committed))) => {
+            if !committed {
+                checkout.keep_idle(conn);
             }
+            checkout.end(committed).await
+        }
+        Ok(Err(e)) => {
+            let worker = checkout.id.clone();
+            checkout.end(false).await?;
+            Err(Error::sqlx(format!(
+                "rolling back the test transaction of worker {worker}"
+            ))(e))
+        }
+        Err(_) => {
+            let worker = checkout.id.clone();
+            checkout.end(false).await?;
+            Err(Error::AcquireTimeout {
+                timeout: limit,
+                waiting_for: format!("the rollback of a test transaction on worker {worker}"),
+            })
         }
     }
 }
