@@ -172,6 +172,8 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             #body
         }
 
+        // Not in test builds, where the test function itself checks the same.
+        #[cfg(not(test))]
         const _: () = {
             #[allow(dead_code)]
             fn check() {
