@@ -157,7 +157,15 @@ tokio = {{ version = "1", features = ["macros", "rt-multi-thread"] }}
         }
         text
     };
-    write(&dir.join("tests/build_tokio.rs"), &build("tokio::test", ""));
+    // The #[tokio::test] file also uses pgfixture (as a suite on `worker_db()` does),
+    // so that all three link the same libraries and only the attributes differ.
+    write(
+        &dir.join("tests/build_tokio.rs"),
+        &format!(
+            "{}#[tokio::test]\nasync fn links_pgfixture() {{\n    let _ = pgfixture::worker_id();\n}}\n",
+            build("tokio::test", "")
+        ),
+    );
     write(
         &dir.join("tests/build_pgfixture.rs"),
         &build("pgfixture::test", "_pool: PgPool"),
