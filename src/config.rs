@@ -117,8 +117,9 @@ pub struct Config {
     pub fixtures: Option<PathBuf>,
     /// Directory of migrations, applied into each template (each worker schema in
     /// schema mode) before the fixtures: plain `*.sql` files in file-name order, or
-    /// sqlx's layout through sqlx's migrator (feature `sqlx`). `PGFIXTURE_MIGRATIONS`;
-    /// default `$CARGO_MANIFEST_DIR/migrations` when it exists, else none.
+    /// sqlx's layout through sqlx's migrator (feature `sqlx`). `PGFIXTURE_MIGRATIONS`
+    /// (`none`: no migrations); default `$CARGO_MANIFEST_DIR/migrations` when it
+    /// exists, else none.
     pub migrations: Option<PathBuf>,
     /// A fixed worker id for this process. `PGFIXTURE_WORKER`, else
     /// `NEXTEST_TEST_GLOBAL_SLOT`; default none: in-process slots.
@@ -329,6 +330,8 @@ impl Config {
         config.migrations_unknown =
             env.var("PGFIXTURE_MIGRATIONS").is_none() && env.var("CARGO_MANIFEST_DIR").is_none();
         config.migrations = match env.var("PGFIXTURE_MIGRATIONS") {
+            // No migrations, whatever `<crate>/migrations` holds.
+            Some(v) if v.trim() == "none" => None,
             Some(dir) => Some(PathBuf::from(dir)),
             None => env
                 .var("CARGO_MANIFEST_DIR")
@@ -1207,6 +1210,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--test-threads"), "{e}");
+    }
+
+    #[test]
+    fn migrations_come_from_the_variable_the_crate_or_nowhere() {
+        let c = Config::from_lookup(&env(&[("PGFIXTURE_MIGRATIONS", "/x/migrations")])).unwrap();
+        assert_eq!(c.migrations, Some(PathBuf::from("/x/migrations")));
+        let c = Config::from_lookup(&env(&[
+            ("PGFIXTURE_MIGRATIONS", "none"),
+            ("CARGO_MANIFEST_DIR", env!("CARGO_MANIFEST_DIR")),
+        ]))
+        .unwrap();
+        assert_eq!(c.migrations, None);
+        assert!(!c.migrations_unknown);
+        let c = Config::from_lookup(&env(&[])).unwrap();
+        assert!(c.migrations_unknown, "nothing says where they are");
     }
 
     #[test]

@@ -165,7 +165,7 @@ pub(crate) fn layout(entries: &[Entry]) -> std::result::Result<Option<Layout>, S
 fn refusal(layout: Layout, sqlx: bool) -> Option<String> {
     match layout {
         Layout::Diesel | Layout::Refinery => Some(format!(
-            "is in {}, which pgfixture cannot run yet (its driver comes in a later release); point PGFIXTURE_MIGRATIONS elsewhere, or apply the schema from plain .sql files in PGFIXTURE_FIXTURES",
+            "is in {}, which pgfixture cannot run yet (its driver comes in a later release); set PGFIXTURE_MIGRATIONS=none (or to another folder), and apply the schema from plain .sql files in PGFIXTURE_FIXTURES",
             layout.describe()
         )),
         Layout::Sqlx if !sqlx => Some(format!(
