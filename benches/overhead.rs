@@ -118,6 +118,49 @@ async fn pool_test(
     times
 }
 
+/// Throughput of `threads` threads (each holding a worker of its own, as parallel
+/// tests do) running `iterations` tests each: resets (`worker_pool()` tests that
+/// commit) or plain `worker_db()` tests. Tests per second.
+fn throughput(fixture: &Fixture, threads: usize, iterations: usize, commit: bool) -> f64 {
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    for _ in 0..iterations {
+                        if commit {
+                            let pool = fixture.worker_pool().await.unwrap();
+                            pool.get()
+                                .await
+                                .unwrap()
+                                .batch_execute(
+                                    "INSERT INTO notes (owner, body) VALUES ('bench', 'x')",
+                                )
+                                .await
+                                .unwrap();
+                            pool.release().await.unwrap();
+                        } else {
+                            let db = fixture.worker_db().await.unwrap();
+                            db.execute(
+                                "INSERT INTO notes (owner, body) VALUES ('bench', 'x')",
+                                &[],
+                            )
+                            .await
+                            .unwrap();
+                            db.release().await.unwrap();
+                        }
+                    }
+                });
+            });
+        }
+    });
+    (threads * iterations) as f64 / started.elapsed().as_secs_f64()
+}
+
 fn main() {
     let iterations: usize = std::env::var("BENCH_ITERATIONS")
         .ok()
@@ -227,6 +270,46 @@ fn main() {
             us(percentile(&commits, 0.5)),
             us(percentile(&commits, 0.95)),
             us(percentile(&back_to_back, 0.5)),
+        );
+    }
+    // Whether 4 workers resetting at once scale like 4 workers testing: the speedup
+    // of 4 threads over 1, for tests that commit (a reset each) and for tests that do
+    // not. Each thread holds its own worker (4 slots).
+    let scale_iterations = (iterations / 25).max(10);
+    println!();
+    println!(
+        "4 workers against 1 ({scale_iterations} tests per thread, after a warm-up): tests per second, and the speedup"
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>9} {:>12} {:>12} {:>9}",
+        "mode", "resets x1", "resets x4", "speedup", "tests x1", "tests x4", "speedup"
+    );
+    for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
+        let fixture = Fixture::builder()
+            .isolation(isolation)
+            .workers(4)
+            .build()
+            .unwrap();
+        // Warm-up: every worker provisioned, pools and spares made.
+        throughput(&fixture, 4, 3, true);
+        throughput(&fixture, 4, 3, false);
+        let (r1, r4) = (
+            throughput(&fixture, 1, scale_iterations, true),
+            throughput(&fixture, 4, scale_iterations, true),
+        );
+        let (t1, t4) = (
+            throughput(&fixture, 1, scale_iterations * 10, false),
+            throughput(&fixture, 4, scale_iterations * 10, false),
+        );
+        println!(
+            "{:<10} {:>10.1}/s {:>10.1}/s {:>8.2}x {:>10.1}/s {:>10.1}/s {:>8.2}x",
+            format!("{isolation:?}").to_lowercase(),
+            r1,
+            r4,
+            r4 / r1,
+            t1,
+            t4,
+            t4 / t1
         );
     }
     let stats = Fixture::builder().workers(1).build().unwrap().stats();
