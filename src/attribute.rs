@@ -92,8 +92,13 @@ pub trait TestHandle: Sized {
         args: &TestArgs,
     ) -> impl Future<Output = Result<(Self, Self::Guard)>>;
 
-    /// Releases what the test held, once it is over.
-    fn release(guard: Self::Guard) -> impl Future<Output = Result<()>>;
+    /// Releases what the test held, once it is over; by default the guard drops.
+    fn release(guard: Self::Guard) -> impl Future<Output = Result<()>> {
+        async move {
+            drop(guard);
+            Ok(())
+        }
+    }
 }
 
 /// A handle a plain (not `async`) test can take: none yet (the sync drivers come with
@@ -194,10 +199,6 @@ impl TestHandle for crate::TestDb {
         args.apply_files(db.client()).await?;
         Ok((db, ()))
     }
-
-    async fn release((): ()) -> Result<()> {
-        Ok(())
-    }
 }
 
 #[diagnostic::do_not_recommend]
@@ -214,10 +215,6 @@ impl TestHandle for crate::WorkerPool {
             args.apply_files(&client).await?;
         }
         Ok((pool, ()))
-    }
-
-    async fn release((): ()) -> Result<()> {
-        Ok(())
     }
 }
 
@@ -255,10 +252,6 @@ mod sqlx_handles {
             apply(args, &mut db).await?;
             Ok((db, ()))
         }
-
-        async fn release((): ()) -> Result<()> {
-            Ok(())
-        }
     }
 
     #[diagnostic::do_not_recommend]
@@ -275,10 +268,6 @@ mod sqlx_handles {
                 apply(args, &mut conn).await?;
             }
             Ok((pool, ()))
-        }
-
-        async fn release((): ()) -> Result<()> {
-            Ok(())
         }
     }
 

@@ -1271,18 +1271,7 @@ impl Inner {
     /// `max` connections.
     fn fit_pool_size(&self, max: i32) -> usize {
         let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
-        // Under nextest the slots are the workers, and `-j` may exceed the threads
-        // this process would run: count up to this process's slot at least.
-        let slot = self
-            .config
-            .worker
-            .as_ref()
-            .and_then(|w| w.as_str().parse::<usize>().ok())
-            .map_or(0, |n| n + 1);
-        let pools_per_server = match self.config.isolation {
-            Isolation::Container => 1,
-            _ => self.config.workers.max(slot),
-        };
+        let pools_per_server = self.pools_per_server();
         let budget =
             (max.max(0) as usize).saturating_sub(RESERVED_CONNECTIONS) / pools_per_server.max(1);
         // Other drivers keep a few connections per worker besides the pool.
@@ -1367,17 +1356,23 @@ impl Inner {
     /// connections and what other drivers keep ([`Inner::fit_pool_size`] in reverse).
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     fn max_connections_for(&self, wanted: usize) -> usize {
+        (wanted + IDLE_PER_WORKER) * self.pools_per_server().max(1) + RESERVED_CONNECTIONS
+    }
+
+    /// How many workers' pools share a server. Under nextest the slots are the
+    /// workers, and `-j` may exceed the threads this process would run: count up to
+    /// this process's slot at least.
+    fn pools_per_server(&self) -> usize {
         let slot = self
             .config
             .worker
             .as_ref()
             .and_then(|w| w.as_str().parse::<usize>().ok())
             .map_or(0, |n| n + 1);
-        let pools_per_server = match self.config.isolation {
+        match self.config.isolation {
             Isolation::Container => 1,
             _ => self.config.workers.max(slot),
-        };
-        (wanted + IDLE_PER_WORKER) * pools_per_server.max(1) + RESERVED_CONNECTIONS
+        }
     }
 
     /// The worker as another process left it, checked on the first pooled connection,

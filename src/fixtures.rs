@@ -101,17 +101,7 @@ impl FixtureSet {
             }
             other => other.map(std::sync::Arc::new),
         };
-        for file in &files {
-            let name = file
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            digest.update((name.len() as u64).to_le_bytes());
-            digest.update(name.as_bytes());
-            digest.update((file.sql.len() as u64).to_le_bytes());
-            digest.update(file.sql.as_bytes());
-        }
+        hash_files(&mut digest, &files);
         let hash = digest
             .finalize()
             .iter()
@@ -158,6 +148,22 @@ impl FixtureSet {
             apply_file(client, &file.path, &file.sql).await?;
         }
         Ok(())
+    }
+}
+
+/// Feeds each file's name and text into `digest`, length-prefixed so that no two
+/// sets read alike.
+pub(crate) fn hash_files(digest: &mut Sha256, files: &[FixtureFile]) {
+    for file in files {
+        let name = file
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        digest.update((name.len() as u64).to_le_bytes());
+        digest.update(name.as_bytes());
+        digest.update((file.sql.len() as u64).to_le_bytes());
+        digest.update(file.sql.as_bytes());
     }
 }
 

@@ -274,17 +274,7 @@ impl Migrations {
     /// Feeds what identifies these migrations into a template's key.
     pub(crate) fn hash_into(&self, digest: &mut Sha256) {
         digest.update(format!("migrations {:?}", self.layout).as_bytes());
-        for file in &self.files {
-            let name = file
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            digest.update((name.len() as u64).to_le_bytes());
-            digest.update(name.as_bytes());
-            digest.update((file.sql.len() as u64).to_le_bytes());
-            digest.update(file.sql.as_bytes());
-        }
+        crate::fixtures::hash_files(digest, &self.files);
         #[cfg(feature = "sqlx")]
         if let Source::Migrator(migrator) = &self.source {
             for m in migrator.iter() {

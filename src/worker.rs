@@ -124,17 +124,7 @@ impl Slots {
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     pub(crate) fn try_acquire(self: &Arc<Self>) -> Option<Arc<SlotLease>> {
         let permit = Arc::clone(&self.permits).try_acquire_owned().ok()?;
-        let id = self
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_first()
-            .expect("a permit guarantees a free slot id");
-        Some(Arc::new(SlotLease {
-            slots: Arc::clone(self),
-            id,
-            _permit: permit,
-        }))
+        Some(self.lease(permit))
     }
 
     /// Waits for a free slot; the lowest free id is taken, so few workers are
@@ -144,6 +134,11 @@ impl Slots {
             .acquire_owned()
             .await
             .expect("the slot semaphore is never closed");
+        self.lease(permit)
+    }
+
+    /// The lowest free slot, for a permit just taken.
+    fn lease(self: &Arc<Self>, permit: OwnedSemaphorePermit) -> Arc<SlotLease> {
         let id = self
             .free
             .lock()

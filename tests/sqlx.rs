@@ -86,13 +86,19 @@ async fn begin_and_commit_of_the_code_under_test_are_savepoints() {
     assert_eq!(fixture.stats().commit_leaks, stats.commit_leaks);
 }
 
-#[tokio::test]
-async fn a_raw_commit_is_found_and_the_worker_reset() {
+/// Runs `statements`, one query each, which commit rows of `owner` for real, through
+/// the handle, then checks that the release found the commit and that the next test
+/// sees none of it.
+async fn commit_is_found(owner: &str, statements: &[&str]) {
     let fixture = single_worker();
     let mut db = TestDb::acquire(&fixture).await.unwrap();
     let leaks = fixture.stats().commit_leaks;
-    insert(&mut db, "sqlx-raw-commit").await;
-    sqlx::raw_sql("COMMIT").execute(&mut *db).await.unwrap();
+    for statement in statements {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
+            .execute(&mut *db)
+            .await
+            .unwrap();
+    }
     db.release().await.unwrap();
     assert_eq!(
         fixture.stats().commit_leaks,
@@ -100,34 +106,28 @@ async fn a_raw_commit_is_found_and_the_worker_reset() {
         "the commit was not found"
     );
     let mut db = TestDb::acquire(&fixture).await.unwrap();
-    assert_eq!(
-        count(&mut db, "sqlx-raw-commit").await,
-        0,
-        "the committed row leaked"
-    );
+    assert_eq!(count(&mut db, owner).await, 0, "the committed row leaked");
+}
+
+#[tokio::test]
+async fn a_raw_commit_is_found_and_the_worker_reset() {
+    commit_is_found(
+        "sqlx-raw-commit",
+        &[
+            "INSERT INTO notes (owner, body) VALUES ('sqlx-raw-commit', 'x')",
+            "COMMIT",
+        ],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_begin_commit_of_its_own_is_found_and_the_worker_reset() {
-    let fixture = single_worker();
-    let mut db = TestDb::acquire(&fixture).await.unwrap();
-    let leaks = fixture.stats().commit_leaks;
-    sqlx::raw_sql("BEGIN; INSERT INTO notes (owner, body) VALUES ('sqlx-own-commit', 'x'); COMMIT")
-        .execute(&mut *db)
-        .await
-        .unwrap();
-    db.release().await.unwrap();
-    assert_eq!(
-        fixture.stats().commit_leaks,
-        leaks + 1,
-        "the commit was not found"
-    );
-    let mut db = TestDb::acquire(&fixture).await.unwrap();
-    assert_eq!(
-        count(&mut db, "sqlx-own-commit").await,
-        0,
-        "the committed row leaked"
-    );
+    commit_is_found(
+        "sqlx-own-commit",
+        &["BEGIN; INSERT INTO notes (owner, body) VALUES ('sqlx-own-commit', 'x'); COMMIT"],
+    )
+    .await;
 }
 
 #[tokio::test]

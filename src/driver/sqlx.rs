@@ -306,8 +306,7 @@ fn prime(
             Err(e) if code(&e) == Some(INVALID_CATALOG_NAME) => return Ok(None),
             Err(e) => return Err(Error::sqlx("connecting to a worker")(e)),
         };
-        let statement = AssertSqlSafe(sql).into_sql_str();
-        match PgTransactionManager::begin(&mut conn, Some(statement)).await {
+        match begin_test(&mut conn, &sql).await {
             Ok(()) => Ok(Some(Box::new(Primed(conn)) as Box<dyn Any + Send>)),
             Err(e) if code(&e) == Some(UNDEFINED_OBJECT) => Ok(None),
             Err(e) => Err(Error::sqlx("checking a worker")(e)),
@@ -315,21 +314,16 @@ fn prime(
     })
 }
 
-/// Begins the test's transaction. On a new connection, through sqlx's transaction
+/// Begins a new connection's first test transaction through sqlx's transaction
 /// manager, which from then on counts one transaction open: the code under test's
 /// `begin()` is a savepoint. The connection keeps that count between tests (it is
 /// never handed to anything but a [`TestDb`]), so later tests begin and end their
-/// transactions with one simple query each, as the tokio-postgres path does.
+/// transactions with one simple query each ([`send_begin`], [`end_test`]), as the
+/// tokio-postgres path does.
 async fn begin_test(conn: &mut PgConnection, begin: &str) -> Result<(), ::sqlx::Error> {
-    if PgTransactionManager::get_transaction_depth(conn) == 0 {
-        let statement = AssertSqlSafe(begin.to_owned()).into_sql_str();
-        PgTransactionManager::begin(conn, Some(statement)).await
-    } else {
-        ::sqlx::raw_sql(AssertSqlSafe(begin.to_owned()))
-            .execute(conn)
-            .await
-            .map(drop)
-    }
+    debug_assert_eq!(PgTransactionManager::get_transaction_depth(conn), 0);
+    let statement = AssertSqlSafe(begin.to_owned()).into_sql_str();
+    PgTransactionManager::begin(conn, Some(statement)).await
 }
 
 /// Rolls back what the code under test left open (savepoints it leaked), reads the
