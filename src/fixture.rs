@@ -17,6 +17,7 @@ use crate::driver::tokio_postgres::TestDb;
 use crate::fixtures::{FixtureSet, SharedStatement};
 use crate::isolation::schema::SCHEMA_DATABASE;
 use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
+use crate::restore::{Change, Reading};
 use crate::server::Server;
 use crate::settings::Settings;
 use crate::worker::{SlotLease, Slots, WorkerId};
@@ -218,6 +219,7 @@ impl FixtureBuilder {
             shared: Mutex::new(Arc::new(OnceCell::new())),
             workers: Mutex::new(HashMap::new()),
             admins: Mutex::new(HashMap::new()),
+            recorded: Mutex::new(HashMap::new()),
             backend: OnceLock::new(),
             trust_servers: std::sync::atomic::AtomicBool::new(true),
             stats: Counters::default(),
@@ -244,6 +246,9 @@ pub(crate) struct Inner {
     workers: Mutex<HashMap<WorkerId, Arc<OnceCell<Arc<Worker>>>>>,
     /// Maintenance connections, per server.
     admins: Mutex<HashMap<String, Pool>>,
+    /// The rows recorded for in-place restores, per server and key
+    /// ([`crate::restore`]), read once.
+    recorded: Mutex<HashMap<String, Arc<crate::restore::Recorded>>>,
     /// The backend's kind and flavour, once a server was found or started.
     backend: OnceLock<(&'static str, String)>,
     /// Take servers another process has used as described (no checking connection);
@@ -444,6 +449,7 @@ struct Counters {
     workers_reset: AtomicU64,
     commit_leaks: AtomicU64,
     pools_unchanged: AtomicU64,
+    pools_restored: AtomicU64,
     spares_used: AtomicU64,
 }
 
@@ -473,6 +479,9 @@ pub struct Stats {
     /// Worker pools released with nothing changed through them, so that their worker
     /// needed no reset.
     pub pools_unchanged: u64,
+    /// Worker pools released after a test that changed only rows of tables, which
+    /// were put back in place from the rows the template held (no rebuild).
+    pub pools_restored: u64,
     /// Resets done by putting a spare clone, made in the background, in the worker's
     /// place (database and container modes).
     pub spares_used: u64,
@@ -669,6 +678,7 @@ impl Fixture {
             workers_reset: c.workers_reset.load(Ordering::Relaxed),
             commit_leaks: c.commit_leaks.load(Ordering::Relaxed),
             pools_unchanged: c.pools_unchanged.load(Ordering::Relaxed),
+            pools_restored: c.pools_restored.load(Ordering::Relaxed),
             spares_used: c.spares_used.load(Ordering::Relaxed),
             served,
         }
@@ -827,7 +837,7 @@ impl Inner {
                 )))?;
             let connections: Vec<&tokio_postgres::Client> = clients.iter().map(|c| &***c).collect();
             provision::flush_statistics(&connections).await;
-            let before = provision::fingerprint(&clients[0], target).await?;
+            let before = crate::restore::fingerprint(&clients[0], target).await?;
             drop(clients);
             Ok(WorkerPool {
                 settings: Settings::new(
@@ -910,7 +920,7 @@ impl Inner {
         &self,
         id: &WorkerId,
         application_name: &str,
-        before: Option<String>,
+        before: Option<Reading>,
     ) -> Result<()> {
         let deadline = Instant::now() + self.config.acquire_timeout;
         if let Some(before) = before {
@@ -940,20 +950,103 @@ impl Inner {
                     }
                 }
                 if clean && provision::wait_closed(&clients[0], application_name).await? {
-                    let after = provision::fingerprint(&clients[0], target).await?;
-                    if after.as_deref() == Some(before.as_str()) {
-                        clients[0]
-                            .batch_execute(&provision::mark_sql(target, &self.worker_mark(), false))
-                            .await
-                            .map_err(Error::pg(format!("marking worker {id} clean")))?;
-                        self.stats.pools_unchanged.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(worker = %id, "nothing changed through the worker pool; no reset");
-                        return Ok(());
+                    let after = crate::restore::fingerprint(&clients[0], target).await?;
+                    let change = after.map(|after| before.change_to(&after));
+                    match change {
+                        Some(Change::None) => {
+                            clients[0]
+                                .batch_execute(&provision::mark_sql(
+                                    target,
+                                    &self.worker_mark(),
+                                    false,
+                                ))
+                                .await
+                                .map_err(Error::pg(format!("marking worker {id} clean")))?;
+                            self.stats.pools_unchanged.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(worker = %id, "nothing changed through the worker pool; no reset");
+                            return Ok(());
+                        }
+                        Some(Change::Rows(oids)) => {
+                            if self.restore(&worker, target, &clients[0], &oids).await? {
+                                self.stats.pools_restored.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(worker = %id, tables = oids.len(), "rows written through the worker pool put back in place");
+                                return Ok(());
+                            }
+                        }
+                        Some(Change::Other) | None => {}
                     }
                 }
             }
         }
         self.reset(id).await
+    }
+
+    /// Puts back in place the rows of the relations `oids` of `worker`, which are all
+    /// that changed, from the rows its template (or schema) held, and marks it clean
+    /// ([`crate::restore`]), on `client`, a connection of its pool. Returns `false`
+    /// when they cannot be put back that way (the caller rebuilds the worker).
+    async fn restore(
+        &self,
+        worker: &Worker,
+        target: provision::Target<'_>,
+        client: &tokio_postgres::Client,
+        oids: &[u32],
+    ) -> Result<bool> {
+        let schema = worker
+            .search_path
+            .as_deref()
+            .map(|_| worker.target.as_str());
+        let Some((tables, schema_oid)) = crate::restore::describe(client, oids, schema).await?
+        else {
+            return Ok(false);
+        };
+        let key = match schema_oid {
+            Some(oid) => crate::restore::schema_key(&worker.target, oid),
+            None => provision::template_name(&self.fixtures),
+        };
+        let server = &worker.server;
+        let cache_key = format!("{}:{}:{key}", server.host, server.port);
+        let cached = self
+            .recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&cache_key)
+            .cloned();
+        let recorded = match cached {
+            Some(recorded) => recorded,
+            None => {
+                // The store is in the database of the schemas (on `client`), or in the
+                // maintenance database for templates.
+                let recorded = if schema_oid.is_some() {
+                    crate::restore::recorded(client, &key).await?
+                } else {
+                    crate::restore::recorded(&**self.admin(server).await?, &key).await?
+                };
+                let recorded = Arc::new(recorded);
+                if !recorded.is_empty() {
+                    self.recorded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(cache_key, Arc::clone(&recorded));
+                }
+                recorded
+            }
+        };
+        let mut then = provision::mark_sql(target, &self.worker_mark(), false);
+        if let Some(setting) = provision::sequences_setting(target) {
+            then = format!("{}; {then}", crate::restore::set_sequences_sql(&setting));
+        }
+        let Some(sql) = crate::restore::restore_sql(&tables, &recorded, &then) else {
+            return Ok(false);
+        };
+        match client.batch_execute(&sql).await {
+            Ok(()) => Ok(true),
+            Err(error) => {
+                tracing::debug!(%error, worker = %worker.target, "putting rows back in place failed; rebuilding the worker");
+                let _ = client.batch_execute("ROLLBACK").await;
+                Ok(false)
+            }
+        }
     }
 
     /// Rebuilds the worker from the fixtures after a test committed its transaction

@@ -13,6 +13,7 @@ mod isolation;
 mod migrations;
 mod pool;
 mod provision;
+mod restore;
 mod runtime;
 mod server;
 mod settings;

@@ -13,6 +13,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::fixtures::FixtureSet;
+use crate::restore;
 use crate::server::Server;
 use crate::{Error, Result};
 
@@ -35,7 +36,7 @@ fn lock_key(name: &str) -> i64 {
     i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
-async fn with_lock<T>(
+pub(crate) async fn with_lock<T>(
     client: &Client,
     name: &str,
     work: impl AsyncFnOnce() -> Result<T>,
@@ -240,6 +241,11 @@ async fn ddl(client: &Client, sql: &str) -> Result<()> {
     }
 }
 
+/// The name of the template database of `fixtures`.
+pub(crate) fn template_name(fixtures: &FixtureSet) -> String {
+    format!("pgfx_t_{}", fixtures.hash(16))
+}
+
 /// Builds the template database holding the fixtures, unless it exists. Returns its
 /// name and whether this call built it.
 pub(crate) async fn template(
@@ -247,7 +253,7 @@ pub(crate) async fn template(
     admin: &Client,
     fixtures: &FixtureSet,
 ) -> Result<(String, bool)> {
-    let name = format!("pgfx_t_{}", fixtures.hash(16));
+    let name = template_name(fixtures);
     if database_exists(admin, &name).await? {
         return Ok((name, false));
     }
@@ -264,7 +270,16 @@ pub(crate) async fn template(
                 .await
                 .map_err(Error::pg(format!("connecting to {building}")))?;
             fixtures.apply_all(&client, server, &building, None).await?;
-            sequences(&client, "").await
+            let sequences = sequences(&client, "").await?;
+            // Recorded for in-place restores; without a record, a worker is rebuilt.
+            let recorded = async {
+                restore::ensure_store(admin).await?;
+                restore::record(&client, admin, &name, None).await
+            };
+            if let Err(error) = recorded.await {
+                tracing::debug!(%error, template = %name, "recording the template's rows failed");
+            }
+            Ok(sequences)
         }
         .await;
         let sequences = match applied {
@@ -515,6 +530,9 @@ pub(crate) async fn schema(
         if schema_exists(client, schema).await? {
             return Ok(false);
         }
+        if let Err(error) = restore::ensure_store(client).await {
+            tracing::debug!(%error, "creating the table of recorded rows failed");
+        }
         let building = format!("{schema}_new");
         let (b, s) = (ident(&building), ident(SHARED_SCHEMA));
         let run = async {
@@ -539,6 +557,7 @@ pub(crate) async fn schema(
                 .await
                 .map_err(Error::pg(format!("creating schema {building}")))?;
             fixtures.apply(client).await?;
+            record_schema(client, schema, &building).await?;
             // Commented under the temporary name; the settings are named after the
             // final one.
             let mut setting = Target::Schema(schema, settings_on)
@@ -580,6 +599,43 @@ pub(crate) async fn schema(
         Ok(true)
     })
     .await
+}
+
+/// Records the rows of the schema `building`, to become the worker schema `schema`,
+/// for in-place restores ([`restore::record`]), inside the transaction that builds it:
+/// a failure only leaves the schema without a record (it is then rebuilt on reset).
+async fn record_schema(client: &Client, schema: &str, building: &str) -> Result<()> {
+    let savepoint = || Error::pg(format!("recording the rows of schema {schema}"));
+    client
+        .batch_execute("SAVEPOINT pgfx_record")
+        .await
+        .map_err(savepoint())?;
+    let recorded = async {
+        let oid: u32 = client
+            .query_one(
+                "SELECT oid FROM pg_namespace WHERE nspname = $1",
+                &[&building],
+            )
+            .await
+            .map_err(Error::pg(format!("looking up schema {building}")))?
+            .get(0);
+        restore::record(
+            client,
+            client,
+            &restore::schema_key(schema, oid),
+            Some(building),
+        )
+        .await
+    }
+    .await;
+    let end = match recorded {
+        Ok(()) => "RELEASE SAVEPOINT pgfx_record",
+        Err(error) => {
+            tracing::debug!(%error, schema, "recording the schema's rows failed");
+            "ROLLBACK TO SAVEPOINT pgfx_record"
+        }
+    };
+    client.batch_execute(end).await.map_err(savepoint())
 }
 
 /// Replaces the worker database `name` with a fresh clone of `template`: always when
@@ -695,77 +751,6 @@ pub(crate) async fn reset_schema(
         Ok(())
     })
     .await
-}
-
-/// What the code under test of a worker pool may have changed in a worker database,
-/// read before and after: the database's tuple counters (every insert, update and
-/// delete, attempted or committed, of tables and of the catalogs, so every DDL), its
-/// settings, privileges and prepared transactions. Equal readings mean that nothing
-/// was changed; the counters also count what was rolled back, so the check can only
-/// err towards a reset. `NULL` where it cannot tell: counters off, or a server before
-/// PostgreSQL 15, whose statistics collector could lose counts.
-const DATABASE_FINGERPRINT: &str = "\
-SELECT CASE WHEN current_setting('track_counts')::bool \
-            AND current_setting('server_version_num')::int >= 150000 THEN concat_ws(':', \
-  pg_stat_get_db_tuples_inserted(d.oid), pg_stat_get_db_tuples_updated(d.oid), \
-  pg_stat_get_db_tuples_deleted(d.oid), pg_stat_get_db_stat_reset_time(d.oid), \
-  d.datacl::text, d.datconnlimit, \
-  (SELECT string_agg(r.setrole || '=' || c, ',' ORDER BY r.setrole, c) \
-     FROM pg_db_role_setting r, unnest(r.setconfig) c \
-    WHERE r.setdatabase = d.oid AND c NOT LIKE 'pgfixture.%'), \
-  (SELECT count(*) FROM pg_prepared_xacts x WHERE x.database = d.datname)) END \
-FROM pg_database d WHERE d.datname = $1";
-
-/// The same for a worker schema in a database that other workers share: the tuple
-/// counters of its tables, and every catalog row of the objects in it with the
-/// transaction that last wrote it (`xmin`), so that any DDL in the schema shows.
-const SCHEMA_FINGERPRINT: &str = "\
-WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = $1), \
-rel AS (SELECT c.oid, c.xmin FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM ns)), \
-rows AS ( \
-  SELECT 'c' || oid || ':' || xmin FROM rel \
-  UNION ALL SELECT 'a' || a.attrelid || '.' || a.attnum || ':' || a.xmin FROM pg_attribute a JOIN rel ON rel.oid = a.attrelid \
-  UNION ALL SELECT 'd' || x.oid || ':' || x.xmin FROM pg_attrdef x JOIN rel ON rel.oid = x.adrelid \
-  UNION ALL SELECT 'i' || x.indexrelid || ':' || x.xmin FROM pg_index x JOIN rel ON rel.oid = x.indrelid \
-  UNION ALL SELECT 'g' || x.oid || ':' || x.xmin FROM pg_trigger x JOIN rel ON rel.oid = x.tgrelid \
-  UNION ALL SELECT 'r' || x.oid || ':' || x.xmin FROM pg_rewrite x JOIN rel ON rel.oid = x.ev_class \
-  UNION ALL SELECT 'o' || x.oid || ':' || x.xmin FROM pg_policy x JOIN rel ON rel.oid = x.polrelid \
-  UNION ALL SELECT 'q' || x.seqrelid || ':' || x.xmin FROM pg_sequence x JOIN rel ON rel.oid = x.seqrelid \
-  UNION ALL SELECT 'e' || x.objoid || '.' || x.objsubid || ':' || x.xmin FROM pg_description x \
-    JOIN rel ON rel.oid = x.objoid AND x.classoid = 'pg_class'::regclass \
-  UNION ALL SELECT 'p' || x.oid || ':' || x.xmin FROM pg_proc x WHERE x.pronamespace = (SELECT oid FROM ns) \
-  UNION ALL SELECT 't' || x.oid || ':' || x.xmin FROM pg_type x WHERE x.typnamespace = (SELECT oid FROM ns) \
-  UNION ALL SELECT 'k' || x.oid || ':' || x.xmin FROM pg_constraint x WHERE x.connamespace = (SELECT oid FROM ns) \
-  UNION ALL SELECT 'x' || x.oid || ':' || x.xmin FROM pg_statistic_ext x WHERE x.stxnamespace = (SELECT oid FROM ns) \
-  UNION ALL SELECT 'n' || x.oid || ':' || x.xmin FROM pg_operator x WHERE x.oprnamespace = (SELECT oid FROM ns) \
-  UNION ALL SELECT 'l' || x.oid || ':' || x.xmin FROM pg_collation x WHERE x.collnamespace = (SELECT oid FROM ns) \
-) \
-SELECT CASE WHEN current_setting('track_counts')::bool \
-            AND current_setting('server_version_num')::int >= 150000 THEN concat_ws(':', \
-  (SELECT sum(pg_stat_get_tuples_inserted(oid)) || '.' || sum(pg_stat_get_tuples_updated(oid)) \
-          || '.' || sum(pg_stat_get_tuples_deleted(oid)) FROM rel), \
-  (SELECT md5(coalesce(string_agg(r, ',' ORDER BY r), '')) FROM rows r(r))) END";
-
-/// The reading of [`DATABASE_FINGERPRINT`] or [`SCHEMA_FINGERPRINT`] for `target`, on
-/// `client` (a connection to the worker's database, or to the one holding the schema).
-/// `None` where it cannot tell.
-pub(crate) async fn fingerprint(
-    client: &deadpool_postgres::Object,
-    target: Target<'_>,
-) -> Result<Option<String>> {
-    let (sql, name) = match target {
-        Target::Database(name) => (DATABASE_FINGERPRINT, name),
-        Target::Schema(name, _) => (SCHEMA_FINGERPRINT, name),
-    };
-    let read = Error::pg(format!("reading what changed in {name}"));
-    // Prepared once per connection: planning the schema's reading costs more than
-    // running it.
-    let statement = match client.prepare_cached(sql).await {
-        Ok(statement) => statement,
-        Err(e) => return Err(read(e)),
-    };
-    let row = client.query_opt(&statement, &[&name]).await.map_err(read)?;
-    Ok(row.and_then(|row| row.get(0)))
 }
 
 /// Makes the connections `clients` (idle, of the worker's test pool) hand their

@@ -31,8 +31,8 @@ pub struct WorkerPool {
     pub(crate) owner: Arc<Inner>,
     /// The `application_name` of the pool's connections.
     pub(crate) application_name: String,
-    /// What the worker looked like when the pool was handed out ([`crate::provision`]).
-    pub(crate) before: Option<String>,
+    /// What the worker looked like when the pool was handed out ([`crate::restore`]).
+    pub(crate) before: Option<crate::restore::Reading>,
 }
 
 impl fmt::Debug for WorkerPool {

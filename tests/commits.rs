@@ -392,7 +392,9 @@ async fn pristine(db: &TestDb) -> String {
            (SELECT count(*) FROM information_schema.columns \
              WHERE table_schema = current_schema() AND table_name = 'notes'), \
            (SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() AND tablename = 'notes'), \
-           coalesce(obj_description('notes'::regclass, 'pg_class'), '-'), current_setting('work_mem'))",
+           coalesce(obj_description('notes'::regclass, 'pg_class'), '-'), current_setting('work_mem'), \
+           (SELECT md5(string_agg((u.id, u.email)::text, ',' ORDER BY u.id)) FROM users u), \
+           (SELECT md5(coalesce(string_agg(n::text, ',' ORDER BY n.id), '')) FROM notes n))",
         &[],
     )
     .await
@@ -401,8 +403,9 @@ async fn pristine(db: &TestDb) -> String {
 }
 
 /// A worker pool through which nothing changed (reads, connections of its own,
-/// LISTEN) costs no reset; any change (data, DDL of every kind, a database setting) is
-/// seen, and the worker rebuilt, so nothing ever reaches the next test.
+/// LISTEN) costs no reset; any change is seen, so nothing ever reaches the next test:
+/// rows written to tables are put back in place, and anything else (DDL of every kind,
+/// a database setting) has the worker rebuilt.
 #[tokio::test]
 async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
     let (_serial, fixture) = single_worker().await;
@@ -465,25 +468,41 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
     assert_eq!(locked, 0, "the pool's advisory lock is still held");
     drop(db);
 
+    // Whether each change is put back in place (rows only) or rebuilds the worker.
+    let (restored, rebuilt) = (true, false);
     let mut changes = vec![
-        "INSERT INTO notes (owner, body) VALUES ('pooled', 'x')",
-        "DELETE FROM users",
-        "UPDATE users SET email = 'changed@example.com'",
-        "TRUNCATE notes",
-        "CREATE TABLE pooled_table (id int)",
-        "ALTER TABLE notes ADD COLUMN pooled int",
-        "CREATE INDEX pooled_idx ON notes (body)",
-        "COMMENT ON TABLE notes IS 'pooled'",
-        "CREATE FUNCTION pooled_f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
-        // Rolled back: counted all the same, so a reset that was not needed.
-        "BEGIN; INSERT INTO notes (owner, body) VALUES ('pooled', 'x'); ROLLBACK",
+        (
+            "INSERT INTO notes (owner, body) VALUES ('pooled', 'x')",
+            restored,
+        ),
+        ("DELETE FROM users", restored),
+        ("UPDATE users SET email = 'changed@example.com'", restored),
+        // Rolled back: counted all the same, so a restore that was not needed.
+        (
+            "BEGIN; INSERT INTO notes (owner, body) VALUES ('pooled', 'x'); ROLLBACK",
+            restored,
+        ),
+        ("TRUNCATE notes", rebuilt),
+        ("CREATE TABLE pooled_table (id int)", rebuilt),
+        ("ALTER TABLE notes ADD COLUMN pooled int", rebuilt),
+        ("CREATE INDEX pooled_idx ON notes (body)", rebuilt),
+        ("COMMENT ON TABLE notes IS 'pooled'", rebuilt),
+        (
+            "CREATE FUNCTION pooled_f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            rebuilt,
+        ),
+        (
+            "INSERT INTO notes (owner, body) VALUES ('pooled', 'x'); CREATE TABLE pooled_table (id int)",
+            rebuilt,
+        ),
     ];
     if fixture.config().isolation != pgfixture::Isolation::Schema {
-        changes.push(
+        changes.push((
             "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET work_mem = ''7MB''', current_database()); END $$",
-        );
+            rebuilt,
+        ));
     }
-    for change in changes {
+    for (change, restore) in changes {
         let before = fixture.stats();
         let pool = fixture.worker_pool().await.unwrap();
         pool.get()
@@ -495,16 +514,20 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
         pool.release().await.unwrap();
         let after = fixture.stats();
         assert_eq!(
-            after.workers_reset,
-            before.workers_reset + 1,
-            "{change}: not seen"
+            (after.pools_restored, after.workers_reset),
+            if restore {
+                (before.pools_restored + 1, before.workers_reset)
+            } else {
+                (before.pools_restored, before.workers_reset + 1)
+            },
+            "{change}: not seen, or not handled as expected"
         );
         let db = fixture.worker_db().await.unwrap();
         assert_eq!(pristine(&db).await, fresh, "{change} reached the next test");
     }
 }
 
-/// Resets after commits take a spare clone made in the background (database and
+/// Resets after DDL take a spare clone made in the background (database and
 /// container modes), and each one still leaves the worker as the fixtures made it.
 #[tokio::test]
 async fn resets_after_commits_use_a_spare_and_leak_nothing() {
@@ -519,7 +542,8 @@ async fn resets_after_commits_use_a_spare_and_leak_nothing() {
             .await
             .unwrap()
             .batch_execute(
-                "INSERT INTO notes (owner, body) VALUES ('spare', 'x'); DELETE FROM users",
+                "INSERT INTO notes (owner, body) VALUES ('spare', 'x'); DELETE FROM users; \
+                 COMMENT ON TABLE notes IS 'spare'",
             )
             .await
             .unwrap();
@@ -540,4 +564,113 @@ async fn resets_after_commits_use_a_spare_and_leak_nothing() {
     {
         assert!(after.spares_used >= before.spares_used + 2, "{after:?}");
     }
+}
+
+/// Every table of `tests/fixtures/restore`, in one row, byte for byte (but the times
+/// of `child`, which a rebuilt worker schema gets anew).
+async fn shapes(db: &TestDb) -> String {
+    db.query_one(
+        "SELECT concat_ws(' | ', \
+           (SELECT string_agg(t::text, ',' ORDER BY t.id) FROM parent t), \
+           (SELECT string_agg(md5((t.id, t.parent_id, t.body)::text), ',' ORDER BY t.id) FROM child t), \
+           (SELECT string_agg(t::text, ',' ORDER BY t.n) FROM audit t), \
+           (SELECT string_agg(t::text, ',' ORDER BY t::text) FROM \"Odd \"\"Name\"\", too\" t), \
+           (SELECT string_agg(t::text, ',' ORDER BY t.at) FROM measures t), \
+           (SELECT count(*) FROM always_audited))",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Rows written through a worker pool, to tables of every shape, are put back exactly
+/// as the fixtures left them, without a rebuild and without firing the tables'
+/// triggers; the sequences start again where the fixtures left them. A table whose
+/// trigger would fire in replica mode is rebuilt instead.
+#[tokio::test]
+async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
+    let fixture = Fixture::builder()
+        .workers(1)
+        .fixtures(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/restore"
+        ))
+        .build()
+        .unwrap();
+    let db = fixture.worker_db().await.unwrap();
+    let fresh = shapes(&db).await;
+    drop(db);
+
+    let pool = fixture.worker_pool().await.unwrap();
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "INSERT INTO parent (name) VALUES ('c'); \
+             UPDATE parent SET name = 'A' WHERE id = 1; \
+             DELETE FROM parent WHERE id = 2; \
+             INSERT INTO child (parent_id, body) VALUES (1, 'new'); \
+             UPDATE child SET body = 'shrunk' WHERE id = 1; \
+             INSERT INTO \"Odd \"\"Name\"\", too\" VALUES ('more', NULL, NULL, NULL, 1); \
+             DELETE FROM measures WHERE v = 0.1; \
+             INSERT INTO measures VALUES ('2026-08-01', 2)",
+        )
+        .await
+        .unwrap();
+    let before = fixture.stats();
+    pool.release().await.unwrap();
+    let after = fixture.stats();
+    assert_eq!(
+        (after.pools_restored, after.workers_reset),
+        (before.pools_restored + 1, before.workers_reset),
+        "the rows were not put back in place"
+    );
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        shapes(&db).await,
+        fresh,
+        "a written row reached the next test"
+    );
+    let schema_on_url = fixture.config().isolation == pgfixture::Isolation::Schema
+        && fixture.config().url.is_some();
+    if !schema_on_url {
+        let ids: (i32, i64) = db
+            .query_one(
+                "WITH p AS (INSERT INTO parent (name) VALUES ('z') RETURNING id) \
+                 SELECT (SELECT id FROM p), nextval(pg_get_serial_sequence('child', 'id'))",
+                &[],
+            )
+            .await
+            .map(|row| (row.get(0), row.get(1)))
+            .unwrap();
+        assert_eq!(
+            ids,
+            (3, 3),
+            "the sequences did not start again where the fixtures left them"
+        );
+    }
+    drop(db);
+
+    let before = fixture.stats();
+    let pool = fixture.worker_pool().await.unwrap();
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute("INSERT INTO always_audited VALUES (1)")
+        .await
+        .unwrap();
+    pool.release().await.unwrap();
+    let after = fixture.stats();
+    assert_eq!(
+        (after.pools_restored, after.workers_reset),
+        (before.pools_restored, before.workers_reset + 1),
+        "a table whose trigger fires in replica mode was not rebuilt"
+    );
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        shapes(&db).await,
+        fresh,
+        "a written row reached the next test"
+    );
 }

@@ -1,0 +1,474 @@
+//! What a worker pool's test changed, and putting back in place the tables it wrote.
+//!
+//! A worker pool hands code under test the worker itself, and its commits are real.
+//! Before and after, the worker is read ([`fingerprint`]): the row counters of every
+//! relation with storage (of the catalogs too, so that any DDL shows), and what no
+//! counter sees (settings, privileges, prepared transactions; in schema mode, the
+//! catalog rows of the schema's objects). Counters count attempts, rolled back or not,
+//! so a reading can only err towards doing too much.
+//!
+//! - Nothing changed: the worker goes on as it is.
+//! - Only rows of ordinary tables changed (the usual test that commits): those tables
+//!   are emptied and refilled from the rows the template held, recorded when it was
+//!   built ([`record`]), and the sequences set back, in one transaction with the
+//!   worker's clean mark, a millisecond or two ([`restore`]).
+//! - Anything else (DDL, a catalog, a table too large to record, a trigger that fires
+//!   in replica mode, no recorded rows): the worker is rebuilt as before.
+//!
+//! The rows are recorded, as their text, in a table of pgfixture's ([`STORE`]) in
+//! the maintenance database (database and container modes; a worker database is a
+//! clone, so an extra schema in it would be the user's to see) or in the database of
+//! the schemas (schema mode), never in the worker itself.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::Client;
+
+use crate::provision::{self, MARK, Target};
+use crate::{Error, Result};
+
+/// What a worker pool's test could have changed, as read at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reading {
+    /// What no row counter shows.
+    summary: String,
+    /// Row counters (`inserted.updated.deleted`) of the relations with any, by oid.
+    counters: BTreeMap<u32, String>,
+}
+
+/// What changed between two readings.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Change {
+    None,
+    /// Only the rows of these relations (their oids; they may be TOAST tables).
+    Rows(Vec<u32>),
+    Other,
+}
+
+impl Reading {
+    /// A reading from its two columns: the summary, and `oid:counters` pairs separated
+    /// by commas.
+    fn parse(summary: String, counters: &str) -> Option<Reading> {
+        let counters = counters
+            .split(',')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (oid, count) = pair.split_once(':')?;
+                Some((oid.parse().ok()?, count.to_owned()))
+            })
+            .collect::<Option<_>>()?;
+        Some(Reading { summary, counters })
+    }
+
+    /// What changed from `self` (before) to `after`.
+    pub(crate) fn change_to(&self, after: &Reading) -> Change {
+        if self.summary != after.summary {
+            return Change::Other;
+        }
+        let mut rows: Vec<u32> = after
+            .counters
+            .iter()
+            .filter(|(oid, count)| self.counters.get(oid) != Some(count))
+            .map(|(oid, _)| *oid)
+            .collect();
+        // Counters only grow; one that went missing was reset (the summary holds the
+        // reset time, so this is a relation dropped meanwhile).
+        if self
+            .counters
+            .keys()
+            .any(|oid| !after.counters.contains_key(oid))
+        {
+            return Change::Other;
+        }
+        if rows.is_empty() {
+            return Change::None;
+        }
+        rows.sort_unstable();
+        Change::Rows(rows)
+    }
+}
+
+/// The counters of every relation with storage, catalogs included, that has any.
+const DATABASE_COUNTERS: &str = "\
+(SELECT string_agg(c.oid || ':' || c.n, ',' ORDER BY c.oid) FROM ( \
+   SELECT oid, pg_stat_get_tuples_inserted(oid) || '.' || pg_stat_get_tuples_updated(oid) \
+          || '.' || pg_stat_get_tuples_deleted(oid) AS n \
+   FROM pg_class WHERE relkind IN ('r', 't', 'm') AND NOT relisshared) c \
+ WHERE c.n <> '0.0.0')";
+
+/// A worker database's reading ([`Reading`]): its relations' counters, and as the
+/// summary its statistics' reset time, settings, privileges and prepared transactions.
+/// `NULL` where it cannot tell: counters off, or a server before PostgreSQL 15, whose
+/// statistics collector could lose counts.
+fn database_fingerprint() -> String {
+    format!(
+        "SELECT CASE WHEN current_setting('track_counts')::bool \
+                 AND current_setting('server_version_num')::int >= 150000 THEN concat_ws(':', \
+           pg_stat_get_db_stat_reset_time(d.oid), d.datacl::text, d.datconnlimit, \
+           (SELECT string_agg(r.setrole || '=' || c, ',' ORDER BY r.setrole, c) \
+              FROM pg_db_role_setting r, unnest(r.setconfig) c \
+             WHERE r.setdatabase = d.oid AND c NOT LIKE 'pgfixture.%'), \
+           (SELECT count(*) FROM pg_prepared_xacts x WHERE x.database = d.datname)) END, \
+         {DATABASE_COUNTERS} \
+         FROM pg_database d WHERE d.datname = $1"
+    )
+}
+
+/// The same for a worker schema in a database that other workers share: the counters
+/// of its tables, and as the summary every catalog row of the objects in it with the
+/// transaction that last wrote it (`xmin`), so that any DDL in the schema shows.
+const SCHEMA_FINGERPRINT: &str = "\
+WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = $1), \
+rel AS (SELECT c.oid, c.xmin FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM ns)), \
+rows AS ( \
+  SELECT 'c' || oid || ':' || xmin FROM rel \
+  UNION ALL SELECT 'a' || a.attrelid || '.' || a.attnum || ':' || a.xmin FROM pg_attribute a JOIN rel ON rel.oid = a.attrelid \
+  UNION ALL SELECT 'd' || x.oid || ':' || x.xmin FROM pg_attrdef x JOIN rel ON rel.oid = x.adrelid \
+  UNION ALL SELECT 'i' || x.indexrelid || ':' || x.xmin FROM pg_index x JOIN rel ON rel.oid = x.indrelid \
+  UNION ALL SELECT 'g' || x.oid || ':' || x.xmin FROM pg_trigger x JOIN rel ON rel.oid = x.tgrelid \
+  UNION ALL SELECT 'r' || x.oid || ':' || x.xmin FROM pg_rewrite x JOIN rel ON rel.oid = x.ev_class \
+  UNION ALL SELECT 'o' || x.oid || ':' || x.xmin FROM pg_policy x JOIN rel ON rel.oid = x.polrelid \
+  UNION ALL SELECT 'q' || x.seqrelid || ':' || x.xmin FROM pg_sequence x JOIN rel ON rel.oid = x.seqrelid \
+  UNION ALL SELECT 'e' || x.objoid || '.' || x.objsubid || ':' || x.xmin FROM pg_description x \
+    JOIN rel ON rel.oid = x.objoid AND x.classoid = 'pg_class'::regclass \
+  UNION ALL SELECT 'p' || x.oid || ':' || x.xmin FROM pg_proc x WHERE x.pronamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 't' || x.oid || ':' || x.xmin FROM pg_type x WHERE x.typnamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 'k' || x.oid || ':' || x.xmin FROM pg_constraint x WHERE x.connamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 'x' || x.oid || ':' || x.xmin FROM pg_statistic_ext x WHERE x.stxnamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 'n' || x.oid || ':' || x.xmin FROM pg_operator x WHERE x.oprnamespace = (SELECT oid FROM ns) \
+  UNION ALL SELECT 'l' || x.oid || ':' || x.xmin FROM pg_collation x WHERE x.collnamespace = (SELECT oid FROM ns) \
+) \
+SELECT CASE WHEN current_setting('track_counts')::bool \
+            AND current_setting('server_version_num')::int >= 150000 THEN \
+  (SELECT md5(coalesce(string_agg(r, ',' ORDER BY r), '')) FROM rows r(r)) END, \
+  (SELECT string_agg(c.oid || ':' || c.n, ',' ORDER BY c.oid) FROM ( \
+     SELECT oid, pg_stat_get_tuples_inserted(oid) || '.' || pg_stat_get_tuples_updated(oid) \
+            || '.' || pg_stat_get_tuples_deleted(oid) AS n FROM rel) c \
+   WHERE c.n <> '0.0.0')";
+
+/// The reading of `target`, on `client` (a connection to the worker's database, or to
+/// the one holding the schema). `None` where it cannot tell.
+pub(crate) async fn fingerprint(
+    client: &deadpool_postgres::Object,
+    target: Target<'_>,
+) -> Result<Option<Reading>> {
+    let name = match target {
+        Target::Database(name) | Target::Schema(name, _) => name,
+    };
+    let read = || Error::pg(format!("reading what changed in {name}"));
+    // Prepared once per connection: planning the schema's reading costs more than
+    // running it.
+    let statement = match target {
+        Target::Database(_) => client.prepare_cached(&database_fingerprint()).await,
+        Target::Schema(..) => client.prepare_cached(SCHEMA_FINGERPRINT).await,
+    }
+    .map_err(read())?;
+    let row = client
+        .query_opt(&statement, &[&name])
+        .await
+        .map_err(read())?;
+    Ok(row.and_then(|row| {
+        let summary: Option<String> = row.get(0);
+        let counters: Option<String> = row.get(1);
+        Reading::parse(summary?, counters.as_deref().unwrap_or(""))
+    }))
+}
+
+/// The table of recorded rows: a row per table of a template (database mode, `key`
+/// the template's name) or of a worker schema (`key` from [`schema_key`]), its rows as
+/// the text of a `text[]` of row literals, or `NULL` for a table too large to record.
+pub(crate) const STORE: &str = "public.pgfixture_pristine";
+
+/// Tables larger than this (on disk) are not recorded: a test that writes one has its
+/// worker rebuilt, which is then the faster way.
+const MAX_RECORDED_TABLE: i64 = 1 << 20;
+
+/// The store's key for the worker schema `name` whose oid is `oid`: a schema rebuilt
+/// under the same name is a new schema with a new key.
+pub(crate) fn schema_key(name: &str, oid: u32) -> String {
+    format!("schema:{name}:{oid}")
+}
+
+/// Creates the store in `client`'s database unless it is there.
+pub(crate) async fn ensure_store(client: &Client) -> Result<()> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&STORE])
+        .await
+        .map_err(Error::pg(format!("looking up table {STORE}")))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
+    provision::with_lock(client, STORE, async || {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {STORE} (key text NOT NULL, rel oid NOT NULL, rows text, \
+                   PRIMARY KEY (key, rel)); \
+                 COMMENT ON TABLE {STORE} IS '{MARK} rows of templates and worker schemas'"
+            ))
+            .await
+            .map_err(Error::pg(format!("creating table {STORE}")))
+    })
+    .await
+}
+
+/// Records the rows of the ordinary tables of `source`'s database (of `schema` only,
+/// when given) under `key` in the store on `store` (made by [`ensure_store`]), replacing what the key held, and
+/// drops the keys of templates and schemas that are gone. A table with no rows is
+/// recorded too: a table without a record is never restored.
+pub(crate) async fn record(
+    source: &Client,
+    store: &Client,
+    key: &str,
+    schema: Option<&str>,
+) -> Result<()> {
+    let tables = source
+        .query(
+            "SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname), \
+                    pg_relation_size(c.oid) <= $2 \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND n.nspname !~ '^pg_(toast|temp)' AND ($1::text IS NULL OR n.nspname = $1) \
+             ORDER BY c.oid",
+            &[&schema, &MAX_RECORDED_TABLE],
+        )
+        .await
+        .map_err(Error::pg("listing the tables to record"))?;
+    let mut oids: Vec<u32> = Vec::with_capacity(tables.len());
+    let mut rows: Vec<Option<String>> = Vec::with_capacity(tables.len());
+    let small: Vec<String> = tables
+        .iter()
+        .filter(|t| t.get::<_, bool>(2))
+        .map(|t| {
+            let (oid, name): (u32, String) = (t.get(0), t.get(1));
+            format!("SELECT {oid}::oid, coalesce((SELECT array_agg(x::text) FROM ONLY {name} x), '{{}}')::text")
+        })
+        .collect();
+    let mut read = std::collections::HashMap::new();
+    if !small.is_empty() {
+        for row in source
+            .query(&small.join(" UNION ALL "), &[])
+            .await
+            .map_err(Error::pg("reading the rows to record"))?
+        {
+            read.insert(row.get::<_, u32>(0), row.get::<_, String>(1));
+        }
+    }
+    for table in &tables {
+        let oid: u32 = table.get(0);
+        oids.push(oid);
+        rows.push(read.remove(&oid));
+    }
+    store
+        .execute(
+            &format!(
+                "WITH gone AS (DELETE FROM {STORE} WHERE key = $1 \
+                   OR (key ~ '^pgfx_t_' AND NOT EXISTS (SELECT 1 FROM pg_database \
+                        WHERE datname IN ({STORE}.key, {STORE}.key || '_new'))) \
+                   OR (key ~ '^schema:' AND NOT EXISTS (SELECT 1 FROM pg_namespace \
+                        WHERE oid = split_part({STORE}.key, ':', 3)::oid))) \
+                 INSERT INTO {STORE} (key, rel, rows) \
+                 SELECT $1, r.rel, r.rows FROM unnest($2::oid[], $3::text[]) r(rel, rows)"
+            ),
+            &[&key, &oids, &rows],
+        )
+        .await
+        .map_err(Error::pg(format!("recording the rows of {key}")))?;
+    Ok(())
+}
+
+/// The rows recorded under `key` in the store on `client`, by table oid (`None` for a
+/// table too large); empty where nothing was recorded.
+pub(crate) async fn recorded(client: &Client, key: &str) -> Result<Recorded> {
+    let rows = match client
+        .query(
+            &format!("SELECT rel, rows FROM {STORE} WHERE key = $1"),
+            &[&key],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        // No store: a template built by an older pgfixture.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+            return Ok(BTreeMap::new());
+        }
+        Err(e) => return Err(Error::pg(format!("reading the rows recorded for {key}"))(e)),
+    };
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The rows recorded under one key: the text of each table's rows by table oid,
+/// `None` for a table too large to record ([`recorded`]).
+pub(crate) type Recorded = BTreeMap<u32, Option<String>>;
+
+/// A table to put back.
+#[derive(Debug)]
+pub(crate) struct Table {
+    pub(crate) oid: u32,
+    /// Schema-qualified and quoted.
+    name: String,
+    /// The columns an `INSERT` may set (not generated), quoted.
+    columns: Vec<String>,
+}
+
+/// The tables whose changed rows [`restore`] can put back, from the changed relations
+/// `oids` (TOAST tables stand for their tables), read on `client` (the worker's
+/// database): `None` unless every one is an ordinary table outside the catalogs (in
+/// `schema` only, when given) with no trigger or rule that fires in replica mode, and
+/// `schema`'s oid (schema mode).
+pub(crate) async fn describe(
+    client: &Client,
+    oids: &[u32],
+    schema: Option<&str>,
+) -> Result<Option<(Vec<Table>, Option<u32>)>> {
+    let rows = client
+        .query(
+            "SELECT t.oid, t.relkind::text, n.nspname, n.oid, \
+                    quote_ident(n.nspname) || '.' || quote_ident(t.relname), \
+                    (SELECT array_agg(quote_ident(a.attname::text) ORDER BY a.attnum) \
+                       FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 \
+                        AND NOT a.attisdropped AND a.attgenerated = ''), \
+                    EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.oid AND g.tgenabled IN ('R', 'A')) \
+                    OR EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = t.oid AND r.ev_enabled IN ('R', 'A')) \
+             FROM unnest($1::oid[]) ch(oid) \
+             LEFT JOIN pg_class c ON c.oid = ch.oid \
+             LEFT JOIN pg_class t ON t.oid = CASE WHEN c.relkind = 't' \
+                 THEN (SELECT o.oid FROM pg_class o WHERE o.reltoastrelid = c.oid) ELSE c.oid END \
+             LEFT JOIN pg_namespace n ON n.oid = t.relnamespace",
+            &[&oids],
+        )
+        .await
+        .map_err(Error::pg("looking up the tables a worker pool's test wrote"))?;
+    let mut tables: Vec<Table> = Vec::new();
+    let mut schema_oid = None;
+    for row in rows {
+        let (Some(oid), Some(kind), Some(namespace), Some(namespace_oid), Some(name)) = (
+            row.get::<_, Option<u32>>(0),
+            row.get::<_, Option<String>>(1),
+            row.get::<_, Option<String>>(2),
+            row.get::<_, Option<u32>>(3),
+            row.get::<_, Option<String>>(4),
+        ) else {
+            return Ok(None);
+        };
+        let fires_in_replica: bool = row.get(6);
+        let catalog = matches!(namespace.as_str(), "pg_catalog" | "information_schema")
+            || namespace.starts_with("pg_toast")
+            || namespace.starts_with("pg_temp");
+        if kind != "r" || catalog || fires_in_replica || schema.is_some_and(|s| s != namespace) {
+            return Ok(None);
+        }
+        if schema.is_some() {
+            schema_oid = Some(namespace_oid);
+        }
+        if tables.iter().all(|t| t.oid != oid) {
+            tables.push(Table {
+                oid,
+                name,
+                columns: row.get::<_, Option<Vec<String>>>(5).unwrap_or_default(),
+            });
+        }
+    }
+    Ok(Some((tables, schema_oid)))
+}
+
+/// The SQL that empties `tables` and refills them from their recorded rows (`rows`),
+/// with triggers, rules and foreign keys off (`session_replication_role = replica`),
+/// then runs `then` (the sequences' and the mark's statements), all in one
+/// transaction; `None` if a table has no usable record.
+pub(crate) fn restore_sql(tables: &[Table], rows: &Recorded, then: &str) -> Option<String> {
+    let mut sql = String::from(
+        "BEGIN; SET LOCAL session_replication_role = replica; \
+         SET LOCAL standard_conforming_strings = on; ",
+    );
+    for table in tables {
+        let recorded = rows.get(&table.oid)?.as_deref()?;
+        let name = &table.name;
+        sql.push_str(&format!("DELETE FROM ONLY {name}; "));
+        if recorded != "{}" && !table.columns.is_empty() {
+            let selected: Vec<String> = table.columns.iter().map(|c| format!("x.{c}")).collect();
+            sql.push_str(&format!(
+                "INSERT INTO {name} ({}) OVERRIDING SYSTEM VALUE SELECT {} \
+                 FROM unnest('{}'::text[]::{name}[]) x; ",
+                table.columns.join(", "),
+                selected.join(", "),
+                recorded.replace('\'', "''"),
+            ));
+        }
+    }
+    sql.push_str(then);
+    sql.push_str("; COMMIT");
+    Some(sql)
+}
+
+/// Sets every sequence of a worker back to the state the fixtures left, from the
+/// setting `setting` ([`provision::sequences`]), as a fresh clone would have them.
+pub(crate) fn set_sequences_sql(setting: &str) -> String {
+    format!(
+        "SELECT setval(split_part(s, ':', 1)::oid::regclass, split_part(s, ':', 2)::bigint, false) \
+         FROM unnest(string_to_array(coalesce(current_setting('{setting}', true), ''), ',')) s"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(summary: &str, counters: &str) -> Reading {
+        Reading::parse(summary.to_owned(), counters).expect("a valid reading")
+    }
+
+    #[test]
+    fn equal_readings_changed_nothing() {
+        let a = reading("s", "16384:1.0.0,16390:5.2.1");
+        assert_eq!(a.change_to(&a.clone()), Change::None);
+        assert_eq!(reading("s", "").change_to(&reading("s", "")), Change::None);
+    }
+
+    #[test]
+    fn changed_and_new_counters_name_their_relations() {
+        let before = reading("s", "16384:1.0.0,16390:5.2.1");
+        let after = reading("s", "16384:2.0.0,16390:5.2.1,16400:0.0.1");
+        assert_eq!(before.change_to(&after), Change::Rows(vec![16384, 16400]));
+    }
+
+    #[test]
+    fn a_changed_summary_or_a_lost_counter_is_another_change() {
+        let before = reading("s", "16384:1.0.0");
+        assert_eq!(
+            before.change_to(&reading("t", "16384:1.0.0")),
+            Change::Other
+        );
+        assert_eq!(before.change_to(&reading("s", "")), Change::Other);
+    }
+
+    #[test]
+    fn malformed_counters_give_no_reading() {
+        assert!(Reading::parse("s".into(), "16384").is_none());
+        assert!(Reading::parse("s".into(), "x:1.0.0").is_none());
+    }
+
+    #[test]
+    fn the_restore_needs_a_record_of_every_table() {
+        let t = |oid| Table {
+            oid,
+            name: format!("public.t{oid}"),
+            columns: vec!["id".into(), "\"Na,me\"".into()],
+        };
+        let rows = BTreeMap::from([
+            (1, Some("{\"(1,it's)\"}".to_owned())),
+            (2, Some("{}".to_owned())),
+            (3, None),
+        ]);
+        let sql = restore_sql(&[t(1), t(2)], &rows, "SELECT 1").unwrap();
+        assert!(sql.starts_with("BEGIN; SET LOCAL session_replication_role = replica;"));
+        assert!(sql.contains(
+            "DELETE FROM ONLY public.t1; INSERT INTO public.t1 (id, \"Na,me\") OVERRIDING SYSTEM VALUE \
+             SELECT x.id, x.\"Na,me\" FROM unnest('{\"(1,it''s)\"}'::text[]::public.t1[]) x;"
+        ));
+        // An empty table is only emptied.
+        assert!(sql.contains("DELETE FROM ONLY public.t2; SELECT 1; COMMIT"));
+        assert!(restore_sql(&[t(3)], &rows, "").is_none());
+        assert!(restore_sql(&[t(4)], &rows, "").is_none());
+    }
+}
