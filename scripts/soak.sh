@@ -77,7 +77,8 @@ echo "soak: $round rounds, $killed test processes killed, $stalls tests timed ou
 # The runner itself: nextest SIGKILLed mid-run (its test processes live on, orphaned),
 # and Ctrl-C (SIGINT to the runner's whole process group, as a terminal sends it).
 servers_of() {
-    ls -d "${TMPDIR:-/tmp}"/pgfixture-*/pgfixture-"$1"-* 2>/dev/null
+    # Local servers live under /dev/shm or $TMPDIR (PGFIXTURE_LOCAL_DIR's defaults).
+    ls -d /dev/shm/pgfixture-*/pgfixture-"$1"-* "${TMPDIR:-/tmp}"/pgfixture-*/pgfixture-"$1"-* 2>/dev/null
     if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
         docker ps -aq --filter "name=pgfixture-$1-"
     fi
@@ -113,7 +114,7 @@ while :; do
     if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
         left+=$(docker ps -aq --filter "name=pgfixture-${prefix}" | tr '\n' ' ')
     fi
-    left+=$(ls -d "${TMPDIR:-/tmp}"/pgfixture-*/pgfixture-"${prefix}"* 2>/dev/null | tr '\n' ' ')
+    left+=$(ls -d /dev/shm/pgfixture-*/pgfixture-"${prefix}"* "${TMPDIR:-/tmp}"/pgfixture-*/pgfixture-"${prefix}"* 2>/dev/null | tr '\n' ' ')
     left+=$(pgrep -f "pgfixture-${prefix}" | tr '\n' ' ')
     [ -z "${left// /}" ] && break
     if [ "$(date +%s)" -ge "$deadline" ]; then

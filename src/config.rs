@@ -145,6 +145,12 @@ pub struct Config {
     /// `PGFIXTURE_PG_BIN`; default: `PATH`, then `pg_config --bindir`, then
     /// `/usr/lib/postgresql/*/bin` (newest first).
     pub pg_bin: Option<PathBuf>,
+    /// Where the local backend keeps its servers (data directories, logs, sockets) and
+    /// its cache of initialised data directories. `PGFIXTURE_LOCAL_DIR` (an absolute
+    /// path); default `/dev/shm/pgfixture-<uid>` when `/dev/shm` is a tmpfs of at
+    /// least 1 GiB (memory, where creating a database takes a fifth of the time it
+    /// takes on a disk), else `$TMPDIR/pgfixture-<uid>`.
+    pub local_dir: Option<PathBuf>,
     /// The run that servers and databases belong to. `PGFIXTURE_RUN_ID`, else
     /// `NEXTEST_RUN_ID`; default: this process.
     pub run_id: String,
@@ -219,6 +225,7 @@ impl Default for Config {
             require_docker: false,
             grace: DEFAULT_GRACE,
             pg_bin: None,
+            local_dir: None,
             run_id: process_run_id(),
             url: None,
             reuse: false,
@@ -385,6 +392,17 @@ impl Config {
         }
         if let Some(v) = env.var("PGFIXTURE_PG_BIN") {
             config.pg_bin = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env.var("PGFIXTURE_LOCAL_DIR") {
+            let dir = PathBuf::from(v.trim());
+            if !dir.is_absolute() {
+                return Err(Error::config(
+                    "PGFIXTURE_LOCAL_DIR",
+                    &v,
+                    "must be an absolute path, such as /var/tmp/pgfixture",
+                ));
+            }
+            config.local_dir = Some(dir);
         }
         if let Some(v) = env.var("PGFIXTURE_URL") {
             config.url = Some(ServerUrl::parse(&v)?);
@@ -911,6 +929,7 @@ mod tests {
             ("PGFIXTURE_GRACE", "0"),
             ("PGFIXTURE_REQUIRE_DOCKER", "1"),
             ("PGFIXTURE_PG_BIN", "/opt/pg/bin"),
+            ("PGFIXTURE_LOCAL_DIR", "/var/tmp/pgfx"),
             ("NEXTEST_RUN_ID", "0a1b2c3d-4e5f-6789-abcd-ef0123456789"),
         ]))
         .unwrap();
@@ -924,6 +943,7 @@ mod tests {
         assert_eq!(c.grace, Duration::ZERO);
         assert!(c.require_docker);
         assert_eq!(c.pg_bin, Some(PathBuf::from("/opt/pg/bin")));
+        assert_eq!(c.local_dir, Some(PathBuf::from("/var/tmp/pgfx")));
         // A uuid is hashed, never cut.
         assert_eq!(c.run_id.len(), 12);
         assert!(
@@ -1265,6 +1285,7 @@ mod tests {
             ("PGFIXTURE_WORKERS", &["0", "four", "-2", "100000", "1.5"]),
             ("PGFIXTURE_POOL_SIZE", &["0", "zero", "1000000", "-1"]),
             ("RUST_TEST_THREADS", &["0", "many"]),
+            ("PGFIXTURE_LOCAL_DIR", &["tmp/pgfx", "./x"]),
             (
                 "PGFIXTURE_ACQUIRE_TIMEOUT",
                 &["0", "soon", "-3", "1e9", "NaN", "inf"],

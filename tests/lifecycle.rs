@@ -121,24 +121,10 @@ async fn leftovers(run: &str) -> Vec<String> {
     for c in common::run_containers(run).await {
         found.push(format!("container {:?}", c.names));
     }
-    for entry in std::fs::read_dir(std::env::temp_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with("pgfixture-")
-        {
-            for server in std::fs::read_dir(entry.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if server.file_name().to_string_lossy().starts_with(&marker) {
-                    found.push(format!("directory {}", server.path().display()));
-                }
+    for base in common::local_dirs() {
+        for server in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            if server.file_name().to_string_lossy().starts_with(&marker) {
+                found.push(format!("directory {}", server.path().display()));
             }
         }
     }
@@ -1055,9 +1041,9 @@ async fn a_local_server_stops_when_its_watchdog_is_killed() {
         common::own_fixture_on("wdog", pgfixture::Backend::Local, Duration::from_secs(60));
     let run = fixture.config().run_id.clone();
     let db = fixture.worker_db().await.unwrap();
-    let dir = std::fs::read_dir(std::env::temp_dir().join(format!("pgfixture-{}", own_uid())))
-        .unwrap()
-        .flatten()
+    let dir = common::local_dirs()
+        .into_iter()
+        .flat_map(|base| std::fs::read_dir(base).into_iter().flatten().flatten())
         .map(|e| e.path())
         .find(|p| {
             p.file_name()
@@ -1160,7 +1146,7 @@ async fn records_of_gone_containers_are_removed() {
 /// first); a damaged cache is detected, removed, and made again by the next start.
 #[test]
 fn a_damaged_initdb_cache_is_detected_and_rebuilt() {
-    // A directory of its own (through TMPDIR), so that the damage meets no other test.
+    // A directory of its own, so that the damage meets no other test.
     let tmp = std::env::temp_dir().join(format!("pgfx-{}", unique_run("c")));
     std::fs::create_dir_all(&tmp).unwrap();
     let tmp_text = tmp.display().to_string();
@@ -1169,7 +1155,7 @@ fn a_damaged_initdb_cache_is_detected_and_rebuilt() {
             ("PGFIXTURE_RUN_ID", &unique_run("cache")),
             ("PGFIXTURE_BACKEND", "local"),
             ("PGFIXTURE_GRACE", "1"),
-            ("TMPDIR", &tmp_text),
+            ("PGFIXTURE_LOCAL_DIR", &tmp_text),
         ]);
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("CHILD-OK users=1"),
@@ -1178,9 +1164,7 @@ fn a_damaged_initdb_cache_is_detected_and_rebuilt() {
         );
     };
     child();
-    let caches = tmp
-        .join(format!("pgfixture-{}", own_uid()))
-        .join("initdb-cache");
+    let caches = tmp.join("initdb-cache");
     let versions: Vec<PathBuf> = std::fs::read_dir(&caches)
         .expect("a cache after a local start")
         .flatten()
@@ -1208,7 +1192,7 @@ fn a_damaged_initdb_cache_is_detected_and_rebuilt() {
     }
     // The servers' directories go after their grace period; then the rest.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(tmp.join(format!("pgfixture-{}", own_uid())))
+    while std::fs::read_dir(&tmp)
         .into_iter()
         .flatten()
         .flatten()

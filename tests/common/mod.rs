@@ -77,6 +77,23 @@ pub fn reported(stdout: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {stdout:?}"))
 }
 
+/// The directories local servers may live in (`PGFIXTURE_LOCAL_DIR`, else its two
+/// defaults: `/dev/shm/pgfixture-<uid>` and `$TMPDIR/pgfixture-<uid>`).
+pub fn local_dirs() -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(dir) = std::env::var_os("PGFIXTURE_LOCAL_DIR") {
+        return vec![dir.into()];
+    }
+    let user = format!(
+        "pgfixture-{}",
+        std::fs::metadata("/proc/self").unwrap().uid()
+    );
+    vec![
+        std::path::Path::new("/dev/shm").join(&user),
+        std::env::temp_dir().join(user),
+    ]
+}
+
 /// A run id of its own for a test: up to 4 letters of `tag`, then 7 hex digits mixed
 /// from the process, the clock and a counter. At 11 characters it is kept as it is
 /// (longer ids are hashed), so containers and marks carry this very id.
