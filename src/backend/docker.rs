@@ -40,8 +40,19 @@ pub(crate) struct Docker {
 /// Where containers keep their data: outside the official image's volume (which
 /// `docker commit` leaves out), so that an initialised data directory can be committed.
 const DATA_DIR: &str = "/tmp/pgfixture-data";
+/// A tmpfs of each container, where its server keeps its data ([`MEMORY_DATA_DIR`]):
+/// creating a database (a template, a worker's clone, a spare) in memory takes a
+/// fraction of the time it takes on the container's overlay file system.
+const MEMORY_DIR: &str = "/run/pgfixture";
+/// The data directory of a container's server, in [`MEMORY_DIR`]: an initialised
+/// image's [`DATA_DIR`] is copied there as the container starts (`COPY_DATA`).
+const MEMORY_DATA_DIR: &str = "/run/pgfixture/data";
+/// initdb's arguments in containers: a throwaway server need not wait for its files
+/// to reach the disk (0.2–0.4 s of a cold start here), and WAL segments of 1 MB
+/// instead of 16 make a data directory a third smaller, to copy as a container starts.
+const INITDB_ARGS: &str = "--no-sync --wal-segsize=1";
 /// Changes when what an initialised image holds, or where, changes.
-const INITIALIZED_LAYOUT: &str = "1";
+const INITIALIZED_LAYOUT: &str = "2";
 
 /// Answering a ping takes milliseconds; a daemon that has not answered in this time is
 /// treated as unreachable instead of hanging the first test.
@@ -354,7 +365,7 @@ impl Docker {
         // container's password first, from a single-user server (about 0.1 s), before
         // the server listens.
         let mut script = format!(
-            "{SET_PASSWORD}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nmarker={SEEN_MARKER}\n"
+            "{COPY_DATA}{SET_PASSWORD}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nmarker={SEEN_MARKER}\n"
         );
         script.push_str(IDLE_LOOP);
         let mut cmd = vec![
@@ -376,16 +387,18 @@ impl Docker {
                 // The verifier, not the password: the API's bodies are logged.
                 format!("POSTGRES_PASSWORD={verifier}"),
                 "POSTGRES_DB=postgres".to_owned(),
-                // A throwaway server: initdb need not wait for its files to reach the
-                // disk (0.2–0.4 s of a cold start here).
-                "POSTGRES_INITDB_ARGS=--no-sync".to_owned(),
-                format!("PGDATA={DATA_DIR}"),
+                format!("POSTGRES_INITDB_ARGS={INITDB_ARGS}"),
+                format!("PGDATA={MEMORY_DATA_DIR}"),
                 format!("grace={}", config.server_grace().as_secs()),
             ]),
             labels: Some(labels.clone()),
             exposed_ports: Some(vec![PORT.to_owned()]),
             host_config: Some(HostConfig {
                 auto_remove: Some(true),
+                tmpfs: Some(HashMap::from([(
+                    MEMORY_DIR.to_owned(),
+                    "mode=1777".to_owned(),
+                )])),
                 port_bindings: Some(HashMap::from([(
                     PORT.to_owned(),
                     Some(vec![PortBinding {
@@ -469,6 +482,13 @@ pub(crate) struct Output(std::sync::Arc<std::sync::Mutex<String>>);
 
 /// Sets the password of an existing data directory (`$POSTGRES_PASSWORD`, a SCRAM
 /// verifier, which holds no quote) as the user the server runs as.
+/// Copies an initialised image's data directory into the container's memory
+/// ([`MEMORY_DATA_DIR`]), where its server runs, unless it is there already.
+const COPY_DATA: &str = r#"if [ -s /tmp/pgfixture-data/PG_VERSION ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
+    mkdir -p "$PGDATA" && cp -a /tmp/pgfixture-data/. "$PGDATA/" || exit 1
+fi
+"#;
+
 const SET_PASSWORD: &str = r#"if [ -s "$PGDATA/PG_VERSION" ]; then
     as=
     # As root (the official images), drop to postgres as their entry points do.
@@ -519,14 +539,14 @@ done
 kill -INT "$pg"
 wait "$pg"
 "#;
-        let outside = r#"base=$1 tag=$2 name=$3 data=$4 inside=$5
+        let outside = r#"base=$1 tag=$2 name=$3 data=$4 inside=$5 initdb_args=$6
 # Built meanwhile by another process's builder: committing again would leave that
 # image behind untagged.
 docker image inspect "$tag" >/dev/null 2>&1 && exit 0
 docker rm "$name" >/dev/null 2>&1
 docker run --name "$name" --label pgfixture.initializer=1 \
     -e POSTGRES_USER=postgres -e POSTGRES_PASSWORD -e POSTGRES_DB=postgres \
-    -e POSTGRES_INITDB_ARGS=--no-sync -e "PGDATA=$data" \
+    -e POSTGRES_INITDB_ARGS="$initdb_args" -e "PGDATA=$data" \
     "$base" sh -c "$inside" >/dev/null 2>&1 || exit 0
 docker commit --change "LABEL pgfixture.base=$base" "$name" "$tag" >/dev/null 2>&1
 docker rm "$name" >/dev/null 2>&1
@@ -540,7 +560,7 @@ docker image prune --force --filter "label=pgfixture.base=$base" >/dev/null 2>&1
         let name = format!("pgfixture-initializer-{}", tag.rsplit(':').next().unwrap_or(""));
         detached(
             outside,
-            &[base, tag, &name, DATA_DIR, inside],
+            &[base, tag, &name, DATA_DIR, inside, INITDB_ARGS],
             &[("POSTGRES_PASSWORD", &verifier)],
             config,
         );

@@ -22,7 +22,7 @@ use crate::{Error, Result};
 /// directories. Not named `pgfixture-*`, which are servers.
 const CACHE_DIR: &str = "initdb-cache";
 /// Changes whenever the initdb arguments below change, so that an older cache is not used.
-const INITDB_VERSION: &str = "initdb-1 scram-sha-256 trust UTF8 C";
+const INITDB_VERSION: &str = "initdb-2 scram-sha-256 trust UTF8 C wal-segsize=1";
 
 /// The smallest `/dev/shm` that servers go to by default.
 const MIN_SHM: u64 = 1 << 30;
@@ -412,6 +412,8 @@ impl Local {
             "--encoding=UTF8".to_owned(),
             "--locale=C".to_owned(),
             "--no-sync".to_owned(),
+            // WAL segments of 1 MB: a third of the data directory to copy per server.
+            "--wal-segsize=1".to_owned(),
         ]);
         let port = free_port()?;
         let mut postgres = self.command("postgres", "INT");
