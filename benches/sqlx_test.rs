@@ -12,7 +12,9 @@
 //!
 //! - `sqlx_test`: `#[sqlx::test] async fn t(pool: PgPool)`: a database per test, every
 //!   migration run in it, on a server this bench starts (through pgfixture, with the
-//!   same settings) and passes as `DATABASE_URL`;
+//!   same settings) and passes as `DATABASE_URL`: once with its data on disk, as users'
+//!   servers keep it (`$TMPDIR/pgfixture-bench-disk`; the ratios are against this
+//!   one), and once in memory, where pgfixture keeps its own local servers;
 //! - `renamed`: the same file with the attribute renamed to `#[pgfixture::test]`;
 //! - `test_db`: the same tests taking `pgfixture::sqlx::TestDb`, from cold (a server
 //!   to start, the template to build) and reused (`PGFIXTURE_REUSE=1` after one run
@@ -289,34 +291,49 @@ fn main() {
             .unwrap_or_else(|| panic!("no test binary {name}"))
     };
 
-    // The server #[sqlx::test] gets: one pgfixture starts, held up by a handle.
+    // The servers #[sqlx::test] gets, started by pgfixture and held up by a handle:
+    // one with its data on disk, as users' servers have it (a service, or a container's
+    // overlay file system), and one in memory, as pgfixture keeps its own local servers
+    // (the same for both with the Docker backend, whose containers keep data in memory).
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let fixture = pgfixture::Fixture::builder()
-        .no_fixtures()
-        .no_migrations()
-        .build()
-        .expect("fixture");
-    let db = runtime.block_on(fixture.worker_db()).expect("a server");
-    let url = db.url().as_str().to_owned();
-    let database_url = match url.rsplit_once('/') {
-        Some((server, rest)) => {
-            let query = rest
-                .split_once('?')
-                .map(|(_, q)| format!("?{q}"))
-                .unwrap_or_default();
-            format!("{server}/postgres{query}")
+    let disk = std::env::temp_dir().join("pgfixture-bench-disk");
+    let server = |local_dir: Option<PathBuf>| {
+        let mut config = pgfixture::Config::from_env().expect("configuration");
+        if local_dir.is_some() {
+            config.local_dir = local_dir;
         }
-        None => url,
+        let fixture = pgfixture::Fixture::builder()
+            .config(config)
+            .no_fixtures()
+            .no_migrations()
+            .build()
+            .expect("fixture");
+        let db = runtime.block_on(fixture.worker_db()).expect("a server");
+        let url = db.url().as_str().to_owned();
+        let database_url = match url.rsplit_once('/') {
+            Some((server, rest)) => {
+                let query = rest
+                    .split_once('?')
+                    .map(|(_, q)| format!("?{q}"))
+                    .unwrap_or_default();
+                format!("{server}/postgres{query}")
+            }
+            None => url,
+        };
+        (db, database_url)
     };
+    let (disk_db, disk_url) = server(Some(disk));
+    let (db, database_url) = server(None);
 
     println!();
     println!(
         "#[sqlx::test] against #[pgfixture::test]: {tests} tests, {MIGRATIONS} migrations, median of {repeat} runs (wall time of the test binary)"
     );
     println!(
-        "{:<8} {:>11} {:>17} {:>14} {:>16} {:>8} {:>8} {:>8}",
+        "{:<8} {:>11} {:>11} {:>17} {:>14} {:>16} {:>8} {:>8} {:>8}",
         "threads",
-        "sqlx::test",
+        "sqlx, disk",
+        "sqlx, mem",
         "renamed (PgPool)",
         "TestDb, cold",
         "TestDb, reused",
@@ -327,6 +344,11 @@ fn main() {
     let reuse = [("PGFIXTURE_REUSE", "1"), ("PGFIXTURE_REUSE_IDLE", "60")];
     for &t in &threads {
         let mut cells = Vec::new();
+        cells.push(median(
+            (0..repeat)
+                .map(|_| run(&binary("sqlx_test"), &dir, t, &disk_url, &[]))
+                .collect(),
+        ));
         for (name, extra) in [
             ("sqlx_test", &[][..]),
             ("renamed", &[][..]),
@@ -343,20 +365,22 @@ fn main() {
                 .collect();
             cells.push(median(runs));
         }
+        // Against #[sqlx::test] on a server on disk, as users run it.
         let ratio = |i: usize| cells[0].as_secs_f64() / cells[i].as_secs_f64();
         println!(
-            "{:<8} {:>11} {:>17} {:>14} {:>16} {:>7.1}x {:>7.1}x {:>7.1}x",
+            "{:<8} {:>11} {:>11} {:>17} {:>14} {:>16} {:>7.1}x {:>7.1}x {:>7.1}x",
             t,
             secs(cells[0]),
             secs(cells[1]),
             secs(cells[2]),
             secs(cells[3]),
-            ratio(1),
+            secs(cells[4]),
             ratio(2),
             ratio(3),
+            ratio(4),
         );
     }
-    drop(db);
+    drop((db, disk_db));
 
     if std::env::var("BENCH_BUILD").as_deref() != Ok("0") {
         println!();
