@@ -83,7 +83,9 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
-    println!("clean build of a test crate with one test (cargo build --tests, debug), and the crates it compiles");
+    println!(
+        "clean build of a test crate with one test (cargo build --tests, debug), and the crates it compiles"
+    );
     println!("{:<26} {:>10} {:>8}", "way", "build", "crates");
     for way in ways() {
         let dir = root.join(way.name);
@@ -105,7 +107,15 @@ fn main() {
         );
         let tree = cargo(
             &dir,
-            &["tree", "-e", "normal,build,dev", "--prefix", "none", "--format", "{p}"],
+            &[
+                "tree",
+                "-e",
+                "normal,build,dev",
+                "--prefix",
+                "none",
+                "--format",
+                "{p}",
+            ],
         );
         let mut crates: Vec<String> = String::from_utf8_lossy(&tree.stdout)
             .lines()

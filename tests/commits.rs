@@ -503,23 +503,9 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
         ));
     }
     for (change, restore) in changes {
-        let before = fixture.stats();
-        let pool = fixture.worker_pool().await.unwrap();
-        pool.get()
-            .await
-            .unwrap()
-            .batch_execute(change)
-            .await
-            .unwrap();
-        pool.release().await.unwrap();
-        let after = fixture.stats();
         assert_eq!(
-            (after.pools_restored, after.workers_reset),
-            if restore {
-                (before.pools_restored + 1, before.workers_reset)
-            } else {
-                (before.pools_restored, before.workers_reset + 1)
-            },
+            through_pool(&fixture, change).await,
+            if restore { (1, 0) } else { (0, 1) },
             "{change}: not seen, or not handled as expected"
         );
         let db = fixture.worker_db().await.unwrap();
@@ -566,6 +552,20 @@ async fn resets_after_commits_use_a_spare_and_leak_nothing() {
     }
 }
 
+/// Runs `sql` through a worker pool of `fixture` and releases it: the restores and
+/// the rebuilds its release made.
+async fn through_pool(fixture: &Fixture, sql: &str) -> (u64, u64) {
+    let before = fixture.stats();
+    let pool = fixture.worker_pool().await.unwrap();
+    pool.get().await.unwrap().batch_execute(sql).await.unwrap();
+    pool.release().await.unwrap();
+    let after = fixture.stats();
+    (
+        after.pools_restored - before.pools_restored,
+        after.workers_reset - before.workers_reset,
+    )
+}
+
 /// Every table of `tests/fixtures/restore`, in one row, byte for byte (but the times
 /// of `child`, which a rebuilt worker schema gets anew).
 async fn shapes(db: &TestDb) -> String {
@@ -602,12 +602,9 @@ async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
     let fresh = shapes(&db).await;
     drop(db);
 
-    let pool = fixture.worker_pool().await.unwrap();
-    pool.get()
-        .await
-        .unwrap()
-        .batch_execute(
-            "INSERT INTO parent (name) VALUES ('c'); \
+    let made = through_pool(
+        &fixture,
+        "INSERT INTO parent (name) VALUES ('c'); \
              UPDATE parent SET name = 'A' WHERE id = 1; \
              DELETE FROM parent WHERE id = 2; \
              INSERT INTO child (parent_id, body) VALUES (1, 'new'); \
@@ -615,17 +612,9 @@ async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
              INSERT INTO \"Odd \"\"Name\"\", too\" VALUES ('more', NULL, NULL, NULL, 1); \
              DELETE FROM measures WHERE v = 0.1; \
              INSERT INTO measures VALUES ('2026-08-01', 2)",
-        )
-        .await
-        .unwrap();
-    let before = fixture.stats();
-    pool.release().await.unwrap();
-    let after = fixture.stats();
-    assert_eq!(
-        (after.pools_restored, after.workers_reset),
-        (before.pools_restored + 1, before.workers_reset),
-        "the rows were not put back in place"
-    );
+    )
+    .await;
+    assert_eq!(made, (1, 0), "the rows were not put back in place");
     let db = fixture.worker_db().await.unwrap();
     assert_eq!(
         shapes(&db).await,
@@ -652,19 +641,9 @@ async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
     }
     drop(db);
 
-    let before = fixture.stats();
-    let pool = fixture.worker_pool().await.unwrap();
-    pool.get()
-        .await
-        .unwrap()
-        .batch_execute("INSERT INTO always_audited VALUES (1)")
-        .await
-        .unwrap();
-    pool.release().await.unwrap();
-    let after = fixture.stats();
     assert_eq!(
-        (after.pools_restored, after.workers_reset),
-        (before.pools_restored, before.workers_reset + 1),
+        through_pool(&fixture, "INSERT INTO always_audited VALUES (1)").await,
+        (0, 1),
         "a table whose trigger fires in replica mode was not rebuilt"
     );
     let db = fixture.worker_db().await.unwrap();
