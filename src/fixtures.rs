@@ -238,6 +238,52 @@ fn scope(words: &[String]) -> Scope {
     }
 }
 
+/// The statements of `sql` (the text of the file `path`) that schema mode runs once
+/// per database (extensions, roles), and `sql` with them blanked, byte for byte, so
+/// that the later statements keep their offsets and lines.
+///
+/// # Errors
+///
+/// [`Error::Fixture`] naming the file, line and statement of one that creates a
+/// database-wide object (a schema, a database, a tablespace, ...), which every worker
+/// schema would create again.
+pub(crate) fn take_shared(path: &Path, sql: &str) -> Result<(String, Vec<SharedStatement>)> {
+    let mut shared = Vec::new();
+    let mut blanked = sql.to_owned();
+    for statement in crate::sql::split(sql) {
+        match scope(&statement.words(5)) {
+            Scope::Schema => {}
+            Scope::Shared => {
+                shared.push(SharedStatement {
+                    path: path.to_owned(),
+                    line: statement.line,
+                    sql: statement.text.to_owned(),
+                });
+                let blank: String = statement
+                    .text
+                    .bytes()
+                    .map(|b| if b == b'\n' { '\n' } else { ' ' })
+                    .collect();
+                let range = statement.offset..statement.offset + statement.text.len();
+                blanked.replace_range(range, &blank);
+            }
+            Scope::Refused(what) => {
+                return Err(Error::Fixture {
+                    path: path.to_owned(),
+                    line: Some(statement.line),
+                    statement: Some(statement.excerpt()),
+                    message: format!(
+                        "creates {what}, which is shared by every worker schema of the \
+                         database, so schema mode cannot isolate it; use \
+                         PGFIXTURE_ISOLATION=database (a database per worker)"
+                    ),
+                });
+            }
+        }
+    }
+    Ok((blanked, shared))
+}
+
 impl FixtureSet {
     /// The fixtures as schema mode applies them: the statements on extensions and
     /// roles taken out (blanked, so that lines stay where they were) to run once per
@@ -251,42 +297,18 @@ impl FixtureSet {
     /// worker schema would create again.
     pub(crate) fn for_schemas(&self) -> Result<(FixtureSet, Vec<SharedStatement>)> {
         let mut shared = Vec::new();
+        let mut migrations = self.migrations.clone();
+        // The migrations run first: so do their shared statements.
+        if let Some(m) = &self.migrations
+            && let Some((schema_migrations, taken)) = m.for_schemas()?
+        {
+            shared.extend(taken);
+            migrations = Some(std::sync::Arc::new(schema_migrations));
+        }
         let mut files = Vec::new();
         for file in &self.files {
-            let mut sql = file.sql.clone();
-            for statement in crate::sql::split(&file.sql) {
-                match scope(&statement.words(5)) {
-                    Scope::Schema => {}
-                    Scope::Shared => {
-                        shared.push(SharedStatement {
-                            path: file.path.clone(),
-                            line: statement.line,
-                            sql: statement.text.to_owned(),
-                        });
-                        // Byte for byte, so that the later statements keep their
-                        // offsets, and newlines stay, so that they keep their lines.
-                        let blank: String = statement
-                            .text
-                            .bytes()
-                            .map(|b| if b == b'\n' { '\n' } else { ' ' })
-                            .collect();
-                        let range = statement.offset..statement.offset + statement.text.len();
-                        sql.replace_range(range, &blank);
-                    }
-                    Scope::Refused(what) => {
-                        return Err(Error::Fixture {
-                            path: file.path.clone(),
-                            line: Some(statement.line),
-                            statement: Some(statement.excerpt()),
-                            message: format!(
-                                "creates {what}, which is shared by every worker schema of the \
-                                 database, so schema mode cannot isolate it; use \
-                                 PGFIXTURE_ISOLATION=database (a database per worker)"
-                            ),
-                        });
-                    }
-                }
-            }
+            let (sql, taken) = take_shared(&file.path, &file.sql)?;
+            shared.extend(taken);
             files.push(FixtureFile {
                 path: file.path.clone(),
                 sql,
@@ -296,7 +318,7 @@ impl FixtureSet {
             FixtureSet {
                 files,
                 hash: self.hash.clone(),
-                migrations: self.migrations.clone(),
+                migrations,
             },
             shared,
         ))
@@ -458,9 +480,24 @@ mod tests {
                 source: Source::Dir(PathBuf::from("migrations")),
                 layout,
                 files: vec![f("1_init.sql", sql)],
+                blanked: Vec::new(),
             };
             FixtureSet::with_migrations(Some(migrations), vec![f("seed.sql", "x")])
         };
+        // Schema mode takes the statements on extensions out of sqlx migrations too,
+        // keeping the set's key.
+        let with_extension = set(Layout::Sqlx, "CREATE EXTENSION citext;\nCREATE TABLE a ()");
+        let (per_schema, shared) = with_extension.for_schemas().unwrap();
+        assert_eq!(shared.len(), 1);
+        assert_eq!(
+            (shared[0].line, shared[0].sql.as_str()),
+            (1, "CREATE EXTENSION citext;")
+        );
+        let blanked = &per_schema.migrations.as_ref().unwrap().blanked;
+        assert_eq!(blanked.len(), 1);
+        assert_eq!(blanked[0].0, 1);
+        assert!(!blanked[0].1.contains("EXTENSION") && blanked[0].1.contains("CREATE TABLE a ()"));
+        assert_eq!(per_schema.hash(64), with_extension.hash(64));
         let none = FixtureSet::from_files(vec![f("seed.sql", "x")]);
         let one = set(Layout::Sqlx, "CREATE TABLE a ()");
         let edited = set(Layout::Sqlx, "CREATE TABLE a (x int)");

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::fixtures::FixtureFile;
+use crate::fixtures::{FixtureFile, SharedStatement};
 use crate::{Error, Result};
 
 /// How a migrations folder is laid out.
@@ -196,6 +196,10 @@ pub(crate) struct Migrations {
     /// The files to apply, in order (plain layout), or every migration (sqlx's
     /// layout: for the key and for naming the file of an error).
     pub(crate) files: Vec<FixtureFile>,
+    /// Schema mode, sqlx's layout: the migrations whose statements on extensions and
+    /// roles run once per database instead ([`Migrations::for_schemas`]), by version,
+    /// with the text the migrator runs in their place (those statements blanked).
+    pub(crate) blanked: Vec<(i64, String)>,
 }
 
 impl Migrations {
@@ -258,6 +262,7 @@ impl Migrations {
             source: Source::Dir(dir.to_owned()),
             layout,
             files,
+            blanked: Vec::new(),
         }))
     }
 
@@ -268,6 +273,7 @@ impl Migrations {
             source: Source::Migrator(migrator),
             layout: Layout::Sqlx,
             files: Vec::new(),
+            blanked: Vec::new(),
         }
     }
 
@@ -284,6 +290,65 @@ impl Migrations {
                 digest.update(&m.checksum[..]);
             }
         }
+    }
+
+    /// The migrations as schema mode runs them (sqlx's layout): their statements on
+    /// extensions and roles, which act on the whole database or server, are taken out
+    /// to run once per database before any worker schema, as the fixtures' are, and
+    /// the migrator runs the rest. The checksums stay those of the files, so that
+    /// `_sqlx_migrations` is what the application's own migrator expects. `None` when
+    /// there is nothing to take out (or another layout, whose files are fixtures).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Fixture`] naming the file, line and statement of one that creates a
+    /// database-wide object schema mode cannot isolate (a schema, a database, ...).
+    pub(crate) fn for_schemas(&self) -> Result<Option<(Migrations, Vec<SharedStatement>)>> {
+        if self.layout != Layout::Sqlx {
+            return Ok(None);
+        }
+        let mut ups: Vec<(i64, PathBuf, String)> = Vec::new();
+        match &self.source {
+            Source::Dir(_) => {
+                for file in &self.files {
+                    let name = file.path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    let version = name.split_once('_').and_then(|(v, _)| v.parse().ok());
+                    if let (Some(version), false) = (version, name.ends_with(".down.sql")) {
+                        ups.push((version, file.path.clone(), file.sql.clone()));
+                    }
+                }
+            }
+            #[cfg(feature = "sqlx")]
+            Source::Migrator(migrator) => {
+                for m in migrator
+                    .iter()
+                    .filter(|m| !m.migration_type.is_down_migration())
+                {
+                    let path =
+                        PathBuf::from(format!("migration {} ({})", m.version, m.description));
+                    ups.push((m.version, path, m.sql.as_str().to_owned()));
+                }
+            }
+        }
+        let mut shared = Vec::new();
+        let mut blanked = Vec::new();
+        for (version, path, sql) in ups {
+            let (sql, taken) = crate::fixtures::take_shared(&path, &sql)?;
+            if !taken.is_empty() {
+                shared.extend(taken);
+                blanked.push((version, sql));
+            }
+        }
+        if shared.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some((
+            Migrations {
+                blanked,
+                ..self.clone()
+            },
+            shared,
+        )))
     }
 
     /// Whether the migrations need a connection of their own (a migrator), so that the
@@ -346,6 +411,49 @@ impl Migrations {
                 &owned
             }
             Source::Migrator(m) => m,
+        };
+        // Schema mode: the migrations whose shared statements ran once per database
+        // run without them, under their files' checksums.
+        let schema_owned;
+        let migrator = if self.blanked.is_empty() {
+            migrator
+        } else {
+            use ::sqlx::AssertSqlSafe;
+            use ::sqlx::SqlSafeStr;
+            use ::sqlx::migrate::Migration;
+            let migrations = migrator
+                .iter()
+                .map(|m| {
+                    let text = self
+                        .blanked
+                        .iter()
+                        .find(|(v, _)| *v == m.version)
+                        .filter(|_| !m.migration_type.is_down_migration());
+                    match text {
+                        Some((_, sql)) => {
+                            let mut blanked = Migration::new(
+                                m.version,
+                                m.description.clone(),
+                                m.migration_type,
+                                AssertSqlSafe(sql.clone()).into_sql_str(),
+                                m.no_tx,
+                            );
+                            blanked.checksum = m.checksum.clone();
+                            blanked
+                        }
+                        None => m.clone(),
+                    }
+                })
+                .collect();
+            let mut m = Migrator::with_migrations(migrations);
+            m.set_locking(false);
+            m.set_ignore_missing(migrator.ignore_missing);
+            m.dangerous_set_table_name(migrator.table_name.clone());
+            for schema in migrator.create_schemas.iter() {
+                m.create_schema(schema.clone());
+            }
+            schema_owned = m;
+            &schema_owned
         };
         let settings = crate::settings::Settings::new(server, dbname, schema, None);
         let options = crate::driver::sqlx::connect_options(&settings);

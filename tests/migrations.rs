@@ -268,3 +268,94 @@ fn bad_folders_are_refused_before_anything_is_built() {
         .to_string();
     assert!(error.contains("diesel"), "{error}");
 }
+
+/// Migrations that create extensions run in every mode: in schema mode their
+/// extensions are created once per database (in the schema every worker's
+/// `search_path` holds), however many workers build their schemas at once, while
+/// `_sqlx_migrations` keeps the files' checksums, so that the application's own
+/// migrator finds nothing to do. A migration that creates a schema is refused in
+/// schema mode, by file, line and statement.
+#[tokio::test]
+async fn migrations_with_extensions_run_in_every_mode_and_keep_their_checksums() {
+    let dir = folder(
+        "extensions",
+        &[
+            (
+                "1_extensions.sql",
+                "-- Both spellings: the shared one must tolerate the other.\n\
+                 CREATE EXTENSION IF NOT EXISTS citext;\n\
+                 CREATE EXTENSION hstore;\n",
+            ),
+            (
+                "2_people.sql",
+                "CREATE TABLE people (email citext PRIMARY KEY, attrs hstore NOT NULL);\n\
+                 INSERT INTO people VALUES ('Ada@Example.org', 'lang=>en');\n",
+            ),
+        ],
+    );
+    let fixture = Fixture::builder()
+        .workers(4)
+        .migrations(&dir)
+        .build()
+        .expect("fixture");
+    // Four workers at once: in schema mode, four schemas built concurrently.
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let fixture = fixture.clone();
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(async move {
+                        let mut db = TestDb::acquire(&fixture).await.unwrap();
+                        let found: i64 = sqlx::query_scalar(
+                            "SELECT count(*) FROM people \
+                             WHERE email = 'ada@example.org' AND attrs -> 'lang' = 'en'",
+                        )
+                        .fetch_one(&mut *db)
+                        .await
+                        .unwrap();
+                        assert_eq!(found, 1, "the extensions' types and operators work");
+                        let ours = recorded(&mut db).await;
+                        let migrator = Migrator::new(dir.as_path()).await.unwrap();
+                        let files: Vec<Vec<u8>> =
+                            migrator.iter().map(|m| m.checksum.to_vec()).collect();
+                        let checksums: Vec<Vec<u8>> = ours.iter().map(|r| r.3.clone()).collect();
+                        assert_eq!(checksums, files, "_sqlx_migrations holds other checksums");
+                        migrator.run(&mut *db).await.unwrap();
+                        assert_eq!(recorded(&mut db).await, ours);
+                        // Hold the worker until the four are out.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    });
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.join().expect("a worker's test failed");
+    }
+
+    if fixture.config().isolation == pgfixture::Isolation::Schema {
+        let refused = folder(
+            "schema-refused",
+            &[(
+                "1_init.sql",
+                "CREATE TABLE a (id int);\nCREATE SCHEMA reports;\n",
+            )],
+        );
+        let error = Fixture::builder()
+            .migrations(&refused)
+            .build()
+            .expect_err("a migration creating a schema in schema mode")
+            .to_string();
+        for wanted in [
+            "1_init.sql",
+            "line 2",
+            "CREATE SCHEMA reports",
+            "PGFIXTURE_ISOLATION=database",
+        ] {
+            assert!(error.contains(wanted), "{error:?} lacks {wanted:?}");
+        }
+    }
+}
