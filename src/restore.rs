@@ -11,7 +11,7 @@
 //! - Only rows of ordinary tables changed (the usual test that commits): those tables
 //!   are emptied and refilled from the rows the template held, recorded when it was
 //!   built ([`record`]), and the sequences set back, in one transaction with the
-//!   worker's clean mark, a millisecond or two ([`restore`]).
+//!   worker's clean mark, a millisecond or two ([`restore_sql`]).
 //! - Anything else (DDL, a catalog, a table too large to record, a trigger that fires
 //!   in replica mode, no recorded rows): the worker is rebuilt as before.
 //!
