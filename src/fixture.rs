@@ -375,7 +375,14 @@ pub(crate) struct Worker {
     /// Connections other drivers keep between tests ([`crate::driver`]); they go with
     /// the worker when it is reset.
     idle: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
+    /// What [`crate::restore::describe`] found for each set of changed relations: a
+    /// worker's tables change only through DDL, which rebuilds it (a new `Worker`).
+    described: Mutex<HashMap<Vec<u32>, Arc<Described>>>,
 }
+
+/// The tables a restore puts back, and the worker schema's oid; `None` when the
+/// changed relations cannot be put back in place.
+type Described = Option<(Vec<crate::restore::Table>, Option<u32>)>;
 
 /// Connections a worker's stash keeps per driver: one test holds a worker at a time, so
 /// more than two are rarely needed; more are closed.
@@ -996,10 +1003,28 @@ impl Inner {
             .search_path
             .as_deref()
             .map(|_| worker.target.as_str());
-        let Some((tables, schema_oid)) = crate::restore::describe(client, oids, schema).await?
-        else {
+        let cached = worker
+            .described
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(oids)
+            .cloned();
+        let described = match cached {
+            Some(described) => described,
+            None => {
+                let described = Arc::new(crate::restore::describe(client, oids, schema).await?);
+                worker
+                    .described
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(oids.to_vec(), Arc::clone(&described));
+                described
+            }
+        };
+        let Some((tables, schema_oid)) = described.as_ref() else {
             return Ok(false);
         };
+        let schema_oid = *schema_oid;
         let key = match schema_oid {
             Some(oid) => crate::restore::schema_key(&worker.target, oid),
             None => provision::template_name(&self.fixtures),
@@ -1036,7 +1061,7 @@ impl Inner {
         if let Some(setting) = provision::sequences_setting(target) {
             then = format!("{}; {then}", crate::restore::set_sequences_sql(&setting));
         }
-        let Some(sql) = crate::restore::restore_sql(&tables, &recorded, &then) else {
+        let Some(sql) = crate::restore::restore_sql(tables, &recorded, &then) else {
             return Ok(false);
         };
         match client.batch_execute(&sql).await {
@@ -1343,6 +1368,7 @@ impl Inner {
             search_path,
             target: worker_name,
             primed: Mutex::new(None),
+            described: Mutex::default(),
             settings,
             begin,
             idle: Mutex::default(),
@@ -1438,6 +1464,7 @@ impl Inner {
             search_path,
             target: name.to_owned(),
             primed: Mutex::new(None),
+            described: Mutex::default(),
             settings,
             begin,
             idle: Mutex::new(vec![conn]),
@@ -1559,6 +1586,7 @@ impl Inner {
             search_path,
             target: name.to_owned(),
             primed: Mutex::new(Some(client)),
+            described: Mutex::default(),
             settings,
             begin,
             idle: Mutex::default(),
