@@ -754,7 +754,7 @@ pub(crate) async fn reset_schema(
 }
 
 /// Makes the connections `clients` (idle, of the worker's test pool) hand their
-/// pending statistics to the server now, so that a later [`fingerprint`] does not see
+/// pending statistics to the server now, so that a later [`crate::restore::fingerprint`] does not see
 /// them arrive (a backend sends them at most once a second). PostgreSQL 15 and later.
 pub(crate) async fn flush_statistics(clients: &[&Client]) {
     let flushes = clients.iter().map(|c| {

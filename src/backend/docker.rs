@@ -365,7 +365,7 @@ impl Docker {
         // container's password first, from a single-user server (about 0.1 s), before
         // the server listens.
         let mut script = format!(
-            "{COPY_DATA}{SET_PASSWORD}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nmarker={SEEN_MARKER}\n"
+            "initialized={DATA_DIR}\n{COPY_DATA}{SET_PASSWORD}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nmarker={SEEN_MARKER}\n"
         );
         script.push_str(IDLE_LOOP);
         let mut cmd = vec![
@@ -483,9 +483,10 @@ pub(crate) struct Output(std::sync::Arc<std::sync::Mutex<String>>);
 /// Sets the password of an existing data directory (`$POSTGRES_PASSWORD`, a SCRAM
 /// verifier, which holds no quote) as the user the server runs as.
 /// Copies an initialised image's data directory into the container's memory
-/// ([`MEMORY_DATA_DIR`]), where its server runs, unless it is there already.
-const COPY_DATA: &str = r#"if [ -s /tmp/pgfixture-data/PG_VERSION ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
-    mkdir -p "$PGDATA" && cp -a /tmp/pgfixture-data/. "$PGDATA/" || exit 1
+/// ([`MEMORY_DATA_DIR`]), where its server runs, unless it is there already; the
+/// script sets `$initialized` to [`DATA_DIR`].
+const COPY_DATA: &str = r#"if [ -s "$initialized/PG_VERSION" ] && [ ! -s "$PGDATA/PG_VERSION" ]; then
+    mkdir -p "$PGDATA" && cp -a "$initialized/." "$PGDATA/" || exit 1
 fi
 "#;
 
