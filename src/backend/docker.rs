@@ -157,7 +157,8 @@ impl Docker {
         config: &Config,
         deadline: Instant,
     ) -> Result<(Server, bool)> {
-        let mut conflict_since = None;
+        // The created-but-not-started container in the way, and since when.
+        let mut conflict: Option<(String, Instant)> = None;
         loop {
             if let Some((server, addresses)) = self.running(name).await? {
                 match server
@@ -218,16 +219,25 @@ impl Docker {
                 // Another process created it first: use theirs.
                 Err(e) if status_of(&e) == Some(409) => {
                     // A creator that died between create and start leaves a container
-                    // that never starts: remove it once it has blocked us for long.
-                    let stuck = *conflict_since.get_or_insert_with(Instant::now);
-                    if stuck.elapsed() > STUCK_CREATE {
-                        tracing::warn!(
-                            container = name,
-                            "removing a container that was created but never started"
-                        );
-                        let options = RemoveContainerOptionsBuilder::new().force(true).build();
-                        let _ = self.client.remove_container(name, Some(options)).await;
-                        conflict_since = None;
+                    // that never starts: remove it once it has blocked us for long. The
+                    // wait is timed per container (by id): one that replaced it since
+                    // is another process's fresh start, and must not be removed.
+                    if let Some(id) = self.created_id(name).await {
+                        match &conflict {
+                            Some((seen, since)) if *seen == id => {
+                                if since.elapsed() > STUCK_CREATE {
+                                    tracing::warn!(
+                                        container = name,
+                                        "removing a container that was created but never started"
+                                    );
+                                    let options =
+                                        RemoveContainerOptionsBuilder::new().force(true).build();
+                                    let _ = self.client.remove_container(&id, Some(options)).await;
+                                    conflict = None;
+                                }
+                            }
+                            _ => conflict = Some((id, Instant::now())),
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -272,6 +282,14 @@ impl Docker {
             // waits (its create fails with a conflict) until the deadline.
             None => Ok(None),
         }
+    }
+
+    /// The id of the container `name` while it is created but not started.
+    async fn created_id(&self, name: &str) -> Option<String> {
+        let info = self.client.inspect_container(name, None).await.ok()?;
+        let created =
+            info.state.as_ref().and_then(|s| s.status) == Some(ContainerStateStatusEnum::CREATED);
+        created.then_some(info.id).flatten()
     }
 
     /// The published port of the started container `name`, and its own addresses.
