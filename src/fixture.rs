@@ -385,9 +385,15 @@ pub(crate) struct Worker {
 type Described = Option<(Vec<crate::restore::Table>, Option<u32>)>;
 
 /// Connections a worker's stash keeps per driver: one test holds a worker at a time, so
-/// more than two are rarely needed; more are closed.
+/// more than two are rarely needed; more are closed. The sqlx driver also keeps as
+/// many in its worker pool ([`DRIVER_CONNECTIONS`]).
 #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
-const IDLE_PER_WORKER: usize = 2;
+pub(crate) const IDLE_PER_WORKER: usize = 2;
+
+/// Connections the other drivers keep open per worker besides the worker's pool: the
+/// sqlx driver's stash of test connections and its worker pool's.
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+const DRIVER_CONNECTIONS: usize = 2 * IDLE_PER_WORKER;
 
 #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
 impl Worker {
@@ -859,6 +865,7 @@ impl Inner {
                 owner: Arc::clone(&self),
                 application_name: server.application_name,
                 before,
+                state: worker,
             })
         })
         .await
@@ -1395,7 +1402,7 @@ impl Inner {
             (max.max(0) as usize).saturating_sub(RESERVED_CONNECTIONS) / pools_per_server.max(1);
         // Other drivers keep a few connections per worker besides the pool.
         let others = if cfg!(feature = "sqlx") {
-            IDLE_PER_WORKER
+            DRIVER_CONNECTIONS
         } else {
             0
         };
@@ -1476,7 +1483,7 @@ impl Inner {
     /// connections and what other drivers keep ([`Inner::fit_pool_size`] in reverse).
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     fn max_connections_for(&self, wanted: usize) -> usize {
-        (wanted + IDLE_PER_WORKER) * self.pools_per_server().max(1) + RESERVED_CONNECTIONS
+        (wanted + DRIVER_CONNECTIONS) * self.pools_per_server().max(1) + RESERVED_CONNECTIONS
     }
 
     /// How many workers' pools share a server. Under nextest the slots are the

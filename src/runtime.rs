@@ -28,6 +28,12 @@ pub(crate) fn handle() -> &'static Handle {
         .handle()
 }
 
+/// Whether the calling thread is one of the background runtime's.
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+pub(crate) fn on_background() -> bool {
+    std::thread::current().name() == Some(THREAD_NAME)
+}
+
 /// Runs `future` on the background runtime and waits for it from wherever the caller is.
 pub(crate) async fn run<F>(future: F) -> F::Output
 where
@@ -54,7 +60,7 @@ where
         future.await;
         drop(done);
     });
-    if std::thread::current().name() != Some(THREAD_NAME) {
+    if !on_background() {
         // Returns when the task ends, panicking or not (the sender is dropped either way).
         let _ = wait.recv();
     }

@@ -33,6 +33,10 @@ pub struct WorkerPool {
     pub(crate) application_name: String,
     /// What the worker looked like when the pool was handed out ([`crate::restore`]).
     pub(crate) before: Option<crate::restore::Reading>,
+    /// The worker as it was when the pool was handed out, whose stash keeps what other
+    /// drivers keep between tests (the sqlx driver's pool).
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    pub(crate) state: Arc<crate::fixture::Worker>,
 }
 
 impl fmt::Debug for WorkerPool {
@@ -82,6 +86,13 @@ impl WorkerPool {
     /// The server's error when the worker cannot be rebuilt.
     pub async fn release(mut self) -> Result<()> {
         runtime::run(self.finish()).await
+    }
+
+    /// Makes the release rebuild the worker, without a reading: for a driver whose
+    /// connections may still change it, or whose sessions it could not clear.
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    pub(crate) fn rebuild_on_release(&mut self) {
+        self.before = None;
     }
 
     fn finish(&mut self) -> impl Future<Output = Result<()>> + Send + 'static {

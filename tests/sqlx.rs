@@ -287,3 +287,158 @@ async fn isolated_3() {
 async fn isolated_4() {
     alone(4).await;
 }
+
+/// A runtime of either flavour, as `#[tokio::test]` builds one.
+fn test_runtime(multi_thread: bool) -> tokio::runtime::Runtime {
+    if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    }
+    .enable_all()
+    .build()
+    .unwrap()
+}
+
+/// Twenty consecutive tests on the worker pool, each in a runtime of its own, half of
+/// them writing a row: the pool's connections (the same two backends throughout)
+/// outlive the runtimes, and the rows are put back without a rebuild.
+#[test]
+fn worker_pool_connections_outlive_the_runtimes_of_tests() {
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(4)
+        .build()
+        .expect("fixture");
+    let mut pids = std::collections::BTreeSet::new();
+    for round in 0..20 {
+        let runtime = test_runtime(round % 2 == 1);
+        pids.insert(runtime.block_on(async {
+            let pool = WorkerPool::acquire(&fixture).await.unwrap();
+            let sql = if round % 4 < 2 {
+                "INSERT INTO notes (owner, body) VALUES ('sqlx-kept', 'x') RETURNING pg_backend_pid()"
+            } else {
+                "SELECT pg_backend_pid()"
+            };
+            let pid: i32 = sqlx::query_scalar(sql).fetch_one(&*pool).await.unwrap();
+            let seen: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM notes WHERE owner = 'sqlx-kept'")
+                    .fetch_one(&*pool)
+                    .await
+                    .unwrap();
+            assert_eq!(seen, i64::from(round % 4 < 2), "round {round}");
+            pool.release().await.unwrap();
+            pid
+        }));
+        drop(runtime);
+    }
+    assert!(
+        pids.len() <= 2,
+        "new backends after runtimes ended: {pids:?}"
+    );
+    let stats = fixture.stats();
+    assert_eq!(stats.pools_restored, 10, "{stats:?}");
+    assert_eq!(stats.workers_reset, 0, "{stats:?}");
+}
+
+/// What a test leaves in the sessions of the worker pool's connections (an advisory
+/// lock, a setting, a statement prepared with SQL, a LISTEN) is gone for the next test,
+/// whose connections are the same.
+#[test]
+fn the_worker_pool_clears_the_sessions_a_test_leaves() {
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(6)
+        .build()
+        .expect("fixture");
+    let first = test_runtime(false).block_on(async {
+        let pool = WorkerPool::acquire(&fixture).await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::raw_sql(
+            "SELECT pg_advisory_lock(4242); SET statement_timeout = '7s'; \
+             PREPARE pgfx_left AS SELECT 1; LISTEN pgfx_left",
+        )
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        let pid = backend_pid(&mut conn).await;
+        drop(conn);
+        pool.release().await.unwrap();
+        pid
+    });
+    test_runtime(true).block_on(async {
+        let pool = WorkerPool::acquire(&fixture).await.unwrap();
+        // Both kept connections at once: one of them is the first test's.
+        let (mut a, mut b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+        let mut pids = Vec::new();
+        for conn in [&mut *a, &mut *b] {
+            pids.push(backend_pid(conn).await);
+            let (locks, timeout, channels): (i64, String, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), \
+                 current_setting('statement_timeout'), (SELECT count(*) FROM pg_listening_channels())",
+            )
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+            assert_eq!((locks, timeout.as_str(), channels), (0, "0", 0));
+            sqlx::raw_sql("PREPARE pgfx_left AS SELECT 1; DEALLOCATE pgfx_left")
+                .execute(&mut *conn)
+                .await
+                .expect("the name of the first test's PREPARE is free");
+        }
+        assert!(pids.contains(&first), "{first} not in {pids:?}");
+        drop((a, b));
+        pool.release().await.unwrap();
+    });
+}
+
+/// A test that makes the worker pool open more connections than it keeps opens them on
+/// its own runtime: they are closed at release, and the next test, on another
+/// runtime, gets working connections.
+#[test]
+fn connections_opened_on_a_tests_runtime_are_closed_at_release() {
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(5)
+        .build()
+        .expect("fixture");
+    let busy = |pool: &WorkerPool| {
+        let pool: sqlx::PgPool = (**pool).clone();
+        async move {
+            let held = futures::future::join_all((0..4).map(|_| pool.acquire())).await;
+            let mut pids = Vec::new();
+            for conn in held {
+                pids.push(backend_pid(&mut conn.unwrap()).await);
+            }
+            pids
+        }
+    };
+    let first = test_runtime(false).block_on(async {
+        let pool = WorkerPool::acquire(&fixture).await.unwrap();
+        let pids = busy(&pool).await;
+        pool.release().await.unwrap();
+        pids
+    });
+    assert_eq!(first.len(), 4);
+    test_runtime(false).block_on(async {
+        let pool = WorkerPool::acquire(&fixture).await.unwrap();
+        // The two the pool keeps stay; the other two are closed (their backends exit).
+        let mut alive = 0;
+        for _ in 0..200 {
+            alive = sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+            )
+            .bind(&first)
+            .fetch_one(&*pool)
+            .await
+            .unwrap();
+            if alive == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(alive, 2, "of {first:?}");
+        assert_eq!(busy(&pool).await.len(), 4);
+        pool.release().await.unwrap();
+    });
+}

@@ -444,15 +444,49 @@ async fn connect_within(settings: &Settings) -> Result<PgConnection, ::sqlx::Err
 
 /// A sqlx [`PgPool`] on the current worker's database (or schema), for code under
 /// test that commits for real; it derefs to the pool. Nothing here is rolled back: as
-/// for [`crate::WorkerPool`], when the guard drops (or on [`WorkerPool::release`]) the
-/// pool is closed, and before any other test gets the worker pgfixture reads whether
-/// anything was changed; if so, the worker is reset.
+/// for [`crate::WorkerPool`], when the guard goes (on [`WorkerPool::release`], or on
+/// drop) pgfixture reads, before any other test gets the worker, whether anything was
+/// changed; if so, the rows are put back or the worker is reset.
 ///
-/// The pool opens its connections when the test first needs them, on the test's
-/// runtime, and closes them when the guard goes: it does not outlive the test.
+/// The pool is the worker's own, kept from test to test as the tokio-postgres worker
+/// pool is: its connections are opened on pgfixture's runtime, so they outlive the
+/// `#[tokio::test]` runtime that used them, and stay open and warm for the worker's
+/// next test. At release, every connection's session is cleared (what a rollback
+/// leaves: open transactions, advisory locks, `SET`s, `LISTEN`s, temporary tables,
+/// statements prepared with SQL `PREPARE`); sqlx's own statement cache stays. A
+/// connection the test made the pool open beyond the two it keeps (many at once) is
+/// opened on the test's runtime and closed at release. Copies of the pool that a test
+/// keeps past its end still reach the worker: do not.
 pub struct WorkerPool {
-    pool: Option<PgPool>,
+    pool: Option<KeptPool>,
     core: Option<crate::WorkerPool>,
+}
+
+/// The worker's own sqlx pool, in the worker's stash between tests.
+#[derive(Clone)]
+struct KeptPool {
+    pool: PgPool,
+    /// Whether the pool opened a connection on a test's runtime since it was last
+    /// cleared ([`FOREIGN`]).
+    foreign: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The connections a kept pool holds open between tests.
+const KEPT: u32 = crate::fixture::IDLE_PER_WORKER as u32;
+
+/// The setting that marks a kept pool's connection opened on a test's runtime, whose
+/// socket dies with that runtime: it is closed at release.
+const FOREIGN: &str = "pgfixture.foreign_runtime";
+/// The column of [`KEPT_CLEANUP`] that reads [`FOREIGN`].
+const FOREIGN_COLUMN: &str = "pgfixture_foreign";
+
+/// What clears a kept pool's connection after a test: it reads [`FOREIGN`] and clears
+/// the session as the worker's own pool does (its statistics reach the server).
+fn kept_cleanup() -> String {
+    format!(
+        "SELECT current_setting('{FOREIGN}', true) AS {FOREIGN_COLUMN}; {}",
+        crate::provision::POOL_CLEANUP
+    )
 }
 
 impl fmt::Debug for WorkerPool {
@@ -471,13 +505,28 @@ impl WorkerPool {
     /// As [`worker_pool`].
     pub async fn acquire(fixture: &Fixture) -> Result<WorkerPool> {
         let core = fixture.worker_pool().await?;
-        let options = connect_options(&core.settings);
-        let pool = PgPoolOptions::new()
-            .max_connections(core.status().max_size.max(1) as u32)
-            .acquire_timeout(fixture.config().acquire_timeout)
-            .connect_lazy_with(options);
+        let kept = match core.state.take_idle::<KeptPool>() {
+            // Back from the last test's clearing, as a rule, by now.
+            Some(kept) if !kept.pool.is_closed() && all_idle(&kept.pool).await => kept,
+            _ => {
+                let options = connect_options(core.state.settings());
+                let max = core.status().max_size.max(1) as u32;
+                let timeout = fixture.config().acquire_timeout;
+                runtime::run(async move { kept_pool(options, max, timeout) }).await
+            }
+        };
+        // Opened on pgfixture's runtime, not the test's: connections that outlive it.
+        if kept.pool.size() < KEPT {
+            let filling = kept.pool.clone();
+            runtime::run(async move {
+                let opened = futures::future::join_all((0..KEPT).map(|_| filling.acquire())).await;
+                drop(opened);
+                all_idle(&filling).await;
+            })
+            .await;
+        }
         Ok(WorkerPool {
-            pool: Some(pool),
+            pool: Some(kept),
             core: Some(core),
         })
     }
@@ -501,37 +550,185 @@ impl WorkerPool {
         self.core().url()
     }
 
-    /// Closes the pool and resets the worker if anything was changed, reporting an
-    /// error the reset met (a dropped guard can only log it).
+    /// Clears the pool's sessions and resets the worker if anything was changed,
+    /// reporting an error the reset met (a dropped guard can only log it).
     ///
     /// # Errors
     ///
     /// The server's error when the worker cannot be rebuilt.
     pub async fn release(mut self) -> Result<()> {
-        // Closed here, on the test's runtime, where its connections were opened.
-        if let Some(pool) = self.pool.take() {
-            pool.close().await;
+        let (Some(pool), Some(core)) = (self.pool.take(), self.core.take()) else {
+            return Ok(());
+        };
+        // Here, on the test's runtime, where the pool's connections come back.
+        let core = keep_or_close(pool, core).await;
+        core.release().await
+    }
+}
+
+/// A worker's sqlx pool of up to `max` connections, made on pgfixture's runtime.
+/// Connections come from the pool as they are, without sqlx's ping before each
+/// acquire (they go to a local server that pgfixture watches; the ping on their
+/// return stays, sqlx's own).
+fn kept_pool(options: PgConnectOptions, max: u32, timeout: std::time::Duration) -> KeptPool {
+    let foreign = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let marks = Arc::clone(&foreign);
+    let pool = PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(timeout)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .test_before_acquire(false)
+        .after_connect(move |conn, _| {
+            let foreign = !runtime::on_background();
+            if foreign {
+                marks.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Box::pin(async move {
+                if foreign {
+                    let mark = format!("SET {FOREIGN} = 'on'");
+                    ::sqlx::raw_sql(AssertSqlSafe(mark)).execute(conn).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options);
+    KeptPool { pool, foreign }
+}
+
+/// Waits (up to a second) until every connection of `pool` is back in it: sqlx returns
+/// each in a task of its own, on the runtime that dropped it. Whether they all are.
+async fn all_idle(pool: &PgPool) -> bool {
+    let started = std::time::Instant::now();
+    while pool.num_idle() < pool.size() as usize {
+        let waited = started.elapsed();
+        if waited >= std::time::Duration::from_secs(1) {
+            return false;
         }
-        match self.core.take() {
-            Some(core) => core.release().await,
-            None => Ok(()),
+        // A return is a round trip (sqlx pings the connection), a fraction of the
+        // millisecond a timer waits at least: yield at first.
+        if waited < std::time::Duration::from_millis(2) {
+            // The thread too, or a spinning test thread can keep the server's process
+            // that answers from the core for milliseconds.
+            std::thread::yield_now();
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
+    true
+}
+
+/// After a test: when every connection of the worker's `pool` came back and its session
+/// was cleared, the pool goes to the worker's stash for the next test, and the worker's
+/// reading decides between nothing, a restore and a reset. Else the pool is closed and
+/// the worker reset: a connection still out could change it later.
+async fn keep_or_close(kept: KeptPool, mut core: crate::WorkerPool) -> crate::WorkerPool {
+    let cleared = all_idle(&kept.pool).await && {
+        // Cleared on pgfixture's runtime, where the connections then go back to the
+        // pool (sqlx returns each in a task of the runtime that dropped it): the
+        // test's runtime may end as soon as this returns.
+        let pool = kept.pool.clone();
+        runtime::run(async move { clear_sessions(&pool).await }).await
+    };
+    if cleared {
+        kept.foreign
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        core.state.keep_idle(kept);
+    } else {
+        core.rebuild_on_release();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), kept.pool.close()).await;
+    }
+    core
+}
+
+/// Clears the session of every (idle) connection of `pool` and closes those opened on
+/// a test's runtime; the others go back to the pool. Whether all went well.
+async fn clear_sessions(pool: &PgPool) -> bool {
+    let mut conns = Vec::new();
+    while let Some(conn) = pool.try_acquire() {
+        conns.push(conn);
+    }
+    let cleanup = kept_cleanup();
+    let cleared =
+        futures::future::join_all(conns.iter_mut().map(|conn| clear(&mut *conn, &cleanup))).await;
+    let mut ok = true;
+    for (conn, cleared) in conns.into_iter().zip(cleared) {
+        match cleared {
+            Ok(true) => drop(conn),
+            // Its socket belongs to the test's runtime: closed with it.
+            Ok(false) => drop(conn.detach()),
+            Err(error) => {
+                tracing::debug!(%error, "clearing a worker pool's connection failed");
+                ok = false;
+                drop(conn.detach());
+            }
+        }
+    }
+    ok
+}
+
+/// Rolls back what a test left open on `conn`, clears its session and deallocates the
+/// statements it prepared with SQL `PREPARE`. Whether the connection may be kept (it
+/// was opened on pgfixture's runtime).
+async fn clear(conn: &mut PgConnection, cleanup: &str) -> Result<bool, ::sqlx::Error> {
+    while PgTransactionManager::get_transaction_depth(conn) > 0 {
+        PgTransactionManager::rollback(conn).await?;
+    }
+    let rows = ::sqlx::raw_sql(AssertSqlSafe(cleanup.to_owned()))
+        .fetch_all(&mut *conn)
+        .await?;
+    let foreign = rows
+        .iter()
+        .any(|row| column(row) == Some(FOREIGN_COLUMN) && text(row).as_deref() == Some("on"));
+    let deallocate = super::deallocate_sql(
+        rows.iter()
+            .filter(|row| column(row) == Some(PREPARED_COLUMN))
+            .filter_map(|row| row.try_get::<&str, _>(0).ok()),
+    );
+    if !deallocate.is_empty() {
+        ::sqlx::raw_sql(AssertSqlSafe(deallocate))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(!foreign)
 }
 
 impl Deref for WorkerPool {
     type Target = PgPool;
 
     fn deref(&self) -> &PgPool {
-        self.pool.as_ref().expect("the pool is present until drop")
+        &self
+            .pool
+            .as_ref()
+            .expect("the pool is present until drop")
+            .pool
     }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        // Dropped without `release`: the pool's connections close as its last handle
-        // goes, and the core's guard waits until the server saw them close.
-        drop(self.pool.take());
-        drop(self.core.take());
+        let (Some(kept), Some(core)) = (self.pool.take(), self.core.take()) else {
+            return;
+        };
+        // This blocks the test's thread, where sqlx returns the connections the test
+        // dropped last, and whose runtime serves the connections opened on it: with one
+        // still on its way back, or one of those, the pool cannot be kept.
+        let back = kept.pool.num_idle() == kept.pool.size() as usize
+            && !kept.foreign.load(std::sync::atomic::Ordering::SeqCst);
+        runtime::block_on(async move {
+            let core = if back {
+                keep_or_close(kept, core).await
+            } else {
+                let mut core = core;
+                core.rebuild_on_release();
+                drop(kept.pool.close());
+                core
+            };
+            if let Err(error) = core.release().await {
+                tracing::warn!(%error, "resetting a worker after its worker pool failed");
+                eprintln!("pgfixture: resetting a worker after its worker pool failed: {error}");
+            }
+        });
     }
 }
