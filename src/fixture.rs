@@ -378,6 +378,9 @@ pub(crate) struct Worker {
     /// What [`crate::restore::describe`] found for each set of changed relations: a
     /// worker's tables change only through DDL, which rebuilds it (a new `Worker`).
     described: Mutex<HashMap<Vec<u32>, Arc<Described>>>,
+    /// Schema mode: whether its readings take DDL from the log of the database of the
+    /// schemas ([`provision::ddl_log`]), decided at its first reading.
+    ddl_logged: tokio::sync::OnceCell<bool>,
 }
 
 /// The tables a restore puts back, and the worker schema's oid; `None` when the
@@ -850,7 +853,7 @@ impl Inner {
                 )))?;
             let connections: Vec<&tokio_postgres::Client> = clients.iter().map(|c| &***c).collect();
             provision::flush_statistics(&connections).await;
-            let before = crate::restore::fingerprint(&clients[0], target).await?;
+            let before = crate::restore::fingerprint(&clients[0], target, &worker.ddl_logged).await?;
             drop(clients);
             Ok(WorkerPool {
                 settings: Settings::new(
@@ -964,7 +967,9 @@ impl Inner {
                     }
                 }
                 if clean && provision::wait_closed(&clients[0], application_name).await? {
-                    let after = crate::restore::fingerprint(&clients[0], target).await?;
+                    let after =
+                        crate::restore::fingerprint(&clients[0], target, &worker.ddl_logged)
+                            .await?;
                     let change = after.map(|after| before.change_to(&after));
                     match change {
                         Some(Change::None) => {
@@ -1376,6 +1381,7 @@ impl Inner {
             target: worker_name,
             primed: Mutex::new(None),
             described: Mutex::default(),
+            ddl_logged: tokio::sync::OnceCell::new(),
             settings,
             begin,
             idle: Mutex::default(),
@@ -1472,6 +1478,7 @@ impl Inner {
             target: name.to_owned(),
             primed: Mutex::new(None),
             described: Mutex::default(),
+            ddl_logged: tokio::sync::OnceCell::new(),
             settings,
             begin,
             idle: Mutex::new(vec![conn]),
@@ -1594,6 +1601,7 @@ impl Inner {
             target: name.to_owned(),
             primed: Mutex::new(Some(client)),
             described: Mutex::default(),
+            ddl_logged: tokio::sync::OnceCell::new(),
             settings,
             begin,
             idle: Mutex::default(),

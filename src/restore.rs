@@ -4,7 +4,9 @@
 //! Before and after, the worker is read ([`fingerprint`]): the row counters of every
 //! relation with storage (of the catalogs too, so that any DDL shows), and what no
 //! counter sees (settings, privileges, prepared transactions; in schema mode, the
-//! catalog rows of the schema's objects). Counters count attempts, rolled back or not,
+//! DDL log's last entry for the schema ([`provision::ddl_log`]) and its relations'
+//! files, or where there is no log, the catalog rows of the schema's objects).
+//! Counters count attempts, rolled back or not,
 //! so a reading can only err towards doing too much.
 //!
 //! - Nothing changed: the worker goes on as it is.
@@ -116,7 +118,8 @@ fn database_fingerprint() -> String {
 
 /// The same for a worker schema in a database that other workers share: the counters
 /// of its tables, and as the summary every catalog row of the objects in it with the
-/// transaction that last wrote it (`xmin`), so that any DDL in the schema shows.
+/// transaction that last wrote it (`xmin`), so that any DDL in the schema shows. For a
+/// database without the DDL log (a server of the user's, `PGFIXTURE_URL`).
 const SCHEMA_FINGERPRINT: &str = "\
 WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = $1), \
 rel AS (SELECT c.oid, c.xmin FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM ns)), \
@@ -146,11 +149,30 @@ SELECT CASE WHEN current_setting('track_counts')::bool \
             || '.' || pg_stat_get_tuples_deleted(oid) AS n FROM rel) c \
    WHERE c.n <> '0.0.0')";
 
+/// The same where the database of the schemas has the DDL log
+/// ([`provision::ddl_log`]): as the summary, the schema's last row in the log, the
+/// log's triggers (one disabled would miss DDL), and the files of the schema's
+/// relations (`TRUNCATE`, `CLUSTER` and `VACUUM FULL` give a relation new ones, and
+/// fire no event trigger).
+const SCHEMA_FINGERPRINT_LOGGED: &str = "\
+WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = $1), \
+rel AS (SELECT c.oid, c.relfilenode FROM pg_class c WHERE c.relnamespace = (SELECT oid FROM ns)) \
+SELECT CASE WHEN current_setting('track_counts')::bool \
+            AND current_setting('server_version_num')::int >= 150000 THEN concat_ws(':', \
+  (SELECT max(id) FROM pgfx_ddl.log WHERE schema = $1), \
+  (SELECT string_agg(evtname || ':' || evtenabled::text, ',' ORDER BY evtname) FROM pg_event_trigger), \
+  (SELECT md5(coalesce(string_agg(oid || '.' || relfilenode, ',' ORDER BY oid), '')) FROM rel)) END, \
+  (SELECT string_agg(c.oid || ':' || c.n, ',' ORDER BY c.oid) FROM ( \
+     SELECT oid, pg_stat_get_tuples_inserted(oid) || '.' || pg_stat_get_tuples_updated(oid) \
+            || '.' || pg_stat_get_tuples_deleted(oid) AS n FROM rel) c \
+   WHERE c.n <> '0.0.0')";
+
 /// The reading of `target`, on `client` (a connection to the worker's database, or to
 /// the one holding the schema). `None` where it cannot tell.
 pub(crate) async fn fingerprint(
     client: &deadpool_postgres::Object,
     target: Target<'_>,
+    logged: &tokio::sync::OnceCell<bool>,
 ) -> Result<Option<Reading>> {
     let name = match target {
         Target::Database(name) | Target::Schema(name, _) => name,
@@ -161,7 +183,18 @@ pub(crate) async fn fingerprint(
     // costs more than running it (1.5 ms against 1.2 ms).
     let sql = match target {
         Target::Database(_) => database_fingerprint(),
-        Target::Schema(..) => SCHEMA_FINGERPRINT.to_owned(),
+        // Decided once per worker, so that its two readings compare.
+        Target::Schema(..) => {
+            let logged = logged
+                .get_or_try_init(|| provision::ddl_logged(client))
+                .await?;
+            if *logged {
+                SCHEMA_FINGERPRINT_LOGGED
+            } else {
+                SCHEMA_FINGERPRINT
+            }
+            .to_owned()
+        }
     }
     .replace("$1", &format!("'{}'", name.replace('\'', "''")));
     let statement = client.prepare_cached(&sql).await.map_err(read())?;

@@ -495,6 +495,22 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
             "INSERT INTO notes (owner, body) VALUES ('pooled', 'x'); CREATE TABLE pooled_table (id int)",
             rebuilt,
         ),
+        // DDL from a function, in replica mode, dropping, granting, and commands that
+        // give a table new files without DDL.
+        (
+            "DO $$ BEGIN EXECUTE 'CREATE TABLE pooled_do (id int)'; END $$",
+            rebuilt,
+        ),
+        (
+            "SET session_replication_role = replica; CREATE TABLE pooled_replica (id int)",
+            rebuilt,
+        ),
+        ("ALTER TABLE notes DROP COLUMN body", rebuilt),
+        ("DROP TABLE notes", rebuilt),
+        ("GRANT SELECT ON notes TO PUBLIC", rebuilt),
+        ("ALTER SEQUENCE notes_id_seq RESTART WITH 100", rebuilt),
+        ("VACUUM FULL notes", rebuilt),
+        ("CLUSTER users USING users_pkey", rebuilt),
     ];
     if fixture.config().isolation != pgfixture::Isolation::Schema {
         changes.push((

@@ -44,6 +44,9 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
     let settings_on = (!p.shared_server).then_some(dbname);
     if state == State::Missing || p.reset || state == State::Dirty {
         provision::shared_statements(&client, p.shared_statements, p.fixtures.hash(16)).await?;
+        if !p.shared_server {
+            provision::ddl_log(&client).await?;
+        }
     }
     if state == State::Missing {
         provision::schema(
