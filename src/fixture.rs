@@ -895,11 +895,27 @@ impl Inner {
     }
 
     fn admin_pool(&self, server: &Server) -> Pool {
-        let key = format!("{}:{}:{}", server.host, server.port, server.admin_db);
+        self.maintenance_pool(server, None)
+    }
+
+    /// The small pool of maintenance connections to `dbname` (the server's maintenance
+    /// database when `None`) on `server`.
+    fn maintenance_pool(&self, server: &Server, dbname: Option<&str>) -> Pool {
+        let key = format!(
+            "{}:{}:{}",
+            server.host,
+            server.port,
+            dbname.unwrap_or(&server.admin_db)
+        );
         let mut pools = self.admins.lock().unwrap_or_else(|e| e.into_inner());
         pools
             .entry(key)
-            .or_insert_with(|| crate::pool::admin(server, self.config.acquire_timeout))
+            .or_insert_with(|| match dbname {
+                None => crate::pool::admin(server, self.config.acquire_timeout),
+                Some(dbname) => {
+                    crate::pool::maintenance(server, dbname, self.config.acquire_timeout)
+                }
+            })
             .clone()
     }
 
@@ -1309,9 +1325,18 @@ impl Inner {
         if shared_server {
             provision::touch_run(&admin, &self.config.run_id).await?;
         }
+        let schemas = (self.config.isolation == Isolation::Schema).then(|| {
+            let dbname = if shared_server {
+                server.admin_db.as_str()
+            } else {
+                SCHEMA_DATABASE
+            };
+            self.maintenance_pool(&server, Some(dbname))
+        });
         let prepare = crate::isolation::Prepare {
             server: &server,
             admin: &admin,
+            schemas: schemas.as_ref(),
             name: &worker_name,
             mark: &mark,
             reset,

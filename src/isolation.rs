@@ -22,6 +22,8 @@ pub(crate) struct Prepare<'a> {
     pub(crate) server: &'a Server,
     /// A maintenance connection to `server`.
     pub(crate) admin: &'a Client,
+    /// Schema mode: maintenance connections to the database of the worker schemas.
+    pub(crate) schemas: Option<&'a deadpool_postgres::Pool>,
     /// The worker's database or schema.
     pub(crate) name: &'a str,
     /// The mark of this run's workers.

@@ -176,6 +176,18 @@ pub(crate) fn admin(server: &Server, wait: Duration) -> Pool {
 /// workers each hold one for a moment.
 const ADMIN_POOL_SIZE: usize = 4;
 
+/// Maintenance connections to `dbname` on `server` (schema mode: the database of the
+/// worker schemas, where schemas are built). The fixtures run on them, so each is
+/// cleared (`SET`s, roles, locks, temporary tables) before it is handed out again.
+pub(crate) fn maintenance(server: &Server, dbname: &str, wait: Duration) -> Pool {
+    pool(
+        pg_config(server, dbname, None),
+        RecyclingMethod::Clean,
+        ADMIN_POOL_SIZE,
+        wait,
+    )
+}
+
 /// The pool of worker connections to `dbname` on `server`, optionally with a
 /// `search_path` set at connection start (schema mode).
 pub(crate) fn build(

@@ -27,10 +27,19 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
         SCHEMA_DATABASE
     };
     let client = p
-        .server
-        .connect(dbname)
+        .schemas
+        .expect("schema mode has a pool for the schemas' database")
+        .get()
         .await
-        .map_err(Error::pg(format!("connecting to {dbname}")))?;
+        .map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => {
+                Error::pg(format!("connecting to {dbname}"))(e)
+            }
+            e => Error::Pool {
+                worker: "maintenance".to_owned(),
+                source: e,
+            },
+        })?;
     let state = provision::schema_state(&client, name).await?;
     if state == State::Foreign {
         return Err(Error::NotOurs {
