@@ -935,6 +935,35 @@ impl Inner {
         });
     }
 
+    /// Makes the worker schema's next spare in the background
+    /// ([`provision::refill_spare_schema`]), on a connection of `pool` (to `dbname`).
+    fn refill_spare_schema(&self, server: &Server, pool: &Pool, dbname: &str, worker: &str) {
+        let (server, pool, dbname, worker) = (
+            server.clone(),
+            pool.clone(),
+            dbname.to_owned(),
+            worker.to_owned(),
+        );
+        let (fixtures, mark) = (self.fixtures.clone(), self.worker_mark());
+        runtime::handle().spawn(async move {
+            let result = async {
+                let client = admin_connection(&pool, &server).await?;
+                provision::refill_spare_schema(
+                    &client,
+                    (&server, &dbname),
+                    &worker,
+                    &fixtures,
+                    &mark,
+                )
+                .await
+            }
+            .await;
+            if let Err(error) = result {
+                tracing::debug!(%error, worker, "making a spare worker schema failed");
+            }
+        });
+    }
+
     /// Where the marks of `worker` go.
     fn target<'w>(&self, worker: &'w Worker) -> provision::Target<'w> {
         crate::isolation::target(
@@ -1360,6 +1389,9 @@ impl Inner {
         }
         if let Some(template) = &prepared.refill_from {
             self.refill_spare(&server, template, &worker_name);
+        }
+        if let (true, Some(pool)) = (prepared.refill_schema, &schemas) {
+            self.refill_spare_schema(&server, pool, &prepared.dbname, &worker_name);
         }
         let crate::isolation::Prepared {
             dbname,

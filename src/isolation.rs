@@ -55,6 +55,8 @@ pub(crate) struct Prepared {
     pub(crate) spare_used: bool,
     /// The template to make the worker's next spare from, after a reset.
     pub(crate) refill_from: Option<String>,
+    /// Schema mode: the worker schema's next spare is to be made, after a reset.
+    pub(crate) refill_schema: bool,
 }
 
 /// Where the marks of the worker `name` go, in `dbname`, in `isolation`'s mode.

@@ -603,74 +603,132 @@ pub(crate) async fn schema(
         if schema_exists(client, schema).await? {
             return Ok(false);
         }
-        if let Err(error) = restore::ensure_store(client).await {
-            tracing::debug!(%error, "creating the table of recorded rows failed");
-        }
-        let building = format!("{schema}_new");
-        let (b, s) = (ident(&building), ident(SHARED_SCHEMA));
-        let run = async {
-            // A migrator works on a connection of its own, which sees only a
-            // committed schema; it is dropped again if anything fails.
-            let create = format!("DROP SCHEMA IF EXISTS {b} CASCADE; CREATE SCHEMA {b};");
-            let begin = format!("BEGIN; SET LOCAL search_path TO {b}, {s};");
-            let sql = if fixtures.migrator() {
-                client
-                    .batch_execute(&create)
-                    .await
-                    .map_err(Error::pg(format!("creating schema {building}")))?;
-                if let Some(m) = &fixtures.migrations {
-                    m.apply(client, at.0, at.1, Some(&building)).await?;
-                }
-                begin
-            } else {
-                format!("BEGIN; {create} SET LOCAL search_path TO {b}, {s};")
-            };
+        build_schema(client, at, schema, schema, settings_on, fixtures, mark).await?;
+        Ok(true)
+    })
+    .await
+}
+
+/// Builds the fixtures of the worker schema `schema` into a new schema named
+/// `as_name`: the worker itself, or its spare ([`refill_spare_schema`]). It is built
+/// as `{as_name}_new` and renamed once complete, so that a half-built one is never
+/// taken; only the worker itself gets its settings (mark, sequences) here, a spare
+/// gets them when it takes the worker's place. Its rows are recorded under the
+/// worker's name and the new schema's oid, which a rename keeps.
+async fn build_schema(
+    client: &Client,
+    at: (&Server, &str),
+    schema: &str,
+    as_name: &str,
+    settings_on: Option<&str>,
+    fixtures: &FixtureSet,
+    mark: &str,
+) -> Result<()> {
+    if let Err(error) = restore::ensure_store(client).await {
+        tracing::debug!(%error, "creating the table of recorded rows failed");
+    }
+    let building = format!("{as_name}_new");
+    let (b, s) = (ident(&building), ident(SHARED_SCHEMA));
+    let run = async {
+        // A migrator works on a connection of its own, which sees only a
+        // committed schema; it is dropped again if anything fails.
+        let create = format!("DROP SCHEMA IF EXISTS {b} CASCADE; CREATE SCHEMA {b};");
+        let begin = format!("BEGIN; SET LOCAL search_path TO {b}, {s};");
+        let sql = if fixtures.migrator() {
             client
-                .batch_execute(&sql)
+                .batch_execute(&create)
                 .await
                 .map_err(Error::pg(format!("creating schema {building}")))?;
-            fixtures.apply(client).await?;
-            record_schema(client, schema, &building).await?;
-            forget_ddl(client, &[schema, &building]).await?;
-            // Commented under the temporary name; the settings are named after the
-            // final one.
-            let mut setting = Target::Schema(schema, settings_on)
-                .setting_sql(mark)
-                .map(|sql| format!("{sql};"))
-                .unwrap_or_default();
-            if let (Some(db), Some(name)) = (
-                settings_on,
-                sequences_setting(Target::Schema(schema, settings_on)),
-            ) {
-                let sequences = sequences(client, &building).await?;
-                setting.push_str(&format!(
-                    " ALTER DATABASE {} SET {name} = '{sequences}';",
-                    ident(db)
-                ));
+            if let Some(m) = &fixtures.migrations {
+                m.apply(client, at.0, at.1, Some(&building)).await?;
             }
-            client
-                .batch_execute(&format!(
-                    "{}; ALTER SCHEMA {} RENAME TO {}; {setting} COMMIT;",
-                    mark_sql(Target::Schema(&building, None), mark, false),
-                    ident(&building),
-                    ident(schema)
-                ))
-                .await
-                .map_err(Error::pg(format!("renaming schema {building}")))
+            begin
+        } else {
+            format!("BEGIN; {create} SET LOCAL search_path TO {b}, {s};")
         };
-        if let Err(e) = run.await {
-            let _ = client.batch_execute("ROLLBACK").await;
-            let _ = client
-                .batch_execute(&format!("DROP SCHEMA IF EXISTS {b} CASCADE"))
-                .await;
-            return Err(e);
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(Error::pg(format!("creating schema {building}")))?;
+        fixtures.apply(client).await?;
+        record_schema(client, schema, &building).await?;
+        forget_ddl(client, &[schema, as_name, &building]).await?;
+        // Commented under the temporary name; the settings are named after the
+        // final one.
+        let mut setting = String::new();
+        if as_name == schema {
+            setting = settings_sql(client, schema, &building, settings_on, mark).await?;
         }
-        tracing::info!(
-            schema,
-            files = fixtures.files.len(),
-            "worker schema provisioned"
-        );
-        Ok(true)
+        client
+            .batch_execute(&format!(
+                "{}; ALTER SCHEMA {} RENAME TO {}; {setting} COMMIT;",
+                mark_sql(Target::Schema(&building, None), mark, false),
+                ident(&building),
+                ident(as_name)
+            ))
+            .await
+            .map_err(Error::pg(format!("renaming schema {building}")))
+    };
+    if let Err(e) = run.await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        let _ = client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {b} CASCADE"))
+            .await;
+        return Err(e);
+    }
+    tracing::info!(
+        schema = as_name,
+        files = fixtures.files.len(),
+        "worker schema provisioned"
+    );
+    Ok(())
+}
+
+/// The statements that give the worker schema `schema`, whose objects are in the
+/// schema `built` (itself, or the one about to take its place), its settings on the
+/// database `settings_on`: its clean mark and its sequences' state. Empty without
+/// such a database.
+async fn settings_sql(
+    client: &Client,
+    schema: &str,
+    built: &str,
+    settings_on: Option<&str>,
+    mark: &str,
+) -> Result<String> {
+    let target = Target::Schema(schema, settings_on);
+    let mut setting = target
+        .setting_sql(mark)
+        .map(|sql| format!("{sql};"))
+        .unwrap_or_default();
+    if let (Some(db), Some(name)) = (settings_on, sequences_setting(target)) {
+        let sequences = sequences(client, built).await?;
+        setting.push_str(&format!(
+            " ALTER DATABASE {} SET {name} = '{sequences}';",
+            ident(db)
+        ));
+    }
+    Ok(setting)
+}
+
+/// Makes the next spare of the worker schema `name` (pgfixture's own servers), after a
+/// reset, in the background: drops the schema the last spare replaced
+/// (`{name}_old`), and builds `{name}_spare` from the fixtures unless it exists. Under
+/// the worker's lock, so that a reset meanwhile waits for the spare rather than
+/// building a schema at the same time.
+pub(crate) async fn refill_spare_schema(
+    client: &Client,
+    at: (&Server, &str),
+    name: &str,
+    fixtures: &FixtureSet,
+    mark: &str,
+) -> Result<()> {
+    let (spare, old) = (format!("{name}_spare"), format!("{name}_old"));
+    with_lock(client, name, async || {
+        drop_schema(client, &old).await?;
+        if !schema_exists(client, &spare).await? {
+            build_schema(client, at, name, &spare, None, fixtures, mark).await?;
+        }
+        Ok(())
     })
     .await
 }
@@ -829,7 +887,12 @@ pub(crate) async fn refill_spare(admin: &Client, template: &str, name: &str) -> 
     .await
 }
 
-/// Replaces the worker schema `name` with a fresh one, as [`reset_database`] does.
+/// Replaces the worker schema `name` with a fresh one, as [`reset_database`] does:
+/// with `spares`, the spare built beforehand ([`refill_spare_schema`]) takes its place
+/// by two renames in one transaction with its settings, and the old schema is dropped
+/// with the next refill; without one, the schema is dropped and built again. Returns
+/// whether a spare was used.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn reset_schema(
     client: &Client,
     at: (&Server, &str),
@@ -838,13 +901,35 @@ pub(crate) async fn reset_schema(
     fixtures: &FixtureSet,
     mark: &str,
     force: bool,
-) -> Result<()> {
+    spares: bool,
+) -> Result<bool> {
     with_lock(client, name, async || {
-        if force || schema_state(client, name).await? == State::Dirty {
-            drop_schema(client, name).await?;
-            schema(client, at, name, settings_on, fixtures, mark).await?;
+        if !(force || schema_state(client, name).await? == State::Dirty) {
+            return Ok(false);
         }
-        Ok(())
+        let (spare, old) = (format!("{name}_spare"), format!("{name}_old"));
+        if spares
+            && schema_exists(client, &spare).await?
+            && !schema_exists(client, &old).await?
+        {
+            let setting = settings_sql(client, name, &spare, settings_on, mark).await?;
+            let swap = format!(
+                "BEGIN; ALTER SCHEMA {} RENAME TO {}; ALTER SCHEMA {} RENAME TO {}; {}; {setting} COMMIT",
+                ident(name),
+                ident(&old),
+                ident(&spare),
+                ident(name),
+                mark_sql(Target::Schema(name, None), mark, false),
+            );
+            if let Err(e) = client.batch_execute(&swap).await {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(Error::pg(format!("putting schema {spare} in place of {name}"))(e));
+            }
+            return Ok(true);
+        }
+        drop_schema(client, name).await?;
+        schema(client, at, name, settings_on, fixtures, mark).await?;
+        Ok(false)
     })
     .await
 }

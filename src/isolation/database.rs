@@ -30,6 +30,7 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
         template_built: false,
         spare_used: false,
         refill_from: None,
+        refill_schema: false,
     };
     if p.reset || state != State::Clean {
         let (template, built) = provision::template(p.server, admin, p.fixtures).await?;

@@ -57,6 +57,9 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
             provision::ddl_log(&client).await?;
         }
     }
+    let mut spare_used = false;
+    // Spares only on pgfixture's own servers, as in database mode.
+    let spares = !p.shared_server;
     if state == State::Missing {
         provision::schema(
             &client,
@@ -68,7 +71,7 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
         )
         .await?;
     } else if p.reset || state == State::Dirty {
-        provision::reset_schema(
+        spare_used = provision::reset_schema(
             &client,
             (p.server, dbname),
             name,
@@ -76,6 +79,7 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
             p.fixtures,
             p.mark,
             p.reset,
+            spares,
         )
         .await?;
     } else if !p.shared_server {
@@ -87,7 +91,8 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
         search_path: Some(name.to_owned()),
         state,
         template_built: false,
-        spare_used: false,
+        spare_used,
         refill_from: None,
+        refill_schema: spares && p.reset,
     })
 }
