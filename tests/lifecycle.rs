@@ -313,7 +313,8 @@ fn docker_failures_say_what_to_fix() {
         ("PGFIXTURE_ACQUIRE_TIMEOUT", "60"),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout} {stderr}");
     let docker_answers = !stderr.contains("no Docker daemon answers");
     if docker_answers {
         assert!(
@@ -343,6 +344,51 @@ fn docker_failures_say_what_to_fix() {
         started.elapsed() < Duration::from_secs(60),
         "an unreachable daemon must not hang"
     );
+}
+
+/// Docker: a container opens with the user's first password and takes its own once
+/// up; one that refuses both (its password changed behind pgfixture's back) fails the
+/// next process within its acquire timeout, naming the refusal, and is not waited on
+/// forever.
+#[tokio::test]
+async fn a_container_that_refuses_both_passwords_fails_in_time() {
+    // Database mode: the run's one shared container, which the child looks for too.
+    let fixture = common::own_fixture("pwgone", Isolation::Database);
+    let db = fixture.worker_db().await.unwrap();
+    if fixture.stats().backend != Some("docker") {
+        assert_eq!(fixture.stats().backend, Some("local"));
+        return;
+    }
+    // Outside the test's transaction, which would roll it back.
+    let (own, connection) = db
+        .pg_config()
+        .connect(pgfixture::tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    own.batch_execute("ALTER ROLE postgres PASSWORD 'neither-of-them'")
+        .await
+        .unwrap();
+    let run = fixture.config().run_id.clone();
+    let started = Instant::now();
+    let out = run_child(&[
+        ("PGFIXTURE_RUN_ID", &run),
+        ("PGFIXTURE_ISOLATION", "database"),
+        ("PGFIXTURE_ACQUIRE_TIMEOUT", "10"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout} {stderr}");
+    assert!(
+        stderr.contains("refused pgfixture's credentials"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?}",
+        started.elapsed()
+    );
+    drop(db);
 }
 
 /// Docker: pgfixture initialises a data directory from `PGFIXTURE_IMAGE` once, commits
@@ -478,7 +524,8 @@ fn no_backend_lists_the_fixes() {
         ("PGFIXTURE_PG_BIN", "/nonexistent/bin"),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout} {stderr}");
     for fix in [
         "start a Docker daemon",
         "PGFIXTURE_PG_BIN",

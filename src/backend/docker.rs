@@ -52,7 +52,7 @@ const MEMORY_DATA_DIR: &str = "/run/pgfixture/data";
 /// instead of 16 make a data directory a third smaller, to copy as a container starts.
 const INITDB_ARGS: &str = "--no-sync --wal-segsize=1";
 /// Changes when what an initialised image holds, or where, changes.
-const INITIALIZED_LAYOUT: &str = "2";
+const INITIALIZED_LAYOUT: &str = "3";
 
 /// Answering a ping takes milliseconds; a daemon that has not answered in this time is
 /// treated as unreachable instead of hanging the first test.
@@ -70,6 +70,10 @@ const DIRECT_PROBE: Duration = Duration::from_millis(300);
 const SEEN_MARKER: &str = "/tmp/pgfixture-seen";
 /// A container the creating process has not started after this long never will be.
 const STUCK_CREATE: Duration = Duration::from_secs(20);
+/// A container that refuses both the user's first password and its own for this long
+/// was given another by someone else: its creator gives it its own within
+/// milliseconds of its start.
+const REFUSED_FOR: Duration = Duration::from_secs(2);
 
 fn status_of(error: &DockerError) -> Option<u16> {
     match error {
@@ -104,7 +108,7 @@ impl Docker {
             has_initialized: false,
         };
         let base_id = docker.ensure_image().await?;
-        docker.initialized = initialized_tag(&base_id);
+        docker.initialized = initialized_tag(&base_id, &image_owner()?);
         docker.has_initialized = docker
             .client
             .inspect_image(&docker.initialized)
@@ -159,6 +163,8 @@ impl Docker {
     ) -> Result<(Server, bool)> {
         // The created-but-not-started container in the way, and since when.
         let mut conflict: Option<(String, Instant)> = None;
+        // Since when the running container refused both of the user's passwords.
+        let mut refused_since: Option<Instant> = None;
         loop {
             if let Some((server, addresses)) = self.running(name).await? {
                 match server
@@ -166,6 +172,37 @@ impl Docker {
                     .await
                 {
                     Ok(()) => {
+                        tracing::debug!(container = name, "reusing server");
+                        let server = direct(name, server, &addresses, config).await;
+                        remember(name, &server);
+                        return Ok((server, false));
+                    }
+                    // Its creator has not given it its own password yet, or died
+                    // first: the user's first password still opens it.
+                    Err(e) if refused(&e) => {
+                        let first = Server {
+                            password: bootstrap_password()?,
+                            ..server.clone()
+                        };
+                        match first
+                            .wait_ready(deadline, || self.still_running(name))
+                            .await
+                        {
+                            Ok(()) => {}
+                            // Given its own password meanwhile: once more with that.
+                            // Refused both ways for longer than a start takes, it has
+                            // a password pgfixture did not give it.
+                            Err(e) if refused(&e) => {
+                                let since = *refused_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() > REFUSED_FOR || Instant::now() >= deadline {
+                                    return Err(e);
+                                }
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                continue;
+                            }
+                            Err(e) => return Err(timeout_with(e, config)),
+                        }
+                        own_password(&first, &server.password).await?;
                         tracing::debug!(container = name, "reusing server");
                         let server = direct(name, server, &addresses, config).await;
                         remember(name, &server);
@@ -191,11 +228,20 @@ impl Docker {
                     let (port, addresses) = self.port(name).await?.ok_or_else(|| Error::Docker {
                         message: format!("container {name} exited right after its start; try `docker run --rm {}`", self.image),
                     })?;
-                    let server = Server::loopback(port, password, name.to_owned());
+                    // It opens with the user's first password until it has its own.
+                    let mut server = Server::loopback(port, bootstrap_password()?, name.to_owned());
                     let started = Instant::now();
-                    let ready = server
+                    let mut ready = server
                         .wait_ready(deadline, || self.still_running(name))
                         .await;
+                    if matches!(&ready, Err(e) if refused(e)) {
+                        // A process that found it on its first password gave it its
+                        // own already.
+                        server.password = password.clone();
+                        ready = server
+                            .wait_ready(deadline, || self.still_running(name))
+                            .await;
+                    }
                     if let (Err(Error::Docker { .. }), Some(output)) = (&ready, &output) {
                         // Give the output a moment to arrive.
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -205,12 +251,8 @@ impl Docker {
                         }
                     }
                     ready.map_err(|e| timeout_with(e, config))?;
-                    // Tell the watchdog the server is in use, however short our connections are.
-                    let admin = server.admin().await?;
-                    admin
-                        .batch_execute(&format!("COPY (SELECT 1) TO '{SEEN_MARKER}'"))
-                        .await
-                        .map_err(Error::pg(format!("marking container {name} as used")))?;
+                    own_password(&server, &password).await?;
+                    let server = Server { password, ..server };
                     tracing::info!(container = name, image = %self.image, elapsed = ?started.elapsed(), "server started");
                     let server = direct(name, server, &addresses, config).await;
                     remember(name, &server);
@@ -370,7 +412,11 @@ impl Docker {
             err: std::io::Error::other(e.to_string()),
         };
         let password = derived_password(name).map_err(io)?;
-        let verifier = scram_verifier(&password).map_err(io)?;
+        // The data directory (initdb's, or the initialised image's) holds the user's
+        // first password; the container gets its own once its server is up.
+        let verifier = bootstrap_password()
+            .and_then(|p| scram_verifier(&p))
+            .map_err(io)?;
         let image = if self.has_initialized {
             self.initialized.clone()
         } else {
@@ -379,11 +425,8 @@ impl Docker {
         };
         // The official image's entry point runs any command that is not `postgres`
         // as is; the watchdog starts the entry point with `postgres` in the background.
-        // A data directory that is there already (an initialised image) gets this
-        // container's password first, from a single-user server (about 0.1 s), before
-        // the server listens.
         let mut script = format!(
-            "initialized={DATA_DIR}\n{COPY_DATA}{SET_PASSWORD}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nmarker={SEEN_MARKER}\n"
+            "initialized={DATA_DIR}\n{COPY_DATA}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nmarker={SEEN_MARKER}\n"
         );
         script.push_str(IDLE_LOOP);
         let mut cmd = vec![
@@ -498,8 +541,6 @@ impl Docker {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Output(std::sync::Arc<std::sync::Mutex<String>>);
 
-/// Sets the password of an existing data directory (`$POSTGRES_PASSWORD`, a SCRAM
-/// verifier, which holds no quote) as the user the server runs as.
 /// Copies an initialised image's data directory into the container's memory
 /// ([`MEMORY_DATA_DIR`]), where its server runs, unless it is there already; the
 /// script sets `$initialized` to [`DATA_DIR`].
@@ -508,37 +549,84 @@ const COPY_DATA: &str = r#"if [ -s "$initialized/PG_VERSION" ] && [ ! -s "$PGDAT
 fi
 "#;
 
-const SET_PASSWORD: &str = r#"if [ -s "$PGDATA/PG_VERSION" ]; then
-    as=
-    # As root (the official images), drop to postgres as their entry points do.
-    [ "$(id -u)" = 0 ] && as="$(command -v gosu || command -v su-exec) postgres"
-    echo "ALTER ROLE \"$POSTGRES_USER\" PASSWORD '$POSTGRES_PASSWORD'" |
-        $as postgres --single -D "$PGDATA" -c fsync=off postgres >/dev/null || exit 1
-fi
-"#;
+/// The password every container of this user opens with: the one initdb stored from
+/// `POSTGRES_PASSWORD`, in the container or in the initialised image. Derived from the
+/// user's secret, as each container's own password is; a container takes its own
+/// ([`own_password`]) as soon as its server is up, a millisecond where a single-user
+/// server run before the start took about 0.1 s.
+fn bootstrap_password() -> Result<String> {
+    derived_password("initialized")
+}
 
-/// The tag of the image initialised from the image with id `base_id`: the base image
-/// with an initialised data directory in [`DATA_DIR`], so that containers skip initdb
-/// (1.5 s of a 1.9 s cold start here). Every container sets its own password in it.
-fn initialized_tag(base_id: &str) -> String {
+/// Gives the container of `server` (reached with the user's first password) its own
+/// `password` (its SCRAM verifier), and tells its watchdog that it is in use, however
+/// short the connections to it are. Processes that found it on its first password at
+/// once take turns (two updates of the role at once fail: "tuple concurrently
+/// updated").
+async fn own_password(server: &Server, password: &str) -> Result<()> {
+    let verifier = scram_verifier(password)?;
+    let admin = server.admin().await?;
+    admin
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({OWN_PASSWORD_LOCK}); \
+             ALTER ROLE \"{SUPERUSER}\" PASSWORD '{verifier}'; COMMIT; \
+             COPY (SELECT 1) TO '{SEEN_MARKER}'"
+        ))
+        .await
+        .map_err(Error::pg(format!(
+            "giving container {} its password",
+            server.name
+        )))
+}
+
+/// The advisory lock under which a container gets its own password.
+const OWN_PASSWORD_LOCK: i64 = 0x7067_6678_7077;
+
+/// Whether `error` is a server's refusal of pgfixture's password.
+fn refused(error: &Error) -> bool {
+    error
+        .postgres()
+        .and_then(|e| e.code())
+        .is_some_and(|c| *c == tokio_postgres::error::SqlState::INVALID_PASSWORD)
+}
+
+/// The tag of the image initialised from the image with id `base_id` for the user
+/// `owner` ([`image_owner`]): the base image with an initialised data directory in
+/// [`DATA_DIR`], so that containers skip initdb (1.5 s of a 1.9 s cold start here). It
+/// holds the user's first password ([`bootstrap_password`]), so each user of a
+/// Docker daemon has an image of their own.
+fn initialized_tag(base_id: &str, owner: &str) -> String {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!("{INITIALIZED_LAYOUT}:{SUPERUSER}:{base_id}").as_bytes());
+    let digest =
+        Sha256::digest(format!("{INITIALIZED_LAYOUT}:{SUPERUSER}:{base_id}:{owner}").as_bytes());
     let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     format!("pgfixture-initialized:{key}")
+}
+
+/// Who an initialised image is for: a digest of the user's first password, which
+/// names the user's images (their tag, and the label `pgfixture.owner`) without
+/// telling anything of the password.
+fn image_owner() -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("pgfixture image owner:{}", bootstrap_password()?));
+    Ok(digest[..6].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Builds the initialised image `tag` from `base` in a detached `sh` with the `docker`
 /// command, once per process (and once at a time: the builder container's name is
 /// fixed), while this run's containers initialise themselves. The builder initialises
 /// a data directory, stops the server cleanly, commits the container, and removes the
-/// initialised images of the same base that are out of date or untagged (unless a
-/// container still uses them); it does nothing if the image exists by then. Nothing happens without
-/// the `docker` command; containers then keep running initdb.
+/// user's initialised images of the same base that are out of date (and those of
+/// older pgfixtures, which had no owner), and the untagged ones no container uses; it
+/// does nothing if the image exists by then. Nothing happens without the `docker`
+/// command; containers then keep running initdb.
 fn spawn_initializer(base: &str, tag: &str, config: &Config) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let Ok(verifier) = derived_password("initialized").and_then(|p| scram_verifier(&p))
-        else {
+        let (Ok(verifier), Ok(owner)) = (
+            bootstrap_password().and_then(|p| scram_verifier(&p)),
+            image_owner(),
+        ) else {
             return;
         };
         // Inside the builder: run the entry point's initialisation and the server,
@@ -558,7 +646,7 @@ done
 kill -INT "$pg"
 wait "$pg"
 "#;
-        let outside = r#"base=$1 tag=$2 name=$3 data=$4 inside=$5 initdb_args=$6
+        let outside = r#"base=$1 tag=$2 name=$3 data=$4 inside=$5 initdb_args=$6 owner=$7
 # Built meanwhile by another process's builder: committing again would leave that
 # image behind untagged.
 docker image inspect "$tag" >/dev/null 2>&1 && exit 0
@@ -567,11 +655,14 @@ docker run --name "$name" --label pgfixture.initializer=1 \
     -e POSTGRES_USER=postgres -e POSTGRES_PASSWORD -e POSTGRES_DB=postgres \
     -e POSTGRES_INITDB_ARGS="$initdb_args" -e "PGDATA=$data" \
     "$base" sh -c "$inside" >/dev/null 2>&1 || exit 0
-docker commit --change "LABEL pgfixture.base=$base" "$name" "$tag" >/dev/null 2>&1
+docker commit --change "LABEL pgfixture.base=$base" --change "LABEL pgfixture.owner=$owner" \
+    "$name" "$tag" >/dev/null 2>&1
 docker rm "$name" >/dev/null 2>&1
 docker images --filter "label=pgfixture.base=$base" --format '{{.Repository}}:{{.Tag}}' |
     while read -r old; do
-        [ "$old" = "$tag" ] || docker rmi "$old" >/dev/null 2>&1
+        [ "$old" = "$tag" ] && continue
+        of=$(docker image inspect -f '{{index .Config.Labels "pgfixture.owner"}}' "$old" 2>/dev/null)
+        case "$of" in "$owner" | "" | "<no value>") docker rmi "$old" >/dev/null 2>&1 ;; esac
     done
 # Untagged initialised images of this base that no container uses any more.
 docker image prune --force --filter "label=pgfixture.base=$base" >/dev/null 2>&1
@@ -579,7 +670,7 @@ docker image prune --force --filter "label=pgfixture.base=$base" >/dev/null 2>&1
         let name = format!("pgfixture-initializer-{}", tag.rsplit(':').next().unwrap_or(""));
         detached(
             outside,
-            &[base, tag, &name, DATA_DIR, inside, INITDB_ARGS],
+            &[base, tag, &name, DATA_DIR, inside, INITDB_ARGS, &owner],
             &[("POSTGRES_PASSWORD", &verifier)],
             config,
         );
@@ -773,7 +864,16 @@ fn port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_endpoint;
+    use super::{initialized_tag, parse_endpoint};
+
+    #[test]
+    fn each_owner_and_base_image_has_an_initialised_image_of_its_own() {
+        let tag = initialized_tag("sha256:aa", "0123456789ab");
+        assert!(tag.starts_with("pgfixture-initialized:"), "{tag}");
+        assert_eq!(tag, initialized_tag("sha256:aa", "0123456789ab"));
+        assert_ne!(tag, initialized_tag("sha256:aa", "ba9876543210"));
+        assert_ne!(tag, initialized_tag("sha256:ab", "0123456789ab"));
+    }
 
     #[test]
     fn endpoints_parse_back() {

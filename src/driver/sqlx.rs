@@ -354,6 +354,13 @@ async fn end_test(mut conn: PgConnection) -> Result<(PgConnection, bool), ::sqlx
         }
         Err(e) => return Err(e),
     };
+    deallocate(&mut conn, &rows).await?;
+    Ok((conn, committed))
+}
+
+/// Deallocates the statements a test prepared with SQL `PREPARE`, which the cleanup's
+/// `rows` list: another test's `PREPARE` of the same name would fail.
+async fn deallocate(conn: &mut PgConnection, rows: &[PgRow]) -> Result<(), ::sqlx::Error> {
     let deallocate = super::deallocate_sql(
         rows.iter()
             .filter(|row| column(row) == Some(PREPARED_COLUMN))
@@ -361,10 +368,10 @@ async fn end_test(mut conn: PgConnection) -> Result<(PgConnection, bool), ::sqlx
     );
     if !deallocate.is_empty() {
         ::sqlx::raw_sql(AssertSqlSafe(deallocate))
-            .execute(&mut conn)
+            .execute(conn)
             .await?;
     }
-    Ok((conn, committed))
+    Ok(())
 }
 
 fn column(row: &PgRow) -> Option<&str> {
@@ -681,16 +688,7 @@ async fn clear(conn: &mut PgConnection, cleanup: &str) -> Result<bool, ::sqlx::E
     let foreign = rows
         .iter()
         .any(|row| column(row) == Some(FOREIGN_COLUMN) && text(row).as_deref() == Some("on"));
-    let deallocate = super::deallocate_sql(
-        rows.iter()
-            .filter(|row| column(row) == Some(PREPARED_COLUMN))
-            .filter_map(|row| row.try_get::<&str, _>(0).ok()),
-    );
-    if !deallocate.is_empty() {
-        ::sqlx::raw_sql(AssertSqlSafe(deallocate))
-            .execute(&mut *conn)
-            .await?;
-    }
+    deallocate(conn, &rows).await?;
     Ok(!foreign)
 }
 
