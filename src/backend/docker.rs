@@ -564,19 +564,30 @@ fn bootstrap_password() -> Result<String> {
 /// once take turns (two updates of the role at once fail: "tuple concurrently
 /// updated").
 async fn own_password(server: &Server, password: &str) -> Result<()> {
-    let verifier = scram_verifier(password)?;
-    let admin = server.admin().await?;
-    admin
-        .batch_execute(&format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({OWN_PASSWORD_LOCK}); \
-             ALTER ROLE \"{SUPERUSER}\" PASSWORD '{verifier}'; COMMIT; \
-             COPY (SELECT 1) TO '{SEEN_MARKER}'"
-        ))
-        .await
-        .map_err(Error::pg(format!(
-            "giving container {} its password",
-            server.name
-        )))
+    let marker = format!("COPY (SELECT 1) TO '{SEEN_MARKER}'");
+    let (admin, sql) = match server.admin().await {
+        Ok(admin) => {
+            let verifier = scram_verifier(password)?;
+            let sql = format!(
+                "BEGIN; SELECT pg_advisory_xact_lock({OWN_PASSWORD_LOCK}); \
+                 ALTER ROLE \"{SUPERUSER}\" PASSWORD '{verifier}'; COMMIT; {marker}"
+            );
+            (admin, sql)
+        }
+        // Another process that found it on its first password gave it its own since.
+        Err(e) if refused(&e) => {
+            let own = Server {
+                password: password.to_owned(),
+                ..server.clone()
+            };
+            (own.admin().await?, marker)
+        }
+        Err(e) => return Err(e),
+    };
+    admin.batch_execute(&sql).await.map_err(Error::pg(format!(
+        "giving container {} its password",
+        server.name
+    )))
 }
 
 /// The advisory lock under which a container gets its own password.
