@@ -433,24 +433,31 @@ pub(crate) async fn deallocate(
     }
 }
 
+/// Runs `sql` (the end of a test's transaction) as a simple query, once more if it
+/// was cancelled: a cancel request is asynchronous, and one sent for the test's last
+/// query can arrive once that query is over, and cancel this one instead.
+async fn uncancelled(
+    client: &Object,
+    sql: &str,
+) -> Result<Vec<SimpleQueryMessage>, tokio_postgres::Error> {
+    match client.simple_query(sql).await {
+        Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => client.simple_query(sql).await,
+        other => other,
+    }
+}
+
 /// Checks that the test's transaction is still open and rolls it back (one round trip,
 /// two for a transaction a failed statement aborted); after a commit, resets the
 /// worker. A connection that fails is discarded.
 async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str>) -> Result<()> {
     let limit = owner.config().acquire_timeout;
     let ended = async {
-        let ended = match client.simple_query(END).await {
-            // A cancel request is asynchronous: one sent for the test's last query can
-            // arrive once that query is over, and cancel this one instead. Once more.
-            Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => client.simple_query(END).await,
-            other => other,
-        };
-        let messages = match ended {
+        let messages = match uncancelled(&client, END).await {
             Ok(messages) => messages,
             // A failed statement left the transaction aborted, and so still open; the
             // error skipped the ROLLBACK after the check.
             Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
-                let messages = client.simple_query(CLEANUP).await?;
+                let messages = uncancelled(&client, CLEANUP).await?;
                 return deallocate(&client, &messages).await.map(|()| false);
             }
             Err(e) => return Err(e),
