@@ -4,8 +4,9 @@
 //! (nextest runs each test in its own process) shares them, create each one exactly
 //! once even when many processes ask at the same moment, and stop it by itself once no
 //! connection has been open for the grace period. The stopping needs no code in the test
-//! processes: a watchdog beside each server counts the server's TCP connections (in
-//! `/proc/net/tcp`), so a process that is killed still lets its servers go.
+//! processes: a watchdog beside each server counts the server's connections (TCP ones
+//! in `/proc/net/tcp`, and for a local server those on its Unix socket in
+//! `/proc/net/unix`), so a process that is killed still lets its servers go.
 
 #[cfg(feature = "docker")]
 pub(crate) mod docker;
@@ -28,7 +29,8 @@ pub(crate) enum Source {
 }
 
 /// The watchdog's idle loop, shared by both backends. `$pg` is the server's pid,
-/// `$port` the port it listens on inside its network namespace, `$grace` seconds,
+/// `$port` the port it listens on inside its network namespace, `$socket` the path of
+/// its Unix socket when pgfixture connects through it (else empty), `$grace` seconds,
 /// `$marker` a file the creator makes once it has connected. Once a connection has
 /// been seen (or the marker exists: a process that connects only between two polls
 /// is not seen), the server stops after `$grace` seconds (at least two polls, so that
@@ -44,7 +46,8 @@ seen=0
 idle=0
 while kill -0 "$pg" 2>/dev/null; do
     sleep 1
-    if grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 01 " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then
+    if grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 01 " /proc/net/tcp /proc/net/tcp6 2>/dev/null \
+        || { [ -n "$socket" ] && awk -v s=" $socket" '$6 == "03" && substr($0, length($0) - length(s) + 1) == s { f = 1 } END { exit !f }' /proc/net/unix 2>/dev/null; }; then
         seen=1
         idle=0
     else

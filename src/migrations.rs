@@ -456,7 +456,7 @@ impl Migrations {
             &schema_owned
         };
         let settings = crate::settings::Settings::new(server, dbname, schema, None);
-        let options = crate::driver::sqlx::connect_options(&settings);
+        let options = crate::driver::sqlx::own_connect_options(&settings);
         let mut conn = ::sqlx::PgConnection::connect_with(&options)
             .await
             .map_err(Error::sqlx(format!(

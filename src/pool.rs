@@ -148,10 +148,18 @@ impl tokio::io::AsyncWrite for Socket {
     }
 }
 
-/// The settings of a worker's connections: to `dbname` on `server`, with a
-/// `search_path` set at connection start in schema mode.
+/// The settings of a worker's connections for code under test: to `dbname` on
+/// `server`, with a `search_path` set at connection start in schema mode.
 pub(crate) fn pg_config(server: &Server, dbname: &str, search_path: Option<&str>) -> PgConfig {
-    let mut pg_config = server.pg_config(dbname);
+    with_search_path(server.pg_config(dbname), search_path)
+}
+
+/// The same for pgfixture's own connections ([`Server::own_pg_config`]).
+pub(crate) fn own_pg_config(server: &Server, dbname: &str, search_path: Option<&str>) -> PgConfig {
+    with_search_path(server.own_pg_config(dbname), search_path)
+}
+
+fn with_search_path(mut pg_config: PgConfig, search_path: Option<&str>) -> PgConfig {
     if let Some(schema) = search_path {
         let path = crate::provision::schema_search_path(schema);
         pg_config.options(format!("-c search_path={path}"));
@@ -165,7 +173,7 @@ pub(crate) fn pg_config(server: &Server, dbname: &str, search_path: Option<&str>
 pub(crate) fn admin(server: &Server, wait: Duration) -> Pool {
     let recycling = RecyclingMethod::Custom("SELECT pg_advisory_unlock_all()".to_owned());
     pool(
-        pg_config(server, &server.admin_db, None),
+        own_pg_config(server, &server.admin_db, None),
         recycling,
         ADMIN_POOL_SIZE,
         wait,
@@ -181,7 +189,7 @@ const ADMIN_POOL_SIZE: usize = 4;
 /// cleared (`SET`s, roles, locks, temporary tables) before it is handed out again.
 pub(crate) fn maintenance(server: &Server, dbname: &str, wait: Duration) -> Pool {
     pool(
-        pg_config(server, dbname, None),
+        own_pg_config(server, dbname, None),
         RecyclingMethod::Clean,
         ADMIN_POOL_SIZE,
         wait,
@@ -200,7 +208,7 @@ pub(crate) fn build(
     // A test's transaction always ends in ROLLBACK, so a returned connection is
     // clean; a closed one is detected without a query.
     pool(
-        pg_config(server, dbname, search_path),
+        own_pg_config(server, dbname, search_path),
         RecyclingMethod::Fast,
         size,
         wait,

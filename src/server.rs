@@ -38,6 +38,11 @@ pub(crate) struct Server {
     /// The port the server publishes on 127.0.0.1 when `host` and `port` are another
     /// address (a container reached at its own address on its Docker network).
     pub(crate) published_port: Option<u16>,
+    /// The directory of the server's Unix socket, where pgfixture's own connections go
+    /// (a local server, which trusts its socket): no TCP handshake and no SCRAM
+    /// exchange, about 0.7 ms less per connection. What code under test gets stays
+    /// `host` and `port`, with the password.
+    pub(crate) socket_dir: Option<String>,
 }
 
 /// The `application_name` prefix of pgfixture's connections.
@@ -53,6 +58,7 @@ impl fmt::Debug for Server {
             .field("name", &self.name)
             .field("admin_db", &self.admin_db)
             .field("published_port", &self.published_port)
+            .field("socket_dir", &self.socket_dir)
             .finish()
     }
 }
@@ -69,7 +75,14 @@ impl Server {
             admin_db: "postgres".to_owned(),
             application_name: "pgfixture".to_owned(),
             published_port: None,
+            socket_dir: None,
         }
+    }
+
+    /// The same server, whose Unix socket in `dir` pgfixture's own connections use.
+    pub(crate) fn with_socket_dir(mut self, dir: &std::path::Path) -> Self {
+        self.socket_dir = Some(dir.display().to_string());
+        self
     }
 
     /// The existing server `url` names, reached as its user.
@@ -87,6 +100,7 @@ impl Server {
             admin_db: pg.get_dbname().unwrap_or("postgres").to_owned(),
             application_name: "pgfixture".to_owned(),
             published_port: None,
+            socket_dir: None,
         }
     }
 
@@ -96,10 +110,21 @@ impl Server {
         self
     }
 
+    /// The settings code under test gets: `host` and `port`, with the password.
     pub(crate) fn pg_config(&self, dbname: &str) -> tokio_postgres::Config {
+        self.config_at(&self.host, dbname)
+    }
+
+    /// The settings of pgfixture's own connections: through the server's Unix socket
+    /// when it has one ([`Server::socket_dir`]), else as [`Server::pg_config`].
+    pub(crate) fn own_pg_config(&self, dbname: &str) -> tokio_postgres::Config {
+        self.config_at(self.socket_dir.as_deref().unwrap_or(&self.host), dbname)
+    }
+
+    fn config_at(&self, host: &str, dbname: &str) -> tokio_postgres::Config {
         let mut config = tokio_postgres::Config::new();
         config
-            .host(&self.host)
+            .host(host)
             .port(self.port)
             .user(&self.user)
             .dbname(dbname)
@@ -114,7 +139,7 @@ impl Server {
     /// A connection whose task runs on the current runtime (pgfixture calls this on its
     /// background runtime only).
     pub(crate) async fn connect(&self, dbname: &str) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = self.pg_config(dbname).connect(NoTls).await?;
+        let (client, connection) = self.own_pg_config(dbname).connect(NoTls).await?;
         tokio::spawn(async move {
             let _ = connection.await;
         });

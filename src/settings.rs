@@ -36,6 +36,10 @@ impl fmt::Display for DatabaseUrl {
 #[derive(Debug)]
 pub(crate) struct Settings {
     pub(crate) pg_config: tokio_postgres::Config,
+    /// What pgfixture's own connections use: through the server's Unix socket when it
+    /// has one ([`Server::own_pg_config`]).
+    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    pub(crate) own_pg_config: tokio_postgres::Config,
     pub(crate) url: DatabaseUrl,
     /// Through the port published on 127.0.0.1 (Docker); else the same as above.
     pub(crate) published_pg_config: tokio_postgres::Config,
@@ -56,6 +60,7 @@ impl Settings {
         restart_sequences: Option<String>,
     ) -> Arc<Self> {
         let pg_config = crate::pool::pg_config(server, dbname, search_path);
+        let own_pg_config = crate::pool::own_pg_config(server, dbname, search_path);
         let url = url_for(server, &server.host, server.port, dbname, search_path);
         let (published_pg_config, published_url) = match server.published_port {
             Some(port) => {
@@ -72,6 +77,7 @@ impl Settings {
         };
         Arc::new(Settings {
             pg_config,
+            own_pg_config,
             url,
             published_pg_config,
             published_url,

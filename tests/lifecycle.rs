@@ -1250,3 +1250,36 @@ fn a_damaged_initdb_cache_is_detected_and_rebuilt() {
     }
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// The watchdog counts every connection of pgfixture's, whichever way it goes (a local
+/// server's are on its Unix socket, a container's on TCP): a server whose test holds
+/// a handle for longer than the grace period stays up, and its connection keeps
+/// working. (That it goes once idle is `nothing_remains_after_the_grace_period`.)
+#[tokio::test]
+async fn a_server_in_use_outlives_its_grace_period() {
+    let mut config = pgfixture::Config::from_env().unwrap();
+    config.run_id = unique_run("held");
+    config.worker = None;
+    config.grace = Duration::from_secs(1);
+    let fixture = Fixture::builder()
+        .config(config)
+        .isolation(Isolation::Database)
+        .workers(1)
+        .build()
+        .unwrap();
+    let db = fixture.worker_db().await.unwrap();
+    let started: String = db
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Four polls of the watchdog past a grace of one.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let still: String = db
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .expect("the server was stopped while a test held its connection")
+        .get(0);
+    assert_eq!(started, still);
+    db.release().await.unwrap();
+}

@@ -426,7 +426,7 @@ impl Docker {
         // The official image's entry point runs any command that is not `postgres`
         // as is; the watchdog starts the entry point with `postgres` in the background.
         let mut script = format!(
-            "initialized={DATA_DIR}\n{COPY_DATA}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nmarker={SEEN_MARKER}\n"
+            "initialized={DATA_DIR}\n{COPY_DATA}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nsocket=\nmarker={SEEN_MARKER}\n"
         );
         script.push_str(IDLE_LOOP);
         let mut cmd = vec![

@@ -303,7 +303,8 @@ impl Local {
                     (lines.next().and_then(|p| p.parse().ok()), lines.next())
                 {
                     let server =
-                        Server::loopback(port, password.to_owned(), dir.display().to_string());
+                        Server::loopback(port, password.to_owned(), dir.display().to_string())
+                            .with_socket_dir(dir);
                     let alive = || async { still_running(dir) };
                     return match server.wait_ready(deadline, alive).await {
                         Ok(()) => {
@@ -471,7 +472,8 @@ impl Local {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let server = Server::loopback(port, password.clone(), dir.display().to_string());
+        let server = Server::loopback(port, password.clone(), dir.display().to_string())
+            .with_socket_dir(dir);
         let alive = || async { still_running(dir) };
         match server.wait_ready(deadline, alive).await {
             Ok(()) => {
@@ -534,7 +536,7 @@ impl Local {
                  rm -f \"$dir/pwfile\"; echo initdb > \"$dir/exited\"; sleep 5; rm -rf \"$dir\"; exit 1\n\
              fi\n\
              rm -f \"$dir/pwfile\"\n\
-             \"$@\" >\"$dir/server.log\" 2>&1 &\npg=$!\nmv \"$dir/starting\" \"$dir/pending\"\n{IDLE_LOOP}\
+             \"$@\" >\"$dir/server.log\" 2>&1 &\npg=$!\nsocket=\"$dir/.s.PGSQL.$port\"\nmv \"$dir/starting\" \"$dir/pending\"\n{IDLE_LOOP}\
              rc=$?\nrm -f \"$dir/ready\" \"$dir/pending\"\necho $rc > \"$dir/exited\"\n[ \"$seen\" = 1 ] || sleep 5\nrm -rf \"$dir\"\n"
         );
         // The outer shell puts the watchdog in the background and exits at once, so the
@@ -574,11 +576,9 @@ fn ready_server(dir: &Path) -> Option<Server> {
     let mut lines = ready.lines();
     let port = lines.next()?.parse().ok()?;
     let password = lines.next()?;
-    Some(Server::loopback(
-        port,
-        password.to_owned(),
-        dir.display().to_string(),
-    ))
+    Some(
+        Server::loopback(port, password.to_owned(), dir.display().to_string()).with_socket_dir(dir),
+    )
 }
 
 /// Whether the start in `dir` was abandoned: its creator died (or went silent for

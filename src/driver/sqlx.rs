@@ -396,10 +396,19 @@ fn code(error: &::sqlx::Error) -> Option<&str> {
     }
 }
 
-/// sqlx's options for the worker `settings` describe.
+/// sqlx's options for the worker `settings` describe, as code under test gets them.
 pub(crate) fn connect_options(settings: &Settings) -> PgConnectOptions {
+    options_for(&settings.pg_config, settings)
+}
+
+/// sqlx's options for pgfixture's own connections to the worker (its Unix socket, when
+/// the server has one).
+pub(crate) fn own_connect_options(settings: &Settings) -> PgConnectOptions {
+    options_for(&settings.own_pg_config, settings)
+}
+
+fn options_for(config: &tokio_postgres::Config, settings: &Settings) -> PgConnectOptions {
     use tokio_postgres::config::Host;
-    let config = &settings.pg_config;
     let mut options = PgConnectOptions::new_without_pgpass()
         // pgfixture's servers are local and speak no TLS; so is its tokio-postgres path.
         .ssl_mode(PgSslMode::Disable)
@@ -445,7 +454,7 @@ async fn connect_within(settings: &Settings) -> Result<PgConnection, ::sqlx::Err
         .unwrap_or(std::time::Duration::from_secs(5));
     match tokio::time::timeout(
         limit,
-        PgConnection::connect_with(&connect_options(settings)),
+        PgConnection::connect_with(&own_connect_options(settings)),
     )
     .await
     {
@@ -521,7 +530,7 @@ impl WorkerPool {
             // Back from the last test's clearing, as a rule, by now.
             Some(kept) if !kept.pool.is_closed() && all_idle(&kept.pool).await => kept,
             _ => {
-                let options = connect_options(core.state.settings());
+                let options = own_connect_options(core.state.settings());
                 let max = core.status().max_size.max(1) as u32;
                 let timeout = fixture.config().acquire_timeout;
                 runtime::run(async move { kept_pool(options, max, timeout) }).await
