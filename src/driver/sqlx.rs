@@ -14,7 +14,11 @@ use ::sqlx::postgres::{
 use ::sqlx::{AssertSqlSafe, Column, Connection, Row, SqlSafeStr};
 use sqlx_core::transaction::TransactionManager;
 
-use super::{CLEANUP, Checkout, END, MARK_COLUMN, PREPARED_COLUMN};
+use super::{
+    CLEANUP, Checkout, END, END_LAST, MARK_COLUMN, PREPARED_COLUMN, SESSION_CLEANUP,
+    one_test_per_process,
+};
+use crate::fixture::PrimeCheck;
 use crate::settings::Settings;
 use crate::worker::WorkerId;
 use crate::{DatabaseUrl, Error, Fixture, Result, runtime};
@@ -180,16 +184,18 @@ impl TestDb {
 }
 
 /// How a test's transaction ended ([`end_test`], within a time limit).
-type Ended = Result<Result<(PgConnection, bool), ::sqlx::Error>, tokio::time::error::Elapsed>;
+type EndResult = Result<Result<(Ended, bool), ::sqlx::Error>, tokio::time::error::Elapsed>;
 
 /// What follows the end of a test's transaction: the connection goes back to the
 /// worker's stash, or after a commit the worker is reset (on the background runtime),
 /// or a failed end is reported and its connection closed.
-async fn after_end(checkout: Checkout, ended: Ended, limit: std::time::Duration) -> Result<()> {
+async fn after_end(checkout: Checkout, ended: EndResult, limit: std::time::Duration) -> Result<()> {
     match ended {
         Ok(Ok((conn, committed))) => {
-            if !committed {
-                checkout.keep_idle(conn);
+            match conn {
+                _ if committed => {}
+                Ended::Cleared(conn) => checkout.keep_idle(conn),
+                Ended::Unclean(conn) => checkout.keep_idle(Unclean(conn)),
             }
             checkout.end(committed).await
         }
@@ -254,6 +260,17 @@ async fn open(checkout: &Checkout) -> Result<PgConnection> {
     {
         return Ok(idle);
     }
+    if let Some(Unclean(mut unclean)) = checkout.take_idle::<Unclean>() {
+        let cleared = async {
+            let rows = ::sqlx::raw_sql(SESSION_CLEANUP)
+                .fetch_all(&mut unclean)
+                .await?;
+            deallocate(&mut unclean, &rows).await
+        };
+        if cleared.await.is_ok() && send_begin(&mut unclean, begin).is_ok() {
+            return Ok(unclean);
+        }
+    }
     // None, or closed since (a restarted server): a new one.
     let mut fresh = connect(checkout.settings(), &checkout.id).await?;
     begin_test(&mut fresh, begin)
@@ -284,21 +301,22 @@ fn send_begin(conn: &mut PgConnection, begin: &str) -> Result<(), ::sqlx::Error>
 }
 
 /// A connection that checked a worker another process left ready, and began the first
-/// test's transaction in the same round trip (the core's `attach_primed`).
+/// test's transaction (the core's `attach_primed`).
 struct Primed(PgConnection);
 
 /// PostgreSQL's code for "database does not exist".
 const INVALID_CATALOG_NAME: &str = "3D000";
-/// PostgreSQL's code for "unrecognized configuration parameter": the check's way of
-/// saying that the worker is not ready.
+/// PostgreSQL's code for "unrecognized configuration parameter": the worker's mark is
+/// missing, so it is not ready.
 const UNDEFINED_OBJECT: &str = "42704";
 
-/// The core's primer for sqlx: one connection and one round trip before the first
-/// test's statement, in a nextest process that finds its worker ready. The test's
-/// transaction begins through sqlx's transaction manager, as [`begin_test`] does.
+/// The core's primer for sqlx: one connection, the worker's check and the test's
+/// `BEGIN` before the test's first statement, in a nextest process that finds its
+/// worker ready. The test's transaction begins through sqlx's transaction manager, as
+/// [`begin_test`] does.
 fn prime(
     settings: Arc<Settings>,
-    sql: String,
+    check: PrimeCheck,
 ) -> BoxFuture<'static, Result<Option<Box<dyn Any + Send>>>> {
     Box::pin(async move {
         let mut conn = match connect_within(&settings).await {
@@ -306,11 +324,21 @@ fn prime(
             Err(e) if code(&e) == Some(INVALID_CATALOG_NAME) => return Ok(None),
             Err(e) => return Err(Error::sqlx("connecting to a worker")(e)),
         };
-        match begin_test(&mut conn, &sql).await {
-            Ok(()) => Ok(Some(Box::new(Primed(conn)) as Box<dyn Any + Send>)),
-            Err(e) if code(&e) == Some(UNDEFINED_OBJECT) => Ok(None),
-            Err(e) => Err(Error::sqlx("checking a worker")(e)),
+        let values: Vec<Option<String>> = match ::sqlx::raw_sql(AssertSqlSafe(check.sql.clone()))
+            .fetch_all(&mut conn)
+            .await
+        {
+            Ok(rows) => rows.iter().map(text).collect(),
+            Err(e) if code(&e) == Some(UNDEFINED_OBJECT) => return Ok(None),
+            Err(e) => return Err(Error::sqlx("checking a worker")(e)),
+        };
+        if !check.ready(&values) {
+            return Ok(None);
         }
+        begin_test(&mut conn, &check.begin)
+            .await
+            .map_err(Error::sqlx("starting the test transaction on a worker"))?;
+        Ok(Some(Box::new(Primed(conn)) as Box<dyn Any + Send>))
     })
 }
 
@@ -330,7 +358,10 @@ async fn begin_test(conn: &mut PgConnection, begin: &str) -> Result<(), ::sqlx::
 /// test transaction's mark, rolls back and clears the session, in one round trip.
 /// Returns the connection and whether the test had committed its transaction. sqlx
 /// still counts one transaction open, for the next test ([`begin_test`]).
-async fn end_test(mut conn: PgConnection) -> Result<(PgConnection, bool), ::sqlx::Error> {
+async fn end_test(mut conn: PgConnection) -> Result<(Ended, bool), ::sqlx::Error> {
+    if one_test_per_process() && PgTransactionManager::get_transaction_depth(&conn) == 1 {
+        return end_last(conn).await;
+    }
     while PgTransactionManager::get_transaction_depth(&conn) > 1 {
         PgTransactionManager::rollback(&mut conn).await?;
     }
@@ -360,7 +391,40 @@ async fn end_test(mut conn: PgConnection) -> Result<(PgConnection, bool), ::sqlx
         Err(e) => return Err(e),
     };
     deallocate(&mut conn, &rows).await?;
-    Ok((conn, committed))
+    Ok((Ended::Cleared(conn), committed))
+}
+
+/// A connection whose test transaction has ended.
+enum Ended {
+    /// Its session cleared: ready for the next test.
+    Cleared(PgConnection),
+    /// Ended with [`END_LAST`]: cleared when a test takes it again ([`Unclean`]).
+    Unclean(PgConnection),
+}
+
+/// A connection kept with its session as its test left it ([`END_LAST`]).
+struct Unclean(PgConnection);
+
+/// [`end_test`] in a process that runs one test ([`END_LAST`]), when the code under
+/// test left no savepoint open.
+async fn end_last(mut conn: PgConnection) -> Result<(Ended, bool), ::sqlx::Error> {
+    let mut ended = ::sqlx::raw_sql(END_LAST).fetch_all(&mut conn).await;
+    if matches!(&ended, Err(e) if code(e) == Some(QUERY_CANCELED)) {
+        ended = ::sqlx::raw_sql(END_LAST).fetch_all(&mut conn).await;
+    }
+    let committed = match ended {
+        Ok(rows) => !rows
+            .iter()
+            .any(|row| column(row) == Some(MARK_COLUMN) && text(row).as_deref() == Some("open")),
+        // Aborted: rolled back, and cleared, the usual way.
+        Err(e) if code(&e) == Some(IN_FAILED_SQL_TRANSACTION) => {
+            let rows = ::sqlx::raw_sql(CLEANUP).fetch_all(&mut conn).await?;
+            deallocate(&mut conn, &rows).await?;
+            return Ok((Ended::Cleared(conn), false));
+        }
+        Err(e) => return Err(e),
+    };
+    Ok((Ended::Unclean(conn), committed))
 }
 
 /// Deallocates the statements a test prepared with SQL `PREPARE`, which the cleanup's

@@ -9,12 +9,14 @@ use deadpool_postgres::Object;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
 
-use crate::fixture::Inner;
+use crate::fixture::{Inner, Worker};
 use crate::settings::Settings;
 use crate::worker::{SlotLease, WorkerId};
 use crate::{DatabaseUrl, Error, Result, runtime};
 
-use crate::driver::{CLEANUP, END, MARK_COLUMN, PREPARED_COLUMN};
+use crate::driver::{
+    CLEANUP, END, END_LAST, MARK_COLUMN, PREPARED_COLUMN, SESSION_CLEANUP, one_test_per_process,
+};
 
 /// A connection to the current worker's database, inside a transaction that is rolled
 /// back when the handle drops.
@@ -451,14 +453,17 @@ async fn uncancelled(
 /// worker. A connection that fails is discarded.
 async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str>) -> Result<()> {
     let limit = owner.config().acquire_timeout;
+    let last = one_test_per_process();
     let ended = async {
-        let messages = match uncancelled(&client, END).await {
+        let messages = match uncancelled(&client, if last { END_LAST } else { END }).await {
             Ok(messages) => messages,
             // A failed statement left the transaction aborted, and so still open; the
             // error skipped the ROLLBACK after the check.
             Err(e) if e.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION) => {
                 let messages = uncancelled(&client, CLEANUP).await?;
-                return deallocate(&client, &messages).await.map(|()| false);
+                return deallocate(&client, &messages)
+                    .await
+                    .map(|()| (false, false));
             }
             Err(e) => return Err(e),
         };
@@ -468,10 +473,10 @@ async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str
                     && row.get(0) == Some("open"))
         });
         deallocate(&client, &messages).await?;
-        Ok(!open)
+        Ok((!open, last))
     };
-    let committed = match tokio::time::timeout(limit, ended).await {
-        Ok(Ok(committed)) => committed,
+    let (committed, unclean) = match tokio::time::timeout(limit, ended).await {
+        Ok(Ok(ended)) => ended,
         Ok(Err(e)) => {
             let _ = Object::take(client);
             return Err(Error::pg(format!(
@@ -491,5 +496,42 @@ async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str
         let _ = Object::take(client);
         return owner.after_commit(worker, test).await;
     }
+    if unclean {
+        // Out of the pool until a test takes it again, which clears it first.
+        match owner.ready_worker(worker) {
+            Some(state) => state.keep_idle(UncleanClient(Some(client))),
+            None => drop(Object::take(client)),
+        }
+    }
     Ok(())
+}
+
+/// A pooled connection whose test ended with [`END_LAST`], kept in the worker's stash
+/// out of the pool: [`take_unclean`] clears its session before a test has it again.
+/// Dropped instead (a full stash, a worker reset), it is closed, never pooled.
+struct UncleanClient(Option<Object>);
+
+impl Drop for UncleanClient {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
+/// A connection of the worker that a test of this process left without clearing its
+/// session ([`END_LAST`]), cleared now; `None` when there is none.
+pub(crate) async fn take_unclean(state: &Worker) -> Option<Result<Object, tokio_postgres::Error>> {
+    let client = state.take_idle::<UncleanClient>()?.0.take()?;
+    let cleared = async {
+        let messages = uncancelled(&client, SESSION_CLEANUP).await?;
+        deallocate(&client, &messages).await
+    };
+    Some(match cleared.await {
+        Ok(()) => Ok(client),
+        Err(e) => {
+            drop(Object::take(client));
+            Err(e)
+        }
+    })
 }
