@@ -10,7 +10,9 @@ use std::sync::OnceLock;
 
 use tokio::runtime::{Builder, Handle, Runtime};
 
-/// Two threads: connection I/O is light, and these machines have two cores.
+/// Two threads: connection I/O is light, and these machines have two cores. One in a
+/// process that runs one test (nextest), whose background work is one connection:
+/// a thread less to start, and no hand-offs between two.
 const THREADS: usize = 2;
 const THREAD_NAME: &str = "pgfixture";
 
@@ -18,8 +20,13 @@ pub(crate) fn handle() -> &'static Handle {
     static RUNTIME: OnceLock<Runtime> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
+            let threads = if crate::driver::one_test_per_process() {
+                1
+            } else {
+                THREADS
+            };
             Builder::new_multi_thread()
-                .worker_threads(THREADS)
+                .worker_threads(threads)
                 .thread_name(THREAD_NAME)
                 .enable_all()
                 .build()
