@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Side by side, per isolation mode, medians of processes run one after the other, the
-//! three kinds taking turns so that the machine's drift reaches every column alike:
+//! kinds taking turns (each round starting one kind later) so that the machine's drift,
+//! and the end of the previous process's backend, reach every column alike. Every
+//! process runs with `NEXTEST_EXECUTION_MODE=process-per-test`, as under nextest:
 //! - `empty`: a process of this binary that exits at once (the floor of process start);
 //! - `raw`: a process that opens one connection with tokio-postgres and runs the query
 //!   (the floor of a process that talks to PostgreSQL at all);
@@ -157,6 +159,8 @@ fn main() {
     for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
         let mode = format!("{isolation:?}").to_lowercase();
         let env = vec![
+            // As nextest announces it to every test process.
+            ("NEXTEST_EXECUTION_MODE", "process-per-test".to_owned()),
             ("PGFIXTURE_RUN_ID", run_id.clone()),
             ("PGFIXTURE_ISOLATION", mode.clone()),
             ("PGFIXTURE_WORKER", "0".to_owned()),
@@ -194,12 +198,19 @@ fn main() {
 
         let (mut empty, mut raw, mut pgf) = (Runs::default(), Runs::default(), Runs::default());
         let (mut sqlx_raw, mut sqlx) = (Runs::default(), Runs::default());
-        for _ in 0..n {
-            empty.run("empty", &env);
-            raw.run("raw", &raw_env);
-            pgf.run("pgfixture", &env);
-            sqlx_raw.run("sqlx_raw", &raw_env);
-            sqlx.run("sqlx", &env);
+        for i in 0..n {
+            // Each round starts one kind later, so that every kind follows every other
+            // equally often: a process starts while the server still ends the backend
+            // of the one before, which costs the machine's two cores something.
+            for k in 0..5 {
+                match (i + k) % 5 {
+                    0 => empty.run("empty", &env),
+                    1 => raw.run("raw", &raw_env),
+                    2 => pgf.run("pgfixture", &env),
+                    3 => sqlx_raw.run("sqlx_raw", &raw_env),
+                    _ => sqlx.run("sqlx", &env),
+                }
+            }
         }
         let (e, r, p) = (empty.median(), raw.median(), pgf.median());
         let (sr, sp) = (sqlx_raw.median(), sqlx.median());
