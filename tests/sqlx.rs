@@ -448,3 +448,46 @@ fn connections_opened_on_a_tests_runtime_are_closed_at_release() {
         pool.release().await.unwrap();
     });
 }
+
+/// What a test leaves in the session of its `TestDb` connection that a rollback does
+/// not undo (a session advisory lock, a statement prepared with SQL, the sequences'
+/// `currval`) is gone for the next test, on the same connection. In-process the end of
+/// the test clears it; under nextest (one test per process) the next handle of the
+/// process does, before its test begins.
+#[tokio::test]
+async fn the_session_of_a_test_db_never_reaches_the_next_test() {
+    let fixture = single_worker();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let first = backend_pid(&mut db).await;
+    sqlx::raw_sql(
+        "PREPARE pgfx_mine AS SELECT 1; SELECT pg_advisory_lock(4343); \
+         SELECT nextval('notes_id_seq')",
+    )
+    .execute(&mut *db)
+    .await
+    .unwrap();
+    db.release().await.unwrap();
+
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert_eq!(backend_pid(&mut db).await, first, "another connection");
+    sqlx::raw_sql("PREPARE pgfx_mine AS SELECT 2")
+        .execute(&mut *db)
+        .await
+        .expect("the last test's prepared statement is still there");
+    let (locks,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+    )
+    .fetch_one(&mut *db)
+    .await
+    .unwrap();
+    assert_eq!(
+        locks, 0,
+        "the last test's session advisory lock is still held"
+    );
+    db.release().await.unwrap();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let currval = sqlx::query("SELECT currval('notes_id_seq')")
+        .execute(&mut *db)
+        .await;
+    assert!(currval.is_err(), "the last test's currval is still defined");
+}
