@@ -38,6 +38,10 @@ pub(crate) struct Reading {
     counters: BTreeMap<u32, String>,
 }
 
+/// PostgreSQL's first oid of objects made after `initdb`: every lower one is the
+/// catalogs' (their TOAST tables and indexes included).
+const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+
 /// What changed between two readings.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Change {
@@ -84,6 +88,11 @@ impl Reading {
         }
         if rows.is_empty() {
             return Change::None;
+        }
+        // Rows of a catalog (`COMMENT`, `GRANT`, DDL that leaves the summary alone) are
+        // never put back in place: no need to describe them first.
+        if rows.iter().any(|oid| *oid < FIRST_NORMAL_OBJECT_ID) {
+            return Change::Other;
         }
         rows.sort_unstable();
         Change::Rows(rows)
@@ -462,6 +471,9 @@ mod tests {
         let before = reading("s", "16384:1.0.0,16390:5.2.1");
         let after = reading("s", "16384:2.0.0,16390:5.2.1,16400:0.0.1");
         assert_eq!(before.change_to(&after), Change::Rows(vec![16384, 16400]));
+        // A catalog's rows (pg_description's, after a COMMENT): rebuilt, not put back.
+        let commented = reading("s", "2609:1.0.0,16384:1.0.0,16390:5.2.1");
+        assert_eq!(before.change_to(&commented), Change::Other);
     }
 
     #[test]
