@@ -110,6 +110,27 @@ async fn schema_comment(client: &Client, name: &str) -> Result<Option<String>> {
     Ok(row.map(|r| r.get(0)))
 }
 
+/// The states of the databases `names`, in one round trip.
+async fn database_states<const N: usize>(client: &Client, names: [&str; N]) -> Result<[State; N]> {
+    let rows = client
+        .query(
+            "SELECT (SELECT coalesce(shobj_description(d.oid, 'pg_database'), '') \
+                     FROM pg_database d WHERE d.datname = u.name) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS u(name, i) ORDER BY u.i",
+            &[&names.as_slice()],
+        )
+        .await
+        .map_err(Error::pg(format!(
+            "looking up databases {}",
+            names.join(", ")
+        )))?;
+    let mut states = [State::Missing; N];
+    for (state, row) in states.iter_mut().zip(&rows) {
+        *state = State::of(row.get(0));
+    }
+    Ok(states)
+}
+
 /// The state of the database `name`, from its mark.
 pub(crate) async fn database_state(client: &Client, name: &str) -> Result<State> {
     Ok(State::of(database_comment(client, name).await?))
@@ -808,13 +829,17 @@ pub(crate) async fn reset_database(
     spares: bool,
 ) -> Result<bool> {
     with_lock(admin, name, async || {
-        if !(force || database_state(admin, name).await? == State::Dirty) {
-            return Ok(false);
-        }
         let spare = format!("{name}_spare");
         let old = format!("{name}_old");
-        if spares && database_exists(admin, &spare).await? && !database_exists(admin, &old).await? {
-            // Its connections go first: a database in use cannot be renamed.
+        let [state, spare_state, old_state] =
+            database_states(admin, [name, spare.as_str(), old.as_str()]).await?;
+        if !(force || state == State::Dirty) {
+            return Ok(false);
+        }
+        if spares && spare_state != State::Missing && old_state == State::Missing {
+            // Its connections go first: a database in use cannot be renamed. Their
+            // backends take a moment to exit (the rename waits for them), which the
+            // spare's marking overlaps.
             admin
                 .execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -823,15 +848,15 @@ pub(crate) async fn reset_database(
                 )
                 .await
                 .map_err(Error::pg(format!("closing the connections to {name}")))?;
+            // Marked and given its sequences' state here, not when it was made: the
+            // process that made it may have exited right after creating it.
+            ddl(admin, &mark_sql(Target::Database(&spare), mark, false)).await?;
+            set_sequences(admin, template, &spare).await?;
             ddl(
                 admin,
                 &format!("ALTER DATABASE {} RENAME TO {}", ident(name), ident(&old)),
             )
             .await?;
-            // Marked and given its sequences' state here, not when it was made: the
-            // process that made it may have exited right after creating it.
-            ddl(admin, &mark_sql(Target::Database(&spare), mark, false)).await?;
-            set_sequences(admin, template, &spare).await?;
             ddl(
                 admin,
                 &format!("ALTER DATABASE {} RENAME TO {}", ident(&spare), ident(name)),
