@@ -380,6 +380,9 @@ pub(crate) struct Worker {
     /// Connections other drivers keep between tests ([`crate::driver`]); they go with
     /// the worker when it is reset.
     idle: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
+    /// The background opening of a rebuilt worker's first connection ([`Inner::warm_up`]),
+    /// which a worker pool and the next reset wait for.
+    warming: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// What [`crate::restore::describe`] found for each set of changed relations: a
     /// worker's tables change only through DDL, which rebuilds it (a new `Worker`).
     described: Mutex<HashMap<Vec<u32>, Arc<Described>>>,
@@ -425,6 +428,18 @@ impl Worker {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.iter().filter(|c| c.is::<T>()).count() < IDLE_PER_WORKER {
             idle.push(Box::new(conn));
+        }
+    }
+
+    /// Returns once the background opening of its first connection, if any, is over.
+    async fn warmed(&self) {
+        let task = self
+            .warming
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
         }
     }
 
@@ -907,6 +922,7 @@ impl Inner {
     ) -> Result<(Arc<Worker>, Vec<deadpool_postgres::Object>)> {
         let worker = self.worker_primed(id, deadline, None).await?;
         end_primed(&worker, id).await?;
+        worker.warmed().await;
         let clients = idle_connections(&worker, id).await?;
         Ok((worker, clients))
     }
@@ -1169,6 +1185,10 @@ impl Inner {
     /// Rebuilds the worker's database or schema from the fixtures and gives it a new
     /// pool; connections to the old one are closed.
     pub(crate) async fn reset(&self, id: &WorkerId) -> Result<()> {
+        // A connection still opening would hold the rename of its database up.
+        if let Some(worker) = self.ready_worker(id) {
+            worker.warmed().await;
+        }
         let deadline = Instant::now() + self.config.acquire_timeout;
         let cell = Arc::new(OnceCell::new());
         self.workers
@@ -1479,6 +1499,7 @@ impl Inner {
             settings,
             begin,
             idle: Mutex::default(),
+            warming: Mutex::default(),
         });
         if reset {
             self.warm_up(&worker, shared_server);
@@ -1492,20 +1513,24 @@ impl Inner {
     /// has never seen, about 3 ms each). The pool hands the most recently returned
     /// connection out first, so the next test gets this one.
     fn warm_up(&self, worker: &Arc<Worker>, shared_server: bool) {
-        let worker = Arc::clone(worker);
         let isolation = self.config.isolation;
-        runtime::handle().spawn(async move {
-            let Ok(client) = worker.pool.get().await else {
+        let warming = Arc::clone(worker);
+        let task = runtime::handle().spawn(async move {
+            let Ok(client) = warming.pool.get().await else {
                 return;
             };
-            let target =
-                crate::isolation::target(isolation, &worker.target, &worker.dbname, shared_server);
-            if let Err(error) =
-                crate::restore::fingerprint(&client, target, &worker.ddl_logged).await
-            {
-                tracing::debug!(%error, worker = %worker.target, "warming a rebuilt worker up failed");
+            let target = crate::isolation::target(
+                isolation,
+                &warming.target,
+                &warming.dbname,
+                shared_server,
+            );
+            let reading = crate::restore::fingerprint(&client, target, &warming.ddl_logged);
+            if let Err(error) = reading.await {
+                tracing::debug!(%error, worker = %warming.target, "warming a rebuilt worker up failed");
             }
         });
+        *worker.warming.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
     }
 
     /// The pool size asked for, lowered so that every worker's pool fits the server's
@@ -1599,6 +1624,7 @@ impl Inner {
             settings,
             begin,
             idle: Mutex::new(vec![conn]),
+            warming: Mutex::default(),
         };
         Ok(Some(Arc::new(worker)))
     }
@@ -1722,6 +1748,7 @@ impl Inner {
             settings,
             begin,
             idle: Mutex::default(),
+            warming: Mutex::default(),
         })))
     }
 }
