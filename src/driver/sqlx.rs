@@ -359,39 +359,47 @@ async fn begin_test(conn: &mut PgConnection, begin: &str) -> Result<(), ::sqlx::
 /// Returns the connection and whether the test had committed its transaction. sqlx
 /// still counts one transaction open, for the next test ([`begin_test`]).
 async fn end_test(mut conn: PgConnection) -> Result<(Ended, bool), ::sqlx::Error> {
-    if one_test_per_process() && PgTransactionManager::get_transaction_depth(&conn) == 1 {
-        return end_last(conn).await;
-    }
+    // In a process that runs one test, and with no savepoint of the code under test
+    // left open, the session is cleared only if a test takes the connection again.
+    let last = one_test_per_process() && PgTransactionManager::get_transaction_depth(&conn) == 1;
     while PgTransactionManager::get_transaction_depth(&conn) > 1 {
         PgTransactionManager::rollback(&mut conn).await?;
     }
-    let mut ended = ::sqlx::raw_sql(END).fetch_all(&mut conn).await;
-    // A cancel request is asynchronous: one sent for the test's last query can arrive
-    // once that query is over, and cancel this one instead. Once more.
-    if matches!(&ended, Err(e) if code(e) == Some(QUERY_CANCELED)) {
-        ended = ::sqlx::raw_sql(END).fetch_all(&mut conn).await;
-    }
-    let (rows, committed) = match ended {
-        Ok(rows) => {
-            let open = rows.iter().any(|row| {
-                column(row) == Some(MARK_COLUMN) && text(row).as_deref() == Some("open")
-            });
-            (rows, !open)
-        }
-        // A failed statement left the transaction aborted, and so still open; the
-        // error skipped the rollback after the check.
-        Err(e) if code(&e) == Some(IN_FAILED_SQL_TRANSACTION) => {
-            let mut cleaned = ::sqlx::raw_sql(CLEANUP).fetch_all(&mut conn).await;
-            // Cancelled by a late cancel request as well: once more.
-            if matches!(&cleaned, Err(e) if code(e) == Some(QUERY_CANCELED)) {
-                cleaned = ::sqlx::raw_sql(CLEANUP).fetch_all(&mut conn).await;
+    let (rows, committed, cleared) =
+        match uncancelled(&mut conn, if last { END_LAST } else { END }).await {
+            Ok(rows) => {
+                let open = rows.iter().any(|row| {
+                    column(row) == Some(MARK_COLUMN) && text(row).as_deref() == Some("open")
+                });
+                (rows, !open, !last)
             }
-            (cleaned?, false)
-        }
-        Err(e) => return Err(e),
-    };
+            // A failed statement left the transaction aborted, and so still open; the
+            // error skipped the rollback after the check.
+            Err(e) if code(&e) == Some(IN_FAILED_SQL_TRANSACTION) => {
+                (uncancelled(&mut conn, CLEANUP).await?, false, true)
+            }
+            Err(e) => return Err(e),
+        };
     deallocate(&mut conn, &rows).await?;
-    Ok((Ended::Cleared(conn), committed))
+    let conn = if cleared {
+        Ended::Cleared(conn)
+    } else {
+        Ended::Unclean(conn)
+    };
+    Ok((conn, committed))
+}
+
+/// Runs `sql` (the end of a test's transaction), once more if it was cancelled: a
+/// cancel request is asynchronous, and one sent for the test's last query can arrive
+/// once that query is over, and cancel this one instead.
+async fn uncancelled(
+    conn: &mut PgConnection,
+    sql: &'static str,
+) -> Result<Vec<PgRow>, ::sqlx::Error> {
+    match ::sqlx::raw_sql(sql).fetch_all(&mut *conn).await {
+        Err(e) if code(&e) == Some(QUERY_CANCELED) => ::sqlx::raw_sql(sql).fetch_all(conn).await,
+        other => other,
+    }
 }
 
 /// A connection whose test transaction has ended.
@@ -404,28 +412,6 @@ enum Ended {
 
 /// A connection kept with its session as its test left it ([`END_LAST`]).
 struct Unclean(PgConnection);
-
-/// [`end_test`] in a process that runs one test ([`END_LAST`]), when the code under
-/// test left no savepoint open.
-async fn end_last(mut conn: PgConnection) -> Result<(Ended, bool), ::sqlx::Error> {
-    let mut ended = ::sqlx::raw_sql(END_LAST).fetch_all(&mut conn).await;
-    if matches!(&ended, Err(e) if code(e) == Some(QUERY_CANCELED)) {
-        ended = ::sqlx::raw_sql(END_LAST).fetch_all(&mut conn).await;
-    }
-    let committed = match ended {
-        Ok(rows) => !rows
-            .iter()
-            .any(|row| column(row) == Some(MARK_COLUMN) && text(row).as_deref() == Some("open")),
-        // Aborted: rolled back, and cleared, the usual way.
-        Err(e) if code(&e) == Some(IN_FAILED_SQL_TRANSACTION) => {
-            let rows = ::sqlx::raw_sql(CLEANUP).fetch_all(&mut conn).await?;
-            deallocate(&mut conn, &rows).await?;
-            return Ok((Ended::Cleared(conn), false));
-        }
-        Err(e) => return Err(e),
-    };
-    Ok((Ended::Unclean(conn), committed))
-}
 
 /// Deallocates the statements a test prepared with SQL `PREPARE`, which the cleanup's
 /// `rows` list: another test's `PREPARE` of the same name would fail.
