@@ -17,7 +17,7 @@ use crate::driver::tokio_postgres::TestDb;
 use crate::fixtures::{FixtureSet, SharedStatement};
 use crate::isolation::schema::SCHEMA_DATABASE;
 use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
-use crate::restore::{Change, Reading};
+use crate::restore::{Change, Reader, Reading};
 use crate::server::Server;
 use crate::settings::Settings;
 use crate::worker::{SlotLease, Slots, WorkerId};
@@ -882,16 +882,25 @@ impl Inner {
             let mut server = worker.server.clone();
             server.application_name = pool_application_name(&server.application_name, &id);
             // Marked first: if this process dies while the pool is out, whoever takes
-            // the worker next finds the mark and resets it.
-            clients[0]
-                .batch_execute(&provision::mark_sql(target, &self.worker_mark(), true))
-                .await
-                .map_err(Error::pg(format!(
-                    "marking worker {id} as in use by a worker pool"
-                )))?;
-            let connections: Vec<&tokio_postgres::Client> = clients.iter().map(|c| &***c).collect();
-            provision::flush_statistics(&connections).await;
-            let before = crate::restore::fingerprint(&clients[0], target, &worker.ddl_logged).await?;
+            // the worker next finds the mark and resets it. The other connections'
+            // statistics reach the server first; then the mark, the first one's
+            // statistics and the reading go in one round trip (a connection runs what
+            // it is sent in order, each statement's statistics flushed as it ends).
+            let (first, others) = clients.split_first().expect("at least one connection");
+            let others: Vec<&tokio_postgres::Client> = others.iter().map(|c| &***c).collect();
+            provision::flush_statistics(&others).await;
+            let mark = format!(
+                "{}; {}",
+                provision::mark_sql(target, &self.worker_mark(), true),
+                provision::FLUSH_STATISTICS
+            );
+            let reader = Reader::prepare(first, target, &worker.ddl_logged).await?;
+            let (marked, before) =
+                futures::future::join(first.batch_execute(&mark), reader.read(first)).await;
+            marked.map_err(Error::pg(format!(
+                "marking worker {id} as in use by a worker pool"
+            )))?;
+            let before = before?;
             drop(clients);
             Ok(WorkerPool {
                 settings: Settings::new(
@@ -1031,15 +1040,29 @@ impl Inner {
             // A connection still out (held past the guard) could change it later.
             if status.size == status.available {
                 let clients = idle_connections(&worker, id).await?;
+                let (first, others) = clients.split_first().expect("at least one connection");
                 // Whatever the code under test left in the connections' sessions goes,
-                // and their statistics reach the server.
+                // and their statistics reach the server: the other connections' first.
+                // Then, on the first one, in one round trip: its cleanup, whether the
+                // connections the code under test opened itself are all closed (their
+                // backends hand over their statistics as they exit), and the reading.
                 let cleaned = futures::future::join_all(
-                    clients
+                    others
                         .iter()
                         .map(|c| c.simple_query(provision::POOL_CLEANUP)),
                 )
                 .await;
+                // Prepared first (cached), so that each sends one message, in order.
+                let open = provision::open_connections(first).await?;
+                let reader = Reader::prepare(first, target, &worker.ddl_logged).await?;
+                let (cleaned_first, closed, after) = futures::future::join3(
+                    first.simple_query(provision::POOL_CLEANUP),
+                    provision::none_open(first, &open, application_name),
+                    reader.read(first),
+                )
+                .await;
                 let mut clean = true;
+                let cleaned = std::iter::once(cleaned_first).chain(cleaned);
                 for (client, messages) in clients.iter().zip(cleaned) {
                     match messages {
                         Ok(messages) => {
@@ -1050,14 +1073,21 @@ impl Inner {
                         Err(_) => clean = false,
                     }
                 }
-                if clean && provision::wait_closed(&clients[0], application_name).await? {
-                    let after =
-                        crate::restore::fingerprint(&clients[0], target, &worker.ddl_logged)
-                            .await?;
+                let after = if !clean {
+                    None
+                } else if closed? {
+                    Some(after?)
+                } else if provision::wait_closed(first, application_name).await? {
+                    // Some were closing still: read again now that they are gone.
+                    Some(reader.read(first).await?)
+                } else {
+                    None
+                };
+                if let Some(after) = after {
                     let change = after.map(|after| before.change_to(&after));
                     match change {
                         Some(Change::None) => {
-                            clients[0]
+                            first
                                 .batch_execute(&provision::mark_sql(
                                     target,
                                     &self.worker_mark(),
@@ -1070,7 +1100,7 @@ impl Inner {
                             return Ok(());
                         }
                         Some(Change::Rows(oids)) => {
-                            if self.restore(&worker, target, &clients[0], &oids).await? {
+                            if self.restore(&worker, target, first, &oids).await? {
                                 self.stats.pools_restored.fetch_add(1, Ordering::Relaxed);
                                 tracing::debug!(worker = %id, tables = oids.len(), "rows written through the worker pool put back in place");
                                 return Ok(());

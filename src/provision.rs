@@ -963,13 +963,14 @@ pub(crate) async fn reset_schema(
 /// pending statistics to the server now, so that a later [`crate::restore::fingerprint`] does not see
 /// them arrive (a backend sends them at most once a second). PostgreSQL 15 and later.
 pub(crate) async fn flush_statistics(clients: &[&Client]) {
-    let flushes = clients.iter().map(|c| {
-        c.batch_execute(
-            "SELECT pg_stat_force_next_flush() WHERE current_setting('server_version_num')::int >= 150000",
-        )
-    });
+    let flushes = clients.iter().map(|c| c.batch_execute(FLUSH_STATISTICS));
     let _ = futures::future::join_all(flushes).await;
 }
+
+/// Makes the connection hand its pending statistics to the server as its transaction
+/// ends ([`flush_statistics`]).
+pub(crate) const FLUSH_STATISTICS: &str =
+    "SELECT pg_stat_force_next_flush() WHERE current_setting('server_version_num')::int >= 150000";
 
 /// Ends what the code under test of a worker pool left in a pooled connection's
 /// session before tests use it again, as `DISCARD ALL` would but keeping the driver's
@@ -981,21 +982,42 @@ pub(crate) const POOL_CLEANUP: &str = "ROLLBACK; CLOSE ALL; SET SESSION AUTHORIZ
     SELECT pg_stat_force_next_flush() WHERE current_setting('server_version_num')::int >= 150000; \
     SELECT name AS pgfixture_prepared FROM pg_prepared_statements WHERE from_sql";
 
+/// The statement of [`none_open`], prepared on `client` (cached).
+pub(crate) async fn open_connections(
+    client: &deadpool_postgres::ClientWrapper,
+) -> Result<tokio_postgres::Statement> {
+    client
+        .prepare_cached("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1")
+        .await
+        .map_err(Error::pg("looking for a worker pool's connections"))
+}
+
+/// Whether no connection named `application_name` is open, with `statement` from
+/// [`open_connections`]: one message, sent as soon as this is first polled.
+pub(crate) async fn none_open(
+    client: &Client,
+    statement: &tokio_postgres::Statement,
+    application_name: &str,
+) -> Result<bool> {
+    let open: i64 = client
+        .query_one(statement, &[&application_name])
+        .await
+        .map_err(Error::pg("looking for a worker pool's connections"))?
+        .get(0);
+    Ok(open == 0)
+}
+
 /// Waits until no connection named `application_name` is open (their backends send
 /// their statistics as they exit), polling every millisecond for up to a second.
 /// Returns whether they are gone.
-pub(crate) async fn wait_closed(client: &Client, application_name: &str) -> Result<bool> {
+pub(crate) async fn wait_closed(
+    client: &deadpool_postgres::ClientWrapper,
+    application_name: &str,
+) -> Result<bool> {
+    let statement = open_connections(client).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     loop {
-        let open: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
-                &[&application_name],
-            )
-            .await
-            .map_err(Error::pg("looking for a worker pool's connections"))?
-            .get(0);
-        if open == 0 {
+        if none_open(client, &statement, application_name).await? {
             return Ok(true);
         }
         if std::time::Instant::now() >= deadline {

@@ -529,6 +529,40 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
     }
 }
 
+/// A connection that code under test opened from the pool's settings, still closing as
+/// the pool is released, with a write whose statistics its backend hands over only as
+/// it exits (it flushed a moment before): the release waits for it, sees the write, and
+/// the next test does not.
+#[tokio::test]
+async fn a_write_of_a_connection_still_closing_at_release_is_seen() {
+    let (_serial, fixture) = single_worker().await;
+    for round in 0..40 {
+        let before = fixture.stats();
+        let pool = fixture.worker_pool().await.unwrap();
+        let (own, connection) = pool.pg_config().connect(NoTls).await.unwrap();
+        let task = tokio::spawn(connection);
+        own.batch_execute("SELECT 1").await.unwrap();
+        own.batch_execute("INSERT INTO notes (owner, body) VALUES ('closing', 'x')")
+            .await
+            .unwrap();
+        // Closing: the backend exits as the release begins.
+        drop(own);
+        pool.release().await.unwrap();
+        let _ = task.await;
+        let after = fixture.stats();
+        assert_eq!(
+            after.pools_unchanged, before.pools_unchanged,
+            "round {round}: the write of a closing connection was not seen"
+        );
+        let db = fixture.worker_db().await.unwrap();
+        assert_eq!(
+            count(&db, "closing").await,
+            0,
+            "round {round}: the write of a closing connection reached the next test"
+        );
+    }
+}
+
 /// Resets after DDL take a spare made in the background (a clone of the template, or a
 /// schema built from the fixtures), and each one still leaves the worker as the
 /// fixtures made it, its rows put back in place after the next write.
