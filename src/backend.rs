@@ -30,7 +30,9 @@ pub(crate) enum Source {
 
 /// The watchdog's idle loop, shared by both backends. `$pg` is the server's pid,
 /// `$port` the port it listens on inside its network namespace, `$socket` the path of
-/// its Unix socket when pgfixture connects through it (else empty), `$grace` seconds,
+/// its Unix socket when pgfixture connects through it (else empty), `$local` set in a
+/// container whose socket the host's processes reach (their connections are counted
+/// by the backends' titles, `[local]`), `$grace` seconds,
 /// `$marker` a file the creator makes once it has connected. Once a connection has
 /// been seen (or the marker exists: a process that connects only between two polls
 /// is not seen), the server stops after `$grace` seconds (at least two polls, so that
@@ -47,7 +49,8 @@ idle=0
 while kill -0 "$pg" 2>/dev/null; do
     sleep 1
     if grep -qE "^ *[0-9]+: [0-9A-F]+:$hex [0-9A-F]+:[0-9A-F]+ 01 " /proc/net/tcp /proc/net/tcp6 2>/dev/null \
-        || { [ -n "$socket" ] && awk -v s=" $socket" '$6 == "03" && substr($0, length($0) - length(s) + 1) == s { f = 1 } END { exit !f }' /proc/net/unix 2>/dev/null; }; then
+        || { [ -n "$socket" ] && awk -v s=" $socket" '$6 == "03" && substr($0, length($0) - length(s) + 1) == s { f = 1 } END { exit !f }' /proc/net/unix 2>/dev/null; } \
+        || { [ -n "$local" ] && grep -qs '\[local\]' /proc/[0-9]*/cmdline; }; then
         seen=1
         idle=0
     else

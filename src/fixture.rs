@@ -949,10 +949,13 @@ impl Inner {
     /// The small pool of maintenance connections to `dbname` (the server's maintenance
     /// database when `None`) on `server`.
     fn maintenance_pool(&self, server: &Server, dbname: Option<&str>) -> Pool {
+        // Where the connections go: a replaced container may have the same address,
+        // and a socket elsewhere.
         let key = format!(
-            "{}:{}:{}",
+            "{}:{}:{}:{}",
             server.host,
             server.port,
+            server.socket_dir.as_deref().unwrap_or_default(),
             dbname.unwrap_or(&server.admin_db)
         );
         let mut pools = self.admins.lock().unwrap_or_else(|e| e.into_inner());

@@ -370,6 +370,21 @@ async fn a_container_that_refuses_both_passwords_fails_in_time() {
         .await
         .unwrap();
     let run = fixture.config().run_id.clone();
+    // pgfixture's own connections would take the container's Unix socket, which
+    // trusts its clients (where the daemon runs on this host): without it, as where
+    // there is none, every way in asks for the password.
+    let sockets = std::env::temp_dir()
+        .join(format!("pgfixture-{}", own_uid()))
+        .join("sockets");
+    for dir in std::fs::read_dir(&sockets).into_iter().flatten().flatten() {
+        if dir
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("pgfixture-{run}-"))
+        {
+            let _ = std::fs::remove_file(dir.path().join(".s.PGSQL.5432"));
+        }
+    }
     let started = Instant::now();
     let out = run_child(&[
         ("PGFIXTURE_RUN_ID", &run),
@@ -1151,21 +1166,29 @@ fn own_uid() -> u32 {
 }
 
 /// The per-user record of container addresses loses the records of containers that
-/// are gone, at the next container creation (it once grew by a file per container).
+/// are gone, at the next container creation (it once grew by a file per container),
+/// and so do the directories of their sockets.
 #[tokio::test]
 async fn records_of_gone_containers_are_removed() {
     // Docker itself: scripts/test.sh selects this test out of the local backend's runs.
-    let records = std::env::temp_dir()
-        .join(format!("pgfixture-{}", own_uid()))
-        .join("docker-endpoints");
+    let user = std::env::temp_dir().join(format!("pgfixture-{}", own_uid()));
+    let records = user.join("docker-endpoints");
     std::fs::create_dir_all(&records).unwrap();
-    let stale = records.join(format!("pgfixture-{}-000000-shared", unique_run("gone")));
+    let gone = format!("pgfixture-{}-000000-shared", unique_run("gone"));
+    let stale = records.join(&gone);
     std::fs::write(&stale, "172.17.0.99:5432\n").unwrap();
+    let stale_socket = user.join("sockets").join(format!("{gone}.0badc0de"));
+    std::fs::create_dir_all(&stale_socket).unwrap();
+    std::fs::write(stale_socket.join(".s.PGSQL.5432.lock"), "1\n").unwrap();
     // Older than a minute, as a record of a container long gone.
     let old = std::time::SystemTime::now() - Duration::from_secs(3600);
     std::fs::File::options()
         .write(true)
         .open(&stale)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    std::fs::File::open(&stale_socket)
         .unwrap()
         .set_modified(old)
         .unwrap();
@@ -1185,6 +1208,10 @@ async fn records_of_gone_containers_are_removed() {
     assert!(
         !stale.exists(),
         "the gone container's record is still there"
+    );
+    assert!(
+        !stale_socket.exists(),
+        "the gone container's socket directory is still there"
     );
     drop(db);
 }

@@ -35,6 +35,41 @@ async fn tcp_connections_need_the_password() {
     }
 }
 
+/// pgfixture's own connections (a handle's among them) go through the server's Unix
+/// socket, which trusts its clients: a local server's always; a container's when its
+/// daemon runs on this Linux host at its default socket, through a directory of the
+/// user's bind-mounted into it. That directory is where only this user can enter.
+#[tokio::test]
+async fn own_connections_use_a_socket_only_this_user_reaches() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let db = pgfixture::worker_db().await.unwrap();
+    let on_socket: bool = db
+        .query_one("SELECT inet_client_addr() IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let default_daemon = std::env::var("DOCKER_HOST").map_or(true, |host| host.is_empty());
+    match Fixture::from_env().unwrap().stats().backend {
+        Some("local") => assert!(on_socket, "a local server's handle is not on its socket"),
+        Some("docker") if cfg!(target_os = "linux") && default_daemon => {
+            assert!(on_socket, "a container's handle is not on its socket");
+            let uid = std::fs::metadata("/proc/self").unwrap().uid();
+            let dir = std::env::temp_dir()
+                .join(format!("pgfixture-{uid}"))
+                .join("sockets");
+            let meta = std::fs::metadata(&dir).unwrap();
+            assert_eq!(meta.uid(), uid, "{} is not the user's", dir.display());
+            assert_eq!(
+                meta.permissions().mode() & 0o777,
+                0o700,
+                "others can enter {}",
+                dir.display()
+            );
+        }
+        _ => {}
+    }
+}
+
 /// The port the test can reach the server on from this host.
 async fn host_port(db: &pgfixture::TestDb) -> u16 {
     let stats = Fixture::from_env().unwrap().stats();

@@ -47,6 +47,12 @@ const MEMORY_DIR: &str = "/run/pgfixture";
 /// The data directory of a container's server, in [`MEMORY_DIR`]: an initialised
 /// image's [`DATA_DIR`] is copied there as the container starts (`COPY_DATA`).
 const MEMORY_DATA_DIR: &str = "/run/pgfixture/data";
+/// Where a container's server makes a second Unix socket: a directory of the user's,
+/// bind-mounted there ([`new_socket_dir`]), through which pgfixture's own connections
+/// skip TCP and the password exchange, as with a local server. The socket trusts its
+/// clients (the image's `local` rule); only the user (and root) can reach the host
+/// directory.
+const SOCKET_MOUNT: &str = "/run/pgfixture-socket";
 /// initdb's arguments in containers: a throwaway server need not wait for its files
 /// to reach the disk (0.2–0.4 s of a cold start here), and WAL segments of 1 MB
 /// instead of 16 make a data directory a third smaller, to copy as a container starts.
@@ -166,14 +172,14 @@ impl Docker {
         // Since when the running container refused both of the user's passwords.
         let mut refused_since: Option<Instant> = None;
         loop {
-            if let Some((server, addresses)) = self.running(name).await? {
+            if let Some((server, reach)) = self.running(name).await? {
                 match server
                     .wait_ready(deadline, || self.still_running(name))
                     .await
                 {
                     Ok(()) => {
                         tracing::debug!(container = name, "reusing server");
-                        let server = direct(name, server, &addresses, config).await;
+                        let server = direct(name, server, &reach, config).await;
                         remember(name, &server);
                         return Ok((server, false));
                     }
@@ -204,7 +210,7 @@ impl Docker {
                         }
                         own_password(&first, &server.password).await?;
                         tracing::debug!(container = name, "reusing server");
-                        let server = direct(name, server, &addresses, config).await;
+                        let server = direct(name, server, &reach, config).await;
                         remember(name, &server);
                         return Ok((server, false));
                     }
@@ -225,7 +231,7 @@ impl Docker {
                         "starting PostgreSQL container {name} from {}",
                         self.image
                     ));
-                    let (port, addresses) = self.port(name).await?.ok_or_else(|| Error::Docker {
+                    let (port, reach) = self.port(name).await?.ok_or_else(|| Error::Docker {
                         message: format!("container {name} exited right after its start; try `docker run --rm {}`", self.image),
                     })?;
                     // It opens with the user's first password until it has its own.
@@ -254,7 +260,7 @@ impl Docker {
                     own_password(&server, &password).await?;
                     let server = Server { password, ..server };
                     tracing::info!(container = name, image = %self.image, elapsed = ?started.elapsed(), "server started");
-                    let server = direct(name, server, &addresses, config).await;
+                    let server = direct(name, server, &reach, config).await;
                     remember(name, &server);
                     return Ok((server, true));
                 }
@@ -294,7 +300,7 @@ impl Docker {
 
     /// The running container `name` and its own addresses; `None` when there is none
     /// (waiting for one that is stopping to be removed).
-    async fn running(&self, name: &str) -> Result<Option<(Server, Vec<IpAddr>)>> {
+    async fn running(&self, name: &str) -> Result<Option<(Server, Reach)>> {
         let info = match self.client.inspect_container(name, None).await {
             Ok(info) => info,
             Err(e) if status_of(&e) == Some(404) => return Ok(None),
@@ -318,7 +324,7 @@ impl Docker {
         match port_of(&info) {
             Some(port) => Ok(Some((
                 Server::loopback(port, derived_password(name)?, name.to_owned()),
-                addresses_of(&info),
+                Reach::of(&info),
             ))),
             // Created but not started yet by the process that creates it: the caller
             // waits (its create fails with a conflict) until the deadline.
@@ -335,7 +341,7 @@ impl Docker {
     }
 
     /// The published port of the started container `name`, and its own addresses.
-    async fn port(&self, name: &str) -> Result<Option<(u16, Vec<IpAddr>)>> {
+    async fn port(&self, name: &str) -> Result<Option<(u16, Reach)>> {
         let info = self
             .client
             .inspect_container(name, None)
@@ -343,7 +349,7 @@ impl Docker {
             .map_err(|e| Error::Docker {
                 message: format!("cannot inspect container {name}: {e}"),
             })?;
-        Ok(port_of(&info).map(|port| (port, addresses_of(&info))))
+        Ok(port_of(&info).map(|port| (port, Reach::of(&info))))
     }
 
     async fn still_running(&self, name: &str) -> Result<()> {
@@ -423,10 +429,15 @@ impl Docker {
             spawn_initializer(&self.image, &self.initialized, config);
             self.image.clone()
         };
+        let socket_dir = new_socket_dir(name, config);
         // The official image's entry point runs any command that is not `postgres`
         // as is; the watchdog starts the entry point with `postgres` in the background.
+        // It counts the connections on the second socket too, by their backends'
+        // titles (`[local]`): the server's end of a connection from the host is in the
+        // host's network namespace, out of the container's `/proc/net/unix`.
+        let local = if socket_dir.is_some() { "1" } else { "" };
         let mut script = format!(
-            "initialized={DATA_DIR}\n{COPY_DATA}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport=5432\nsocket=\nmarker={SEEN_MARKER}\n"
+            "initialized={DATA_DIR}\n{COPY_DATA}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport={CONTAINER_PORT}\nsocket=\nlocal={local}\nmarker={SEEN_MARKER}\n"
         );
         script.push_str(IDLE_LOOP);
         let mut cmd = vec![
@@ -435,6 +446,13 @@ impl Docker {
             script,
             "pgfixture-watchdog".to_owned(),
         ];
+        if socket_dir.is_some() {
+            // Before the user's settings, which win.
+            cmd.push("-c".to_owned());
+            cmd.push(format!(
+                "unix_socket_directories=/var/run/postgresql,{SOCKET_MOUNT}"
+            ));
+        }
         cmd.extend(server_args(config));
         let labels = HashMap::from([
             (LABEL.to_owned(), "1".to_owned()),
@@ -460,6 +478,9 @@ impl Docker {
                     MEMORY_DIR.to_owned(),
                     "mode=1777".to_owned(),
                 )])),
+                binds: socket_dir
+                    .as_ref()
+                    .map(|dir| vec![format!("{}:{SOCKET_MOUNT}", dir.display())]),
                 port_bindings: Some(HashMap::from([(
                     PORT.to_owned(),
                     Some(vec![PortBinding {
@@ -472,7 +493,7 @@ impl Docker {
             ..ContainerCreateBody::default()
         };
         let options = CreateContainerOptionsBuilder::new().name(name).build();
-        match self
+        let created = match self
             .client
             .create_container(Some(options.clone()), body(&image))
             .await
@@ -483,11 +504,16 @@ impl Docker {
                 tracing::debug!(image, "initialised image gone; using the base image");
                 self.client
                     .create_container(Some(options), body(&self.image))
-                    .await?;
+                    .await
             }
-            created => {
-                created?;
+            created => created,
+        };
+        if let Err(e) = created {
+            // Another process's container, or none: the directory is nobody's.
+            if let Some(dir) = &socket_dir {
+                let _ = std::fs::remove_dir_all(dir);
             }
+            return Err(e);
         }
         // With settings of the user's, the server's own words are kept for the error
         // if it refuses one: the container is gone (auto-removed) once it exits.
@@ -499,6 +525,9 @@ impl Docker {
         if let Err(e) = self.client.start_container(name, None).await {
             let options = RemoveContainerOptionsBuilder::new().force(true).build();
             let _ = self.client.remove_container(name, Some(options)).await;
+            if let Some(dir) = &socket_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
             return Err(e);
         }
         Ok((password, output))
@@ -703,11 +732,15 @@ fn remember(name: &str, server: &Server) {
         return;
     }
     let staging = dir.join(format!(".{name}.{}", std::process::id()));
-    // The address to use, and the published port on 127.0.0.1 on a second line.
-    let endpoint = match server.published_port {
+    // The address to use, and the published port on 127.0.0.1 on a second line; the
+    // directory of its socket, when pgfixture's connections use one, on a third.
+    let mut endpoint = match server.published_port {
         Some(published) => format!("{}:{}\n127.0.0.1:{published}\n", server.host, server.port),
         None => format!("{}:{}\n", server.host, server.port),
     };
+    if let Some(dir) = &server.socket_dir {
+        endpoint.push_str(&format!("{SOCKET_LINE}{dir}\n"));
+    }
     if std::fs::write(&staging, endpoint).is_ok() {
         let _ = std::fs::rename(&staging, dir.join(name));
     }
@@ -743,6 +776,24 @@ fn forget_gone(names: &std::collections::HashSet<String>) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+    // Socket directories are named `<container>.<unique>`.
+    for entry in std::fs::read_dir(socket_dirs())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = entry.file_name().to_string_lossy().into_owned();
+        let Some((name, _)) = dir.rsplit_once('.') else {
+            continue;
+        };
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() < YOUNG);
+        if !young && !names.contains(name) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// The container `name` as a process of the run recorded it, without asking Docker. A
@@ -757,12 +808,90 @@ pub(crate) fn known(name: &str) -> Result<Option<Server>> {
         return Ok(None);
     };
     let published_port = lines.next().and_then(parse_endpoint).map(|(_, port)| port);
+    let socket_dir = endpoint
+        .lines()
+        .find_map(|line| line.strip_prefix(SOCKET_LINE))
+        .map(str::to_owned);
     let server = Server::loopback(port, derived_password(name)?, name.to_owned());
     Ok(Some(Server {
         host,
         published_port,
+        socket_dir,
         ..server
     }))
+}
+
+/// The prefix of a record's line that names the container's socket directory.
+const SOCKET_LINE: &str = "socket:";
+
+/// The directories of the containers' sockets ([`new_socket_dir`]): the user's alone.
+fn socket_dirs() -> std::path::PathBuf {
+    crate::server::user_dir().join("sockets")
+}
+
+/// A new directory for the socket of the container `name`, about to be created, to be
+/// bind-mounted at [`SOCKET_MOUNT`]: `None` where that cannot work. Only on Linux with
+/// the daemon at its default socket (no `DOCKER_HOST`): Docker Desktop runs its daemon
+/// in a virtual machine whose file sharing may refuse the directory and passes no
+/// sockets, and a remote daemon has none of this host's directories. And only for a
+/// path short enough for a socket address. Each container gets a directory of
+/// its own, so that no file of an earlier one is in the way; those of containers gone
+/// are removed with their records ([`forget_gone`]).
+fn new_socket_dir(name: &str, config: &Config) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if !cfg!(target_os = "linux") || config.docker_host.is_some() {
+        return None;
+    }
+    let parent = socket_dirs();
+    std::fs::create_dir_all(&parent).ok()?;
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).ok()?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let unique = format!(
+        "{:08x}",
+        (stamp as u32) ^ std::process::id().rotate_left(16)
+    );
+    let dir = parent.join(format!("{name}.{unique}"));
+    // A socket's path fits in 107 bytes.
+    if dir
+        .join(format!(".s.PGSQL.{CONTAINER_PORT}"))
+        .as_os_str()
+        .len()
+        > 107
+    {
+        return None;
+    }
+    std::fs::create_dir(&dir).ok()?;
+    // The server runs as the image's user: it makes its socket here.
+    if std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).is_err() {
+        let _ = std::fs::remove_dir(&dir);
+        return None;
+    }
+    Some(dir)
+}
+
+/// How the container is reached: its addresses on its networks, and the directory its
+/// server's second socket is in, when it has one.
+struct Reach {
+    addresses: Vec<IpAddr>,
+    socket_dir: Option<String>,
+}
+
+impl Reach {
+    fn of(info: &bollard::models::ContainerInspectResponse) -> Reach {
+        let socket_dir = info
+            .mounts
+            .iter()
+            .flatten()
+            .find(|m| m.destination.as_deref() == Some(SOCKET_MOUNT))
+            .and_then(|m| m.source.clone());
+        Reach {
+            addresses: addresses_of(info),
+            socket_dir,
+        }
+    }
 }
 
 /// A detached `sh` that removes the container `name` if, after a while, it is still
@@ -828,7 +957,10 @@ fn parse_endpoint(endpoint: &str) -> Option<(String, u16)> {
 /// to every round trip. The container's address answers when the daemon runs on this
 /// host (Linux); on Docker Desktop, a remote `DOCKER_HOST` or a network that is not
 /// routed here, the published port is kept.
-async fn direct(name: &str, server: Server, addresses: &[IpAddr], config: &Config) -> Server {
+///
+/// Reached directly, its server's second socket, when it has one that answers from
+/// here, is what pgfixture's own connections use ([`Server::own_pg_config`]).
+async fn direct(name: &str, server: Server, reach: &Reach, config: &Config) -> Server {
     let local_daemon = config
         .docker_host
         .as_deref()
@@ -836,15 +968,24 @@ async fn direct(name: &str, server: Server, addresses: &[IpAddr], config: &Confi
     if !local_daemon {
         return server;
     }
-    for &address in addresses {
+    for &address in &reach.addresses {
         let probe = tokio::net::TcpStream::connect((address, CONTAINER_PORT));
         if let Ok(Ok(_)) = tokio::time::timeout(DIRECT_PROBE, probe).await {
             tracing::debug!(container = name, %address, "connecting to the container directly");
-            return Server {
+            let server = Server {
                 host: address.to_string(),
                 port: CONTAINER_PORT,
                 published_port: Some(server.port),
                 ..server
+            };
+            let Some(dir) = &reach.socket_dir else {
+                return server;
+            };
+            let socket = std::path::Path::new(dir).join(format!(".s.PGSQL.{CONTAINER_PORT}"));
+            let probe = tokio::net::UnixStream::connect(socket);
+            return match tokio::time::timeout(DIRECT_PROBE, probe).await {
+                Ok(Ok(_)) => server.with_socket_dir(std::path::Path::new(dir)),
+                _ => server,
             };
         }
     }
