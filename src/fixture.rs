@@ -541,8 +541,9 @@ pub struct Stats {
     /// Worker pools released after a test that changed only rows of tables, which
     /// were put back in place from the rows the template held (no rebuild).
     pub pools_restored: u64,
-    /// Resets done by putting a spare clone, made in the background, in the worker's
-    /// place (database and container modes).
+    /// Resets done by putting a spare clone in the worker's place (database and
+    /// container modes): one made in the background, or, when none was ready, one the
+    /// reset waited for or made itself.
     pub spares_used: u64,
     /// Test handles given out, per worker.
     pub served: BTreeMap<WorkerId, u64>,

@@ -815,10 +815,14 @@ async fn record_schema(client: &Client, schema: &str, building: &str) -> Result<
 
 /// Replaces the worker database `name` with a fresh clone of `template`: always when
 /// `force`, else only if it is still marked dirty once the lock is held (another
-/// process may have reset it first). With `spares`, a spare clone made beforehand
-/// ([`refill_spare`]) takes the worker's place by two renames, a few milliseconds,
-/// and the old database is dropped later; without one, the worker is cloned now.
-/// Returns whether a spare was used (so that the caller makes the next one).
+/// process may have reset it first). With `spares`, a spare clone ([`refill_spare`])
+/// takes the worker's place by two renames, a few milliseconds, and the old database
+/// is dropped later. The spare is taken under the refill's lock: a refill still at work
+/// (tests that reset back to back) is waited for rather than cloned against, and with
+/// no refill and no spare the spare is made here, while the worker's terminated
+/// connections exit (a drop of a database whose backends have not exited yet sleeps
+/// 100 ms). Without `spares`, the worker is dropped and cloned. Returns whether the
+/// worker now holds a spare (so that the caller makes the next one).
 pub(crate) async fn reset_database(
     server: &Server,
     admin: &Client,
@@ -831,15 +835,14 @@ pub(crate) async fn reset_database(
     with_lock(admin, name, async || {
         let spare = format!("{name}_spare");
         let old = format!("{name}_old");
-        let [state, spare_state, old_state] =
-            database_states(admin, [name, spare.as_str(), old.as_str()]).await?;
+        let state = database_state(admin, name).await?;
         if !(force || state == State::Dirty) {
             return Ok(false);
         }
-        if spares && spare_state != State::Missing && old_state == State::Missing {
+        if spares && state != State::Missing {
             // Its connections go first: a database in use cannot be renamed. Their
             // backends take a moment to exit (the rename waits for them), which the
-            // spare's marking overlaps.
+            // spare's making or marking overlaps.
             admin
                 .execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -848,19 +851,35 @@ pub(crate) async fn reset_database(
                 )
                 .await
                 .map_err(Error::pg(format!("closing the connections to {name}")))?;
-            // Marked and given its sequences' state here, not when it was made: the
-            // process that made it may have exited right after creating it.
-            ddl(admin, &mark_sql(Target::Database(&spare), mark, false)).await?;
-            set_sequences(admin, template, &spare).await?;
-            ddl(
-                admin,
-                &format!("ALTER DATABASE {} RENAME TO {}", ident(name), ident(&old)),
-            )
-            .await?;
-            ddl(
-                admin,
-                &format!("ALTER DATABASE {} RENAME TO {}", ident(&spare), ident(name)),
-            )
+            with_lock(admin, &spare, async || {
+                let [spare_state, old_state] =
+                    database_states(admin, [spare.as_str(), old.as_str()]).await?;
+                if old_state != State::Missing {
+                    // Left by a process that exited before its refill: nobody's.
+                    ddl(
+                        admin,
+                        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&old)),
+                    )
+                    .await?;
+                }
+                if spare_state == State::Missing {
+                    create_spare(admin, template, &spare).await?;
+                }
+                // Marked and given its sequences' state here, not when it was made:
+                // the process that made it may have exited right after creating it.
+                ddl(admin, &mark_sql(Target::Database(&spare), mark, false)).await?;
+                set_sequences(admin, template, &spare).await?;
+                ddl(
+                    admin,
+                    &format!("ALTER DATABASE {} RENAME TO {}", ident(name), ident(&old)),
+                )
+                .await?;
+                ddl(
+                    admin,
+                    &format!("ALTER DATABASE {} RENAME TO {}", ident(&spare), ident(name)),
+                )
+                .await
+            })
             .await?;
             tracing::debug!(database = name, "worker database replaced by its spare");
             return Ok(true);
@@ -869,6 +888,30 @@ pub(crate) async fn reset_database(
         clone_database(server, admin, template, name, mark).await?;
         Ok(false)
     })
+    .await
+}
+
+/// Clones `template` into the spare database `spare` (unmarked until it takes the
+/// worker's place), under the caller's lock on it.
+async fn create_spare(admin: &Client, template: &str, spare: &str) -> Result<()> {
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(Error::pg("reading server_version_num"))?
+        .get(0);
+    let strategy = if version >= 150000 {
+        " STRATEGY = FILE_COPY"
+    } else {
+        ""
+    };
+    ddl(
+        admin,
+        &format!(
+            "CREATE DATABASE {} TEMPLATE {}{strategy}",
+            ident(spare),
+            ident(template)
+        ),
+    )
     .await
 }
 
@@ -887,25 +930,7 @@ pub(crate) async fn refill_spare(admin: &Client, template: &str, name: &str) -> 
         )
         .await?;
         if !database_exists(admin, &spare).await? {
-            let version: i32 = admin
-                .query_one("SELECT current_setting('server_version_num')::int", &[])
-                .await
-                .map_err(Error::pg("reading server_version_num"))?
-                .get(0);
-            let strategy = if version >= 150000 {
-                " STRATEGY = FILE_COPY"
-            } else {
-                ""
-            };
-            ddl(
-                admin,
-                &format!(
-                    "CREATE DATABASE {} TEMPLATE {}{strategy}",
-                    ident(&spare),
-                    ident(template)
-                ),
-            )
-            .await?;
+            create_spare(admin, template, &spare).await?;
         }
         Ok(())
     })
