@@ -222,6 +222,13 @@ pub(crate) async fn drop_database(admin: &Client, name: &str) -> Result<()> {
         return Ok(());
     };
     check_mark(&format!("database {name}"), &comment)?;
+    drop_derived(admin, name).await
+}
+
+/// Drops the database `name`, if it exists, without reading its mark: for names derived
+/// from a worker's or a template's under its lock (`_new`, `_old`), which only
+/// pgfixture makes, and for [`drop_database`] once it has read the mark.
+async fn drop_derived(admin: &Client, name: &str) -> Result<()> {
     ddl(
         admin,
         &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(name)),
@@ -283,7 +290,7 @@ pub(crate) async fn template(
             return Ok((name.clone(), false));
         }
         let building = format!("{name}_new");
-        ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await?;
+        drop_derived(admin, &building).await?;
         ddl(admin, &format!("CREATE DATABASE {}", ident(&building))).await?;
         let applied = async {
             let client = server
@@ -306,7 +313,7 @@ pub(crate) async fn template(
         let sequences = match applied {
             Ok(sequences) => sequences,
             Err(e) => {
-                let _ = ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await;
+                let _ = drop_derived(admin, &building).await;
                 return Err(e);
             }
         };
@@ -391,25 +398,13 @@ pub(crate) async fn clone_database(
         if database_exists(admin, name).await? {
             return Ok(false);
         }
-        let version: i32 = admin
-            .query_one("SELECT current_setting('server_version_num')::int", &[])
-            .await
-            .map_err(Error::pg("reading server_version_num"))?
-            .get(0);
-        // FILE_COPY (PostgreSQL 15+) copies files instead of WAL-logging every block,
-        // which is faster for small templates when fsync is off.
-        let strategy = if version >= 150000 { " STRATEGY = FILE_COPY" } else { "" };
         // Cloned and marked under a temporary name, then renamed: a process killed in
         // between never leaves an unmarked database under the worker's name. The
         // temporary name is derived from the worker's under its lock, so a leftover
         // one is pgfixture's and is dropped without a mark.
         let building = format!("{name}_new");
-        ddl(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building))).await?;
-        ddl(
-            admin,
-            &format!("CREATE DATABASE {} TEMPLATE {}{strategy}", ident(&building), ident(template)),
-        )
-        .await?;
+        drop_derived(admin, &building).await?;
+        create_clone(admin, template, &building).await?;
         ddl(admin, &mark_sql(Target::Database(&building), mark, false)).await?;
         set_sequences(admin, template, &building).await?;
         ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(name))).await?;
@@ -856,14 +851,10 @@ pub(crate) async fn reset_database(
                     database_states(admin, [spare.as_str(), old.as_str()]).await?;
                 if old_state != State::Missing {
                     // Left by a process that exited before its refill: nobody's.
-                    ddl(
-                        admin,
-                        &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&old)),
-                    )
-                    .await?;
+                    drop_derived(admin, &old).await?;
                 }
                 if spare_state == State::Missing {
-                    create_spare(admin, template, &spare).await?;
+                    create_clone(admin, template, &spare).await?;
                 }
                 // Marked and given its sequences' state here, not when it was made:
                 // the process that made it may have exited right after creating it.
@@ -891,9 +882,11 @@ pub(crate) async fn reset_database(
     .await
 }
 
-/// Clones `template` into the spare database `spare` (unmarked until it takes the
-/// worker's place), under the caller's lock on it.
-async fn create_spare(admin: &Client, template: &str, spare: &str) -> Result<()> {
+/// Creates the database `name` as a clone of `template` (unmarked: the caller marks it
+/// when it takes a worker's place), under the caller's lock. FILE_COPY (PostgreSQL 15+)
+/// copies files instead of WAL-logging every block, which is faster for small
+/// templates when fsync is off.
+async fn create_clone(admin: &Client, template: &str, name: &str) -> Result<()> {
     let version: i32 = admin
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -908,7 +901,7 @@ async fn create_spare(admin: &Client, template: &str, spare: &str) -> Result<()>
         admin,
         &format!(
             "CREATE DATABASE {} TEMPLATE {}{strategy}",
-            ident(spare),
+            ident(name),
             ident(template)
         ),
     )
@@ -924,13 +917,9 @@ pub(crate) async fn refill_spare(admin: &Client, template: &str, name: &str) -> 
     let spare = format!("{name}_spare");
     let old = format!("{name}_old");
     with_lock(admin, &spare, async || {
-        ddl(
-            admin,
-            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&old)),
-        )
-        .await?;
+        drop_derived(admin, &old).await?;
         if !database_exists(admin, &spare).await? {
-            create_spare(admin, template, &spare).await?;
+            create_clone(admin, template, &spare).await?;
         }
         Ok(())
     })
