@@ -11,9 +11,11 @@
 //!
 //! - Nothing changed: the worker goes on as it is.
 //! - Only rows of ordinary tables changed (the usual test that commits): those tables
-//!   are emptied and refilled from the rows the template held, recorded when it was
-//!   built ([`record`]), and the sequences set back, in one transaction with the
-//!   worker's clean mark, a millisecond or two ([`restore_sql`]).
+//!   are put back, and the sequences set back, in one transaction with the worker's
+//!   clean mark, a millisecond or two ([`restore_sql`]). A table that only had rows
+//!   inserted loses the rows of transactions begun after the first reading; any other
+//!   is emptied and refilled from the rows the template held, recorded when it was
+//!   built ([`record`]).
 //! - Anything else (DDL, a catalog, a table too large to record, a trigger that fires
 //!   in replica mode, no recorded rows): the worker is rebuilt as before.
 //!
@@ -36,6 +38,10 @@ pub(crate) struct Reading {
     summary: String,
     /// Row counters (`inserted.updated.deleted`) of the relations with any, by oid.
     counters: BTreeMap<u32, String>,
+    /// The server's first transaction id not yet started at the reading (its low 32
+    /// bits, as row headers' `xmin` holds them): every row a transaction begun later
+    /// inserts carries one at or after it ([`Change::Rows`]).
+    horizon: Option<u32>,
 }
 
 /// PostgreSQL's first oid of objects made after `initdb`: every lower one is the
@@ -47,14 +53,21 @@ const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
 pub(crate) enum Change {
     None,
     /// Only the rows of these relations (their oids; they may be TOAST tables).
-    Rows(Vec<u32>),
+    Rows {
+        oids: Vec<u32>,
+        /// Those of `oids` whose rows were only inserted (none updated or deleted),
+        /// when the first reading knew its horizon: the rows to remove are those whose
+        /// `xmin` is at or after it ([`restore_sql`]).
+        inserted_only: Vec<u32>,
+        horizon: Option<u32>,
+    },
     Other,
 }
 
 impl Reading {
-    /// A reading from its two columns: the summary, and `oid:counters` pairs separated
-    /// by commas.
-    fn parse(summary: String, counters: &str) -> Option<Reading> {
+    /// A reading from its columns: the summary, `oid:counters` pairs separated by
+    /// commas, and the horizon (a transaction id with its epoch).
+    fn parse(summary: String, counters: &str, horizon: Option<i64>) -> Option<Reading> {
         let counters = counters
             .split(',')
             .filter(|pair| !pair.is_empty())
@@ -63,7 +76,12 @@ impl Reading {
                 Some((oid.parse().ok()?, count.to_owned()))
             })
             .collect::<Option<_>>()?;
-        Some(Reading { summary, counters })
+        Some(Reading {
+            summary,
+            counters,
+            // The epoch goes: `xmin` has none.
+            horizon: horizon.map(|xid| (xid & 0xFFFF_FFFF) as u32),
+        })
     }
 
     /// What changed from `self` (before) to `after`.
@@ -95,7 +113,22 @@ impl Reading {
             return Change::Other;
         }
         rows.sort_unstable();
-        Change::Rows(rows)
+        let inserted_only = rows
+            .iter()
+            .filter(|oid| {
+                let before = self.counters.get(oid).map_or("0.0.0", String::as_str);
+                let after = after.counters.get(oid).map_or("0.0.0", String::as_str);
+                // `inserted.updated.deleted`: the same but for the first.
+                before.split_once('.').map(|(_, rest)| rest)
+                    == after.split_once('.').map(|(_, rest)| rest)
+            })
+            .copied()
+            .collect();
+        Change::Rows {
+            oids: rows,
+            inserted_only,
+            horizon: self.horizon,
+        }
     }
 }
 
@@ -189,6 +222,11 @@ pub(crate) async fn fingerprint(
         .await
 }
 
+/// A reading's third column: the first transaction id not yet started
+/// ([`Reading::horizon`]); `txid_*` rather than PostgreSQL 13's `pg_*` functions, so
+/// that the statement prepares on every server.
+const HORIZON: &str = "txid_snapshot_xmax(txid_current_snapshot())";
+
 /// The statement of a reading, prepared on a connection: reading then takes one
 /// message, which goes out as soon as [`Reader::read`] is first polled, so that it can
 /// follow other statements on the same connection in one round trip.
@@ -226,6 +264,7 @@ impl Reader {
             }
         }
         .replace("$1", &format!("'{}'", name.replace('\'', "''")));
+        let sql = format!("SELECT r.*, {HORIZON} FROM ({sql}) r");
         let statement = client
             .prepare_cached(&sql)
             .await
@@ -245,7 +284,8 @@ impl Reader {
         Ok(row.and_then(|row| {
             let summary: Option<String> = row.get(0);
             let counters: Option<String> = row.get(1);
-            Reading::parse(summary?, counters.as_deref().unwrap_or(""))
+            let horizon: Option<i64> = row.get(2);
+            Reading::parse(summary?, counters.as_deref().unwrap_or(""), horizon)
         }))
     }
 }
@@ -389,6 +429,11 @@ pub(crate) struct Table {
     name: String,
     /// The columns an `INSERT` may set (not generated), quoted.
     columns: Vec<String>,
+    /// The changed relations that stand for it: itself, its TOAST table.
+    changed: Vec<u32>,
+    /// Whether a trigger (a foreign key's too) or a rule would fire as it is put back,
+    /// unless in replica mode.
+    triggered: bool,
 }
 
 /// The tables whose changed rows [`restore`] can put back, from the changed relations
@@ -409,7 +454,10 @@ pub(crate) async fn describe(
                        FROM pg_attribute a WHERE a.attrelid = t.oid AND a.attnum > 0 \
                         AND NOT a.attisdropped AND a.attgenerated = ''), \
                     EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.oid AND g.tgenabled IN ('R', 'A')) \
-                    OR EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = t.oid AND r.ev_enabled IN ('R', 'A')) \
+                    OR EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = t.oid AND r.ev_enabled IN ('R', 'A')), \
+                    ch.oid, \
+                    EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = t.oid AND g.tgenabled <> 'D') \
+                    OR EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.ev_class = t.oid AND r.ev_enabled <> 'D') \
              FROM unnest($1::oid[]) ch(oid) \
              LEFT JOIN pg_class c ON c.oid = ch.oid \
              LEFT JOIN pg_class t ON t.oid = CASE WHEN c.relkind = 't' \
@@ -441,29 +489,55 @@ pub(crate) async fn describe(
         if schema.is_some() {
             schema_oid = Some(namespace_oid);
         }
-        if tables.iter().all(|t| t.oid != oid) {
-            tables.push(Table {
+        let changed: u32 = row.get(7);
+        match tables.iter_mut().find(|t| t.oid == oid) {
+            Some(table) => table.changed.push(changed),
+            None => tables.push(Table {
                 oid,
                 name,
                 columns: row.get::<_, Option<Vec<String>>>(5).unwrap_or_default(),
-            });
+                changed: vec![changed],
+                triggered: row.get(8),
+            }),
         }
     }
     Ok(Some((tables, schema_oid)))
 }
 
-/// The SQL that empties `tables` and refills them from their recorded rows (`rows`),
-/// with triggers, rules and foreign keys off (`session_replication_role = replica`),
-/// then runs `then` (the sequences' and the mark's statements), all in one
-/// transaction; `None` if a table has no usable record.
-pub(crate) fn restore_sql(tables: &[Table], rows: &Recorded, then: &str) -> Option<String> {
-    let mut sql = String::from(
-        "BEGIN; SET LOCAL session_replication_role = replica; \
-         SET LOCAL standard_conforming_strings = on; ",
-    );
+/// The SQL that puts `tables` back as they were, with triggers, rules and foreign keys
+/// off (`session_replication_role = replica`, only where one of the tables has any:
+/// changing it empties the connection's plan cache, so that the next reading would be
+/// planned again), then runs `then` (the sequences' and the mark's statements), all in
+/// one transaction; `None` if a table it must refill has no usable record.
+///
+/// A table whose changed relations are all among `appended`'s oids (rows only
+/// inserted) loses the rows whose `xmin` is at or after its horizon ([`Reading`]'s,
+/// taken before the test): the test's transactions all began later, and every row the
+/// worker held was written before (less than 2^31 transactions before, within which
+/// transaction ids compare). It needs no record, and leaves the worker's own rows in
+/// place. Any other table is emptied and refilled from its recorded rows (`rows`).
+pub(crate) fn restore_sql(
+    tables: &[Table],
+    rows: &Recorded,
+    appended: Option<(&[u32], u32)>,
+    then: &str,
+) -> Option<String> {
+    let mut sql = String::from("BEGIN; SET LOCAL standard_conforming_strings = on; ");
+    if tables.iter().any(|t| t.triggered) {
+        sql.push_str("SET LOCAL session_replication_role = replica; ");
+    }
     for table in tables {
-        let recorded = rows.get(&table.oid)?.as_deref()?;
         let name = &table.name;
+        if let Some((inserted_only, horizon)) = appended
+            && table.changed.iter().all(|oid| inserted_only.contains(oid))
+        {
+            sql.push_str(&format!(
+                "DELETE FROM ONLY {name} \
+                 WHERE ((xmin::text::bigint - {horizon}) & 4294967295) < 2147483648; "
+            ));
+            continue;
+        }
+        let recorded = rows.get(&table.oid)?.as_deref()?;
         sql.push_str(&format!("DELETE FROM ONLY {name}; "));
         if recorded != "{}" && !table.columns.is_empty() {
             let selected: Vec<String> = table.columns.iter().map(|c| format!("x.{c}")).collect();
@@ -495,7 +569,16 @@ mod tests {
     use super::*;
 
     fn reading(summary: &str, counters: &str) -> Reading {
-        Reading::parse(summary.to_owned(), counters).expect("a valid reading")
+        Reading::parse(summary.to_owned(), counters, Some((7 << 32) + 1000))
+            .expect("a valid reading")
+    }
+
+    fn rows(oids: Vec<u32>, inserted_only: Vec<u32>) -> Change {
+        Change::Rows {
+            oids,
+            inserted_only,
+            horizon: Some(1000),
+        }
     }
 
     #[test]
@@ -509,10 +592,46 @@ mod tests {
     fn changed_and_new_counters_name_their_relations() {
         let before = reading("s", "16384:1.0.0,16390:5.2.1");
         let after = reading("s", "16384:2.0.0,16390:5.2.1,16400:0.0.1");
-        assert_eq!(before.change_to(&after), Change::Rows(vec![16384, 16400]));
+        assert_eq!(
+            before.change_to(&after),
+            rows(vec![16384, 16400], vec![16384])
+        );
         // A catalog's rows (pg_description's, after a COMMENT): rebuilt, not put back.
         let commented = reading("s", "2609:1.0.0,16384:1.0.0,16390:5.2.1");
         assert_eq!(before.change_to(&commented), Change::Other);
+    }
+
+    #[test]
+    fn rows_only_inserted_are_told_apart_from_rows_updated_or_deleted() {
+        let before = reading("s", "16384:1.0.0,16390:5.2.1");
+        let after = reading(
+            "s",
+            "16384:3.0.0,16390:6.3.1,16400:2.0.0,16410:0.0.1,16420:1.1.0",
+        );
+        assert_eq!(
+            before.change_to(&after),
+            rows(vec![16384, 16390, 16400, 16410, 16420], vec![16384, 16400])
+        );
+        // Counters of more digits compare as numbers written out, not by prefix.
+        let before = reading("s", "16384:9.10.0");
+        let after = reading("s", "16384:10.10.0");
+        assert_eq!(before.change_to(&after), rows(vec![16384], vec![16384]));
+        let after = reading("s", "16384:10.1.0");
+        assert_eq!(before.change_to(&after), rows(vec![16384], vec![]));
+    }
+
+    #[test]
+    fn a_reading_without_a_horizon_removes_no_rows_by_it() {
+        let before = Reading::parse("s".into(), "", None).unwrap();
+        let after = reading("s", "16384:1.0.0");
+        assert_eq!(
+            before.change_to(&after),
+            Change::Rows {
+                oids: vec![16384],
+                inserted_only: vec![16384],
+                horizon: None
+            }
+        );
     }
 
     #[test]
@@ -527,31 +646,71 @@ mod tests {
 
     #[test]
     fn malformed_counters_give_no_reading() {
-        assert!(Reading::parse("s".into(), "16384").is_none());
-        assert!(Reading::parse("s".into(), "x:1.0.0").is_none());
+        assert!(Reading::parse("s".into(), "16384", None).is_none());
+        assert!(Reading::parse("s".into(), "x:1.0.0", None).is_none());
     }
 
-    #[test]
-    fn the_restore_needs_a_record_of_every_table() {
-        let t = |oid| Table {
+    fn table(oid: u32, changed: &[u32]) -> Table {
+        Table {
             oid,
             name: format!("public.t{oid}"),
             columns: vec!["id".into(), "\"Na,me\"".into()],
-        };
+            changed: changed.to_vec(),
+            triggered: oid == 1,
+        }
+    }
+
+    #[test]
+    fn the_restore_needs_a_record_of_every_table_it_refills() {
+        let t = |oid| table(oid, &[oid]);
         let rows = BTreeMap::from([
             (1, Some("{\"(1,it's)\"}".to_owned())),
             (2, Some("{}".to_owned())),
             (3, None),
         ]);
-        let sql = restore_sql(&[t(1), t(2)], &rows, "SELECT 1").unwrap();
-        assert!(sql.starts_with("BEGIN; SET LOCAL session_replication_role = replica;"));
+        let sql = restore_sql(&[t(1), t(2)], &rows, None, "SELECT 1").unwrap();
+        assert!(sql.starts_with(
+            "BEGIN; SET LOCAL standard_conforming_strings = on; \
+             SET LOCAL session_replication_role = replica; "
+        ));
+        // Without triggers, outside replica mode.
+        let sql2 = restore_sql(&[t(2)], &rows, None, "SELECT 1").unwrap();
+        assert_eq!(
+            sql2,
+            "BEGIN; SET LOCAL standard_conforming_strings = on; \
+             DELETE FROM ONLY public.t2; SELECT 1; COMMIT"
+        );
         assert!(sql.contains(
             "DELETE FROM ONLY public.t1; INSERT INTO public.t1 (id, \"Na,me\") OVERRIDING SYSTEM VALUE \
              SELECT x.id, x.\"Na,me\" FROM unnest('{\"(1,it''s)\"}'::text[]::public.t1[]) x;"
         ));
         // An empty table is only emptied.
         assert!(sql.contains("DELETE FROM ONLY public.t2; SELECT 1; COMMIT"));
-        assert!(restore_sql(&[t(3)], &rows, "").is_none());
-        assert!(restore_sql(&[t(4)], &rows, "").is_none());
+        assert!(restore_sql(&[t(3)], &rows, None, "").is_none());
+        assert!(restore_sql(&[t(4)], &rows, None, "").is_none());
+    }
+
+    #[test]
+    fn tables_only_inserted_into_lose_the_rows_after_the_horizon() {
+        let rows = BTreeMap::from([(1, Some("{\"(1,a)\"}".to_owned()))]);
+        // Table 3 (no record) and its TOAST table 4 had rows inserted only; table 1
+        // had rows updated.
+        let tables = [table(1, &[1]), table(3, &[3, 4])];
+        let sql = restore_sql(&tables, &rows, Some((&[3, 4], 4_000_000_000)), "SELECT 1").unwrap();
+        assert!(sql.contains("DELETE FROM ONLY public.t1; INSERT INTO public.t1"));
+        assert!(sql.contains(
+            "DELETE FROM ONLY public.t3 \
+             WHERE ((xmin::text::bigint - 4000000000) & 4294967295) < 2147483648; SELECT 1; COMMIT"
+        ));
+        // Its TOAST table updated: the table is refilled, and needs its record.
+        assert!(restore_sql(&tables, &rows, Some((&[3], 1)), "").is_none());
+        // Without a horizon, too.
+        assert!(restore_sql(&tables, &rows, None, "").is_none());
+    }
+
+    #[test]
+    fn the_horizon_keeps_the_low_32_bits_of_the_transaction_id() {
+        let r = Reading::parse("s".into(), "", Some((3 << 32) + 42)).unwrap();
+        assert_eq!(r.horizon, Some(42));
     }
 }

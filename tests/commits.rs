@@ -645,12 +645,9 @@ async fn shapes(db: &TestDb) -> String {
     .get(0)
 }
 
-/// Rows written through a worker pool, to tables of every shape, are put back exactly
-/// as the fixtures left them, without a rebuild and without firing the tables'
-/// triggers; the sequences start again where the fixtures left them. A table whose
-/// trigger would fire in replica mode is rebuilt instead.
-#[tokio::test]
-async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
+/// [`single_worker`] on the fixtures of `tests/fixtures/restore`.
+async fn restore_worker() -> (tokio::sync::MutexGuard<'static, ()>, Fixture) {
+    let serial = SERIAL.lock().await;
     let fixture = Fixture::builder()
         .workers(1)
         .fixtures(concat!(
@@ -658,7 +655,17 @@ async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
             "/tests/fixtures/restore"
         ))
         .build()
-        .unwrap();
+        .expect("fixture");
+    (serial, fixture)
+}
+
+/// Rows written through a worker pool, to tables of every shape, are put back exactly
+/// as the fixtures left them, without a rebuild and without firing the tables'
+/// triggers; the sequences start again where the fixtures left them. A table whose
+/// trigger would fire in replica mode is rebuilt instead.
+#[tokio::test]
+async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
+    let (_serial, fixture) = restore_worker().await;
     let db = fixture.worker_db().await.unwrap();
     let fresh = shapes(&db).await;
     drop(db);
@@ -712,5 +719,110 @@ async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
         shapes(&db).await,
         fresh,
         "a written row reached the next test"
+    );
+}
+
+/// Tables a worker pool's test only inserted into lose just the rows it inserted
+/// (through the pool, through a connection of its own, in several transactions and in
+/// a savepoint): the rows the fixtures left stay where they are, untouched (the same
+/// row versions), and need no record. A table that also had a row updated is
+/// refilled as before.
+#[tokio::test]
+async fn rows_only_inserted_are_removed_and_the_fixtures_rows_stay() {
+    let (_serial, fixture) = restore_worker().await;
+    // The row versions of the fixtures' rows, which a refill would replace.
+    let versions = async |db: &TestDb| -> String {
+        db.query_one(
+            "SELECT concat_ws(' | ', \
+               (SELECT string_agg(t.id || ':' || t.xmin, ',' ORDER BY t.id) FROM child t), \
+               (SELECT string_agg(t.amount || ':' || t.xmin, ',' ORDER BY t::text) FROM \"Odd \"\"Name\"\", too\" t), \
+               (SELECT string_agg(t.at || ':' || t.xmin, ',' ORDER BY t.at) FROM measures t), \
+               (SELECT string_agg(t.id || ':' || t.xmin, ',' ORDER BY t.id) FROM parent t))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    let db = fixture.worker_db().await.unwrap();
+    let (fresh, kept) = (shapes(&db).await, versions(&db).await);
+    drop(db);
+
+    let before = fixture.stats();
+    let pool = fixture.worker_pool().await.unwrap();
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "INSERT INTO child (parent_id, body) \
+               VALUES (2, (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 4000) g)); \
+             BEGIN; SAVEPOINT s; \
+             INSERT INTO \"Odd \"\"Name\"\", too\" VALUES ('saved', '{}', NULL, NULL, 2); \
+             RELEASE s; COMMIT; \
+             INSERT INTO measures VALUES ('2026-08-01', 2)",
+        )
+        .await
+        .unwrap();
+    let (own, connection) = pool
+        .pg_config()
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(connection);
+    own.batch_execute("INSERT INTO measures VALUES ('2026-09-01', 3)")
+        .await
+        .unwrap();
+    drop(own);
+    task.await.unwrap().unwrap();
+    pool.release().await.unwrap();
+    let after = fixture.stats();
+    assert_eq!(
+        (
+            after.pools_restored - before.pools_restored,
+            after.workers_reset - before.workers_reset
+        ),
+        (1, 0),
+        "the inserted rows were not removed in place"
+    );
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        shapes(&db).await,
+        fresh,
+        "an inserted row reached the next test"
+    );
+    assert_eq!(
+        versions(&db).await,
+        kept,
+        "the fixtures' rows were rewritten, not left in place"
+    );
+    drop(db);
+
+    // A row updated as well: that table is refilled (new row versions), the others
+    // only lose their inserted rows.
+    assert_eq!(
+        through_pool(
+            &fixture,
+            "INSERT INTO child (parent_id, body) VALUES (1, 'x'); \
+             UPDATE parent SET name = 'A' WHERE id = 1"
+        )
+        .await,
+        (1, 0)
+    );
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        shapes(&db).await,
+        fresh,
+        "a written row reached the next test"
+    );
+    let now = versions(&db).await;
+    let (kept_rest, kept_parent) = kept.rsplit_once(" | ").unwrap();
+    let (now_rest, now_parent) = now.rsplit_once(" | ").unwrap();
+    assert_eq!(
+        now_rest, kept_rest,
+        "tables only inserted into were refilled"
+    );
+    assert_ne!(
+        now_parent, kept_parent,
+        "the updated table was not refilled"
     );
 }
