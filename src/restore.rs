@@ -514,8 +514,8 @@ pub(crate) async fn describe(
 /// inserted) loses the rows whose `xmin` is at or after its horizon ([`Reading`]'s,
 /// taken before the test): the test's transactions all began later, and every row the
 /// worker held was written before (less than 2^31 transactions before, within which
-/// transaction ids compare). It needs no record, and leaves the worker's own rows in
-/// place. Any other table is emptied and refilled from its recorded rows (`rows`).
+/// transaction ids compare, or frozen by a server before PostgreSQL 9.4: `xmin` 2).
+/// It needs no record, and leaves the worker's own rows in place. Any other table is emptied and refilled from its recorded rows (`rows`).
 pub(crate) fn restore_sql(
     tables: &[Table],
     rows: &Recorded,
@@ -532,8 +532,8 @@ pub(crate) fn restore_sql(
             && table.changed.iter().all(|oid| inserted_only.contains(oid))
         {
             sql.push_str(&format!(
-                "DELETE FROM ONLY {name} \
-                 WHERE ((xmin::text::bigint - {horizon}) & 4294967295) < 2147483648; "
+                "DELETE FROM ONLY {name} WHERE xmin::text::bigint >= 3 \
+                 AND ((xmin::text::bigint - {horizon}) & 4294967295) < 2147483648; "
             ));
             continue;
         }
@@ -699,8 +699,8 @@ mod tests {
         let sql = restore_sql(&tables, &rows, Some((&[3, 4], 4_000_000_000)), "SELECT 1").unwrap();
         assert!(sql.contains("DELETE FROM ONLY public.t1; INSERT INTO public.t1"));
         assert!(sql.contains(
-            "DELETE FROM ONLY public.t3 \
-             WHERE ((xmin::text::bigint - 4000000000) & 4294967295) < 2147483648; SELECT 1; COMMIT"
+            "DELETE FROM ONLY public.t3 WHERE xmin::text::bigint >= 3 \
+             AND ((xmin::text::bigint - 4000000000) & 4294967295) < 2147483648; SELECT 1; COMMIT"
         ));
         // Its TOAST table updated: the table is refilled, and needs its record.
         assert!(restore_sql(&tables, &rows, Some((&[3], 1)), "").is_none());
