@@ -218,7 +218,6 @@ impl FixtureBuilder {
             source: OnceCell::new(),
             shared: Mutex::new(Arc::new(OnceCell::new())),
             workers: Mutex::new(HashMap::new()),
-            admins: Mutex::new(HashMap::new()),
             recorded: Mutex::new(HashMap::new()),
             backend: OnceLock::new(),
             trust_servers: std::sync::atomic::AtomicBool::new(true),
@@ -244,8 +243,6 @@ pub(crate) struct Inner {
     /// The shared server of database and schema modes.
     shared: Mutex<Arc<OnceCell<Server>>>,
     workers: Mutex<HashMap<WorkerId, Arc<OnceCell<Arc<Worker>>>>>,
-    /// Maintenance connections, per server.
-    admins: Mutex<HashMap<String, Pool>>,
     /// The rows recorded for in-place restores, per server and key
     /// ([`crate::restore`]), read once.
     recorded: Mutex<HashMap<String, Arc<crate::restore::Recorded>>>,
@@ -959,7 +956,16 @@ impl Inner {
             server.socket_dir.as_deref().unwrap_or_default(),
             dbname.unwrap_or(&server.admin_db)
         );
-        let mut pools = self.admins.lock().unwrap_or_else(|e| e.into_inner());
+        // One set per process, whatever the configurations: each keeps its workers for
+        // the process's life, and pools of their own would hold ADMIN_POOL_SIZE
+        // connections each (a process of dozens of configurations, a bench's, ran the
+        // server out of connections). The first configuration's acquire timeout applies.
+        static POOLS: std::sync::OnceLock<Mutex<HashMap<String, Pool>>> =
+            std::sync::OnceLock::new();
+        let mut pools = POOLS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         pools
             .entry(key)
             .or_insert_with(|| match dbname {
