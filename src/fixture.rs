@@ -1138,8 +1138,8 @@ impl Inner {
     /// that changed, from the rows its template (or schema) held, or where `appended`
     /// says rows were only inserted, by removing those ([`crate::restore::restore_sql`]),
     /// and marks it clean ([`crate::restore`]), on `client`, a connection of its pool.
-    /// Returns `false`
-    /// when they cannot be put back that way (the caller rebuilds the worker).
+    /// Returns `false` when they cannot be put back that way (the caller rebuilds the
+    /// worker).
     async fn restore(
         &self,
         worker: &Worker,
