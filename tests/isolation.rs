@@ -58,21 +58,21 @@ struct Claim(PathBuf);
 
 impl Claim {
     /// The claim file holds the test's name and process; a claim of a process that was
-    /// killed (the soak test kills some) is stale and taken over.
+    /// killed (the soak test kills some) is stale and taken over. It appears whole: it
+    /// is written under a name of the process's own and linked into place, so that a
+    /// process killed while claiming never leaves an empty claim that no one could
+    /// tell from a claim being written.
     fn take(target: &Target, test: &str) -> Claim {
         let key = format!("{}-{}-{}", target.server, target.database, target.schema)
             .replace(|c: char| !c.is_ascii_alphanumeric(), "_");
-        let path = run_dir("claims").join(key);
+        let dir = run_dir("claims");
+        let path = dir.join(&key);
+        let written = dir.join(format!(".{key}.{}", std::process::id()));
+        std::fs::write(&written, format!("{test} {}", std::process::id())).unwrap();
+        let _written = Claim(written.clone());
         for _ in 0..3 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
-            {
-                Ok(_) => {
-                    std::fs::write(&path, format!("{test} {}", std::process::id())).unwrap();
-                    return Claim(path);
-                }
+            match std::fs::hard_link(&written, &path) {
+                Ok(()) => return Claim(path),
                 Err(_) => {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
                     let pid = holder.split_whitespace().nth(1).unwrap_or_default();
