@@ -186,21 +186,22 @@ impl FixtureBuilder {
                 );
             });
         }
-        let migrations = match &config.migrations {
-            Some(dir) => crate::migrations::Migrations::load(dir)?,
-            None => None,
-        };
-        #[cfg(feature = "sqlx")]
-        let migrations = match config.migrator {
-            Some(m) => Some(crate::migrations::Migrations::from_migrator(m.0)),
-            None => migrations,
-        };
-        let fixtures = FixtureSet::load_with(migrations, config.fixtures.as_deref())?;
-        // Schema mode runs extensions and roles once per database, and refuses
-        // database-wide objects up front.
-        let (fixtures, shared) = match config.isolation {
-            Isolation::Schema => fixtures.for_schemas()?,
-            _ => (fixtures, Vec::new()),
+        // The hash from the record of an earlier process when the files are as it
+        // saw them; the files are then read only if something must be built from them.
+        let read_at = std::time::SystemTime::now();
+        let fingerprint = crate::fingerprint::Fingerprint::of(&config);
+        let content = OnceLock::new();
+        let fixtures_hash = match fingerprint.as_ref().and_then(|f| f.lookup()) {
+            Some(hash) => hash,
+            None => {
+                let read = read_fixtures(&config)?;
+                let hash = read.0.hash(64).to_owned();
+                if let Some(fingerprint) = &fingerprint {
+                    fingerprint.store(read_at, &hash);
+                }
+                let _ = content.set(read);
+                hash
+            }
         };
         let instance = {
             let mut key = config.clone();
@@ -212,8 +213,8 @@ impl FixtureBuilder {
             slots: config.worker.is_none().then(|| Slots::new(config.workers)),
             id: registry.len() + 1,
             instance,
-            fixtures,
-            shared_statements: shared,
+            fixtures_hash,
+            content,
             config,
             source: OnceCell::new(),
             shared: Mutex::new(Arc::new(OnceCell::new())),
@@ -228,12 +229,37 @@ impl FixtureBuilder {
     }
 }
 
+/// The fixtures and migrations as read, and in schema mode their statements on
+/// extensions and roles, run once per database before any worker schema.
+type Content = (FixtureSet, Vec<SharedStatement>);
+
+/// Reads and checks the fixtures and migrations of `config`.
+fn read_fixtures(config: &Config) -> Result<Content> {
+    let migrations = match &config.migrations {
+        Some(dir) => crate::migrations::Migrations::load(dir)?,
+        None => None,
+    };
+    #[cfg(feature = "sqlx")]
+    let migrations = match config.migrator {
+        Some(m) => Some(crate::migrations::Migrations::from_migrator(m.0)),
+        None => migrations,
+    };
+    let fixtures = FixtureSet::load_with(migrations, config.fixtures.as_deref())?;
+    // Schema mode runs extensions and roles once per database, and refuses
+    // database-wide objects up front.
+    match config.isolation {
+        Isolation::Schema => fixtures.for_schemas(),
+        _ => Ok((fixtures, Vec::new())),
+    }
+}
+
 pub(crate) struct Inner {
     config: Config,
-    fixtures: FixtureSet,
-    /// Schema mode: the fixtures' statements on extensions and roles, run once per
-    /// database before any worker schema.
-    shared_statements: Vec<SharedStatement>,
+    /// The content hash of the fixtures and migrations (64 hex digits).
+    fixtures_hash: String,
+    /// The fixtures and migrations, read when something must be built from them
+    /// ([`Inner::content`]).
+    content: OnceLock<Content>,
     slots: Option<Arc<Slots>>,
     /// Identifies this fixture among the slots a thread holds.
     id: usize,
@@ -1002,7 +1028,10 @@ impl Inner {
             dbname.to_owned(),
             worker.to_owned(),
         );
-        let (fixtures, mark) = (self.fixtures.clone(), self.worker_mark());
+        let Ok((fixtures, _)) = self.content() else {
+            return;
+        };
+        let (fixtures, mark) = (fixtures.clone(), self.worker_mark());
         runtime::handle().spawn(async move {
             let result = async {
                 let client = admin_connection(&pool, &server).await?;
@@ -1176,7 +1205,7 @@ impl Inner {
         let schema_oid = *schema_oid;
         let key = match schema_oid {
             Some(oid) => crate::restore::schema_key(&worker.target, oid),
-            None => provision::template_name(&self.fixtures),
+            None => provision::template_name(&self.fixtures_hash),
         };
         let server = &worker.server;
         let cache_key = format!("{}:{}:{key}", server.host, server.port);
@@ -1309,7 +1338,7 @@ impl Inner {
     /// The worker's database or schema: the fixtures' and the configuration's (with
     /// the run) hash, so that runs and configurations sharing a server never collide.
     fn worker_name(&self, id: &WorkerId) -> String {
-        let digest = Sha256::digest(format!("{}:{}", self.fixtures.hash(16), self.instance));
+        let digest = Sha256::digest(format!("{}:{}", &self.fixtures_hash[..16], self.instance));
         let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         let name = format!("pgfx_w_{key}_{id}");
         debug_assert!(name.len() + 4 <= provision::MAX_IDENT);
@@ -1318,6 +1347,30 @@ impl Inner {
 
     /// Drops what this process knows of the worker and of the shared server; the next
     /// use finds (or starts) them again.
+    /// The fixtures and migrations, read on first need: a process that found the
+    /// hash recorded ([`crate::fingerprint`]) reads them only to build something.
+    fn content(&self) -> Result<&Content> {
+        if let Some(content) = self.content.get() {
+            return Ok(content);
+        }
+        let read = read_fixtures(&self.config)?;
+        if read.0.hash(64) != self.fixtures_hash {
+            let path = self
+                .config
+                .fixtures
+                .clone()
+                .or_else(|| self.config.migrations.clone())
+                .unwrap_or_default();
+            return Err(Error::FixtureRead {
+                path,
+                reason:
+                    "the fixtures or migrations changed while the tests ran; run the tests again"
+                        .to_owned(),
+            });
+        }
+        Ok(self.content.get_or_init(|| read))
+    }
+
     pub(crate) fn forget(&self, id: &WorkerId) {
         self.workers
             .lock()
@@ -1460,6 +1513,7 @@ impl Inner {
             return Ok(worker);
         }
         let mark = self.worker_mark();
+        let (fixtures, shared_statements) = self.content()?;
         // One maintenance connection for every step; a worker found complete (the
         // common case in a nextest process) costs one query on it.
         let admin = self.admin(&server).await?;
@@ -1487,8 +1541,8 @@ impl Inner {
             shared_server,
             run_id: &self.config.run_id,
             grace: self.config.server_grace(),
-            fixtures: &self.fixtures,
-            shared_statements: &self.shared_statements,
+            fixtures,
+            shared_statements,
         };
         let prepared = match self.config.isolation {
             Isolation::Schema => crate::isolation::schema::prepare(&prepare).await?,
@@ -1808,5 +1862,49 @@ impl Inner {
             idle: Mutex::default(),
             warming: Mutex::default(),
         })))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_hash_is_taken_and_the_files_are_read_only_when_needed() {
+        let dir = std::env::temp_dir().join(format!("pgfixture-recorded-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.sql"), "CREATE TABLE a ();").unwrap();
+        // Files are recorded only once they are older than their timestamps' tick.
+        std::thread::sleep(crate::fingerprint::SETTLED + Duration::from_millis(200));
+        // Configurations that differ where the fixtures do not: each is built anew.
+        let build = |seconds: u64| {
+            let config = Config {
+                fixtures: Some(dir.clone()),
+                acquire_timeout: Duration::from_secs(seconds),
+                ..Config::default()
+            };
+            Fixture::builder().config(config).build().unwrap().inner
+        };
+        let first = build(101);
+        assert!(first.content.get().is_some(), "nothing was recorded: read");
+        let second = build(102);
+        assert!(second.content.get().is_none(), "recorded: not read");
+        assert_eq!(second.fixtures_hash, first.fixtures_hash);
+        let (read, _) = second.content().unwrap();
+        assert_eq!(read.hash(64), first.fixtures_hash);
+        assert_eq!(read.files.len(), 1);
+
+        let third = build(103);
+        assert!(third.content.get().is_none());
+        std::fs::write(dir.join("a.sql"), "CREATE TABLE b ();").unwrap();
+        // It must not build from files whose hash is not the one its names carry.
+        let error = third.content().unwrap_err().to_string();
+        assert!(error.contains("changed while the tests ran"), "{error}");
+        // A changed file is another fingerprint: read, another hash.
+        let fourth = build(104);
+        assert!(fourth.content.get().is_some());
+        assert_ne!(fourth.fixtures_hash, first.fixtures_hash);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,6 +7,7 @@ mod backend;
 mod config;
 mod driver;
 mod error;
+mod fingerprint;
 mod fixture;
 mod fixtures;
 mod isolation;

@@ -269,9 +269,9 @@ async fn ddl(client: &Client, sql: &str) -> Result<()> {
     }
 }
 
-/// The name of the template database of `fixtures`.
-pub(crate) fn template_name(fixtures: &FixtureSet) -> String {
-    format!("pgfx_t_{}", fixtures.hash(16))
+/// The name of the template database of the fixtures whose content hash is `hash`.
+pub(crate) fn template_name(hash: &str) -> String {
+    format!("pgfx_t_{}", &hash[..16.min(hash.len())])
 }
 
 /// Builds the template database holding the fixtures, unless it exists. Returns its
@@ -281,7 +281,7 @@ pub(crate) async fn template(
     admin: &Client,
     fixtures: &FixtureSet,
 ) -> Result<(String, bool)> {
-    let name = template_name(fixtures);
+    let name = template_name(fixtures.hash(16));
     if database_exists(admin, &name).await? {
         return Ok((name, false));
     }
