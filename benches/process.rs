@@ -20,8 +20,14 @@
 //! - `sqlx raw`: a process that opens one sqlx `PgConnection` and runs the query;
 //! - `sqlx`: `pgfixture::sqlx::worker_db()`, the query, `release()`.
 //!
+//! Each mode runs with pgfixture's own two fixture files, and database and schema modes
+//! once more with a migrations folder of a real project's size (`+migrations`: 200
+//! sqlx migrations, 80 KB, written once under `target/pgfixture-bench/`): every
+//! process must know their content hash.
+//!
 //! The process re-runs this binary with `PGFIXTURE_BENCH_CHILD` set.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -75,6 +81,48 @@ fn child(mode: &str) {
         }
     });
     println!("inside_us={}", started.elapsed().as_micros());
+}
+
+/// Migration `i`: a table with an index and seed rows, every third a function, every
+/// fifth a foreign key to the one before.
+fn migration(i: usize) -> String {
+    let mut sql = format!(
+        "CREATE TABLE t{i} (id bigserial PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now());\n\
+         CREATE INDEX t{i}_name ON t{i} (name);\n\
+         INSERT INTO t{i} (name, amount) SELECT 'seed ' || g, g FROM generate_series(1, 5) g;\n"
+    );
+    if i.is_multiple_of(3) {
+        sql.push_str(&format!(
+            "CREATE FUNCTION t{i}_total() RETURNS numeric LANGUAGE sql STABLE AS $$ SELECT coalesce(sum(amount), 0) FROM t{i} $$;\n"
+        ));
+    }
+    if i.is_multiple_of(5) {
+        sql.push_str(&format!(
+            "ALTER TABLE t{} ADD COLUMN t{i}_id bigint REFERENCES t{i} (id);\n",
+            i - 1
+        ));
+    }
+    sql
+}
+
+/// The folder of `MIGRATIONS` migrations, written once: a project's migrations are
+/// older than its test run, as pgfixture's record of their hash needs.
+fn migrations_dir() -> PathBuf {
+    const MIGRATIONS: usize = 200;
+    let dir =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pgfixture-bench/process-migrations");
+    let last = dir.join(format!("{MIGRATIONS:04}_step_{MIGRATIONS}.sql"));
+    if !last.exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 1..=MIGRATIONS {
+            let path = dir.join(format!("{i:04}_step_{i}.sql"));
+            std::fs::write(path, migration(i)).unwrap();
+        }
+        // Files written within pgfixture's margin of its reading are read by every
+        // process, as they might have changed unseen in the same clock tick.
+        std::thread::sleep(Duration::from_secs(4));
+    }
+    dir
 }
 
 /// Wall times of child processes of one kind, and the times they measured inside.
@@ -137,7 +185,7 @@ fn main() {
         "per-test cost of a fresh process, warm worker ({n} processes per column, {profile} build)"
     );
     println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9}",
+        "{:<14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9}",
         "mode",
         "empty",
         "raw",
@@ -156,9 +204,17 @@ fn main() {
     // At most 11 characters: used as it is, in this process and its children alike.
     let run_id = format!("bn{:07x}", std::process::id() & 0xfff_ffff);
     let mut backend = String::new();
-    for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
-        let mode = format!("{isolation:?}").to_lowercase();
-        let env = vec![
+    let migrations = migrations_dir();
+    let runs = [
+        (Isolation::Database, None),
+        (Isolation::Schema, None),
+        (Isolation::Container, None),
+        (Isolation::Database, Some(&migrations)),
+        (Isolation::Schema, Some(&migrations)),
+    ];
+    for (isolation, migrations) in runs {
+        let mut mode = format!("{isolation:?}").to_lowercase();
+        let mut env = vec![
             // As nextest announces it to every test process.
             ("NEXTEST_EXECUTION_MODE", "process-per-test".to_owned()),
             ("PGFIXTURE_RUN_ID", run_id.clone()),
@@ -166,6 +222,10 @@ fn main() {
             ("PGFIXTURE_WORKER", "0".to_owned()),
             ("PGFIXTURE_GRACE", "5".to_owned()),
         ];
+        if let Some(dir) = migrations {
+            mode.push_str("+migr");
+            env.push(("PGFIXTURE_MIGRATIONS", dir.display().to_string()));
+        }
         // The first process provisions the worker (and starts servers); not measured.
         Runs::default().run("pgfixture", &env);
         // The raw floor connects to the same kind of server, through another worker's
@@ -176,6 +236,7 @@ fn main() {
         config.grace = Duration::from_secs(5);
         config.worker = None;
         config.workers = 2;
+        config.migrations = migrations.cloned();
         let fixture = pgfixture::Fixture::builder()
             .config(config)
             .build()
@@ -215,7 +276,7 @@ fn main() {
         let (e, r, p) = (empty.median(), raw.median(), pgf.median());
         let (sr, sp) = (sqlx_raw.median(), sqlx.median());
         println!(
-            "{mode:<10} {} {} {} {} {} {:>8.2}x {} {} {:>8.2}x",
+            "{mode:<14} {} {} {} {} {} {:>8.2}x {} {} {:>8.2}x",
             ms(e),
             ms(r),
             ms(p),
