@@ -1907,4 +1907,37 @@ mod tests {
         assert_ne!(fourth.fixtures_hash, first.fixtures_hash);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A process puts a static migrator at an address of its own (the binary is
+    /// loaded at a random address): two migrators of the same migrations stand for two
+    /// processes, which must name the same workers and containers.
+    #[cfg(feature = "sqlx")]
+    #[test]
+    fn a_migrator_names_the_same_workers_in_every_process() {
+        use ::sqlx::migrate::{Migration, MigrationType, Migrator};
+        use ::sqlx::{AssertSqlSafe, SqlSafeStr};
+        let migrator = || -> &'static Migrator {
+            let one = Migration::new(
+                1,
+                "one".into(),
+                MigrationType::Simple,
+                AssertSqlSafe("CREATE TABLE one ();").into_sql_str(),
+                false,
+            );
+            Box::leak(Box::new(Migrator::with_migrations(vec![one])))
+        };
+        let build = |m| {
+            let config = Config {
+                acquire_timeout: Duration::from_secs(105),
+                ..Config::default()
+            };
+            let builder = Fixture::builder().config(config).sqlx_migrator(m);
+            builder.build().unwrap().inner
+        };
+        let (a, b) = (build(migrator()), build(migrator()));
+        assert!(!Arc::ptr_eq(&a, &b), "two migrators are two configurations");
+        let id = WorkerId::parse("3").unwrap();
+        assert_eq!(a.instance, b.instance);
+        assert_eq!(a.worker_name(&id), b.worker_name(&id));
+    }
 }
