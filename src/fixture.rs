@@ -280,6 +280,12 @@ pub(crate) struct Inner {
     stats: Counters,
 }
 
+/// A worker to be provisioned again.
+struct Reset {
+    /// The worker as it was, whose pool may be kept ([`Inner::reset_keeping`]).
+    keep: Option<Arc<Worker>>,
+}
+
 /// What an acquire is waiting for, reported when it times out.
 #[derive(Default)]
 struct Phase(Mutex<String>);
@@ -1072,6 +1078,8 @@ impl Inner {
         before: Option<Reading>,
     ) -> Result<()> {
         let deadline = Instant::now() + self.config.acquire_timeout;
+        // Whether every pooled connection is idle with its session cleared.
+        let mut keep_pool = false;
         if let Some(before) = before {
             let worker = self.worker_primed(id, deadline, None).await?;
             let target = self.target(&worker);
@@ -1122,6 +1130,7 @@ impl Inner {
                 } else {
                     None
                 };
+                keep_pool = after.is_some();
                 if let Some(after) = after {
                     let change = after.map(|after| before.change_to(&after));
                     match change {
@@ -1160,7 +1169,7 @@ impl Inner {
                 }
             }
         }
-        self.reset(id).await
+        self.reset_keeping(id, keep_pool).await
     }
 
     /// Puts back in place the rows of the relations `oids` of `worker`, which are all
@@ -1250,7 +1259,7 @@ impl Inner {
         match client.batch_execute(&sql).await {
             Ok(()) => Ok(true),
             Err(error) => {
-                tracing::debug!(%error, worker = %worker.target, "putting rows back in place failed; rebuilding the worker");
+                tracing::debug!(?error, worker = %worker.target, "putting rows back in place failed; rebuilding the worker");
                 let _ = client.batch_execute("ROLLBACK").await;
                 Ok(false)
             }
@@ -1270,19 +1279,31 @@ impl Inner {
     }
 
     /// Rebuilds the worker's database or schema from the fixtures and gives it a new
-    /// pool; connections to the old one are closed.
+    /// pool; connections to the old one are closed. (A worker pool's release may keep
+    /// the pool in schema mode: [`Inner::reset_keeping`].)
     pub(crate) async fn reset(&self, id: &WorkerId) -> Result<()> {
+        self.reset_keeping(id, false).await
+    }
+
+    /// [`Inner::reset`]; `keep_pool` when the worker's pooled connections are all idle
+    /// and their sessions cleared, so that in schema mode the pool may serve the
+    /// rebuilt schema.
+    async fn reset_keeping(&self, id: &WorkerId, keep_pool: bool) -> Result<()> {
         // A connection still opening would hold the rename of its database up.
-        if let Some(worker) = self.ready_worker(id) {
+        let previous = self.ready_worker(id);
+        if let Some(worker) = &previous {
             worker.warmed().await;
         }
+        let reset = Reset {
+            keep: previous.filter(|_| keep_pool),
+        };
         let deadline = Instant::now() + self.config.acquire_timeout;
         let cell = Arc::new(OnceCell::new());
         self.workers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), Arc::clone(&cell));
-        cell.get_or_try_init(|| self.provision_boxed(id, deadline, true, None))
+        cell.get_or_try_init(|| self.provision_boxed(id, deadline, Some(reset), None))
             .await
             .map(|_| ())
     }
@@ -1463,7 +1484,7 @@ impl Inner {
                 .entry(id.clone())
                 .or_default(),
         );
-        cell.get_or_try_init(|| self.provision_boxed(id, deadline, false, primer))
+        cell.get_or_try_init(|| self.provision_boxed(id, deadline, None, primer))
             .await
             .cloned()
     }
@@ -1476,7 +1497,7 @@ impl Inner {
         &'a self,
         id: &'a WorkerId,
         deadline: Instant,
-        reset: bool,
+        reset: Option<Reset>,
         primer: Option<Primer>,
     ) -> futures::future::BoxFuture<'a, Result<Arc<Worker>>> {
         Box::pin(self.provision(id, deadline, reset, primer))
@@ -1488,11 +1509,15 @@ impl Inner {
         &self,
         id: &WorkerId,
         deadline: Instant,
-        reset: bool,
+        reset: Option<Reset>,
         primer: Option<Primer>,
     ) -> Result<Arc<Worker>> {
         use provision::State;
         let started = Instant::now();
+        let (reset, keep) = match reset {
+            Some(Reset { keep }) => (true, keep),
+            None => (false, None),
+        };
         let worker_name = self.worker_name(id);
         let server = match self.config.isolation {
             Isolation::Container => {
@@ -1574,14 +1599,36 @@ impl Inner {
             (State::Clean, false) => &self.stats.workers_reused,
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        let size = self.pool_size(&admin).await?;
-        let pool = crate::pool::build(
-            &server,
-            &dbname,
-            search_path.as_deref(),
-            size,
-            self.config.acquire_timeout,
-        );
+        // Schema mode: the pool of the worker just reset, when its connections are
+        // clean and to the same database with the same `search_path` (the schema's
+        // name), serves the new schema as it is: no new connections to wait for.
+        let kept = keep.filter(|old| {
+            self.config.isolation == Isolation::Schema
+                && (old.server.host.as_str(), old.server.port)
+                    == (server.host.as_str(), server.port)
+                && old.dbname == dbname
+                && old.search_path == search_path
+        });
+        let pool = match &kept {
+            Some(old) => {
+                // Statements prepared on the old schema's objects are described by
+                // them (a `SELECT *` after the test's `ALTER TABLE`, a type's oid):
+                // prepared again, as on a new pool.
+                old.pool.manager().statement_caches.clear();
+                old.pool.clone()
+            }
+            None => {
+                let size = self.pool_size(&admin).await?;
+                crate::pool::build(
+                    &server,
+                    &dbname,
+                    search_path.as_deref(),
+                    size,
+                    self.config.acquire_timeout,
+                )
+            }
+        };
+        let size = pool.status().max_size;
         tracing::info!(
             worker = %id,
             mode = self.config.isolation.as_str(),
@@ -1613,7 +1660,7 @@ impl Inner {
             idle: Mutex::default(),
             warming: Mutex::default(),
         });
-        if reset {
+        if reset && kept.is_none() {
             self.warm_up(&worker, shared_server);
         }
         Ok(worker)

@@ -369,9 +369,25 @@ async fn template_sequences(admin: &Client, template: &str) -> Result<String> {
 pub(crate) fn restart_sequences(setting: &str) -> String {
     format!(
         "DO $pgfixture$ DECLARE s text; BEGIN \
-         FOREACH s IN ARRAY string_to_array(coalesce(current_setting('{setting}', true), ''), ',') LOOP \
+         FOREACH s IN ARRAY string_to_array({}, ',') LOOP \
          EXECUTE format('ALTER SEQUENCE %s RESTART WITH %s', split_part(s, ':', 1)::oid::regclass, split_part(s, ':', 2)); \
-         END LOOP; END $pgfixture$"
+         END LOOP; END $pgfixture$",
+        database_setting_sql(setting)
+    )
+}
+
+/// The value of the database-level setting `setting` as the catalog holds it now, as
+/// an SQL expression, `''` when it is unset. `current_setting` would give the value
+/// the session read when it started: schema mode keeps a worker's connections across
+/// its rebuilds, which write new values.
+pub(crate) fn database_setting_sql(setting: &str) -> String {
+    let prefix = format!("{setting}=").replace('\'', "''");
+    format!(
+        "coalesce((SELECT substr(c, {}) FROM pg_db_role_setting r, unnest(r.setconfig) c \
+         WHERE r.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND r.setrole = 0 AND left(c, {}) = '{prefix}'), '')",
+        prefix.len() + 1,
+        prefix.len()
     )
 }
 

@@ -560,7 +560,8 @@ pub(crate) fn restore_sql(
 pub(crate) fn set_sequences_sql(setting: &str) -> String {
     format!(
         "SELECT setval(split_part(s, ':', 1)::oid::regclass, split_part(s, ':', 2)::bigint, false) \
-         FROM unnest(string_to_array(coalesce(current_setting('{setting}', true), ''), ',')) s"
+         FROM unnest(string_to_array({}, ',')) s",
+        provision::database_setting_sql(setting)
     )
 }
 

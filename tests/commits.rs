@@ -613,6 +613,81 @@ async fn resets_after_commits_use_a_spare_and_leak_nothing() {
     assert_eq!(pristine(&db).await, fresh, "the restore left a row");
 }
 
+/// A rebuild after DDL through a worker pool leaves nothing of the old schema to the
+/// next test, also on the pool's connections: in schema mode the rebuilt worker keeps
+/// the pool (its connections reach the new schema by its name), whose statements
+/// prepared on the old tables are prepared again; in the other modes the pool is new.
+#[tokio::test]
+async fn the_pool_after_a_rebuild_sees_only_the_new_schema() {
+    let _serial = SERIAL.lock().await;
+    // Tests restart the sequences, from the worker's setting, which a rebuild writes anew.
+    let fixture = Fixture::builder()
+        .workers(1)
+        .reset_sequences(true)
+        .build()
+        .unwrap();
+    let insert = "INSERT INTO notes (owner, body) VALUES ('ids', 'x') RETURNING id";
+    let db = fixture.worker_db().await.unwrap();
+    let first_id: i64 = db.query_one(insert, &[]).await.unwrap().get(0);
+    drop(db);
+    let schema_mode = fixture.config().isolation == pgfixture::Isolation::Schema;
+    let columns = "SELECT string_agg(column_name, ',' ORDER BY ordinal_position) \
+                   FROM information_schema.columns \
+                   WHERE table_name = 'notes' AND table_schema = current_schema()";
+    let pool = fixture.worker_pool().await.unwrap();
+    let conn = pool.get().await.unwrap();
+    conn.batch_execute("ALTER TABLE notes ADD COLUMN extra int; INSERT INTO notes (owner, body, extra) VALUES ('rebuilt', 'x', 1)")
+        .await
+        .unwrap();
+    // Cached by the pool's connection with the altered table's four columns.
+    let all = conn.prepare_cached("SELECT * FROM notes").await.unwrap();
+    assert_eq!(all.columns().len(), 4);
+    let before: String = conn.query_one(columns, &[]).await.unwrap().get(0);
+    assert_eq!(before, "id,owner,body,extra");
+    // Every connection the next test can get started before this.
+    let released: String = conn
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    drop((all, conn));
+    pool.release().await.unwrap();
+
+    let pool = fixture.worker_pool().await.unwrap();
+    let conn = pool.get().await.unwrap();
+    let after: String = conn.query_one(columns, &[]).await.unwrap().get(0);
+    assert_eq!(
+        after, "id,owner,body",
+        "the old schema reached the next test"
+    );
+    let all = conn.prepare_cached("SELECT * FROM notes").await.unwrap();
+    assert_eq!(all.columns().len(), 3);
+    let rebuilt: i64 = conn
+        .query_one("SELECT count(*) FROM notes WHERE owner = 'rebuilt'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rebuilt, 0);
+    conn.query(&all, &[]).await.unwrap();
+    let kept: bool = conn
+        .query_one(
+            "SELECT backend_start < $1::text::timestamptz FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            &[&released],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if fixture.config().url.is_none() {
+        // Schema mode keeps its warm connections; a new database needs new ones.
+        assert_eq!(kept, schema_mode);
+    }
+    drop((all, conn));
+    pool.release().await.unwrap();
+    let db = fixture.worker_db().await.unwrap();
+    let id: i64 = db.query_one(insert, &[]).await.unwrap().get(0);
+    assert_eq!(id, first_id, "the sequences did not start again");
+}
+
 /// Runs `sql` through a worker pool of `fixture` and releases it: the restores and
 /// the rebuilds its release made.
 async fn through_pool(fixture: &Fixture, sql: &str) -> (u64, u64) {
