@@ -340,12 +340,16 @@ const SEQUENCES: &str = " sequences=";
 pub(crate) async fn sequences(client: &Client, schema: &str) -> Result<String> {
     let row = client
         .query_one(
-            "SELECT coalesce(string_agg(c.oid || ':' || CASE WHEN s.last_value IS NULL \
-                 THEN p.seqstart ELSE s.last_value + p.seqincrement END, ',' ORDER BY c.oid), '') \
+            // What the `pg_sequences` view gives, without planning the view: 1.25 ms
+            // of planning a call, 0.17 ms so.
+            "SELECT coalesce(string_agg(c.oid || ':' || coalesce(CASE \
+                 WHEN has_sequence_privilege(c.oid, 'SELECT,USAGE') \
+                 THEN pg_sequence_last_value(c.oid) END + p.seqincrement, p.seqstart), \
+                 ',' ORDER BY c.oid), '') \
              FROM pg_class c JOIN pg_sequence p ON p.seqrelid = c.oid \
              JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_sequences s ON s.schemaname = n.nspname AND s.sequencename = c.relname \
              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
+               AND NOT pg_is_other_temp_schema(n.oid) \
                AND ($1 = '' OR n.nspname = $1)",
             &[&schema],
         )
