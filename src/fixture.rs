@@ -478,40 +478,52 @@ impl Worker {
     }
 }
 
-/// Opens a driver's connection with the settings given, runs the worker's check on it
-/// ([`PrimeCheck`]) and, when the worker is ready, begins the first test's transaction
-/// with the statements the check gives: `None` when the worker is not ready (or its
-/// database is missing), the connection otherwise.
+/// Opens a driver's connection with the settings given and begins the first test's
+/// transaction on it with the check's statement ([`PrimeCheck`]), which fails unless
+/// the worker is ready: `None` when it is not (or its database is missing), the
+/// connection otherwise.
 pub(crate) type Primer =
     fn(
         Arc<Settings>,
         PrimeCheck,
     ) -> futures::future::BoxFuture<'static, Result<Option<Box<dyn std::any::Any + Send>>>>;
 
-/// The check of a worker another process left, for a driver's [`Primer`]: `SHOW`s of
-/// the worker's mark (a setting the server loaded at connection start) and of
-/// `max_connections`. Utility statements that reach no planner and no catalog cost a
-/// new backend about 0.15 ms less than a `SELECT` that compares them. A missing mark is
-/// an error (`42704`, unrecognized configuration parameter): not ready.
+/// The check of a worker another process left, for a driver's [`Primer`]: the first
+/// test's `BEGIN`, then a `SELECT` that fails unless the worker's mark (a setting the
+/// server loaded at connection start) says clean and `max_connections` leaves room for
+/// this process's pools, in one simple query, so that a driver with a transaction
+/// manager of its own begins the test's transaction and checks the worker in one round
+/// trip. A missing mark fails too (`42704`, unrecognized configuration parameter); a
+/// mark that is not clean, or too few connections, fails to cast the mark to a number
+/// (`22P02`): an expression of the row, which the planner cannot fold into an error
+/// before the condition is known, as it would `1 / 0`. Either way the transaction is
+/// left aborted, and the driver drops the connection.
 #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
 pub(crate) struct PrimeCheck {
-    pub(crate) sql: String,
-    /// The first test's `BEGIN`, once the check says ready.
+    /// The first test's `BEGIN` and the check.
     pub(crate) begin: String,
-    /// The `max_connections` the pools of this process's configuration need.
-    needed: usize,
 }
 
 #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
 impl PrimeCheck {
-    /// Whether the values the check's statements returned, in order, say that the
-    /// worker is clean and that the server has room for this process's pools.
-    pub(crate) fn ready(&self, values: &[Option<String>]) -> bool {
-        let (Some(Some(mark)), Some(Some(max))) = (values.first(), values.get(1)) else {
-            return false;
-        };
-        provision::State::of(Some(mark.clone())) == provision::State::Clean
-            && max.parse::<usize>().is_ok_and(|max| max >= self.needed)
+    /// `begin`, then the check of the mark in `setting` and of `max_connections`
+    /// against `needed`: [`provision::State::of`]'s clean, in SQL.
+    fn new(begin: &str, setting: &str, needed: usize) -> PrimeCheck {
+        let quote = |s: &str| s.replace('\'', "''");
+        let (mark, dirty) = (provision::MARK, provision::DIRTY);
+        PrimeCheck {
+            begin: format!(
+                "{begin}; SELECT CASE WHEN left(m, {}) = '{}' AND right(m, {}) <> '{}' \
+                 AND current_setting('max_connections')::int >= {needed} THEN 1 \
+                 ELSE ('pgfixture: worker not ready: ' || m)::int END \
+                 FROM current_setting('{}') m",
+                mark.chars().count(),
+                quote(mark),
+                dirty.chars().count(),
+                quote(dirty),
+                quote(setting)
+            ),
+        }
     }
 }
 
@@ -534,6 +546,7 @@ struct Counters {
     templates_built: AtomicU64,
     workers_provisioned: AtomicU64,
     workers_reused: AtomicU64,
+    workers_attached: AtomicU64,
     workers_reset: AtomicU64,
     commit_leaks: AtomicU64,
     pools_unchanged: AtomicU64,
@@ -559,6 +572,10 @@ pub struct Stats {
     pub workers_provisioned: u64,
     /// Worker databases or schemas this process found already made.
     pub workers_reused: u64,
+    /// Of those, the ones found ready by a check on the test's own first connection,
+    /// without a maintenance connection (a nextest process after the first on its
+    /// worker).
+    pub workers_attached: u64,
     /// Worker databases or schemas this process rebuilt from the fixtures: after a test
     /// committed, after a [`crate::WorkerPool`], or when it found one marked dirty.
     pub workers_reset: u64,
@@ -759,6 +776,7 @@ impl Fixture {
             templates_built: c.templates_built.load(Ordering::Relaxed),
             workers_provisioned: c.workers_provisioned.load(Ordering::Relaxed),
             workers_reused: c.workers_reused.load(Ordering::Relaxed),
+            workers_attached: c.workers_attached.load(Ordering::Relaxed),
             workers_reset: c.workers_reset.load(Ordering::Relaxed),
             commit_leaks: c.commit_leaks.load(Ordering::Relaxed),
             pools_unchanged: c.pools_unchanged.load(Ordering::Relaxed),
@@ -1534,6 +1552,7 @@ impl Inner {
             }
         {
             self.stats.workers_reused.fetch_add(1, Ordering::Relaxed);
+            self.stats.workers_attached.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(worker = %id, target = %worker_name, elapsed = ?started.elapsed(), "worker found ready");
             return Ok(worker);
         }
@@ -1729,9 +1748,7 @@ impl Inner {
     }
 
     /// [`Inner::attach_worker`] for a driver of its own: the check goes on a connection
-    /// `primer` opens ([`PrimeCheck`]; the first test's `BEGIN` follows in a second
-    /// round trip, as a driver with a transaction manager of its own must begin it),
-    /// and fails unless the worker is clean and the server's `max_connections` leaves room for
+    /// `primer` opens, with the first test's `BEGIN` ([`PrimeCheck`]), and fails unless the worker is clean and the server's `max_connections` leaves room for
     /// the pool size asked for (else the worker is provisioned the usual way, which
     /// lowers the pool size to fit). The connection goes to the worker's stash, its
     /// test's transaction open, for the first test.
@@ -1755,11 +1772,7 @@ impl Inner {
             provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
         let settings = Settings::new(server, dbname, search_path.as_deref(), restart);
         let begin = self.begin_sql(target);
-        let check = PrimeCheck {
-            sql: format!("SHOW {setting}; SHOW max_connections"),
-            begin: begin.clone(),
-            needed: self.max_connections_for(wanted),
-        };
+        let check = PrimeCheck::new(&begin, &setting, self.max_connections_for(wanted));
         let Some(conn) = primer(Arc::clone(&settings), check).await? else {
             return Ok(None);
         };

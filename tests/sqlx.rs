@@ -2,6 +2,12 @@
 //! commit leaks, the worker pool, and connections that outlive test runtimes. Runs on
 //! the backend and isolation mode the environment selects.
 
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+
+use common::{child_command, run_child, unique_run};
 use pgfixture::Fixture;
 use pgfixture::sqlx::{Connection, PgConnection, TestDb, WorkerPool};
 
@@ -490,4 +496,92 @@ async fn the_session_of_a_test_db_never_reaches_the_next_test() {
         .execute(&mut *db)
         .await;
     assert!(currval.is_err(), "the last test's currval is still defined");
+}
+
+/// A test process run by the tests below, as nextest runs one
+/// (`NEXTEST_EXECUTION_MODE=process-per-test`), on the worker `PGFIXTURE_WORKER` of
+/// `PGFIXTURE_RUN_ID`: `pool` writes through a worker pool and waits to be killed;
+/// `count` reports the rows such a process left and the resets it made.
+#[test]
+#[ignore = "helper, run as a child process by the tests below"]
+fn child() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        match std::env::var("PGFIXTURE_TEST_CHILD").unwrap().as_str() {
+            "pool" => {
+                let pool = pgfixture::sqlx::worker_pool().await.unwrap();
+                pgfixture::sqlx::query("INSERT INTO notes (owner, body) VALUES ('killed', 'x')")
+                    .execute(&*pool)
+                    .await
+                    .unwrap();
+                println!("CHILD-COMMITTED");
+                tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+            }
+            "count" => {
+                let mut db = pgfixture::sqlx::worker_db().await.unwrap();
+                let n = count(&mut db, "killed").await;
+                db.release().await.unwrap();
+                let stats = Fixture::from_env().unwrap().stats();
+                println!(
+                    "CHILD-COUNT notes={n} reset={} attached={}",
+                    stats.workers_reset, stats.workers_attached
+                );
+            }
+            other => panic!("unknown child mode {other}"),
+        }
+    });
+}
+
+fn child_env<'a>(run: &'a str, mode: &'a str) -> [(&'a str, &'a str); 5] {
+    [
+        ("PGFIXTURE_RUN_ID", run),
+        ("PGFIXTURE_WORKER", "prime"),
+        ("PGFIXTURE_GRACE", "5"),
+        ("NEXTEST_EXECUTION_MODE", "process-per-test"),
+        ("PGFIXTURE_TEST_CHILD", mode),
+    ]
+}
+
+/// The rows of killed processes the `count` child saw, the resets it made, and whether
+/// it found its worker ready on its first connection.
+fn counted(run: &str) -> (u64, u64, u64) {
+    let out = run_child(&child_env(run, "count"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "count child failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        common::reported(&stdout, "notes"),
+        common::reported(&stdout, "reset"),
+        common::reported(&stdout, "attached"),
+    )
+}
+
+/// A process of one test checks its worker with the test's `BEGIN`, in one round trip:
+/// a worker that another process left ready is taken as it is, and one left marked by a
+/// process killed with its worker pool out fails the check and is reset before the
+/// test runs.
+#[test]
+fn a_process_checks_its_worker_with_the_begin_and_resets_a_marked_one() {
+    let run = unique_run("sqlxprime");
+    assert_eq!(counted(&run), (0, 0, 0), "provisioned");
+    assert_eq!(counted(&run), (0, 0, 1), "found ready by the check");
+    let mut child = child_command(&child_env(&run, "pool"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let committed = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .any(|line| line.unwrap().contains("CHILD-COMMITTED"));
+    assert!(committed, "the child did not get to commit");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(counted(&run), (0, 1, 0), "the marked worker is reset");
+    assert_eq!(counted(&run), (0, 0, 1), "and then found ready");
 }

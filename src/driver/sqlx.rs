@@ -309,11 +309,14 @@ const INVALID_CATALOG_NAME: &str = "3D000";
 /// PostgreSQL's code for "unrecognized configuration parameter": the worker's mark is
 /// missing, so it is not ready.
 const UNDEFINED_OBJECT: &str = "42704";
+/// PostgreSQL's code for "invalid input syntax": the worker's check found it not
+/// ready ([`crate::fixture::PrimeCheck`]).
+const NOT_READY: &str = "22P02";
 
-/// The core's primer for sqlx: one connection, the worker's check and the test's
-/// `BEGIN` before the test's first statement, in a nextest process that finds its
-/// worker ready. The test's transaction begins through sqlx's transaction manager, as
-/// [`begin_test`] does.
+/// The core's primer for sqlx: one connection, and the test's `BEGIN` with the
+/// worker's check in one round trip before the test's first statement, in a nextest
+/// process that finds its worker ready. The test's transaction begins through sqlx's
+/// transaction manager, as [`begin_test`] does.
 fn prime(
     settings: Arc<Settings>,
     check: PrimeCheck,
@@ -324,20 +327,15 @@ fn prime(
             Err(e) if code(&e) == Some(INVALID_CATALOG_NAME) => return Ok(None),
             Err(e) => return Err(Error::sqlx("connecting to a worker")(e)),
         };
-        let values: Vec<Option<String>> = match ::sqlx::raw_sql(AssertSqlSafe(check.sql.clone()))
-            .fetch_all(&mut conn)
-            .await
-        {
-            Ok(rows) => rows.iter().map(text).collect(),
-            Err(e) if code(&e) == Some(UNDEFINED_OBJECT) => return Ok(None),
+        match begin_test(&mut conn, &check.begin).await {
+            Ok(()) => {}
+            // Not ready: the check failed, leaving the transaction aborted; the
+            // connection goes.
+            Err(e) if matches!(code(&e), Some(UNDEFINED_OBJECT | NOT_READY)) => {
+                return Ok(None);
+            }
             Err(e) => return Err(Error::sqlx("checking a worker")(e)),
-        };
-        if !check.ready(&values) {
-            return Ok(None);
         }
-        begin_test(&mut conn, &check.begin)
-            .await
-            .map_err(Error::sqlx("starting the test transaction on a worker"))?;
         Ok(Some(Box::new(Primed(conn)) as Box<dyn Any + Send>))
     })
 }
