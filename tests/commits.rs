@@ -2,13 +2,11 @@
 //! test on the worker never sees what they wrote, in this process or the next one.
 //! Runs on the backend and isolation mode the environment selects.
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
 mod common;
 
-use common::{child_command, run_child, unique_run};
+use common::unique_run;
 use pgfixture::tokio_postgres::NoTls;
 use pgfixture::{Fixture, TestDb};
 
@@ -303,16 +301,7 @@ fn child_env<'a>(run: &'a str, mode: &'a str) -> [(&'a str, &'a str); 4] {
 /// Runs the child in `mode` on `run`'s worker; fails the test, with the child's output,
 /// unless it succeeded. Returns its stdout and stderr.
 fn child_ok(run: &str, mode: &str) -> (String, String) {
-    let out = run_child(&child_env(run, mode));
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(
-        out.status.success(),
-        "{mode} child failed: {stdout}\n{stderr}"
-    );
-    (stdout, stderr)
+    common::run_child_ok(&child_env(run, mode))
 }
 
 /// The notes the `count` child saw and the resets it made.
@@ -351,17 +340,7 @@ fn a_commit_does_not_reach_the_next_process_on_the_worker() {
 fn a_process_killed_with_its_worker_pool_out_leaves_a_clean_worker() {
     let run = unique_run("poolkill");
     assert_eq!(counted(&run), (0, 0));
-    let mut child = child_command(&child_env(&run, "pool"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let committed = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .any(|line| line.unwrap().contains("CHILD-COMMITTED"));
-    assert!(committed, "the child did not get to commit");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    common::kill_child_after(&child_env(&run, "pool"), "CHILD-COMMITTED");
     assert_eq!(
         counted(&run),
         (0, 1),

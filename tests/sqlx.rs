@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-
-use common::{child_command, run_child, unique_run};
+use common::unique_run;
 use pgfixture::Fixture;
 use pgfixture::sqlx::{Connection, PgConnection, TestDb, WorkerPool};
 
@@ -548,13 +545,7 @@ fn child_env<'a>(run: &'a str, mode: &'a str) -> [(&'a str, &'a str); 5] {
 /// The rows of killed processes the `count` child saw, the resets it made, and whether
 /// it found its worker ready on its first connection.
 fn counted(run: &str) -> (u64, u64, u64) {
-    let out = run_child(&child_env(run, "count"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "count child failed: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, _) = common::run_child_ok(&child_env(run, "count"));
     (
         common::reported(&stdout, "notes"),
         common::reported(&stdout, "reset"),
@@ -571,17 +562,7 @@ fn a_process_checks_its_worker_with_the_begin_and_resets_a_marked_one() {
     let run = unique_run("sqlxprime");
     assert_eq!(counted(&run), (0, 0, 0), "provisioned");
     assert_eq!(counted(&run), (0, 0, 1), "found ready by the check");
-    let mut child = child_command(&child_env(&run, "pool"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let committed = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .any(|line| line.unwrap().contains("CHILD-COMMITTED"));
-    assert!(committed, "the child did not get to commit");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    common::kill_child_after(&child_env(&run, "pool"), "CHILD-COMMITTED");
     assert_eq!(counted(&run), (0, 1, 0), "the marked worker is reset");
     assert_eq!(counted(&run), (0, 0, 1), "and then found ready");
 }

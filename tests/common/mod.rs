@@ -68,6 +68,39 @@ pub fn child_command(env: &[(&str, &str)]) -> Command {
     cmd
 }
 
+/// Runs the child helper with `env`; fails the test, with the child's output, unless
+/// it succeeded. Returns its stdout and stderr.
+pub fn run_child_ok(env: &[(&str, &str)]) -> (String, String) {
+    let out = run_child(env);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "child {env:?} failed: {stdout}\n{stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// Runs the child helper with `env` until it prints `marker` (it then holds what it
+/// took, as a test still running would), and kills it. Fails the test if the child
+/// ends without printing it.
+pub fn kill_child_after(env: &[(&str, &str)], marker: &str) {
+    use std::io::{BufRead, BufReader};
+    let mut child = child_command(env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reached = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .any(|line| line.unwrap().contains(marker));
+    assert!(reached, "the child did not get to {marker}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// The number after `key=` in the child's report.
 pub fn reported(stdout: &str, key: &str) -> u64 {
     stdout
