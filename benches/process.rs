@@ -22,10 +22,14 @@
 //!
 //! Each mode runs with pgfixture's own two fixture files, and database and schema modes
 //! once more with a migrations folder of a real project's size (`+migrations`: 200
-//! sqlx migrations, 80 KB, written once under `target/pgfixture-bench/`): every
+//! sqlx migrations, 70 KB, written once under `target/pgfixture-bench/`): every
 //! process must know their content hash.
 //!
 //! The process re-runs this binary with `PGFIXTURE_BENCH_CHILD` set.
+
+#[path = "common/migration.rs"]
+mod migration;
+use migration::migration;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -81,28 +85,6 @@ fn child(mode: &str) {
         }
     });
     println!("inside_us={}", started.elapsed().as_micros());
-}
-
-/// Migration `i`: a table with an index and seed rows, every third a function, every
-/// fifth a foreign key to the one before.
-fn migration(i: usize) -> String {
-    let mut sql = format!(
-        "CREATE TABLE t{i} (id bigserial PRIMARY KEY, name text NOT NULL, amount numeric NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now());\n\
-         CREATE INDEX t{i}_name ON t{i} (name);\n\
-         INSERT INTO t{i} (name, amount) SELECT 'seed ' || g, g FROM generate_series(1, 5) g;\n"
-    );
-    if i.is_multiple_of(3) {
-        sql.push_str(&format!(
-            "CREATE FUNCTION t{i}_total() RETURNS numeric LANGUAGE sql STABLE AS $$ SELECT coalesce(sum(amount), 0) FROM t{i} $$;\n"
-        ));
-    }
-    if i.is_multiple_of(5) {
-        sql.push_str(&format!(
-            "ALTER TABLE t{} ADD COLUMN t{i}_id bigint REFERENCES t{i} (id);\n",
-            i - 1
-        ));
-    }
-    sql
 }
 
 /// The folder of `MIGRATIONS` migrations, written once: a project's migrations are

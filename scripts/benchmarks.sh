@@ -114,7 +114,7 @@ a connection already held (the floor). Includes pgfixture's check that the test 
 "\`benches/process.rs\`, release build: a process per test with its worker already provisioned,
 against a process that exits at once (\`empty\`) and one that opens one connection itself (\`raw\`).
 The kinds of process take turns, so the machine's drift reaches every column alike. \`+migr\` rows
-add a migrations folder of 200 sqlx migrations (80 KB), whose content hash every process needs."
+add a migrations folder of 200 sqlx migrations (70 KB), whose content hash every process needs."
     section "Per-test cost of a fresh process, unoptimised build" process-dev \
 "The same, built as test binaries are (\`--profile dev\`; pgfixture's \`Cargo.toml\` optimises no
 dependency in test builds, so this is what a user's test binary gets)."
