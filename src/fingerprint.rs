@@ -91,7 +91,7 @@ impl Fingerprint {
 
     /// The hash recorded under this fingerprint, if any.
     pub(crate) fn lookup(&self) -> Option<String> {
-        let path = self.record(&cache_dir()?);
+        let path = self.record(&cache_dir(false)?);
         let text = std::fs::read_to_string(path).ok()?;
         let rest = text.strip_prefix(FORMAT)?.strip_prefix('\n')?;
         let rest = rest.strip_prefix(self.dirs.as_str())?;
@@ -107,7 +107,7 @@ impl Fingerprint {
         if !settled(self.newest, read_at) {
             return;
         }
-        let Some(dir) = cache_dir() else { return };
+        let Some(dir) = cache_dir(true) else { return };
         sweep(&dir);
         let path = self.record(&dir);
         let staging = path.with_extension(format!("{}.tmp", std::process::id()));
@@ -170,16 +170,19 @@ fn list(dir: &Path, out: &mut String, newest: &mut SystemTime) -> Option<()> {
     Some(())
 }
 
-/// `$TMPDIR/pgfixture-<uid>/fixtures-cache`, made if missing; `None` unless it is a
-/// directory of this user's that no one else may write to (a record written by
-/// someone else could name another template).
-fn cache_dir() -> Option<PathBuf> {
+/// `$TMPDIR/pgfixture-<uid>/fixtures-cache`, made if missing and `create` (a record
+/// is about to be written; a lookup needs no directory that is not there); `None`
+/// unless it is a directory of this user's that no one else may write to (a record
+/// written by someone else could name another template).
+fn cache_dir(create: bool) -> Option<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = crate::server::user_dir().join("fixtures-cache");
-    let _ = std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir);
+    if create {
+        let _ = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir);
+    }
     let meta = std::fs::symlink_metadata(&dir).ok()?;
     let ours = Some(meta.uid()) == crate::server::current_uid();
     (meta.is_dir() && ours && meta.mode() & 0o022 == 0).then_some(dir)
@@ -283,7 +286,7 @@ mod tests {
         std::fs::write(d.join("a.sql"), "SELECT 22").unwrap();
         assert_eq!(Fingerprint::of(&config(&d)).unwrap().lookup(), None);
         // The record of a directory that is gone is swept when another is written.
-        let record = fp.record(&cache_dir().unwrap());
+        let record = fp.record(&cache_dir(false).unwrap());
         assert!(record.exists());
         std::fs::remove_dir_all(&d).unwrap();
         let other = dir("store-other");
@@ -291,7 +294,7 @@ mod tests {
         fp.store(SystemTime::now() + SETTLED, &hash);
         assert!(!record.exists());
         assert_eq!(fp.lookup(), Some(hash));
-        std::fs::remove_file(fp.record(&cache_dir().unwrap())).unwrap();
+        std::fs::remove_file(fp.record(&cache_dir(false).unwrap())).unwrap();
         std::fs::remove_dir_all(&other).unwrap();
     }
 
