@@ -37,22 +37,39 @@ macro_rules! mark {
     };
 }
 
+/// Lists the statements prepared with SQL `PREPARE`, to be deallocated
+/// ([`deallocate_sql`]): another test's `PREPARE` of the same name would fail. The
+/// driver's own statements, prepared through the protocol (`from_sql` false), stay
+/// cached. The function rather than its view `pg_prepared_statements`: the same rows
+/// without a view to rewrite and a relation to lock, about 6 µs less a test.
+macro_rules! prepared {
+    () => {
+        "SELECT name AS pgfixture_prepared FROM pg_catalog.pg_prepared_statement() WHERE from_sql"
+    };
+}
+
 /// What a test may leave on its connection that a rollback does not undo, cleared
 /// before the connection goes to the next test: session advisory locks (job queues take
-/// them), the sequences' `currval` and `lastval`, and the names of statements
-/// prepared with SQL `PREPARE`, which are listed to be deallocated ([`deallocate_sql`]).
-/// The driver's own statements, prepared through the protocol (`from_sql` false), stay
-/// cached. Each may run inside or outside a transaction.
+/// them), the sequences' `currval` and `lastval`, and the statements prepared with SQL
+/// `PREPARE` ([`prepared`]). Each may run inside or outside a transaction.
 macro_rules! session_cleanup {
     () => {
-        "SELECT pg_advisory_unlock_all() AS pgfixture_unlocked; DISCARD SEQUENCES; \
-         SELECT name AS pgfixture_prepared FROM pg_prepared_statements WHERE from_sql"
+        concat!(
+            "SELECT pg_advisory_unlock_all() AS pgfixture_unlocked; DISCARD SEQUENCES; ",
+            prepared!()
+        )
     };
 }
 
 /// Ends a test's transaction: reads the mark, rolls back and clears the session, in one
-/// round trip.
-pub(crate) const END: &str = concat!(mark!(), "; ROLLBACK; ", session_cleanup!());
+/// round trip. The advisory locks are released in the statement that reads the mark,
+/// before the rollback (a session lock does not wait for the transaction's end): one
+/// statement less to plan and answer, about 6 µs a test.
+pub(crate) const END: &str = concat!(
+    mark!(),
+    ", pg_advisory_unlock_all() AS pgfixture_unlocked; ROLLBACK; DISCARD SEQUENCES; ",
+    prepared!()
+);
 /// The same without the mark, for a transaction a failed statement aborted.
 pub(crate) const CLEANUP: &str = concat!("ROLLBACK; ", session_cleanup!());
 /// Ends a test's transaction in a process that runs one test ([`one_test_per_process`]):

@@ -1014,7 +1014,7 @@ pub(crate) const FLUSH_STATISTICS: &str =
 pub(crate) const POOL_CLEANUP: &str = "ROLLBACK; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
     RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; \
     SELECT pg_stat_force_next_flush() WHERE current_setting('server_version_num')::int >= 150000; \
-    SELECT name AS pgfixture_prepared FROM pg_prepared_statements WHERE from_sql";
+    SELECT name AS pgfixture_prepared FROM pg_catalog.pg_prepared_statement() WHERE from_sql";
 
 /// The statement of [`none_open`], prepared on `client` (cached).
 pub(crate) async fn open_connections(

@@ -283,10 +283,11 @@ async fn open(checkout: &Checkout) -> Result<PgConnection> {
 }
 
 /// Sends the test's `BEGIN` on a connection an earlier test left, without waiting for
-/// its answer: sqlx keeps a dropped query's answer to read before the next one, so the
-/// test's first statement follows the `BEGIN` on the wire, in the same round trip, as
-/// on the tokio-postgres path. A `BEGIN` that fails (a connection closed since) fails
-/// the test's first statement, and its end discards the connection.
+/// its answer. sqlx keeps a dropped query's answer and reads it before it sends the
+/// next query, so the test's first statement still waits for the `BEGIN`'s answer: one
+/// round trip, as sqlx's own `begin()` costs (the tokio-postgres path pipelines the two,
+/// sqlx cannot). A `BEGIN` that fails (a connection closed since) fails the test's
+/// first statement, and its end discards the connection.
 fn send_begin(conn: &mut PgConnection, begin: &str) -> Result<(), ::sqlx::Error> {
     use futures::FutureExt;
     debug_assert!(PgTransactionManager::get_transaction_depth(conn) > 0);
