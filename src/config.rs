@@ -648,13 +648,18 @@ pub(crate) fn redact(text: &str) -> String {
 }
 
 fn default_workers(test_threads: Option<usize>) -> usize {
-    test_threads
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(FALLBACK_WORKERS)
-        })
-        .max(2)
+    test_threads.unwrap_or_else(cpus).max(2)
+}
+
+/// The number of CPUs this process may use, read once: the standard library reads the
+/// cgroup's quota files on every call.
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(FALLBACK_WORKERS)
+    })
 }
 
 fn parse_count(var: &'static str, value: &str, max: usize) -> Result<usize> {
