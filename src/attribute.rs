@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
 
 use crate::{Error, Fixture, Result};
 
@@ -136,24 +137,29 @@ pub fn runtime(multi_thread: bool, worker_threads: Option<usize>) -> tokio::runt
         .expect("pgfixture: cannot build the test's runtime")
 }
 
-/// Runs a test without a handle.
-pub fn run_plain<F, Fut>(_args: TestArgs, runtime: tokio::runtime::Runtime, test: F) -> Fut::Output
-where
-    F: FnOnce() -> Fut,
-    Fut: Future,
-{
-    runtime.block_on(test())
+/// A test's body, given its handle: the test's future, boxed and type-erased, so that
+/// [`run`] and the runtime's `block_on` are compiled once per handle and output type
+/// rather than once per test (`#[tokio::test]` erases its body's type for the same
+/// reason). One allocation per test.
+pub type Body<H, T> = fn(H) -> Pin<Box<dyn Future<Output = T>>>;
+
+/// Runs a test without a handle; its future is pinned and type-erased by the
+/// attribute, as [`Body`] is.
+pub fn run_plain<T>(
+    _args: TestArgs,
+    runtime: tokio::runtime::Runtime,
+    test: Pin<&mut dyn Future<Output = T>>,
+) -> T {
+    runtime.block_on(test)
 }
 
-/// Runs a test with its handle `H`. Only `block_on` of the test's own future is
-/// instantiated per test, as `#[tokio::test]` does; taking and releasing the handle
-/// are instantiated once per handle type, so a file of many tests builds fast.
-pub fn run<H, F, Fut>(args: TestArgs, runtime: tokio::runtime::Runtime, test: F) -> Fut::Output
-where
-    H: TestHandle,
-    F: FnOnce(H) -> Fut,
-    Fut: Future,
-{
+/// Runs a test with its handle `H`. Nothing here is compiled per test: taking and
+/// releasing the handle once per handle type, the test's future through [`Body`].
+pub fn run<H: TestHandle, T>(
+    args: TestArgs,
+    runtime: tokio::runtime::Runtime,
+    test: Body<H, T>,
+) -> T {
     let (handle, guard) = acquire::<H>(&runtime, &args);
     let output = runtime.block_on(test(handle));
     release::<H>(&runtime, guard, &args);
@@ -179,11 +185,7 @@ fn release<H: TestHandle>(runtime: &tokio::runtime::Runtime, guard: H::Guard, ar
 }
 
 /// Runs a plain test with its handle `H`.
-pub fn run_sync<H, F, T>(args: TestArgs, test: F) -> T
-where
-    H: SyncTestHandle,
-    F: FnOnce(H) -> T,
-{
+pub fn run_sync<H: SyncTestHandle, T>(args: TestArgs, test: fn(H) -> T) -> T {
     let fixture = args.fixture().unwrap_or_else(|e| panic!("pgfixture: {e}"));
     let handle = H::acquire(&fixture, &args)
         .unwrap_or_else(|e| panic!("pgfixture: {} could not get its handle: {e}", args.name));

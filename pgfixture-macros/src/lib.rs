@@ -124,19 +124,23 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
         }
     };
     let body = match (handle_type, is_async) {
+        // The body's future is type-erased (pinned, as `#[tokio::test]` does), so that
+        // the runtime's `block_on` and the code around it are compiled once per
+        // handle and output type, not once per test.
         (None, true) => quote! {
+            let body = ::core::pin::pin!(#name());
             ::pgfixture::__macro::run_plain(
                 #test_args,
                 ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
-                #name,
+                body,
             )
         },
         (None, false) => quote! { #name() },
         (Some(ty), true) => quote_spanned! {ty.span()=>
-            ::pgfixture::__macro::run::<#ty, _, _>(
+            ::pgfixture::__macro::run::<#ty, _>(
                 #test_args,
                 ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
-                #name,
+                |handle| ::std::boxed::Box::pin(#name(handle)),
             )
         },
         (Some(ty), false) => {
@@ -147,7 +151,7 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
                 ));
             }
             quote_spanned! {ty.span()=>
-                ::pgfixture::__macro::run_sync::<#ty, _, _>(#test_args, #name)
+                ::pgfixture::__macro::run_sync::<#ty, _>(#test_args, #name)
             }
         }
     };
