@@ -56,34 +56,50 @@ async fn measure(fixture: &Fixture, iterations: usize) -> (Vec<Duration>, Vec<Du
 
 /// The same for the sqlx driver: `pgfixture::sqlx::TestDb`, acquire → `SELECT 1` →
 /// release, against the floor of sqlx itself: `begin()`, the query and `rollback()` on
-/// a `PgConnection` already held, on the same worker.
-async fn measure_sqlx(fixture: &Fixture, iterations: usize) -> (Vec<Duration>, Vec<Duration>) {
-    use pgfixture::sqlx::{self, Connection, TestDb};
+/// a `PgConnection` already held, on the same worker; once opened on the test's own
+/// runtime, and once on `other`, a runtime of its own, as a connection that outlives
+/// `#[tokio::test]` runtimes must be (pgfixture's are, on its background runtime): each
+/// of its round trips is then handed between two threads.
+async fn measure_sqlx(
+    fixture: &Fixture,
+    iterations: usize,
+    other: &tokio::runtime::Handle,
+) -> [Vec<Duration>; 3] {
+    use pgfixture::sqlx::{self, Connection, PgConnection, TestDb};
     for _ in 0..20 {
         let mut db = TestDb::acquire(fixture).await.unwrap();
         sqlx::query("SELECT 1").execute(&mut *db).await.unwrap();
         db.release().await.unwrap();
     }
     let options = TestDb::acquire(fixture).await.unwrap().connect_options();
-    let mut held = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    let mut held = PgConnection::connect_with(&options).await.unwrap();
+    let mut held_elsewhere = other
+        .spawn(async move { PgConnection::connect_with(&options).await.unwrap() })
+        .await
+        .unwrap();
     let mut per_test = Vec::with_capacity(iterations);
     let mut floor = Vec::with_capacity(iterations);
+    let mut floor_elsewhere = Vec::with_capacity(iterations);
+    async fn held_test(conn: &mut PgConnection) -> Duration {
+        let started = Instant::now();
+        let mut tx = conn.begin().await.unwrap();
+        sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+        tx.rollback().await.unwrap();
+        started.elapsed()
+    }
     for _ in 0..iterations {
         let started = Instant::now();
         let mut db = TestDb::acquire(fixture).await.unwrap();
         sqlx::query("SELECT 1").execute(&mut *db).await.unwrap();
         db.release().await.unwrap();
         per_test.push(started.elapsed());
-
-        let started = Instant::now();
-        let mut tx = held.begin().await.unwrap();
-        sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
-        tx.rollback().await.unwrap();
-        floor.push(started.elapsed());
+        floor.push(held_test(&mut held).await);
+        floor_elsewhere.push(held_test(&mut held_elsewhere).await);
     }
-    per_test.sort();
-    floor.sort();
-    (per_test, floor)
+    for v in [&mut per_test, &mut floor, &mut floor_elsewhere] {
+        v.sort();
+    }
+    [per_test, floor, floor_elsewhere]
 }
 
 /// A `worker_pool()` test, from taking the pool to the moment the next test may start
@@ -207,28 +223,39 @@ fn main() {
     }
     println!();
     println!(
-        "sqlx driver: pgfixture::sqlx::TestDb, acquire -> SELECT 1 -> release; floor: begin() -> SELECT 1 -> rollback() on a held PgConnection"
+        "sqlx driver: pgfixture::sqlx::TestDb, acquire -> SELECT 1 -> release; floor: begin() -> SELECT 1 -> rollback() on a held PgConnection, opened on the test's runtime (floor) or on another (floor, other rt: as a connection that outlives #[tokio::test] runtimes must be)"
     );
     println!(
-        "{:<10} {:>11} {:>11} {:>11} {:>9}",
-        "mode", "p50", "p95", "floor p50", "x floor"
+        "{:<10} {:>11} {:>11} {:>11} {:>9} {:>15} {:>9}",
+        "mode", "p50", "p95", "floor p50", "x floor", "other rt p50", "x other"
     );
+    // A runtime of its own for the second floor's connection, as pgfixture's
+    // background runtime is (one thread per process under nextest, two in-process).
+    let other = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
         let fixture = Fixture::builder()
             .isolation(isolation)
             .workers(1)
             .build()
             .unwrap();
-        let (per_test, floor) = runtime.block_on(measure_sqlx(&fixture, iterations));
+        let [per_test, floor, elsewhere] =
+            runtime.block_on(measure_sqlx(&fixture, iterations, other.handle()));
         let p50 = percentile(&per_test, 0.5);
         let floor50 = percentile(&floor, 0.5);
+        let elsewhere50 = percentile(&elsewhere, 0.5);
         println!(
-            "{:<10} {} {} {} {:>8.2}x",
+            "{:<10} {} {} {} {:>8.2}x     {} {:>8.2}x",
             format!("{isolation:?}").to_lowercase(),
             us(p50),
             us(percentile(&per_test, 0.95)),
             us(floor50),
-            p50.as_secs_f64() / floor50.as_secs_f64()
+            p50.as_secs_f64() / floor50.as_secs_f64(),
+            us(elsewhere50),
+            p50.as_secs_f64() / elsewhere50.as_secs_f64()
         );
     }
     let pool_iterations = (iterations / 10).max(20);

@@ -109,7 +109,9 @@ at 1 worker); \`db-per-test\` and \`clone-per-test\` run 96 of them and \`server
 suites run side by side."
     section "Per-test overhead, in-process" overhead \
 "\`benches/overhead.rs\`: acquire, first query, release, warm, against the same statements on
-a connection already held (the floor). Includes pgfixture's check that the test did not commit."
+a connection already held (the floor). Includes pgfixture's check that the test did not commit
+and its clearing of the session. sqlx's second floor is a connection opened on another runtime,
+as one that outlives \`#[tokio::test]\` runtimes must be (pgfixture's live on its own runtime)."
     section "Per-test cost of a fresh process (nextest)" process \
 "\`benches/process.rs\`, release build: a process per test with its worker already provisioned,
 against a process that exits at once (\`empty\`) and one that opens one connection itself (\`raw\`).
