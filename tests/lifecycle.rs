@@ -37,6 +37,10 @@ fn child() {
                     std::io::stdout().flush().unwrap();
                     tokio::time::sleep(Duration::from_secs(120)).await;
                 }
+                if std::env::var_os("PGFIXTURE_TEST_CHILD_LINGERS").is_some() {
+                    // What runs beside the test (the sweep of dead runs) has time to end.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
                 if std::env::var_os("PGFIXTURE_TEST_CHILD_PANICS").is_some() {
                     panic!("CHILD-PANIC: a failing test that holds its handle");
                 }
@@ -1156,6 +1160,58 @@ async fn a_local_server_stops_when_its_watchdog_is_killed() {
         !dir.exists(),
         "the orphaned directory {} is still there",
         dir.display()
+    );
+}
+
+/// A process that finds its run's local server ready (as every nextest process but the
+/// first does) still sweeps what dead runs left, beside its test rather than before it.
+#[tokio::test]
+async fn a_process_that_finds_its_server_ready_sweeps_dead_runs() {
+    let run = unique_run("swpt");
+    let env = [
+        ("PGFIXTURE_RUN_ID", run.as_str()),
+        ("PGFIXTURE_BACKEND", "local"),
+        ("PGFIXTURE_ISOLATION", "database"),
+        ("PGFIXTURE_GRACE", "5"),
+    ];
+    let (stdout, _) = common::run_child_ok(&env);
+    assert!(stdout.contains("started=1"), "{stdout}");
+    let server = common::local_dirs()
+        .into_iter()
+        .flat_map(|base| std::fs::read_dir(base).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("pgfixture-{run}"))
+        })
+        .expect("the server's directory");
+    // A directory a dead run left: its watchdog's process is gone, and its record is
+    // old enough to be judged.
+    let orphan = server
+        .parent()
+        .unwrap()
+        .join(format!("pgfixture-{}-000000-shared", unique_run("dead")));
+    std::fs::create_dir(&orphan).unwrap();
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    std::fs::write(orphan.join("watchdog"), format!("{pid}\n")).unwrap();
+    let aged = std::process::Command::new("touch")
+        .args(["-d", "1 minute ago"])
+        .arg(orphan.join("watchdog"))
+        .status()
+        .unwrap();
+    assert!(aged.success());
+    let mut lingering = env.to_vec();
+    lingering.push(("PGFIXTURE_TEST_CHILD_LINGERS", "1"));
+    let (stdout, _) = common::run_child_ok(&lingering);
+    assert!(stdout.contains("started=0"), "{stdout}");
+    assert!(
+        !orphan.exists(),
+        "the dead run's directory {} is still there",
+        orphan.display()
     );
 }
 
