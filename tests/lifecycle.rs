@@ -1107,17 +1107,7 @@ async fn a_local_server_stops_when_its_watchdog_is_killed() {
         common::own_fixture_on("wdog", pgfixture::Backend::Local, Duration::from_secs(60));
     let run = fixture.config().run_id.clone();
     let db = fixture.worker_db().await.unwrap();
-    let dir = common::local_dirs()
-        .into_iter()
-        .flat_map(|base| std::fs::read_dir(base).into_iter().flatten().flatten())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&format!("pgfixture-{run}"))
-        })
-        .expect("the server's directory");
+    let dir = local_server_dir(&run);
     let watchdog = std::fs::read_to_string(dir.join("watchdog"))
         .unwrap()
         .trim()
@@ -1176,17 +1166,7 @@ async fn a_process_that_finds_its_server_ready_sweeps_dead_runs() {
     ];
     let (stdout, _) = common::run_child_ok(&env);
     assert!(stdout.contains("started=1"), "{stdout}");
-    let server = common::local_dirs()
-        .into_iter()
-        .flat_map(|base| std::fs::read_dir(base).into_iter().flatten().flatten())
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with(&format!("pgfixture-{run}"))
-        })
-        .expect("the server's directory");
+    let server = local_server_dir(&run);
     // A directory a dead run left: its watchdog's process is gone, and its record is
     // old enough to be judged.
     let orphan = server
@@ -1213,6 +1193,21 @@ async fn a_process_that_finds_its_server_ready_sweeps_dead_runs() {
         "the dead run's directory {} is still there",
         orphan.display()
     );
+}
+
+/// The directory of the local server of the run `run`.
+fn local_server_dir(run: &str) -> std::path::PathBuf {
+    common::local_dirs()
+        .into_iter()
+        .flat_map(|base| std::fs::read_dir(base).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("pgfixture-{run}"))
+        })
+        .expect("the server's directory")
 }
 
 /// This user's id, as pgfixture names its directory (`$TMPDIR/pgfixture-<uid>`).
