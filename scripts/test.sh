@@ -61,8 +61,12 @@ suites=(--test isolation --test handle --test commits --test attribute --test sq
 for backend in $backends; do
     for mode in $modes; do
         export PGFIXTURE_BACKEND=$backend PGFIXTURE_ISOLATION=$mode
-        run "$backend/$mode cargo test" cargo test --quiet "${suites[@]}"
-        run "$backend/$mode nextest" cargo nextest run -j 4 --no-fail-fast "${suites[@]}"
+        # Containers go on the host's network where Docker's bridge is this machine's
+        # (the default); schema mode's runs keep them on the bridge, so both ways run.
+        net=()
+        [ "$backend/$mode" = docker/schema ] && net=(env PGFIXTURE_DOCKER_NETWORK=bridge)
+        run "$backend/$mode cargo test" "${net[@]}" cargo test --quiet "${suites[@]}"
+        run "$backend/$mode nextest" "${net[@]}" cargo nextest run -j 4 --no-fail-fast "${suites[@]}"
     done
     export PGFIXTURE_ISOLATION=database
     # Docker's own lifecycle tests run with the docker backend only.
@@ -72,7 +76,11 @@ for backend in $backends; do
         skip=(-- --skip records_of_gone_containers_are_removed)
         filter=(-E 'not test(records_of_gone_containers_are_removed)')
     fi
-    run "$backend lifecycle cargo test" cargo test --quiet --test lifecycle --test security --test faults --test url "${skip[@]}"
+    # The lifecycle suites run once with containers on the bridge, once on the host's
+    # network.
+    net=()
+    [ "$backend" = docker ] && net=(env PGFIXTURE_DOCKER_NETWORK=bridge)
+    run "$backend lifecycle cargo test" "${net[@]}" cargo test --quiet --test lifecycle --test security --test faults --test url "${skip[@]}"
     run "$backend lifecycle nextest" cargo nextest run -j 4 --no-fail-fast --test lifecycle --test security --test faults --test url "${filter[@]}"
     run "$backend soak" scripts/soak.sh
     unset PGFIXTURE_BACKEND PGFIXTURE_ISOLATION

@@ -72,6 +72,9 @@ impl FixtureBuilder {
         /// The image of the Docker backend (`PGFIXTURE_IMAGE`).
         image: impl Into<String> => |c, v| c.image = v.into());
     setter!(
+        /// How the Docker backend's containers are networked (`PGFIXTURE_DOCKER_NETWORK`).
+        docker_network: crate::DockerNetwork => |c, v| c.docker_network = v);
+    setter!(
     /// The directory of `*.sql` fixtures (`PGFIXTURE_FIXTURES`).
     fixtures: impl Into<std::path::PathBuf> => |c, v| {
         c.fixtures = Some(v.into());

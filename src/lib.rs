@@ -23,7 +23,7 @@ mod stream;
 mod worker;
 mod worker_pool;
 
-pub use config::{Backend, Config, DEFAULT_IMAGE, Env, Isolation, OsEnv, ServerUrl};
+pub use config::{Backend, Config, DEFAULT_IMAGE, DockerNetwork, Env, Isolation, OsEnv, ServerUrl};
 pub use driver::tokio_postgres::{CancelToken, TestDb};
 pub use error::{Error, Result};
 pub use fixture::{Fixture, FixtureBuilder, Stats};

@@ -386,7 +386,18 @@ async fn a_container_that_refuses_both_passwords_fails_in_time() {
             .to_string_lossy()
             .starts_with(&format!("pgfixture-{run}-"))
         {
-            let _ = std::fs::remove_file(dir.path().join(".s.PGSQL.5432"));
+            // `.s.PGSQL.<port>`: 5432 on Docker's bridge, a free port on the host's
+            // network.
+            for socket in std::fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = socket.file_name().to_string_lossy().into_owned();
+                if name.starts_with(".s.PGSQL.") && !name.ends_with(".lock") {
+                    let _ = std::fs::remove_file(socket.path());
+                }
+            }
         }
     }
     let started = Instant::now();

@@ -70,8 +70,10 @@ async fn own_connections_use_a_socket_only_this_user_reaches() {
     }
 }
 
-/// The port the test can reach the server on from this host.
-async fn host_port(db: &pgfixture::TestDb) -> u16 {
+/// The port the test can reach the server on from this host, and whether the server
+/// itself listens on this host's loopback (a local server, or a container on the host's
+/// network) rather than behind a port Docker publishes.
+async fn host_port(db: &pgfixture::TestDb) -> (u16, bool) {
     let stats = Fixture::from_env().unwrap().stats();
     // The server's own setting: the handle of a local server is on its Unix socket,
     // where `inet_server_port()` is null.
@@ -81,11 +83,23 @@ async fn host_port(db: &pgfixture::TestDb) -> u16 {
         .unwrap()
         .get(0);
     if stats.backend == Some("local") {
-        return server_port as u16;
+        return (server_port as u16, true);
     }
-    // Docker: the published port of this run's container.
     let run = Fixture::from_env().unwrap().config().run_id.clone();
     let containers = common::run_containers(&run).await;
+    // A container on the host's network: its label names the port it listens on.
+    let labelled = containers.iter().find_map(|c| {
+        c.labels
+            .as_ref()?
+            .get("pgfixture.port")?
+            .parse::<u16>()
+            .ok()
+    });
+    if let Some(port) = labelled {
+        assert_eq!(port as i32, server_port, "the label names another port");
+        return (port, true);
+    }
+    // Docker's bridge: the published port of this run's container.
     let ports: Vec<_> = containers
         .iter()
         .flat_map(|c| c.ports.clone().unwrap_or_default())
@@ -97,26 +111,26 @@ async fn host_port(db: &pgfixture::TestDb) -> u16 {
             "a container port is published beyond loopback: {ports:?}"
         );
     }
-    ports
+    let port = ports
         .iter()
         .find_map(|p| p.public_port)
-        .expect("a published port")
+        .expect("a published port");
+    (port, false)
 }
 
 #[tokio::test]
 async fn a_wrong_password_is_refused_and_servers_listen_on_loopback_only() {
     let db = pgfixture::worker_db().await.unwrap();
-    let port = host_port(&db).await;
+    let (port, on_loopback) = host_port(&db).await;
     let listen: String = db
         .query_one("SHOW listen_addresses", &[])
         .await
         .unwrap()
         .get(0);
-    let stats = Fixture::from_env().unwrap().stats();
-    if stats.backend == Some("local") {
+    if on_loopback {
         assert_eq!(
             listen, "127.0.0.1",
-            "a local server listens beyond loopback"
+            "a server on this host's network listens beyond loopback"
         );
     }
     let mut config = pgfixture::tokio_postgres::Config::new();
@@ -235,9 +249,11 @@ impl std::io::Write for SharedWriter {
     }
 }
 
-/// Where pgfixture connects: a local server on loopback; a container at its own address
-/// on the Docker network when the daemon runs on this host, past the published port's
-/// userland proxy (`docker-proxy`), which costs every round trip 0.1–0.3 ms.
+/// Where pgfixture connects: a local server on loopback; a container on the host's
+/// network (`PGFIXTURE_DOCKER_NETWORK`: by default where the daemon's network is this
+/// process's) on loopback at the port its label names; any other container at its own
+/// address on the Docker network when the daemon runs on this host, past the published
+/// port's userland proxy (`docker-proxy`), which costs every round trip 0.1–0.3 ms.
 #[tokio::test]
 async fn connections_go_to_loopback_or_to_the_containers_own_address() {
     let fixture = Fixture::from_env().unwrap();
@@ -249,8 +265,31 @@ async fn connections_go_to_loopback_or_to_the_containers_own_address() {
     match fixture.stats().backend {
         Some("docker") if std::env::var_os("DOCKER_HOST").is_none() => {
             let run = fixture.config().run_id.clone();
-            let addresses: Vec<String> = common::run_containers(&run)
-                .await
+            let containers = common::run_containers(&run).await;
+            let labelled: Vec<u16> = containers
+                .iter()
+                .filter_map(|c| c.labels.as_ref()?.get("pgfixture.port")?.parse().ok())
+                .collect();
+            let host_network = match std::env::var("PGFIXTURE_DOCKER_NETWORK").as_deref() {
+                Ok("host") => true,
+                Ok("bridge") => false,
+                _ => std::path::Path::new("/sys/class/net/docker0").exists(),
+            };
+            assert_eq!(
+                !labelled.is_empty(),
+                host_network,
+                "containers on the host's network: {labelled:?}"
+            );
+            if host_network {
+                assert_eq!(host, "127.0.0.1");
+                assert!(
+                    labelled.contains(&pool.pg_config().get_ports()[0]),
+                    "connected to port {:?}, not to the container's {labelled:?}",
+                    pool.pg_config().get_ports()
+                );
+                return;
+            }
+            let addresses: Vec<String> = containers
                 .iter()
                 .flat_map(|c| {
                     let networks = c.network_settings.clone().and_then(|n| n.networks);

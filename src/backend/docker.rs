@@ -22,7 +22,7 @@ use bollard::query_parameters::{
 use futures::StreamExt;
 
 use super::{IDLE_LOOP, server_args, timeout_with};
-use crate::config::Config;
+use crate::config::{Config, DockerNetwork};
 use crate::server::{SUPERUSER, Server, SlowNotice, derived_password, scram_verifier};
 use crate::{Error, Result};
 
@@ -66,6 +66,9 @@ const PING_TIMEOUT: Duration = Duration::from_secs(3);
 /// Labels on every container: who made it, and for which run.
 pub(crate) const LABEL: &str = "pgfixture";
 pub(crate) const LABEL_RUN: &str = "pgfixture.run";
+/// The label of a container on the host's network ([`host_network`]): the port of
+/// 127.0.0.1 its server listens on.
+pub(crate) const LABEL_PORT: &str = "pgfixture.port";
 const PORT: &str = "5432/tcp";
 const CONTAINER_PORT: u16 = 5432;
 /// A container's own address answers a TCP connection in well under a millisecond
@@ -248,6 +251,17 @@ impl Docker {
                             .wait_ready(deadline, || self.still_running(name))
                             .await;
                     }
+                    if matches!(&ready, Err(Error::Docker { .. }))
+                        && reach.host_network
+                        && port_taken(port)
+                    {
+                        tracing::debug!(
+                            container = name,
+                            port,
+                            "another process took the container's port as it started; making it again"
+                        );
+                        continue;
+                    }
                     if let (Err(Error::Docker { .. }), Some(output)) = (&ready, &output) {
                         // Give the output a moment to arrive.
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -256,7 +270,18 @@ impl Docker {
                             return Err(error);
                         }
                     }
-                    ready.map_err(|e| timeout_with(e, config))?;
+                    ready.map_err(|e| match timeout_with(e, config) {
+                        Error::AcquireTimeout {
+                            timeout,
+                            waiting_for,
+                        } if reach.host_network => Error::AcquireTimeout {
+                            timeout,
+                            waiting_for: format!(
+                                "{waiting_for}; the container is on the host's network, at 127.0.0.1:{port}: if this process does not share the Docker daemon's network, set PGFIXTURE_DOCKER_NETWORK=bridge"
+                            ),
+                        },
+                        other => other,
+                    })?;
                     own_password(&server, &password).await?;
                     let server = Server { password, ..server };
                     tracing::info!(container = name, image = %self.image, elapsed = ?started.elapsed(), "server started");
@@ -429,7 +454,15 @@ impl Docker {
             spawn_initializer(&self.image, &self.initialized, config);
             self.image.clone()
         };
-        let socket_dir = new_socket_dir(name, config);
+        // On the host's network, the server takes a free port of 127.0.0.1; another
+        // process may take it first, and the caller then makes the container again.
+        let host_port = if host_network(config) {
+            free_port()
+        } else {
+            None
+        };
+        let port = host_port.unwrap_or(CONTAINER_PORT);
+        let socket_dir = new_socket_dir(name, port, config);
         // The official image's entry point runs any command that is not `postgres`
         // as is; the watchdog starts the entry point with `postgres` in the background.
         // It counts the connections on the second socket too, by their backends'
@@ -437,7 +470,7 @@ impl Docker {
         // host's network namespace, out of the container's `/proc/net/unix`.
         let local = if socket_dir.is_some() { "1" } else { "" };
         let mut script = format!(
-            "initialized={DATA_DIR}\n{COPY_DATA}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport={CONTAINER_PORT}\nsocket=\nlocal={local}\nmarker={SEEN_MARKER}\n"
+            "initialized={DATA_DIR}\n{COPY_DATA}docker-entrypoint.sh postgres \"$@\" &\npg=$!\nport={port}\nsocket=\nlocal={local}\nmarker={SEEN_MARKER}\n"
         );
         script.push_str(IDLE_LOOP);
         let mut cmd = vec![
@@ -446,18 +479,31 @@ impl Docker {
             script,
             "pgfixture-watchdog".to_owned(),
         ];
+        // Before the user's settings, which win.
+        if let Some(port) = host_port {
+            // The image listens on every address; on the host's network, loopback only.
+            for setting in [
+                format!("port={port}"),
+                "listen_addresses=127.0.0.1".to_owned(),
+            ] {
+                cmd.push("-c".to_owned());
+                cmd.push(setting);
+            }
+        }
         if socket_dir.is_some() {
-            // Before the user's settings, which win.
             cmd.push("-c".to_owned());
             cmd.push(format!(
                 "unix_socket_directories=/var/run/postgresql,{SOCKET_MOUNT}"
             ));
         }
         cmd.extend(server_args(config));
-        let labels = HashMap::from([
+        let mut labels = HashMap::from([
             (LABEL.to_owned(), "1".to_owned()),
             (LABEL_RUN.to_owned(), config.run_id.clone()),
         ]);
+        if let Some(port) = host_port {
+            labels.insert(LABEL_PORT.to_owned(), port.to_string());
+        }
         let body = |image: &str| ContainerCreateBody {
             image: Some(image.to_owned()),
             cmd: Some(cmd.clone()),
@@ -471,8 +517,9 @@ impl Docker {
                 format!("grace={}", config.server_grace().as_secs()),
             ]),
             labels: Some(labels.clone()),
-            exposed_ports: Some(vec![PORT.to_owned()]),
+            exposed_ports: host_port.is_none().then(|| vec![PORT.to_owned()]),
             host_config: Some(HostConfig {
+                network_mode: host_port.map(|_| "host".to_owned()),
                 auto_remove: Some(true),
                 tmpfs: Some(HashMap::from([(
                     MEMORY_DIR.to_owned(),
@@ -481,13 +528,15 @@ impl Docker {
                 binds: socket_dir
                     .as_ref()
                     .map(|dir| vec![format!("{}:{SOCKET_MOUNT}", dir.display())]),
-                port_bindings: Some(HashMap::from([(
-                    PORT.to_owned(),
-                    Some(vec![PortBinding {
-                        host_ip: Some("127.0.0.1".to_owned()),
-                        host_port: Some(String::new()),
-                    }]),
-                )])),
+                port_bindings: host_port.is_none().then(|| {
+                    HashMap::from([(
+                        PORT.to_owned(),
+                        Some(vec![PortBinding {
+                            host_ip: Some("127.0.0.1".to_owned()),
+                            host_port: Some(String::new()),
+                        }]),
+                    )])
+                }),
                 ..HostConfig::default()
             }),
             ..ContainerCreateBody::default()
@@ -837,7 +886,7 @@ fn socket_dirs() -> std::path::PathBuf {
 /// path short enough for a socket address. Each container gets a directory of
 /// its own, so that no file of an earlier one is in the way; those of containers gone
 /// are removed with their records ([`forget_gone`]).
-fn new_socket_dir(name: &str, config: &Config) -> Option<std::path::PathBuf> {
+fn new_socket_dir(name: &str, port: u16, config: &Config) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     if !cfg!(target_os = "linux") || config.docker_host.is_some() {
         return None;
@@ -855,12 +904,7 @@ fn new_socket_dir(name: &str, config: &Config) -> Option<std::path::PathBuf> {
     );
     let dir = parent.join(format!("{name}.{unique}"));
     // A socket's path fits in 107 bytes.
-    if dir
-        .join(format!(".s.PGSQL.{CONTAINER_PORT}"))
-        .as_os_str()
-        .len()
-        > 107
-    {
+    if dir.join(format!(".s.PGSQL.{port}")).as_os_str().len() > 107 {
         return None;
     }
     std::fs::create_dir(&dir).ok()?;
@@ -877,6 +921,8 @@ fn new_socket_dir(name: &str, config: &Config) -> Option<std::path::PathBuf> {
 struct Reach {
     addresses: Vec<IpAddr>,
     socket_dir: Option<String>,
+    /// On the host's network: its server listens on 127.0.0.1 ([`LABEL_PORT`]).
+    host_network: bool,
 }
 
 impl Reach {
@@ -890,6 +936,7 @@ impl Reach {
         Reach {
             addresses: addresses_of(info),
             socket_dir,
+            host_network: host_port_of(info).is_some(),
         }
     }
 }
@@ -968,6 +1015,14 @@ async fn direct(name: &str, server: Server, reach: &Reach, config: &Config) -> S
     if !local_daemon {
         return server;
     }
+    if reach.host_network {
+        // Listening on this host's loopback already: that is its published address.
+        let server = Server {
+            published_port: Some(server.port),
+            ..server
+        };
+        return with_socket(server, reach).await;
+    }
     for &address in &reach.addresses {
         let probe = tokio::net::TcpStream::connect((address, CONTAINER_PORT));
         if let Ok(Ok(_)) = tokio::time::timeout(DIRECT_PROBE, probe).await {
@@ -978,18 +1033,65 @@ async fn direct(name: &str, server: Server, reach: &Reach, config: &Config) -> S
                 published_port: Some(server.port),
                 ..server
             };
-            let Some(dir) = &reach.socket_dir else {
-                return server;
-            };
-            let socket = std::path::Path::new(dir).join(format!(".s.PGSQL.{CONTAINER_PORT}"));
-            let probe = tokio::net::UnixStream::connect(socket);
-            return match tokio::time::timeout(DIRECT_PROBE, probe).await {
-                Ok(Ok(_)) => server.with_socket_dir(std::path::Path::new(dir)),
-                _ => server,
-            };
+            return with_socket(server, reach).await;
         }
     }
     server
+}
+
+/// `server` through its second socket, when it has one that answers from here.
+async fn with_socket(server: Server, reach: &Reach) -> Server {
+    let Some(dir) = &reach.socket_dir else {
+        return server;
+    };
+    let socket = std::path::Path::new(dir).join(format!(".s.PGSQL.{}", server.port));
+    let probe = tokio::net::UnixStream::connect(socket);
+    match tokio::time::timeout(DIRECT_PROBE, probe).await {
+        Ok(Ok(_)) => server.with_socket_dir(std::path::Path::new(dir)),
+        _ => server,
+    }
+}
+
+/// Whether a new container goes on the host's network ([`DockerNetwork`]). By default
+/// only where that network is this process's: on Linux, with the daemon at its default
+/// socket (a `DOCKER_HOST` may be a rootless daemon, whose host network is a namespace
+/// of its own, or a remote one), and with the daemon's bridge `docker0` among this
+/// process's interfaces. Tests that run in a container of their own, beside the host's
+/// daemon, see no `docker0` and keep the bridge.
+fn host_network(config: &Config) -> bool {
+    match config.docker_network {
+        DockerNetwork::Host => true,
+        DockerNetwork::Bridge => false,
+        DockerNetwork::Auto => {
+            cfg!(target_os = "linux")
+                && config.docker_host.is_none()
+                && std::path::Path::new("/sys/class/net/docker0").exists()
+        }
+    }
+}
+
+/// A port of 127.0.0.1 that nothing listens on now.
+fn free_port() -> Option<u16> {
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).ok()?;
+    listener.local_addr().ok().map(|a| a.port())
+}
+
+/// Whether a server on the host's network that stopped as it started lost its port to
+/// another process, which took it between [`free_port`] and the server's start.
+fn port_taken(port: u16) -> bool {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+/// The port of a container on the host's network ([`LABEL_PORT`]).
+fn host_port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
+    info.config
+        .as_ref()?
+        .labels
+        .as_ref()?
+        .get(LABEL_PORT)?
+        .parse()
+        .ok()
 }
 
 /// The container's addresses on its networks.
@@ -1003,7 +1105,12 @@ fn addresses_of(info: &bollard::models::ContainerInspectResponse) -> Vec<IpAddr>
         .collect()
 }
 
+/// The port of 127.0.0.1 the container's server is reached on: its own, on the host's
+/// network, else the one published for it.
 fn port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
+    if let Some(port) = host_port_of(info) {
+        return Some(port);
+    }
     info.network_settings
         .as_ref()?
         .ports
@@ -1016,7 +1123,16 @@ fn port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::{initialized_tag, parse_endpoint};
+    use super::{free_port, initialized_tag, parse_endpoint, port_taken};
+
+    #[test]
+    fn a_port_another_process_listens_on_is_taken() {
+        let port = free_port().expect("a free port");
+        assert!(!port_taken(port));
+        let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port));
+        assert!(listener.is_ok(), "{listener:?}");
+        assert!(port_taken(port));
+    }
 
     #[test]
     fn each_owner_and_base_image_has_an_initialised_image_of_its_own() {

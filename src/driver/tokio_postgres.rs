@@ -122,9 +122,10 @@ impl TestDb {
     }
 
     /// The settings through the port the server publishes on 127.0.0.1, for code that
-    /// insists on a loopback address: in Docker mode pgfixture connects to a
+    /// insists on a loopback address: on Docker's bridge pgfixture connects to a
     /// container at its own address on its Docker network (no proxy on the way), and
-    /// this is the container's published port instead. Elsewhere the same as
+    /// this is the container's published port instead. Elsewhere (a local server, a
+    /// container on the host's network, which listens on 127.0.0.1 itself) the same as
     /// [`TestDb::pg_config`].
     pub fn published_pg_config(&self) -> &tokio_postgres::Config {
         &self.settings.published_pg_config
