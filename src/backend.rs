@@ -10,7 +10,7 @@
 
 #[cfg(feature = "docker")]
 pub(crate) mod docker;
-mod local;
+pub(crate) mod local;
 
 use std::time::Instant;
 

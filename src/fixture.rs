@@ -1460,11 +1460,33 @@ impl Inner {
                 }
             }
         }
+        // A local server another process of the run recorded: the binaries are not
+        // looked for.
+        let local_key = matches!(
+            self.config.effective_backend(),
+            Backend::Local | Backend::Auto
+        )
+        .then(|| {
+            let settings = crate::config::settings_text(&self.config.server_settings);
+            let name = format!("{}\n{role}\n{settings}", self.config.run_id);
+            crate::backend::local::record_key(&self.config, &name)
+        });
+        if let Some(key) = &local_key
+            && self.trust_servers.load(Ordering::Relaxed)
+            && let Some((server, bin)) = crate::backend::local::known(key)
+        {
+            let _ = self.backend.set(("local", bin));
+            self.stats.servers_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(server.for_run(&self.config.run_id));
+        }
         let source = self.source().await?;
         let _ = self.backend.set((source.kind(), source.flavour()));
         let name = self.server_name(source.kind(), &source.flavour(), role);
         let trust = self.trust_servers.load(Ordering::Relaxed);
         let (server, started) = source.server(&name, &self.config, deadline, trust).await?;
+        if let (Some(key), "local") = (&local_key, source.kind()) {
+            crate::backend::local::remember(key, &server, &source.flavour());
+        }
         let counter = if started {
             &self.stats.servers_started
         } else {

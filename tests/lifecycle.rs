@@ -1206,6 +1206,52 @@ async fn a_process_that_finds_its_server_ready_sweeps_dead_runs() {
     );
 }
 
+/// A process finds its run's local server through the record the first process left,
+/// without looking for the binaries; a record that names a directory that is gone is
+/// not trusted: the process finds the server the long way and records it again.
+#[tokio::test]
+async fn a_process_finds_its_runs_local_server_through_a_record() {
+    let run = unique_run("rcrd");
+    let env = [
+        ("PGFIXTURE_RUN_ID", run.as_str()),
+        ("PGFIXTURE_BACKEND", "local"),
+        ("PGFIXTURE_ISOLATION", "database"),
+        ("PGFIXTURE_GRACE", "5"),
+    ];
+    let (stdout, _) = common::run_child_ok(&env);
+    assert!(stdout.contains("started=1"), "{stdout}");
+    let server = local_server_dir(&run);
+    let records = std::env::temp_dir()
+        .join(format!("pgfixture-{}", own_uid()))
+        .join("local-servers");
+    let names_server = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.lines().next().map(std::path::PathBuf::from))
+            == Some(server.clone())
+    };
+    let record = std::fs::read_dir(&records)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| names_server(p))
+        .expect("a record of the run's server");
+    let (stdout, _) = common::run_child_ok(&env);
+    assert!(stdout.contains("started=0"), "{stdout}");
+    // A record of a server whose directory is gone.
+    let text = std::fs::read_to_string(&record).unwrap();
+    let bin = text.lines().nth(1).unwrap();
+    std::fs::write(&record, format!("{}-gone\n{bin}\n", server.display())).unwrap();
+    let (stdout, _) = common::run_child_ok(&env);
+    assert!(stdout.contains("started=0"), "{stdout}");
+    assert!(
+        names_server(&record),
+        "the record was not written again: {:?}",
+        std::fs::read_to_string(&record)
+    );
+}
+
 /// The directory of the local server of the run `run`.
 fn local_server_dir(run: &str) -> std::path::PathBuf {
     common::local_dirs()

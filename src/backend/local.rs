@@ -245,13 +245,7 @@ impl Local {
         // process, unoptimised): it reads the directory while the test's connection
         // waits for the server, and removes what it finds on a thread of its own.
         if trust && let Some(server) = ready_server(&dir) {
-            let base = self.base.clone();
-            tokio::spawn(async move {
-                let found = orphans(&base);
-                if !found.is_empty() {
-                    tokio::task::spawn_blocking(move || remove_orphans(found));
-                }
-            });
+            sweep_beside(self.base.clone());
             return Ok((server, false));
         }
         std::fs::create_dir_all(&self.base)
@@ -595,6 +589,92 @@ fn orphans(base: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Sweeps what dead runs left in `base` beside the caller's test: it reads the
+/// directory in a task of the current runtime, and removes what it finds on a thread of
+/// its own.
+fn sweep_beside(base: PathBuf) {
+    tokio::spawn(async move {
+        let found = orphans(&base);
+        if !found.is_empty() {
+            tokio::task::spawn_blocking(move || remove_orphans(found));
+        }
+    });
+}
+
+/// Where the processes of a run find its local servers without looking for the
+/// binaries first (the `PATH`, the base directory's mount, the unprivileged user: about
+/// 0.4 ms of an unoptimised nextest process): a record per server, named by what
+/// decides which binaries a process finds and where its servers live
+/// ([`record_key`]), holding the server's directory and binaries.
+fn records() -> PathBuf {
+    crate::server::user_dir().join("local-servers")
+}
+
+/// The name of the record of the server `name_key` (what names the server besides its
+/// binaries: the run, its role, its settings) for a process configured as `config`:
+/// the same binaries and base directory are found by every process with the same
+/// `PGFIXTURE_PG_BIN`, `PATH` and `PGFIXTURE_LOCAL_DIR`.
+pub(crate) fn record_key(config: &Config, name_key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!(
+        "{name_key}\n{:?}\n{:?}\n{:?}",
+        config.pg_bin, config.path, config.local_dir
+    ));
+    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ready server a process of the run recorded under `key`, and its binaries'
+/// directory, without looking for the binaries; dead runs are swept beside the test,
+/// as [`Local::server`] does. A record whose server's directory is gone is removed.
+pub(crate) fn known(key: &str) -> Option<(Server, String)> {
+    let record = records().join(key);
+    let text = std::fs::read_to_string(&record).ok()?;
+    let mut lines = text.lines();
+    let dir = PathBuf::from(lines.next()?);
+    let bin = lines.next()?.to_owned();
+    let Some(server) = ready_server(&dir) else {
+        if !dir.exists() {
+            let _ = std::fs::remove_file(&record);
+        }
+        return None;
+    };
+    sweep_beside(dir.parent()?.to_path_buf());
+    Some((server, bin))
+}
+
+/// Records `server`, found or started with the binaries in `bin`, under `key`
+/// ([`known`]); removes the records of servers whose directories are gone (older than a
+/// minute: a server may be starting).
+pub(crate) fn remember(key: &str, server: &Server, bin: &str) {
+    let Some(dir) = &server.socket_dir else {
+        return;
+    };
+    let records = records();
+    if std::fs::create_dir_all(&records).is_err() {
+        return;
+    }
+    const YOUNG: Duration = Duration::from_secs(60);
+    for entry in std::fs::read_dir(&records).into_iter().flatten().flatten() {
+        let young = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() < YOUNG);
+        let gone = || {
+            std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|text| text.lines().next().map(|d| !Path::new(d).exists()))
+                .unwrap_or(true)
+        };
+        if !young && !entry.file_name().to_string_lossy().starts_with('.') && gone() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let staging = records.join(format!(".{key}.{}", std::process::id()));
+    if std::fs::write(&staging, format!("{dir}\n{bin}\n")).is_ok() {
+        let _ = std::fs::rename(&staging, records.join(key));
+    }
+}
+
 /// Stops what runs in the orphaned server directories `dirs` and removes them.
 fn remove_orphans(dirs: Vec<PathBuf>) {
     for dir in dirs {
@@ -797,6 +877,39 @@ fn which(program: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_are_named_by_what_finds_the_binaries_and_the_server() {
+        let config = |pg_bin: Option<&str>, path: &str, local_dir: Option<&str>| Config {
+            pg_bin: pg_bin.map(PathBuf::from),
+            path: Some(path.to_owned()),
+            local_dir: local_dir.map(PathBuf::from),
+            ..Config::default()
+        };
+        let base = config(None, "/usr/bin:/bin", None);
+        let key = record_key(&base, "run\nshared\n");
+        assert_eq!(key.len(), 24);
+        assert_eq!(key, record_key(&base, "run\nshared\n"));
+        for other in [
+            record_key(&base, "run2\nshared\n"),
+            record_key(&base, "run\nw0\n"),
+            record_key(&base, "run\nshared\ntimezone=UTC"),
+            record_key(
+                &config(Some("/opt/pg/bin"), "/usr/bin:/bin", None),
+                "run\nshared\n",
+            ),
+            record_key(
+                &config(None, "/usr/local/bin:/usr/bin:/bin", None),
+                "run\nshared\n",
+            ),
+            record_key(
+                &config(None, "/usr/bin:/bin", Some("/var/tmp/x")),
+                "run\nshared\n",
+            ),
+        ] {
+            assert_ne!(key, other);
+        }
+    }
 
     #[test]
     fn dev_shm_is_used_when_it_is_a_large_tmpfs() {
