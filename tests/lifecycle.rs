@@ -1168,16 +1168,8 @@ async fn a_local_server_stops_when_its_watchdog_is_killed() {
 /// first does) still sweeps what dead runs left, beside its test rather than before it.
 #[tokio::test]
 async fn a_process_that_finds_its_server_ready_sweeps_dead_runs() {
-    let run = unique_run("swpt");
-    let env = [
-        ("PGFIXTURE_RUN_ID", run.as_str()),
-        ("PGFIXTURE_BACKEND", "local"),
-        ("PGFIXTURE_ISOLATION", "database"),
-        ("PGFIXTURE_GRACE", "5"),
-    ];
-    let (stdout, _) = common::run_child_ok(&env);
-    assert!(stdout.contains("started=1"), "{stdout}");
-    let server = local_server_dir(&run);
+    let (run, server) = started_local_run("swpt");
+    let env = local_run_env(&run);
     // A directory a dead run left: its watchdog's process is gone, and its record is
     // old enough to be judged.
     let orphan = server
@@ -1211,16 +1203,8 @@ async fn a_process_that_finds_its_server_ready_sweeps_dead_runs() {
 /// not trusted: the process finds the server the long way and records it again.
 #[tokio::test]
 async fn a_process_finds_its_runs_local_server_through_a_record() {
-    let run = unique_run("rcrd");
-    let env = [
-        ("PGFIXTURE_RUN_ID", run.as_str()),
-        ("PGFIXTURE_BACKEND", "local"),
-        ("PGFIXTURE_ISOLATION", "database"),
-        ("PGFIXTURE_GRACE", "5"),
-    ];
-    let (stdout, _) = common::run_child_ok(&env);
-    assert!(stdout.contains("started=1"), "{stdout}");
-    let server = local_server_dir(&run);
+    let (run, server) = started_local_run("rcrd");
+    let env = local_run_env(&run);
     let records = std::env::temp_dir()
         .join(format!("pgfixture-{}", own_uid()))
         .join("local-servers");
@@ -1250,6 +1234,26 @@ async fn a_process_finds_its_runs_local_server_through_a_record() {
         "the record was not written again: {:?}",
         std::fs::read_to_string(&record)
     );
+}
+
+/// A new run of the local backend whose first child process started its server: the
+/// run, and the server's directory.
+fn started_local_run(prefix: &str) -> (String, std::path::PathBuf) {
+    let run = unique_run(prefix);
+    let (stdout, _) = common::run_child_ok(&local_run_env(&run));
+    assert!(stdout.contains("started=1"), "{stdout}");
+    let server = local_server_dir(&run);
+    (run, server)
+}
+
+/// The environment of a child process of the local run `run`.
+fn local_run_env(run: &str) -> [(&'static str, &str); 4] {
+    [
+        ("PGFIXTURE_RUN_ID", run),
+        ("PGFIXTURE_BACKEND", "local"),
+        ("PGFIXTURE_ISOLATION", "database"),
+        ("PGFIXTURE_GRACE", "5"),
+    ]
 }
 
 /// The directory of the local server of the run `run`.
