@@ -87,16 +87,18 @@ async fn host_port(db: &pgfixture::TestDb) -> (u16, bool) {
     }
     let run = Fixture::from_env().unwrap().config().run_id.clone();
     let containers = common::run_containers(&run).await;
-    // A container on the host's network: its label names the port it listens on.
-    let labelled = containers.iter().find_map(|c| {
-        c.labels
-            .as_ref()?
-            .get("pgfixture.port")?
-            .parse::<u16>()
-            .ok()
-    });
-    if let Some(port) = labelled {
-        assert_eq!(port as i32, server_port, "the label names another port");
+    // Containers on the host's network: their labels name the ports they listen on
+    // (in container mode, one per worker).
+    let labelled: Vec<u16> = containers
+        .iter()
+        .filter_map(|c| c.labels.as_ref()?.get("pgfixture.port")?.parse().ok())
+        .collect();
+    if !labelled.is_empty() {
+        let port = server_port as u16;
+        assert!(
+            labelled.contains(&port),
+            "no container's label names the server's port {port}: {labelled:?}"
+        );
         return (port, true);
     }
     // Docker's bridge: the published port of this run's container.
