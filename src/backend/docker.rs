@@ -229,7 +229,7 @@ impl Docker {
                 });
             }
             match self.create(name, config).await {
-                Ok((password, output)) => {
+                Ok((password, output, reservation)) => {
                     let _notice = SlowNotice::new(format!(
                         "starting PostgreSQL container {name} from {}",
                         self.image
@@ -251,6 +251,8 @@ impl Docker {
                             .wait_ready(deadline, || self.still_running(name))
                             .await;
                     }
+                    // Its server listens now, or never will.
+                    drop(reservation);
                     if matches!(&ready, Err(Error::Docker { .. }))
                         && reach.host_network
                         && port_taken(port)
@@ -431,12 +433,14 @@ impl Docker {
         forget_gone(&names);
     }
 
-    /// Creates and starts the container; returns its password.
+    /// Creates and starts the container; returns its password, what it prints (when
+    /// the user's settings may be refused), and the port held for it on the host's
+    /// network ([`reserve_port`]), to drop once its server answers.
     async fn create(
         &self,
         name: &str,
         config: &Config,
-    ) -> Result<(String, Option<Output>), DockerError> {
+    ) -> Result<(String, Option<Output>, Option<socket2::Socket>), DockerError> {
         self.sweep_stuck().await;
         spawn_reaper(name, config);
         let io = |e: Error| DockerError::IOError {
@@ -454,12 +458,11 @@ impl Docker {
             spawn_initializer(&self.image, &self.initialized, config);
             self.image.clone()
         };
-        // On the host's network, the server takes a free port of 127.0.0.1; another
-        // process may take it first, and the caller then makes the container again.
-        let host_port = if host_network(config) {
-            free_port()
-        } else {
-            None
+        // On the host's network, the server takes a free port of 127.0.0.1, held for it
+        // until it answers.
+        let (host_port, reservation) = match host_network(config).then(reserve_port).flatten() {
+            Some((port, socket)) => (Some(port), Some(socket)),
+            None => (None, None),
         };
         let port = host_port.unwrap_or(CONTAINER_PORT);
         let socket_dir = new_socket_dir(name, port, config);
@@ -579,7 +582,7 @@ impl Docker {
             }
             return Err(e);
         }
-        Ok((password, output))
+        Ok((password, output, reservation))
     }
 
     /// What the container `name` prints, collected from now on (attached before it
@@ -1070,14 +1073,23 @@ fn host_network(config: &Config) -> bool {
     }
 }
 
-/// A port of 127.0.0.1 that nothing listens on now.
-fn free_port() -> Option<u16> {
-    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).ok()?;
-    listener.local_addr().ok().map(|a| a.port())
+/// A free port of 127.0.0.1 for a server on the host's network, held by a socket bound
+/// to it with `SO_REUSEADDR` and not listening: no other process's pick of a free port
+/// (a `bind` to port 0) lands on it while the socket lives, and the server, which sets
+/// `SO_REUSEADDR` too, can bind and listen on it meanwhile.
+fn reserve_port() -> Option<(u16, socket2::Socket)> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).ok()?;
+    socket.set_reuse_address(true).ok()?;
+    let loopback = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+    socket.bind(&loopback.into()).ok()?;
+    let port = socket.local_addr().ok()?.as_socket()?.port();
+    Some((port, socket))
 }
 
-/// Whether a server on the host's network that stopped as it started lost its port to
-/// another process, which took it between [`free_port`] and the server's start.
+/// Whether a server on the host's network that stopped as it started found its port
+/// taken: a program that binds that port itself (no pick of a free port can take it,
+/// [`reserve_port`]) listened on it first.
 fn port_taken(port: u16) -> bool {
     std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))
         .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
@@ -1123,15 +1135,27 @@ fn port_of(info: &bollard::models::ContainerInspectResponse) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use super::{free_port, initialized_tag, parse_endpoint, port_taken};
+    use super::{initialized_tag, parse_endpoint, port_taken, reserve_port};
 
+    /// The server, like `std`'s listeners, binds with `SO_REUSEADDR`: it can listen on
+    /// the reserved port, which no pick of a free port gets while it is held.
     #[test]
-    fn a_port_another_process_listens_on_is_taken() {
-        let port = free_port().expect("a free port");
+    fn a_reserved_port_is_nobody_elses_but_its_server_can_listen_on_it() {
+        use std::net::{Ipv4Addr, TcpListener};
+        let (port, reservation) = reserve_port().expect("a free port");
         assert!(!port_taken(port));
-        let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port));
-        assert!(listener.is_ok(), "{listener:?}");
+        let picks: Vec<TcpListener> = (0..200)
+            .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
+            .collect();
+        assert!(
+            picks.iter().all(|l| l.local_addr().unwrap().port() != port),
+            "a pick of a free port got the reserved one"
+        );
+        let server = TcpListener::bind((Ipv4Addr::LOCALHOST, port));
+        assert!(server.is_ok(), "{server:?}");
         assert!(port_taken(port));
+        drop(reservation);
+        assert!(port_taken(port), "the server keeps its port");
     }
 
     #[test]
