@@ -377,9 +377,7 @@ async fn a_container_that_refuses_both_passwords_fails_in_time() {
     // pgfixture's own connections would take the container's Unix socket, which
     // trusts its clients (where the daemon runs on this host): without it, as where
     // there is none, every way in asks for the password.
-    let sockets = std::env::temp_dir()
-        .join(format!("pgfixture-{}", own_uid()))
-        .join("sockets");
+    let sockets = user_dir().join("sockets");
     for dir in std::fs::read_dir(&sockets).into_iter().flatten().flatten() {
         if dir
             .file_name()
@@ -1205,9 +1203,7 @@ async fn a_process_that_finds_its_server_ready_sweeps_dead_runs() {
 async fn a_process_finds_its_runs_local_server_through_a_record() {
     let (run, server) = started_local_run("rcrd");
     let env = local_run_env(&run);
-    let records = std::env::temp_dir()
-        .join(format!("pgfixture-{}", own_uid()))
-        .join("local-servers");
+    let records = user_dir().join("local-servers");
     let names_server = |path: &std::path::Path| {
         std::fs::read_to_string(path)
             .ok()
@@ -1271,10 +1267,11 @@ fn local_server_dir(run: &str) -> std::path::PathBuf {
         .expect("the server's directory")
 }
 
-/// This user's id, as pgfixture names its directory (`$TMPDIR/pgfixture-<uid>`).
-fn own_uid() -> u32 {
+/// This user's directory of pgfixture's records (`$TMPDIR/pgfixture-<uid>`).
+fn user_dir() -> std::path::PathBuf {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").unwrap().uid()
+    let uid = std::fs::metadata("/proc/self").unwrap().uid();
+    std::env::temp_dir().join(format!("pgfixture-{uid}"))
 }
 
 /// The per-user record of container addresses loses the records of containers that
@@ -1283,7 +1280,7 @@ fn own_uid() -> u32 {
 #[tokio::test]
 async fn records_of_gone_containers_are_removed() {
     // Docker itself: scripts/test.sh selects this test out of the local backend's runs.
-    let user = std::env::temp_dir().join(format!("pgfixture-{}", own_uid()));
+    let user = user_dir();
     let records = user.join("docker-endpoints");
     std::fs::create_dir_all(&records).unwrap();
     let gone = format!("pgfixture-{}-000000-shared", unique_run("gone"));
