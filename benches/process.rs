@@ -11,7 +11,8 @@
 //! Side by side, per isolation mode, medians of processes run one after the other, the
 //! kinds taking turns (each round starting one kind later) so that the machine's drift,
 //! and the end of the previous process's backend, reach every column alike. Every
-//! process runs with `NEXTEST_EXECUTION_MODE=process-per-test`, as under nextest:
+//! process runs with `NEXTEST_EXECUTION_MODE=process-per-test` and one `NEXTEST_RUN_ID`
+//! for the bench's run, as under nextest:
 //! - `empty`: a process of this binary that exits at once (the floor of process start);
 //! - `raw`: a process that opens one connection with tokio-postgres and runs the query
 //!   (the floor of a process that talks to PostgreSQL at all);
@@ -185,6 +186,16 @@ fn main() {
         .unwrap();
     // At most 11 characters: used as it is, in this process and its children alike.
     let run_id = format!("bn{:07x}", std::process::id() & 0xfff_ffff);
+    // nextest's own run id, a new UUID for every run, that every test process sees.
+    let nextest_run_id = format!(
+        "{:08x}-0000-4000-8000-{:012x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+            & 0xffff_ffff_ffff
+    );
     let mut backend = String::new();
     let migrations = migrations_dir();
     let runs = [
@@ -199,6 +210,7 @@ fn main() {
         let mut env = vec![
             // As nextest announces it to every test process.
             ("NEXTEST_EXECUTION_MODE", "process-per-test".to_owned()),
+            ("NEXTEST_RUN_ID", nextest_run_id.clone()),
             ("PGFIXTURE_RUN_ID", run_id.clone()),
             ("PGFIXTURE_ISOLATION", mode.clone()),
             ("PGFIXTURE_WORKER", "0".to_owned()),
