@@ -19,7 +19,11 @@
 //! - `pgfixture`: `worker_db()`, the query, `release()`. Its `inside` column is the part
 //!   after `main` starts, as the process measures it;
 //! - `sqlx raw`: a process that opens one sqlx `PgConnection` and runs the query;
-//! - `sqlx`: `pgfixture::sqlx::worker_db()`, the query, `release()`.
+//! - `sqlx`: `pgfixture::sqlx::worker_db()`, the query, `release()`, in a plain
+//!   runtime (`#[tokio::test]`'s);
+//! - `sqlx attr`: the same test as `#[pgfixture::test]` expands it, taking
+//!   `pgfixture::sqlx::TestDb` and dropping it at its end (its connection on the
+//!   test's own runtime: README, "Under nextest").
 //!
 //! Each mode runs with pgfixture's own two fixture files, and database and schema modes
 //! once more with a migrations folder of a real project's size (`+migrations`: 200
@@ -49,6 +53,30 @@ fn ms(d: Duration) -> String {
 fn child(mode: &str) {
     let started = Instant::now();
     if mode == "empty" {
+        return;
+    }
+    if mode == "sqlx_attr" {
+        // What `#[pgfixture::test] async fn t(mut db: pgfixture::sqlx::TestDb)` expands
+        // to: the attribute's runtime, and the handle dropped at the test's end.
+        pgfixture::__macro::run::<pgfixture::sqlx::TestDb, ()>(
+            pgfixture::__macro::TestArgs {
+                name: "process::sqlx_attr",
+                file: file!(),
+                manifest_dir: env!("CARGO_MANIFEST_DIR"),
+                fixtures: &[],
+                migrations: pgfixture::__macro::Migrations::Inferred,
+            },
+            pgfixture::__macro::runtime(false, None),
+            |mut db| {
+                Box::pin(async move {
+                    pgfixture::sqlx::query("SELECT 1")
+                        .execute(&mut *db)
+                        .await
+                        .unwrap();
+                })
+            },
+        );
+        println!("inside_us={}", started.elapsed().as_micros());
         return;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -168,7 +196,7 @@ fn main() {
         "per-test cost of a fresh process, warm worker ({n} processes per column, {profile} build)"
     );
     println!(
-        "{:<14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9}",
+        "{:<14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9}",
         "mode",
         "empty",
         "raw",
@@ -178,6 +206,8 @@ fn main() {
         "x raw",
         "sqlx raw",
         "sqlx",
+        "x raw",
+        "sqlx attr",
         "x raw"
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -252,25 +282,27 @@ fn main() {
         raw_env.push(("PGFIXTURE_BENCH_URL", url));
 
         let (mut empty, mut raw, mut pgf) = (Runs::default(), Runs::default(), Runs::default());
-        let (mut sqlx_raw, mut sqlx) = (Runs::default(), Runs::default());
+        let (mut sqlx_raw, mut sqlx, mut attr) =
+            (Runs::default(), Runs::default(), Runs::default());
         for i in 0..n {
             // Each round starts one kind later, so that every kind follows every other
             // equally often: a process starts while the server still ends the backend
             // of the one before, which costs the machine's two cores something.
-            for k in 0..5 {
-                match (i + k) % 5 {
+            for k in 0..6 {
+                match (i + k) % 6 {
                     0 => empty.run("empty", &env),
                     1 => raw.run("raw", &raw_env),
                     2 => pgf.run("pgfixture", &env),
                     3 => sqlx_raw.run("sqlx_raw", &raw_env),
-                    _ => sqlx.run("sqlx", &env),
+                    4 => sqlx.run("sqlx", &env),
+                    _ => attr.run("sqlx_attr", &env),
                 }
             }
         }
         let (e, r, p) = (empty.median(), raw.median(), pgf.median());
-        let (sr, sp) = (sqlx_raw.median(), sqlx.median());
+        let (sr, sp, sa) = (sqlx_raw.median(), sqlx.median(), attr.median());
         println!(
-            "{mode:<14} {} {} {} {} {} {:>8.2}x {} {} {:>8.2}x",
+            "{mode:<14} {} {} {} {} {} {:>8.2}x {} {} {:>8.2}x {} {:>8.2}x",
             ms(e),
             ms(r),
             ms(p),
@@ -279,7 +311,9 @@ fn main() {
             p.as_secs_f64() / r.as_secs_f64(),
             ms(sr),
             ms(sp),
-            sp.as_secs_f64() / sr.as_secs_f64()
+            sp.as_secs_f64() / sr.as_secs_f64(),
+            ms(sa),
+            sa.as_secs_f64() / sr.as_secs_f64()
         );
         backend = fixture.stats().backend.unwrap_or("?").to_owned();
         runtime.block_on(pool.release()).unwrap();

@@ -150,7 +150,7 @@ pub fn run_plain<T>(
     runtime: tokio::runtime::Runtime,
     test: Pin<&mut dyn Future<Output = T>>,
 ) -> T {
-    runtime.block_on(test)
+    crate::runtime::in_test_scope(runtime, |runtime| runtime.block_on(test))
 }
 
 /// Runs a test with its handle `H`. Nothing here is compiled per test: taking and
@@ -160,10 +160,14 @@ pub fn run<H: TestHandle, T>(
     runtime: tokio::runtime::Runtime,
     test: Body<H, T>,
 ) -> T {
-    let (handle, guard) = acquire::<H>(&runtime, &args);
-    let output = runtime.block_on(test(handle));
-    release::<H>(&runtime, guard, &args);
-    output
+    // Under nextest, the test's connections may live on its own runtime: the test
+    // scope ends what its handles leave, before the runtime goes.
+    crate::runtime::in_test_scope(runtime, |runtime| {
+        let (handle, guard) = acquire::<H>(runtime, &args);
+        let output = runtime.block_on(test(handle));
+        release::<H>(runtime, guard, &args);
+        output
+    })
 }
 
 /// The test's handle, or a panic that names the test and the cause.

@@ -174,4 +174,18 @@ impl Checkout {
         drop(self.lease);
         result
     }
+
+    /// The test's connection went before its transaction's end could be read (its
+    /// runtime ended first): whether the test committed is unknown, so the worker is
+    /// rebuilt before the slot frees up.
+    pub(crate) async fn end_unread(self) -> Result<()> {
+        let test = self.test.as_deref().unwrap_or("a test");
+        eprintln!(
+            "pgfixture: the connection of {test} on worker {} closed with the test's runtime before its transaction's end could be read; resetting the worker, since whether it committed is unknown",
+            self.id
+        );
+        let result = self.owner.reset(&self.id).await;
+        drop(self.lease);
+        result
+    }
 }

@@ -673,7 +673,8 @@ impl Fixture {
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     /// The calling test's worker, for a driver to hand out a connection of its own
     /// ([`crate::driver`]): `then` runs on the background runtime with it, where new
-    /// connections must be opened. `test` names the test, else its thread's name does.
+    /// connections must be opened (in a test scope, [`runtime::in_test_scope`], on the
+    /// test's own runtime). `test` names the test, else its thread's name does.
     pub(crate) async fn checkout<T, F, Fut>(
         &self,
         test: Option<String>,
@@ -689,8 +690,9 @@ impl Fixture {
         let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
         let reused_lease = held.is_some();
         let test = test.or_else(current_test);
-        // One trip to the background runtime for the worker and the driver's work on it.
-        let (lease, handed) = runtime::run(async move {
+        // One trip to the background runtime for the worker and the driver's work on it
+        // (none in a test scope: the test's own runtime, where its connections live).
+        let (lease, handed) = runtime::run_for_test(async move {
             let checkout = inner.checkout(held, test, primer).await?;
             let lease = checkout.lease.clone();
             Ok::<_, Error>((lease, then(checkout).await?))

@@ -566,3 +566,90 @@ fn a_process_checks_its_worker_with_the_begin_and_resets_a_marked_one() {
     assert_eq!(counted(&run), (0, 1, 0), "the marked worker is reset");
     assert_eq!(counted(&run), (0, 0, 1), "and then found ready");
 }
+
+/// A nextest process's `#[pgfixture::test]` (run by the test below, with
+/// `NEXTEST_EXECUTION_MODE=process-per-test`): its connection lives on the test's own
+/// runtime, and its end runs there once the test is over. `count` reports the rows such
+/// tests left and pgfixture's background threads; the others commit, then end: by
+/// dropping the handle, by panicking, or with the handle in a task the test left
+/// running, which drops with the runtime.
+#[pgfixture::test]
+#[ignore = "helper, run as a child process by the test below"]
+async fn scoped_child(mut db: TestDb) {
+    let commit = async |db: &mut TestDb| {
+        insert(db, "scoped").await;
+        pgfixture::sqlx::raw_sql("COMMIT")
+            .execute(&mut **db)
+            .await
+            .unwrap();
+    };
+    match std::env::var("PGFIXTURE_TEST_CHILD").unwrap().as_str() {
+        "count" => {
+            let n = count(&mut db, "scoped").await;
+            let threads = std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .flatten()
+                .filter(|task| {
+                    std::fs::read_to_string(task.path().join("comm"))
+                        .is_ok_and(|name| name.trim() == "pgfixture")
+                })
+                .count();
+            println!("CHILD-COUNT notes={n} threads={threads}");
+        }
+        "commit" => commit(&mut db).await,
+        "panic" => {
+            commit(&mut db).await;
+            panic!("the test fails after its commit");
+        }
+        "task" => {
+            commit(&mut db).await;
+            tokio::spawn(async move {
+                let _held = db;
+                std::future::pending::<()>().await;
+            });
+        }
+        other => panic!("unknown child mode {other}"),
+    }
+}
+
+/// Runs [`scoped_child`] in `mode`, as nextest runs a test: a process of its own.
+fn scoped(run: &str, mode: &str) -> std::process::Output {
+    common::named_child_command("scoped_child", &child_env(run, mode))
+        .output()
+        .expect("running the child test")
+}
+
+/// Under nextest, a `#[pgfixture::test]` on a current-thread runtime opens its
+/// connection on that runtime (a warm process starts no background thread), and a
+/// commit is found and the worker reset however the test ends: its handle dropped,
+/// a panic, or the handle dropped with the runtime by a task the test left running
+/// (whose commit cannot be read: the worker is reset all the same).
+#[test]
+fn a_nextest_attribute_test_ends_on_its_own_runtime_however_it_ends() {
+    let run = unique_run("sqlxscope");
+    let counted = |what: &str| {
+        let out = scoped(&run, "count");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{what}: {stdout}\n{stderr}");
+        (
+            common::reported(&stdout, "notes"),
+            common::reported(&stdout, "threads"),
+        )
+    };
+    assert_eq!(counted("provisioned").0, 0);
+    assert_eq!(counted("warm"), (0, 0), "a warm process's threads");
+    for (mode, succeeds, said) in [
+        ("commit", true, "committed its transaction"),
+        ("panic", false, "committed its transaction"),
+        ("task", true, "before its transaction's end could be read"),
+    ] {
+        let out = scoped(&run, mode);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), succeeds, "{mode}: {stderr}");
+        assert!(stderr.contains(said), "{mode}: {stderr}");
+        assert_eq!(counted(mode), (0, 0), "after {mode}: the worker was reset");
+    }
+}

@@ -62,9 +62,15 @@ pub async fn worker_pool() -> Result<WorkerPool> {
 ///
 /// The connection is opened on pgfixture's own runtime and kept for the worker's next
 /// test, so it outlives the `#[tokio::test]` runtime that used it, of either flavour.
+/// Under nextest, whose processes run one test each, a `#[pgfixture::test]` on a
+/// `current_thread` runtime opens it on the test's own runtime instead, and ends it
+/// there once the test is over.
 pub struct TestDb {
     conn: Option<PgConnection>,
     checkout: Option<Checkout>,
+    /// Opened in a test scope, on the test's own runtime ([`runtime::in_test_scope`]):
+    /// ended there, and not kept for another test.
+    scoped: bool,
 }
 
 impl fmt::Debug for TestDb {
@@ -94,6 +100,7 @@ impl TestDb {
             return Ok(TestDb {
                 conn: Some(conn),
                 checkout: Some(checkout),
+                scoped: false,
             });
         }
         // None, or closed since: the checked way, with a new connection if need be.
@@ -109,6 +116,7 @@ impl TestDb {
                 Ok(TestDb {
                     conn: Some(conn),
                     checkout: Some(checkout),
+                    scoped: runtime::in_scope(),
                 })
             })
             .await
@@ -160,13 +168,7 @@ impl TestDb {
         };
         // The rollback in the caller's own task (the connection's socket works from
         // any runtime); only a reset, after a commit, goes to the background runtime.
-        let limit = checkout.owner.config().acquire_timeout;
-        let ended = tokio::time::timeout(limit, end_test(conn)).await;
-        if matches!(ended, Ok(Ok((_, true)))) {
-            runtime::run(after_end(checkout, ended, limit)).await
-        } else {
-            after_end(checkout, ended, limit).await
-        }
+        end_here(conn, checkout, !self.scoped).await
     }
 
     fn finish(&mut self) -> impl Future<Output = Result<()>> + Send + 'static {
@@ -178,8 +180,47 @@ impl TestDb {
             };
             let limit = checkout.owner.config().acquire_timeout;
             let ended = tokio::time::timeout(limit, end_test(conn)).await;
-            after_end(checkout, ended, limit).await
+            after_end(checkout, ended, limit, true).await
         }
+    }
+}
+
+/// Ends a test's transaction in the caller's own task (the connection's socket works
+/// from any runtime); only a reset, after a commit, goes to the background runtime.
+/// The connection is kept for the worker's next test if `keep`.
+async fn end_here(conn: PgConnection, checkout: Checkout, keep: bool) -> Result<()> {
+    let limit = checkout.owner.config().acquire_timeout;
+    let ended = tokio::time::timeout(limit, end_test(conn)).await;
+    if matches!(ended, Ok(Ok((_, true)))) {
+        runtime::run(after_end(checkout, ended, limit, keep)).await
+    } else {
+        after_end(checkout, ended, limit, keep).await
+    }
+}
+
+/// The end of a [`TestDb`] dropped in a test scope, run there once the test is over.
+struct ScopedEnd {
+    conn: PgConnection,
+    checkout: Checkout,
+}
+
+impl runtime::Deferred for ScopedEnd {
+    fn end(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Err(error) = end_here(self.conn, self.checkout, false).await {
+                tracing::warn!(%error, "ending a test's transaction failed");
+            }
+        })
+    }
+
+    fn lost(self: Box<Self>) {
+        let ScopedEnd { conn, checkout } = *self;
+        drop(conn);
+        runtime::block_on(async move {
+            if let Err(error) = checkout.end_unread().await {
+                tracing::warn!(%error, "resetting a worker failed");
+            }
+        });
     }
 }
 
@@ -189,11 +230,16 @@ type EndResult = Result<Result<(Ended, bool), ::sqlx::Error>, tokio::time::error
 /// What follows the end of a test's transaction: the connection goes back to the
 /// worker's stash, or after a commit the worker is reset (on the background runtime),
 /// or a failed end is reported and its connection closed.
-async fn after_end(checkout: Checkout, ended: EndResult, limit: std::time::Duration) -> Result<()> {
+async fn after_end(
+    checkout: Checkout,
+    ended: EndResult,
+    limit: std::time::Duration,
+    keep: bool,
+) -> Result<()> {
     match ended {
         Ok(Ok((conn, committed))) => {
             match conn {
-                _ if committed => {}
+                _ if committed || !keep => {}
                 Ended::Cleared(conn) => checkout.keep_idle(conn),
                 Ended::Unclean(conn) => checkout.keep_idle(Unclean(conn)),
             }
@@ -237,6 +283,16 @@ impl DerefMut for TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if self.scoped
+            && let (Some(conn), Some(checkout)) = (self.conn.take(), self.checkout.take())
+        {
+            // Its socket is the test runtime's, which this thread runs: ended there,
+            // once the test is over.
+            if let Some(end) = runtime::defer(Box::new(ScopedEnd { conn, checkout })) {
+                end.lost();
+            }
+            return;
+        }
         if self.conn.is_some() {
             let finish = self.finish();
             runtime::block_on(async move {

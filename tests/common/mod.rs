@@ -52,10 +52,16 @@ pub fn run_child(env: &[(&str, &str)]) -> Output {
 
 /// The command that runs this test binary's `child` helper; see [`run_child`].
 pub fn child_command(env: &[(&str, &str)]) -> Command {
+    named_child_command("child", env)
+}
+
+/// The command that runs this test binary's ignored test `name` as [`child_command`]
+/// runs `child`.
+pub fn named_child_command(name: &str, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
-        "child",
+        name,
         "--ignored",
         "--nocapture",
         "--test-threads",
