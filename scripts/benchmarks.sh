@@ -116,7 +116,10 @@ as one that outlives \`#[tokio::test]\` runtimes must be (pgfixture's live on it
 "\`benches/process.rs\`, release build: a process per test with its worker already provisioned,
 against a process that exits at once (\`empty\`) and one that opens one connection itself (\`raw\`).
 The kinds of process take turns, so the machine's drift reaches every column alike. \`+migr\` rows
-add a migrations folder of 200 sqlx migrations (70 KB), whose content hash every process needs."
+add a migrations folder of 200 sqlx migrations (70 KB), whose content hash every process needs.
+\`sqlx\` takes \`pgfixture::sqlx::worker_db()\` in a plain runtime; \`sqlx attr\` is the same test as
+\`#[pgfixture::test]\` runs it, its connection on the test's own runtime (README, \"Under nextest\");
+both columns' \`x raw\` are against \`sqlx raw\`."
     section "Per-test cost of a fresh process, unoptimised build" process-dev \
 "The same, built as test binaries are (\`--profile dev\`; pgfixture's \`Cargo.toml\` optimises no
 dependency in test builds, so this is what a user's test binary gets)."
