@@ -642,10 +642,14 @@ impl WorkerPool {
             }
         };
         // Opened on pgfixture's runtime, not the test's: connections that outlive it.
-        if kept.pool.size() < KEPT {
+        // In a process that runs one test, one: a test that holds more at once opens
+        // them as it needs them, and no other test will use them.
+        let kept_now = if one_test_per_process() { 1 } else { KEPT };
+        if kept.pool.size() < kept_now {
             let filling = kept.pool.clone();
             runtime::run(async move {
-                let opened = futures::future::join_all((0..KEPT).map(|_| filling.acquire())).await;
+                let opened =
+                    futures::future::join_all((0..kept_now).map(|_| filling.acquire())).await;
                 drop(opened);
                 all_idle(&filling).await;
             })
