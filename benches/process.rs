@@ -23,7 +23,10 @@
 //!   runtime (`#[tokio::test]`'s);
 //! - `sqlx attr`: the same test as `#[pgfixture::test]` expands it, taking
 //!   `pgfixture::sqlx::TestDb` and dropping it at its end (its connection on the
-//!   test's own runtime: README, "Under nextest").
+//!   test's own runtime: README, "Under nextest");
+//! - `sqlx pool`: a `#[pgfixture::test]` taking `sqlx::PgPool`, as a renamed
+//!   `#[sqlx::test]` usually does: the worker pool, its marks and readings (README,
+//!   "Tests that commit"), the query through the pool.
 //!
 //! Each mode runs with pgfixture's own two fixture files, and database and schema modes
 //! once more with a migrations folder of a real project's size (`+migrations`: 200
@@ -55,22 +58,41 @@ fn child(mode: &str) {
     if mode == "empty" {
         return;
     }
+    // What `#[pgfixture::test]` expands to: the attribute's runtime, and the handle
+    // dropped at the test's end.
+    let args = || pgfixture::__macro::TestArgs {
+        name: "process::attribute",
+        file: file!(),
+        manifest_dir: env!("CARGO_MANIFEST_DIR"),
+        fixtures: &[],
+        migrations: pgfixture::__macro::Migrations::Inferred,
+    };
     if mode == "sqlx_attr" {
-        // What `#[pgfixture::test] async fn t(mut db: pgfixture::sqlx::TestDb)` expands
-        // to: the attribute's runtime, and the handle dropped at the test's end.
+        // `async fn t(mut db: pgfixture::sqlx::TestDb)`
         pgfixture::__macro::run::<pgfixture::sqlx::TestDb, ()>(
-            pgfixture::__macro::TestArgs {
-                name: "process::sqlx_attr",
-                file: file!(),
-                manifest_dir: env!("CARGO_MANIFEST_DIR"),
-                fixtures: &[],
-                migrations: pgfixture::__macro::Migrations::Inferred,
-            },
+            args(),
             pgfixture::__macro::runtime(false, None),
             |mut db| {
                 Box::pin(async move {
                     pgfixture::sqlx::query("SELECT 1")
                         .execute(&mut *db)
+                        .await
+                        .unwrap();
+                })
+            },
+        );
+        println!("inside_us={}", started.elapsed().as_micros());
+        return;
+    }
+    if mode == "sqlx_pool" {
+        // `async fn t(pool: sqlx::PgPool)`, `#[sqlx::test]`'s usual signature.
+        pgfixture::__macro::run::<pgfixture::sqlx::PgPool, ()>(
+            args(),
+            pgfixture::__macro::runtime(false, None),
+            |pool| {
+                Box::pin(async move {
+                    pgfixture::sqlx::query("SELECT 1")
+                        .execute(&pool)
                         .await
                         .unwrap();
                 })
@@ -196,7 +218,7 @@ fn main() {
         "per-test cost of a fresh process, warm worker ({n} processes per column, {profile} build)"
     );
     println!(
-        "{:<14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9}",
+        "{:<14} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10} {:>9}",
         "mode",
         "empty",
         "raw",
@@ -208,6 +230,8 @@ fn main() {
         "sqlx",
         "x raw",
         "sqlx attr",
+        "x raw",
+        "sqlx pool",
         "x raw"
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -282,27 +306,37 @@ fn main() {
         raw_env.push(("PGFIXTURE_BENCH_URL", url));
 
         let (mut empty, mut raw, mut pgf) = (Runs::default(), Runs::default(), Runs::default());
-        let (mut sqlx_raw, mut sqlx, mut attr) =
-            (Runs::default(), Runs::default(), Runs::default());
+        let (mut sqlx_raw, mut sqlx, mut attr, mut pooled) = (
+            Runs::default(),
+            Runs::default(),
+            Runs::default(),
+            Runs::default(),
+        );
         for i in 0..n {
             // Each round starts one kind later, so that every kind follows every other
             // equally often: a process starts while the server still ends the backend
             // of the one before, which costs the machine's two cores something.
-            for k in 0..6 {
-                match (i + k) % 6 {
+            for k in 0..7 {
+                match (i + k) % 7 {
                     0 => empty.run("empty", &env),
                     1 => raw.run("raw", &raw_env),
                     2 => pgf.run("pgfixture", &env),
                     3 => sqlx_raw.run("sqlx_raw", &raw_env),
                     4 => sqlx.run("sqlx", &env),
-                    _ => attr.run("sqlx_attr", &env),
+                    5 => attr.run("sqlx_attr", &env),
+                    _ => pooled.run("sqlx_pool", &env),
                 }
             }
         }
         let (e, r, p) = (empty.median(), raw.median(), pgf.median());
-        let (sr, sp, sa) = (sqlx_raw.median(), sqlx.median(), attr.median());
+        let (sr, sp, sa, so) = (
+            sqlx_raw.median(),
+            sqlx.median(),
+            attr.median(),
+            pooled.median(),
+        );
         println!(
-            "{mode:<14} {} {} {} {} {} {:>8.2}x {} {} {:>8.2}x {} {:>8.2}x",
+            "{mode:<14} {} {} {} {} {} {:>8.2}x {} {} {:>8.2}x {} {:>8.2}x {} {:>8.2}x",
             ms(e),
             ms(r),
             ms(p),
@@ -313,7 +347,9 @@ fn main() {
             ms(sp),
             sp.as_secs_f64() / sr.as_secs_f64(),
             ms(sa),
-            sa.as_secs_f64() / sr.as_secs_f64()
+            sa.as_secs_f64() / sr.as_secs_f64(),
+            ms(so),
+            so.as_secs_f64() / sr.as_secs_f64()
         );
         backend = fixture.stats().backend.unwrap_or("?").to_owned();
         runtime.block_on(pool.release()).unwrap();
