@@ -119,7 +119,8 @@ The kinds of process take turns, so the machine's drift reaches every column ali
 add a migrations folder of 200 sqlx migrations (70 KB), whose content hash every process needs.
 \`sqlx\` takes \`pgfixture::sqlx::worker_db()\` in a plain runtime; \`sqlx attr\` is the same test as
 \`#[pgfixture::test]\` runs it, its connection on the test's own runtime (README, \"Under nextest\");
-both columns' \`x raw\` are against \`sqlx raw\`."
+\`sqlx pool\` is a \`#[pgfixture::test]\` taking \`sqlx::PgPool\` (the worker pool, its marks and readings);
+the sqlx columns' \`x raw\` are against \`sqlx raw\`."
     section "Per-test cost of a fresh process, unoptimised build" process-dev \
 "The same, built as test binaries are (\`--profile dev\`; pgfixture's \`Cargo.toml\` optimises no
 dependency in test builds, so this is what a user's test binary gets)."
