@@ -34,7 +34,13 @@ run() { # name, backend, command...
         return
     fi
     echo "== $name ($backend): $*" >&2
-    PGFIXTURE_BACKEND=$backend RUST_BACKTRACE=0 "$@" 2>/dev/null | grep -v '^pgfixture: ' >"$out/$name-$backend.txt"
+    # The bench's stderr is kept beside its output, and shown when it fails.
+    local err="$out/$name-$backend.err"
+    if ! PGFIXTURE_BACKEND=$backend RUST_BACKTRACE=0 "$@" 2>"$err" | grep -v '^pgfixture: ' >"$out/$name-$backend.txt"; then
+        echo "benchmarks.sh: $name ($backend) failed; the end of its stderr ($err):" >&2
+        grep -v '^pgfixture: ' "$err" | tail -20 >&2
+        exit 1
+    fi
     cat "$out/$name-$backend.txt" >&2
 }
 
