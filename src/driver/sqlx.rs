@@ -178,16 +178,15 @@ impl TestDb {
             let (Some(conn), Some(checkout)) = (conn, checkout) else {
                 return Ok(());
             };
-            let limit = checkout.owner.config().acquire_timeout;
-            let ended = tokio::time::timeout(limit, end_test(conn)).await;
-            after_end(checkout, ended, limit, true).await
+            end_here(conn, checkout, true).await
         }
     }
 }
 
 /// Ends a test's transaction in the caller's own task (the connection's socket works
-/// from any runtime); only a reset, after a commit, goes to the background runtime.
-/// The connection is kept for the worker's next test if `keep`.
+/// from any runtime); only a reset, after a commit, goes to the background runtime
+/// (where a dropped handle's end already runs). The connection is kept for the
+/// worker's next test if `keep`.
 async fn end_here(conn: PgConnection, checkout: Checkout, keep: bool) -> Result<()> {
     let limit = checkout.owner.config().acquire_timeout;
     let ended = tokio::time::timeout(limit, end_test(conn)).await;
