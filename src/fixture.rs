@@ -448,11 +448,23 @@ impl Worker {
         &self.begin
     }
 
+    /// The most connections the worker's pool opens: a driver's pool on the worker
+    /// takes as many.
+    pub(crate) fn pool_size(&self) -> usize {
+        self.pool.status().max_size
+    }
+
     /// A connection of type `T` from the stash.
     pub(crate) fn take_idle<T: std::any::Any>(&self) -> Option<T> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let at = idle.iter().position(|c| c.is::<T>())?;
         idle.swap_remove(at).downcast().ok().map(|c| *c)
+    }
+
+    /// Whether the stash holds a connection of type `T`.
+    pub(crate) fn has_idle<T: std::any::Any>(&self) -> bool {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.iter().any(|c| c.is::<T>())
     }
 
     /// Puts a connection in the stash, unless it holds enough of its type.
@@ -490,6 +502,12 @@ pub(crate) type Primer =
         Arc<Settings>,
         PrimeCheck,
     ) -> futures::future::BoxFuture<'static, Result<Option<Box<dyn std::any::Any + Send>>>>;
+
+/// Starts a driver's own pool on the worker of a worker pool, once the worker is
+/// checked, on the background runtime: it opens while the core marks and reads the
+/// worker (a new backend's start beside the reading's, each a few milliseconds), and
+/// waits in the worker's stash for the driver.
+pub(crate) type PoolOpener = fn(&Arc<Worker>, &Config);
 
 /// The check of a worker another process left, for a driver's [`Primer`]: the first
 /// test's `BEGIN`, then a `SELECT` that fails unless the worker's mark (a setting the
@@ -660,10 +678,19 @@ impl Fixture {
     ///
     /// As [`Fixture::worker_db`].
     pub async fn worker_pool(&self) -> Result<WorkerPool> {
+        self.worker_pool_opening(None).await
+    }
+
+    /// [`Fixture::worker_pool`] for a driver whose pool of its own `opener` starts
+    /// opening as soon as the worker is checked ([`PoolOpener`]).
+    pub(crate) async fn worker_pool_opening(
+        &self,
+        opener: Option<PoolOpener>,
+    ) -> Result<WorkerPool> {
         let inner = Arc::clone(&self.inner);
         let held = inner.slots.as_ref().and_then(|_| Slots::held(inner.id));
         let reused_lease = held.is_some();
-        let guard = runtime::run(async move { inner.worker_pool(held).await }).await?;
+        let guard = runtime::run(async move { inner.worker_pool(held, opener).await }).await?;
         if !reused_lease && let Some(lease) = &guard.lease {
             Slots::remember(self.inner.id, lease);
         }
@@ -910,7 +937,11 @@ impl Inner {
         .map_err(Error::with_connection_advice)
     }
 
-    async fn worker_pool(self: Arc<Self>, held: Option<Arc<SlotLease>>) -> Result<WorkerPool> {
+    async fn worker_pool(
+        self: Arc<Self>,
+        held: Option<Arc<SlotLease>>,
+        opener: Option<PoolOpener>,
+    ) -> Result<WorkerPool> {
         let phase = Phase::default();
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
@@ -928,6 +959,9 @@ impl Inner {
                 }
                 other => other?,
             };
+            if let Some(open) = opener {
+                open(&worker, &self.config);
+            }
             let target = self.target(&worker);
             // Code under test gets the worker's own pool, whose connections are warm;
             // the connections it opens itself from the pool's settings carry a name of

@@ -629,30 +629,25 @@ impl WorkerPool {
     ///
     /// As [`worker_pool`].
     pub async fn acquire(fixture: &Fixture) -> Result<WorkerPool> {
-        let core = fixture.worker_pool().await?;
-        let kept = match core.state.take_idle::<KeptPool>() {
-            // Back from the last test's clearing, as a rule, by now.
-            Some(kept) if !kept.pool.is_closed() && all_idle(&kept.pool).await => kept,
-            _ => {
-                let options = own_connect_options(core.state.settings());
-                let max = core.status().max_size.max(1) as u32;
-                let timeout = fixture.config().acquire_timeout;
-                runtime::run(async move { kept_pool(options, max, timeout) }).await
+        let core = fixture.worker_pool_opening(Some(open_kept)).await?;
+        let kept = match core.state.take_idle::<Opening>() {
+            Some(Opening { kept, opened }) => {
+                let _ = opened.await;
+                kept
             }
+            None => match core.state.take_idle::<KeptPool>() {
+                // Back from the last test's clearing, as a rule, by now.
+                Some(kept) if !kept.pool.is_closed() && all_idle(&kept.pool).await => kept,
+                _ => {
+                    let options = own_connect_options(core.state.settings());
+                    let max = core.status().max_size.max(1) as u32;
+                    let timeout = fixture.config().acquire_timeout;
+                    runtime::run(async move { kept_pool(options, max, timeout) }).await
+                }
+            },
         };
-        // Opened on pgfixture's runtime, not the test's: connections that outlive it.
-        // In a process that runs one test, one: a test that holds more at once opens
-        // them as it needs them, and no other test will use them.
-        let kept_now = if one_test_per_process() { 1 } else { KEPT };
-        if kept.pool.size() < kept_now {
-            let filling = kept.pool.clone();
-            runtime::run(async move {
-                let opened =
-                    futures::future::join_all((0..kept_now).map(|_| filling.acquire())).await;
-                drop(opened);
-                all_idle(&filling).await;
-            })
-            .await;
+        if kept.pool.size() < kept_now() {
+            runtime::run(fill(kept.pool.clone())).await;
         }
         Ok(WorkerPool {
             pool: Some(kept),
@@ -723,6 +718,44 @@ fn kept_pool(options: PgConnectOptions, max: u32, timeout: std::time::Duration) 
         })
         .connect_lazy_with(options);
     KeptPool { pool, foreign }
+}
+
+/// The connections a kept pool opens before a test: in a process that runs one test,
+/// one; a test that holds more at once opens them as it needs them (on its own
+/// runtime), and no other test will use them.
+fn kept_now() -> u32 {
+    if one_test_per_process() { 1 } else { KEPT }
+}
+
+/// Opens [`kept_now`] connections of `pool` and waits until they are back in it. On
+/// pgfixture's runtime, not the test's: connections that outlive it. An error is left
+/// for the test's first query to meet.
+async fn fill(pool: PgPool) {
+    let opened = futures::future::join_all((0..kept_now()).map(|_| pool.acquire())).await;
+    drop(opened);
+    all_idle(&pool).await;
+}
+
+/// A kept pool opening its connections ([`open_kept`]).
+struct Opening {
+    kept: KeptPool,
+    opened: tokio::task::JoinHandle<()>,
+}
+
+/// The sqlx driver's [`PoolOpener`](crate::fixture::PoolOpener): on a worker whose
+/// stash holds no kept pool (the first worker pool of a process, as in every nextest
+/// process, or after a reset), a new one starts opening its connections while the core
+/// marks and reads the worker. One left opening by an acquire that failed since is
+/// taken by the next.
+fn open_kept(worker: &Arc<crate::fixture::Worker>, config: &crate::Config) {
+    if worker.has_idle::<KeptPool>() || worker.has_idle::<Opening>() {
+        return;
+    }
+    let options = own_connect_options(worker.settings());
+    let max = worker.pool_size().max(1) as u32;
+    let kept = kept_pool(options, max, config.acquire_timeout);
+    let opened = tokio::spawn(fill(kept.pool.clone()));
+    worker.keep_idle(Opening { kept, opened });
 }
 
 /// Waits (up to a second) until every connection of `pool` is back in it: sqlx returns
