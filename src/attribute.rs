@@ -324,21 +324,24 @@ mod sqlx_handles {
     }
 
     /// A `PgConnection` of the test's own, on the worker, inside a transaction that is
-    /// never committed; the worker is reset after the test if anything changed.
+    /// never committed; the worker is reset after the test if anything changed. Its
+    /// guard is the core's worker pool, which marks and reads the worker: the sqlx
+    /// driver's kept pool would open a connection the test never uses.
     #[diagnostic::do_not_recommend]
     impl TestHandle for PgConnection {
-        type Guard = WorkerPool;
+        type Guard = crate::WorkerPool;
 
-        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, WorkerPool)> {
-            let pool = WorkerPool::acquire(fixture).await?;
-            let mut conn = PgConnection::connect_with(&pool.connect_options())
+        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, crate::WorkerPool)> {
+            let pool = fixture.worker_pool().await?;
+            let options = crate::driver::sqlx::connect_options(&pool.settings);
+            let mut conn = PgConnection::connect_with(&options)
                 .await
                 .map_err(Error::sqlx("connecting to the worker"))?;
             begin(&mut conn, args).await?;
             Ok((conn, pool))
         }
 
-        async fn release(guard: WorkerPool) -> Result<()> {
+        async fn release(guard: crate::WorkerPool) -> Result<()> {
             guard.release().await
         }
     }

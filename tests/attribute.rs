@@ -177,6 +177,13 @@ mod sqlx_handles {
     #[pgfixture::test]
     async fn takes_a_pg_connection(mut conn: PgConnection) {
         alone(&mut conn).await;
+        // A commit of its own through raw SQL: the worker is put back after the test.
+        sqlx::raw_sql(
+            "COMMIT; INSERT INTO notes (owner, body) VALUES ('isolated', 'raw commit'); BEGIN",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
         conn.close().await.unwrap();
     }
 
