@@ -230,6 +230,8 @@ mod sqlx_handles {
     use ::sqlx::{Connection, PgConnection, PgPool, Postgres};
     use sqlx_core::transaction::TransactionManager;
 
+    use std::sync::Arc;
+
     use super::{TestArgs, TestHandle};
     use crate::driver::sqlx::{TestDb, WorkerPool};
     use crate::{Error, Fixture, Result};
@@ -332,11 +334,25 @@ mod sqlx_handles {
         type Guard = crate::WorkerPool;
 
         async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, crate::WorkerPool)> {
-            let pool = fixture.worker_pool().await?;
-            let options = crate::driver::sqlx::connect_options(&pool.settings);
-            let mut conn = PgConnection::connect_with(&options)
-                .await
-                .map_err(Error::sqlx("connecting to the worker"))?;
+            use crate::driver::sqlx::connect_options;
+            // The connection opens here, on the test's runtime, as soon as the worker
+            // is checked, while the core marks and reads it.
+            let (checked, settings) = tokio::sync::oneshot::channel();
+            let opener: crate::fixture::PoolOpener = Box::new(move |_, settings, _| {
+                let _ = checked.send(Arc::clone(settings));
+            });
+            let connect = async {
+                let settings = settings.await.ok()?;
+                Some(PgConnection::connect_with(&connect_options(&settings)).await)
+            };
+            let (pool, conn) =
+                futures::future::join(fixture.worker_pool_opening(Some(opener)), connect).await;
+            let pool = pool?;
+            let conn = match conn {
+                Some(conn) => conn,
+                None => PgConnection::connect_with(&connect_options(&pool.settings)).await,
+            };
+            let mut conn = conn.map_err(Error::sqlx("connecting to the worker"))?;
             begin(&mut conn, args).await?;
             Ok((conn, pool))
         }

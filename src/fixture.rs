@@ -503,11 +503,14 @@ pub(crate) type Primer =
         PrimeCheck,
     ) -> futures::future::BoxFuture<'static, Result<Option<Box<dyn std::any::Any + Send>>>>;
 
-/// Starts a driver's own pool on the worker of a worker pool, once the worker is
-/// checked, on the background runtime: it opens while the core marks and reads the
-/// worker (a new backend's start beside the reading's, each a few milliseconds), and
-/// waits in the worker's stash for the driver.
-pub(crate) type PoolOpener = fn(&Arc<Worker>, &Config);
+/// Starts a driver's connections to the worker of a worker pool once the worker is
+/// checked, given the worker and the pool's settings (those of connections the code
+/// under test opens), on the background runtime: they open while the core marks and
+/// reads the worker (a new backend's start beside the reading's, each a few
+/// milliseconds). The sqlx driver's kept pool waits in the worker's stash; a
+/// `#[pgfixture::test]` taking `sqlx::PgConnection` opens its own on the test's
+/// runtime once it has the settings.
+pub(crate) type PoolOpener = Box<dyn FnOnce(&Arc<Worker>, &Arc<Settings>, &Config) + Send>;
 
 /// The check of a worker another process left, for a driver's [`Primer`]: the first
 /// test's `BEGIN`, then a `SELECT` that fails unless the worker's mark (a setting the
@@ -959,15 +962,21 @@ impl Inner {
                 }
                 other => other?,
             };
-            if let Some(open) = opener {
-                open(&worker, &self.config);
-            }
             let target = self.target(&worker);
             // Code under test gets the worker's own pool, whose connections are warm;
             // the connections it opens itself from the pool's settings carry a name of
             // their own, so that the release can tell when they are all closed.
             let mut server = worker.server.clone();
             server.application_name = pool_application_name(&server.application_name, &id);
+            let settings = Settings::new(
+                &server,
+                &worker.dbname,
+                worker.search_path.as_deref(),
+                worker.settings.restart_sequences.clone(),
+            );
+            if let Some(open) = opener {
+                open(&worker, &settings, &self.config);
+            }
             // Marked first: if this process dies while the pool is out, whoever takes
             // the worker next finds the mark and resets it. The other connections'
             // statistics reach the server first; then the mark, the first one's
@@ -990,12 +999,7 @@ impl Inner {
             let before = before?;
             drop(clients);
             Ok(WorkerPool {
-                settings: Settings::new(
-                    &server,
-                    &worker.dbname,
-                    worker.search_path.as_deref(),
-                    worker.settings.restart_sequences.clone(),
-                ),
+                settings,
                 pool: Some(worker.pool.clone()),
                 worker: id,
                 lease,

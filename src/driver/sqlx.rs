@@ -629,7 +629,9 @@ impl WorkerPool {
     ///
     /// As [`worker_pool`].
     pub async fn acquire(fixture: &Fixture) -> Result<WorkerPool> {
-        let core = fixture.worker_pool_opening(Some(open_kept)).await?;
+        let core = fixture
+            .worker_pool_opening(Some(Box::new(open_kept)))
+            .await?;
         let kept = match core.state.take_idle::<Opening>() {
             Some(Opening { kept, opened }) => {
                 let _ = opened.await;
@@ -747,7 +749,7 @@ struct Opening {
 /// process, or after a reset), a new one starts opening its connections while the core
 /// marks and reads the worker. One left opening by an acquire that failed since is
 /// taken by the next.
-fn open_kept(worker: &Arc<crate::fixture::Worker>, config: &crate::Config) {
+fn open_kept(worker: &Arc<crate::fixture::Worker>, _: &Arc<Settings>, config: &crate::Config) {
     if worker.has_idle::<KeptPool>() || worker.has_idle::<Opening>() {
         return;
     }
