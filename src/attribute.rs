@@ -226,11 +226,11 @@ impl TestHandle for crate::WorkerPool {
 
 #[cfg(feature = "sqlx")]
 mod sqlx_handles {
+    use std::sync::Arc;
+
     use ::sqlx::pool::PoolConnection;
     use ::sqlx::{Connection, PgConnection, PgPool, Postgres};
     use sqlx_core::transaction::TransactionManager;
-
-    use std::sync::Arc;
 
     use super::{TestArgs, TestHandle};
     use crate::driver::sqlx::{TestDb, WorkerPool};
