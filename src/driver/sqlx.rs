@@ -641,10 +641,9 @@ impl WorkerPool {
                 // Back from the last test's clearing, as a rule, by now.
                 Some(kept) if !kept.pool.is_closed() && all_idle(&kept.pool).await => kept,
                 _ => {
-                    let options = own_connect_options(core.state.settings());
-                    let max = core.status().max_size.max(1) as u32;
-                    let timeout = fixture.config().acquire_timeout;
-                    runtime::run(async move { kept_pool(options, max, timeout) }).await
+                    let (worker, timeout) =
+                        (Arc::clone(&core.state), fixture.config().acquire_timeout);
+                    runtime::run(async move { new_kept(&worker, timeout) }).await
                 }
             },
         };
@@ -722,6 +721,13 @@ fn kept_pool(options: PgConnectOptions, max: u32, timeout: std::time::Duration) 
     KeptPool { pool, foreign }
 }
 
+/// A new kept pool on `worker`, as large as the worker's own pool, with pgfixture's
+/// own connection settings (its connections are not the test's own).
+fn new_kept(worker: &crate::fixture::Worker, timeout: std::time::Duration) -> KeptPool {
+    let max = worker.pool_size().max(1) as u32;
+    kept_pool(own_connect_options(worker.settings()), max, timeout)
+}
+
 /// The connections a kept pool opens before a test: in a process that runs one test,
 /// one; a test that holds more at once opens them as it needs them (on its own
 /// runtime), and no other test will use them.
@@ -753,9 +759,7 @@ fn open_kept(worker: &Arc<crate::fixture::Worker>, _: &Arc<Settings>, config: &c
     if worker.has_idle::<KeptPool>() || worker.has_idle::<Opening>() {
         return;
     }
-    let options = own_connect_options(worker.settings());
-    let max = worker.pool_size().max(1) as u32;
-    let kept = kept_pool(options, max, config.acquire_timeout);
+    let kept = new_kept(worker, config.acquire_timeout);
     let opened = tokio::spawn(fill(kept.pool.clone()));
     worker.keep_idle(Opening { kept, opened });
 }
