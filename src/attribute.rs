@@ -77,11 +77,12 @@ impl TestArgs {
     }
 }
 
-/// A type a `#[pgfixture::test]` can take as its one parameter.
+/// A type a `#[pgfixture::test]` can take as its one parameter (or, as a pair, its two:
+/// `#[sqlx::test]`'s pool and connect options).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a handle #[pgfixture::test] can give",
     label = "the test's one parameter is its handle",
-    note = "take pgfixture::TestDb or pgfixture::WorkerPool; with the `sqlx` feature also pgfixture::sqlx::TestDb, pgfixture::sqlx::WorkerPool, sqlx::PgPool, sqlx::pool::PoolConnection<sqlx::Postgres> or sqlx::PgConnection"
+    note = "take pgfixture::TestDb or pgfixture::WorkerPool; with the `sqlx` feature also pgfixture::sqlx::TestDb, pgfixture::sqlx::WorkerPool, sqlx::PgPool, sqlx::pool::PoolConnection<sqlx::Postgres> or sqlx::PgConnection, or as #[sqlx::test]'s two parameters sqlx::postgres::PgPoolOptions and sqlx::postgres::PgConnectOptions"
 )]
 pub trait TestHandle: Sized {
     /// What the attribute keeps while the test runs, and releases after it.
@@ -229,6 +230,7 @@ mod sqlx_handles {
     use std::sync::Arc;
 
     use ::sqlx::pool::PoolConnection;
+    use ::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
     use ::sqlx::{Connection, PgConnection, PgPool, Postgres};
     use sqlx_core::transaction::TransactionManager;
 
@@ -290,6 +292,32 @@ mod sqlx_handles {
         }
 
         async fn release(guard: WorkerPool) -> Result<()> {
+            guard.release().await
+        }
+    }
+
+    /// `#[sqlx::test]`'s two parameters, `(opts: PgPoolOptions, connect:
+    /// PgConnectOptions)`: options for pools and connections of the test's own on the
+    /// worker, commits allowed. Its guard is the core's worker pool, as for
+    /// [`PgConnection`]: the connect options carry its `application_name`, so its
+    /// release waits for the test's connections to close (a second at most; the worker
+    /// is rebuilt if one stays open), then puts back the rows they wrote.
+    #[diagnostic::do_not_recommend]
+    impl TestHandle for (PgPoolOptions, PgConnectOptions) {
+        type Guard = crate::WorkerPool;
+
+        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, crate::WorkerPool)> {
+            let (pool, ()) = <crate::WorkerPool as TestHandle>::acquire(fixture, args).await?;
+            // As `#[sqlx::test]`'s, but as large as the worker's pool, which fits the
+            // server's `max_connections` with every other worker's.
+            let options = PgPoolOptions::new()
+                .max_connections(u32::try_from(pool.state.pool_size()).unwrap_or(u32::MAX))
+                .acquire_timeout(fixture.config().acquire_timeout);
+            let connect = crate::driver::sqlx::connect_options(&pool.settings);
+            Ok(((options, connect), pool))
+        }
+
+        async fn release(guard: crate::WorkerPool) -> Result<()> {
             guard.release().await
         }
     }

@@ -32,7 +32,8 @@ pub use worker::WorkerId;
 pub use worker_pool::WorkerPool;
 
 /// An async test on its worker's PostgreSQL; its one parameter, chosen by its type,
-/// is its handle. See the README's "The attribute".
+/// is its handle (or `#[sqlx::test]`'s two, pool and connect options). See the
+/// README's "The attribute".
 #[cfg(feature = "macros")]
 pub use pgfixture_macros::test;
 

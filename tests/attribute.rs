@@ -187,6 +187,28 @@ mod sqlx_handles {
         conn.close().await.unwrap();
     }
 
+    /// `#[sqlx::test]`'s two parameters: a pool and a connection of the test's own,
+    /// both committing. The pool is dropped without `close()`, and the connection
+    /// left to drop: the release waits for both to close before it reads the worker.
+    #[pgfixture::test]
+    async fn takes_pool_and_connect_options(
+        opts: sqlx::postgres::PgPoolOptions,
+        connect: sqlx::postgres::PgConnectOptions,
+    ) {
+        assert!(opts.get_max_connections() >= 1);
+        let pool = opts.connect_with(connect.clone()).await.unwrap();
+        alone(&mut pool.acquire().await.unwrap()).await;
+        sqlx::query("INSERT INTO notes (owner, body) VALUES ('isolated', 'committed')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut own = PgConnection::connect_with(&connect).await.unwrap();
+        sqlx::query("INSERT INTO notes (owner, body) VALUES ('isolated', 'own connection')")
+            .execute(&mut own)
+            .await
+            .unwrap();
+    }
+
     /// The application's migrator, as `sqlx::migrate!` embeds it.
     static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("tests/migrations/sqlx");
 

@@ -10,7 +10,8 @@ use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, LitStr, Meta, Token};
 
 /// An async test on its worker's PostgreSQL: the test's one parameter, chosen by its
-/// type, is its handle. See the `pgfixture` crate's documentation.
+/// type, is its handle (or `#[sqlx::test]`'s two, pool and connect options). See the
+/// `pgfixture` crate's documentation.
 #[proc_macro_attribute]
 pub fn test(args: TokenStream, item: TokenStream) -> TokenStream {
     let input = match syn::parse::<ItemFn>(item) {
@@ -64,23 +65,47 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
     let name = &sig.ident;
     let ret = &sig.output;
     let inputs = &sig.inputs;
-    let mut params = inputs.iter();
-    let handle = params.next();
-    if let Some(extra) = params.next() {
+    let mut types = Vec::new();
+    for param in inputs {
+        match param {
+            FnArg::Typed(arg) => types.push(&*arg.ty),
+            receiver => {
+                return Err(syn::Error::new_spanned(
+                    receiver,
+                    "a #[pgfixture::test] is a free function: remove `self`",
+                ));
+            }
+        }
+    }
+    // `#[sqlx::test]`'s two parameters, pool options and connect options, are one
+    // handle: the pair. Any other second parameter is an error here.
+    let pair = types.len() == 2 && is_pool_options(types[0]);
+    if let Some(extra) = inputs.iter().nth(if pair { 2 } else { 1 }) {
         return Err(syn::Error::new_spanned(
             extra,
-            "a #[pgfixture::test] takes one parameter, its handle (pgfixture::TestDb, pgfixture::WorkerPool, sqlx::PgPool, ...): take what else you need from it, e.g. `db.url()` or `pool.connect_options()`",
+            "a #[pgfixture::test] takes one parameter, its handle (pgfixture::TestDb, pgfixture::WorkerPool, sqlx::PgPool, ...), or #[sqlx::test]'s two, `opts: PgPoolOptions, connect: PgConnectOptions`: take what else you need from it, e.g. `db.url()` or `pool.connect_options()`",
         ));
     }
-    let handle_type = match handle {
-        Some(FnArg::Typed(arg)) => Some(&arg.ty),
-        Some(receiver) => {
-            return Err(syn::Error::new_spanned(
-                receiver,
-                "a #[pgfixture::test] is a free function: remove `self`",
-            ));
+    let handle_type: Option<syn::Type> = match &types[..] {
+        [] => None,
+        [ty] => Some((*ty).clone()),
+        [options, connect] => {
+            Some(syn::parse_quote_spanned! {options.span()=> (#options, #connect) })
         }
-        None => None,
+        _ => unreachable!("more parameters are an error above"),
+    };
+    let handle_type = handle_type.as_ref();
+    // How the test function is called with its handle.
+    let (call, sync_call) = if pair {
+        (
+            quote! { |(options, connect)| ::std::boxed::Box::pin(#name(options, connect)) },
+            quote! { |(options, connect)| #name(options, connect) },
+        )
+    } else {
+        (
+            quote! { |handle| ::std::boxed::Box::pin(#name(handle)) },
+            quote! { #name },
+        )
     };
     let is_async = sig.asyncness.is_some();
 
@@ -140,7 +165,7 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             ::pgfixture::__macro::run::<#ty, _>(
                 #test_args,
                 ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
-                |handle| ::std::boxed::Box::pin(#name(handle)),
+                #call,
             )
         },
         (Some(ty), false) => {
@@ -151,7 +176,7 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
                 ));
             }
             quote_spanned! {ty.span()=>
-                ::pgfixture::__macro::run_sync::<#ty, _>(#test_args, #name)
+                ::pgfixture::__macro::run_sync::<#ty, _>(#test_args, #sync_call)
             }
         }
     };
@@ -273,6 +298,22 @@ fn parse_args(metas: Punctuated<Meta, Token![,]>) -> syn::Result<Args> {
         }
     }
     Ok(args)
+}
+
+/// Whether `ty` names sqlx's pool options (`PgPoolOptions`, `PoolOptions<Postgres>`),
+/// the first of `#[sqlx::test]`'s two parameters. By name only: the handle's trait
+/// checks the types.
+fn is_pool_options(ty: &syn::Type) -> bool {
+    match ty {
+        syn::Type::Path(path) => path
+            .path
+            .segments
+            .last()
+            .is_some_and(|s| s.ident == "PgPoolOptions" || s.ident == "PoolOptions"),
+        syn::Type::Group(group) => is_pool_options(&group.elem),
+        syn::Type::Paren(paren) => is_pool_options(&paren.elem),
+        _ => false,
+    }
 }
 
 fn literal(expr: &Expr) -> Option<Lit> {
