@@ -1,9 +1,10 @@
 //! Configuration, and the only place where the environment is read.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::sqlx_toml::SqlxToml;
 use crate::worker::WorkerId;
 use crate::{Error, Result};
 
@@ -219,6 +220,12 @@ pub struct Config {
     pub(crate) fixtures_unknown: bool,
     /// The same for the migrations folder (`PGFIXTURE_MIGRATIONS`).
     pub(crate) migrations_unknown: bool,
+    /// The `[migrate]` section of the crate's `sqlx.toml` (feature `sqlx`): the
+    /// default migrations folder, and how sqlx's migrator records a folder in sqlx's
+    /// layout.
+    pub(crate) sqlx_toml: Option<crate::sqlx_toml::SqlxToml>,
+    /// `CARGO_MANIFEST_DIR` is not set: no `sqlx.toml` was looked for.
+    pub(crate) sqlx_toml_unknown: bool,
     /// A sqlx migrator given in code, instead of `migrations`.
     #[cfg(feature = "sqlx")]
     pub(crate) migrator: Option<MigratorRef>,
@@ -275,6 +282,8 @@ impl Default for Config {
             path: None,
             fixtures_unknown: false,
             migrations_unknown: false,
+            sqlx_toml: None,
+            sqlx_toml_unknown: false,
             #[cfg(feature = "sqlx")]
             migrator: None,
         }
@@ -377,14 +386,17 @@ impl Config {
         };
         config.migrations_unknown =
             env.var("PGFIXTURE_MIGRATIONS").is_none() && env.var("CARGO_MANIFEST_DIR").is_none();
+        match env.var("CARGO_MANIFEST_DIR") {
+            Some(dir) => config.sqlx_toml = SqlxToml::read(Path::new(&dir))?,
+            None => config.sqlx_toml_unknown = true,
+        }
         config.migrations = match env.var("PGFIXTURE_MIGRATIONS") {
             // No migrations, whatever `<crate>/migrations` holds.
             Some(v) if v.trim() == "none" => None,
             Some(dir) => Some(PathBuf::from(dir)),
             None => env
                 .var("CARGO_MANIFEST_DIR")
-                .map(|dir| PathBuf::from(dir).join("migrations"))
-                .filter(|dir| dir.is_dir()),
+                .and_then(|dir| config.default_migrations(Path::new(&dir))),
         };
         config.worker = match (
             env.var("PGFIXTURE_WORKER"),
@@ -478,6 +490,13 @@ impl Config {
 }
 
 impl Config {
+    /// The crate's migrations folder when it exists: `migrations/`, or the one its
+    /// `sqlx.toml` names (`[migrate] migrations-dir`), as `#[sqlx::test]` finds it.
+    pub(crate) fn default_migrations(&self, crate_dir: &Path) -> Option<PathBuf> {
+        Some(crate_dir.join(SqlxToml::migrations_dir(self.sqlx_toml.as_ref())))
+            .filter(|dir| dir.is_dir())
+    }
+
     /// Checks values set in code with the rules the environment's values follow; the
     /// error names the variable that sets the value.
     pub(crate) fn validate(&self) -> Result<()> {

@@ -76,6 +76,14 @@ impl Fingerprint {
                 Isolation::Container => "container",
             }
         );
+        // The crate's `sqlx.toml` changes how a folder in sqlx's layout is recorded.
+        if let Some(toml) = &config.sqlx_toml {
+            let _ = writeln!(
+                dirs,
+                "sqlx.toml {:?} {:?} {:?}",
+                toml.table_name, toml.create_schemas, toml.ignored_chars
+            );
+        }
         let mut listed = Vec::new();
         for (kind, dir) in [
             ("migrations", &config.migrations),

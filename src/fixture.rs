@@ -117,20 +117,33 @@ impl FixtureBuilder {
         c.migrations_unknown = false;
         c.migrator = Some(crate::config::MigratorRef(v));
     });
-    setter!(
     /// The crate's directory, recorded when the test was compiled: where the default
-    /// fixtures and migrations are looked for when the environment does not say
-    /// (a test binary run outside cargo). `#[pgfixture::test]` sets it.
-    manifest_dir: &str => |c, v| {
-        if c.fixtures_unknown {
-            c.fixtures = Some(std::path::Path::new(v).join("fixtures")).filter(|d| d.is_dir());
-            c.fixtures_unknown = false;
+    /// fixtures and migrations (and `sqlx.toml`) are looked for when the environment
+    /// does not say (a test binary run outside cargo). `#[pgfixture::test]` sets it.
+    pub fn manifest_dir(mut self, dir: &str) -> Self {
+        let dir = std::path::Path::new(dir);
+        if let Ok(c) = &mut self.config {
+            if c.fixtures_unknown {
+                c.fixtures = Some(dir.join("fixtures")).filter(|d| d.is_dir());
+                c.fixtures_unknown = false;
+            }
+            if c.sqlx_toml_unknown {
+                match crate::sqlx_toml::SqlxToml::read(dir) {
+                    Ok(toml) => c.sqlx_toml = toml,
+                    Err(e) => {
+                        self.config = Err(e);
+                        return self;
+                    }
+                }
+                c.sqlx_toml_unknown = false;
+            }
+            if c.migrations_unknown {
+                c.migrations = c.default_migrations(dir);
+                c.migrations_unknown = false;
+            }
         }
-        if c.migrations_unknown {
-            c.migrations = Some(std::path::Path::new(v).join("migrations")).filter(|d| d.is_dir());
-            c.migrations_unknown = false;
-        }
-    });
+        self
+    }
     setter!(
         /// Connections per worker pool (`PGFIXTURE_POOL_SIZE`).
         pool_size: usize => |c, v| c.pool_size = Some(v));
@@ -239,7 +252,7 @@ type Content = (FixtureSet, Vec<SharedStatement>);
 /// Reads and checks the fixtures and migrations of `config`.
 fn read_fixtures(config: &Config) -> Result<Content> {
     let migrations = match &config.migrations {
-        Some(dir) => crate::migrations::Migrations::load(dir)?,
+        Some(dir) => crate::migrations::Migrations::load(dir, config.sqlx_toml.as_ref())?,
         None => None,
     };
     #[cfg(feature = "sqlx")]

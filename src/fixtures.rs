@@ -481,6 +481,7 @@ mod tests {
                 layout,
                 files: vec![f("1_init.sql", sql)],
                 blanked: Vec::new(),
+                sqlx_toml: None,
             };
             FixtureSet::with_migrations(Some(migrations), vec![f("seed.sql", "x")])
         };

@@ -19,6 +19,7 @@ mod runtime;
 mod server;
 mod settings;
 mod sql;
+mod sqlx_toml;
 mod stream;
 mod worker;
 mod worker_pool;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::fixtures::{FixtureFile, SharedStatement};
+use crate::sqlx_toml::SqlxToml;
 use crate::{Error, Result};
 
 /// How a migrations folder is laid out.
@@ -200,17 +201,21 @@ pub(crate) struct Migrations {
     /// roles run once per database instead ([`Migrations::for_schemas`]), by version,
     /// with the text the migrator runs in their place (those statements blanked).
     pub(crate) blanked: Vec<(i64, String)>,
+    /// A folder in sqlx's layout: the crate's `sqlx.toml`, whose `[migrate]` settings
+    /// sqlx's migrator runs it with, as `sqlx::migrate!()` would.
+    pub(crate) sqlx_toml: Option<SqlxToml>,
 }
 
 impl Migrations {
-    /// Reads and checks the folder `dir`.
+    /// Reads and checks the folder `dir`; a folder in sqlx's layout is run with the
+    /// settings of the crate's `sqlx.toml`.
     ///
     /// # Errors
     ///
     /// [`Error::Migration`] naming the folder or files: unreadable, a mix of layouts,
     /// a version twice or not a number, a layout pgfixture cannot run (yet, or without
     /// the `sqlx` feature).
-    pub(crate) fn load(dir: &Path) -> Result<Option<Self>> {
+    pub(crate) fn load(dir: &Path, sqlx_toml: Option<&SqlxToml>) -> Result<Option<Self>> {
         let folder_error = |message: String| Error::Migration {
             path: dir.to_owned(),
             line: None,
@@ -263,6 +268,7 @@ impl Migrations {
             layout,
             files,
             blanked: Vec::new(),
+            sqlx_toml: sqlx_toml.filter(|_| layout == Layout::Sqlx).cloned(),
         }))
     }
 
@@ -274,6 +280,7 @@ impl Migrations {
             layout: Layout::Sqlx,
             files: Vec::new(),
             blanked: Vec::new(),
+            sqlx_toml: None,
         }
     }
 
@@ -281,6 +288,15 @@ impl Migrations {
     pub(crate) fn hash_into(&self, digest: &mut Sha256) {
         digest.update(format!("migrations {:?}", self.layout).as_bytes());
         crate::fixtures::hash_files(digest, &self.files);
+        if let Some(toml) = &self.sqlx_toml {
+            digest.update(
+                format!(
+                    "sqlx.toml {:?} {:?} {:?}",
+                    toml.table_name, toml.create_schemas, toml.ignored_chars
+                )
+                .as_bytes(),
+            );
+        }
         #[cfg(feature = "sqlx")]
         if let Source::Migrator(migrator) = &self.source {
             for m in migrator.iter() {
@@ -289,6 +305,9 @@ impl Migrations {
                 digest.update([u8::from(m.migration_type.is_down_migration())]);
                 digest.update(&m.checksum[..]);
             }
+            digest.update(
+                format!("{:?} {:?}", migrator.table_name, migrator.create_schemas).as_bytes(),
+            );
         }
     }
 
@@ -306,6 +325,33 @@ impl Migrations {
     pub(crate) fn for_schemas(&self) -> Result<Option<(Migrations, Vec<SharedStatement>)>> {
         if self.layout != Layout::Sqlx {
             return Ok(None);
+        }
+        // The bookkeeping table must be each worker schema's own.
+        let (table, schemas, path): (&str, Vec<&str>, PathBuf) = match &self.source {
+            Source::Dir(dir) => match &self.sqlx_toml {
+                Some(toml) => (
+                    toml.table_name.as_deref().unwrap_or(""),
+                    toml.create_schemas.iter().map(String::as_str).collect(),
+                    toml.path.clone(),
+                ),
+                None => ("", Vec::new(), dir.clone()),
+            },
+            #[cfg(feature = "sqlx")]
+            Source::Migrator(m) => (
+                &m.table_name,
+                m.create_schemas.iter().map(|s| &**s).collect(),
+                self.folder(),
+            ),
+        };
+        if let Some(shared) = SqlxToml::shared_schemas(table, &schemas) {
+            return Err(Error::Migration {
+                path,
+                line: None,
+                statement: None,
+                message: format!(
+                    "sqlx's migrator is set to record migrations outside the worker's schema ({shared}), which schema mode cannot give each worker: use PGFIXTURE_ISOLATION=database or container, or record them in the default table"
+                ),
+            });
         }
         let mut ups: Vec<(i64, PathBuf, String)> = Vec::new();
         match &self.source {
@@ -397,7 +443,11 @@ impl Migrations {
         let owned;
         let migrator: &Migrator = match &self.source {
             Source::Dir(dir) => {
-                let mut m = Migrator::new(dir.as_path())
+                // With the crate's `sqlx.toml`, as `sqlx::migrate!()` builds it.
+                let mut resolve = ::sqlx::migrate::ResolveConfig::new();
+                let toml = self.sqlx_toml.clone().unwrap_or_default();
+                resolve.ignore_chars(toml.ignored_chars);
+                let mut m = Migrator::new(::sqlx::migrate::ResolveWith(dir.clone(), resolve))
                     .await
                     .map_err(|e| Error::Migration {
                         path: dir.clone(),
@@ -407,6 +457,12 @@ impl Migrations {
                     })?;
                 // pgfixture holds its own lock on what it builds.
                 m.set_locking(false);
+                if let Some(table) = toml.table_name {
+                    m.dangerous_set_table_name(table);
+                }
+                for schema in toml.create_schemas {
+                    m.create_schema(schema);
+                }
                 owned = m;
                 &owned
             }
@@ -577,6 +633,33 @@ mod tests {
     }
 
     #[test]
+    fn the_sqlx_toml_settings_are_part_of_the_key() {
+        let key = |toml: Option<SqlxToml>| {
+            let mut digest = Sha256::new();
+            Migrations {
+                source: Source::Dir(PathBuf::from("migrations")),
+                layout: Layout::Sqlx,
+                files: Vec::new(),
+                blanked: Vec::new(),
+                sqlx_toml: toml,
+            }
+            .hash_into(&mut digest);
+            digest.finalize()
+        };
+        let table = SqlxToml {
+            table_name: Some("meta.migrations".into()),
+            ..SqlxToml::default()
+        };
+        let ignored = SqlxToml {
+            ignored_chars: vec!['\r'],
+            ..SqlxToml::default()
+        };
+        assert_ne!(key(None), key(Some(table.clone())));
+        assert_ne!(key(Some(table)), key(Some(ignored.clone())));
+        assert_eq!(key(Some(ignored.clone())), key(Some(ignored)));
+    }
+
+    #[test]
     fn layouts_are_recognised() {
         let l = |names: &[&str]| layout(&entries(names));
         assert_eq!(l(&[]), Ok(None));
@@ -671,7 +754,7 @@ mod tests {
         ] {
             std::fs::write(dir.join(name), sql).unwrap();
         }
-        let loaded = Migrations::load(&dir);
+        let loaded = Migrations::load(&dir, None);
         std::fs::remove_dir_all(&dir).unwrap();
         if cfg!(feature = "sqlx") {
             let m = loaded.unwrap().unwrap();

@@ -359,3 +359,163 @@ async fn migrations_with_extensions_run_in_every_mode_and_keep_their_checksums()
         }
     }
 }
+
+/// A crate's directory: `sqlx.toml` with `toml` in it, and `files` in its folder
+/// `db/migrations`.
+fn crate_with_sqlx_toml(name: &str, toml: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = folder(name, &[("sqlx.toml", toml)]);
+    let migrations = dir.join("db/migrations");
+    std::fs::create_dir_all(&migrations).unwrap();
+    for (file, sql) in files {
+        std::fs::write(migrations.join(file), sql).unwrap();
+    }
+    dir
+}
+
+/// The environment, as cargo would give it for a test of the crate in `dir`.
+struct InCrate(PathBuf);
+
+impl pgfixture::Env for InCrate {
+    fn var(&self, name: &str) -> Option<String> {
+        match name {
+            "CARGO_MANIFEST_DIR" => Some(self.0.display().to_string()),
+            "PGFIXTURE_MIGRATIONS" | "PGFIXTURE_FIXTURES" => None,
+            _ => pgfixture::OsEnv.var(name),
+        }
+    }
+}
+
+/// Two migrations, one with Windows line endings (`ignored-chars = ["\r"]`).
+const TOML_MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "1_accounts.sql",
+        "CREATE TABLE accounts (id bigserial PRIMARY KEY, name text NOT NULL);\r\n",
+    ),
+    (
+        "2_seed.sql",
+        "INSERT INTO accounts (name) VALUES ('seeded');\n",
+    ),
+];
+
+#[tokio::test]
+async fn sqlx_toml_names_the_folder_and_how_sqlx_records_it() {
+    let isolation = pgfixture::Config::from_env().unwrap().isolation;
+    let toml = "[migrate]\n\
+                migrations-dir = \"db/migrations\"\n\
+                table-name = \"meta.migrations\"\n\
+                create-schemas = [\"meta\"]\n\
+                ignored-chars = [\"\\r\"]\n";
+    let dir = crate_with_sqlx_toml("sqlx-toml", toml, TOML_MIGRATIONS);
+    let built = pgfixture::Config::from_lookup(&InCrate(dir.clone()))
+        .and_then(|config| Fixture::builder().config(config).workers(1).build());
+    if isolation == pgfixture::Isolation::Schema {
+        // Every worker schema would record its migrations in one table.
+        let error = built.expect_err("a shared bookkeeping table in schema mode");
+        let error = error.to_string();
+        for wanted in [
+            "sqlx.toml",
+            "meta.migrations",
+            "PGFIXTURE_ISOLATION=database",
+        ] {
+            assert!(error.contains(wanted), "{error:?} lacks {wanted:?}");
+        }
+        return;
+    }
+    let fixture = built.expect("fixture");
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let seeded: String = sqlx::query_scalar("SELECT name FROM accounts")
+        .fetch_one(&mut *db)
+        .await
+        .unwrap();
+    assert_eq!(seeded, "seeded", "the folder sqlx.toml names was applied");
+    let ours: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT version, description, checksum FROM meta.migrations ORDER BY version",
+    )
+    .fetch_all(&mut *db)
+    .await
+    .unwrap();
+    let default_table: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+            .fetch_one(&mut *db)
+            .await
+            .unwrap();
+    assert_eq!(default_table, None, "recorded in sqlx.toml's table only");
+
+    // The migrator `sqlx::migrate!()` builds from that sqlx.toml finds nothing to do.
+    let mut resolve = sqlx::migrate::ResolveConfig::new();
+    resolve.ignore_char('\r');
+    let mut app = Migrator::new(sqlx::migrate::ResolveWith(
+        dir.join("db/migrations"),
+        resolve,
+    ))
+    .await
+    .unwrap();
+    app.dangerous_set_table_name("meta.migrations");
+    app.create_schema("meta");
+    let expected: Vec<(i64, String, Vec<u8>)> = app
+        .iter()
+        .map(|m| (m.version, m.description.to_string(), m.checksum.to_vec()))
+        .collect();
+    assert_eq!(
+        ours, expected,
+        "meta.migrations differs from what sqlx writes"
+    );
+    app.run(&mut *db).await.unwrap();
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM meta.migrations")
+        .fetch_one(&mut *db)
+        .await
+        .unwrap();
+    assert_eq!(after, 2);
+}
+
+#[tokio::test]
+async fn sqlx_toml_folder_and_ignored_chars_work_in_every_mode() {
+    let toml = "[migrate]\nmigrations-dir = \"db/migrations\"\nignored-chars = [\"\\r\"]\n";
+    let dir = crate_with_sqlx_toml("sqlx-toml-plain", toml, TOML_MIGRATIONS);
+    let config = pgfixture::Config::from_lookup(&InCrate(dir.clone())).unwrap();
+    assert_eq!(config.migrations, Some(dir.join("db/migrations")));
+    let fixture = Fixture::builder()
+        .config(config)
+        .workers(1)
+        .build()
+        .unwrap();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let ours = recorded(&mut db).await;
+    let mut resolve = sqlx::migrate::ResolveConfig::new();
+    resolve.ignore_char('\r');
+    let app = Migrator::new(sqlx::migrate::ResolveWith(
+        dir.join("db/migrations"),
+        resolve,
+    ))
+    .await
+    .unwrap();
+    let checksums: Vec<Vec<u8>> = ours.iter().map(|r| r.3.clone()).collect();
+    let expected: Vec<Vec<u8>> = app.iter().map(|m| m.checksum.to_vec()).collect();
+    assert_eq!(
+        checksums, expected,
+        "the checksums leave out the ignored characters"
+    );
+    let plain = Migrator::new(dir.join("db/migrations")).await.unwrap();
+    assert_ne!(
+        plain.iter().next().unwrap().checksum,
+        app.iter().next().unwrap().checksum
+    );
+    app.run(&mut *db).await.unwrap();
+}
+
+#[test]
+fn an_unreadable_sqlx_toml_is_named() {
+    let dir = crate_with_sqlx_toml(
+        "sqlx-toml-bad",
+        "[migrate]\nmigrations-folder = \"x\"\n",
+        &[],
+    );
+    let error = pgfixture::Config::from_lookup(&InCrate(dir.clone()))
+        .expect_err("an unknown key in sqlx.toml")
+        .to_string();
+    assert!(
+        error.contains(&dir.join("sqlx.toml").display().to_string()),
+        "{error}"
+    );
+    assert!(error.contains("migrations-folder"), "{error}");
+}
