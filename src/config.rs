@@ -223,7 +223,7 @@ pub struct Config {
     /// The `[migrate]` section of the crate's `sqlx.toml` (feature `sqlx`): the
     /// default migrations folder, and how sqlx's migrator records a folder in sqlx's
     /// layout.
-    pub(crate) sqlx_toml: Option<crate::sqlx_toml::SqlxToml>,
+    pub(crate) sqlx_toml: Option<SqlxToml>,
     /// `CARGO_MANIFEST_DIR` is not set: no `sqlx.toml` was looked for.
     pub(crate) sqlx_toml_unknown: bool,
     /// A sqlx migrator given in code, instead of `migrations`.

@@ -68,7 +68,8 @@ pub enum Error {
     #[error(
         "no PostgreSQL backend is available:\n  docker: {docker}\n  local: {local}\nfix one of: start a Docker daemon (or point DOCKER_HOST at one); \
          install PostgreSQL server binaries (Debian: apt-get install postgresql) or set PGFIXTURE_PG_BIN to their directory; \
-         or set PGFIXTURE_BACKEND to the backend you have"
+         or set PGFIXTURE_BACKEND to the backend you have (a server of yours: PGFIXTURE_BACKEND=url and PGFIXTURE_URL, \
+         for example the DATABASE_URL that #[sqlx::test] used)"
     )]
     NoBackend {
         /// Why Docker cannot be used.
