@@ -194,17 +194,20 @@ pub enum Error {
 fn pg_message(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{}: {}", db.severity(), db.message()),
-        None => {
-            // "error connecting to server" alone hides the reason (refused, timed out).
-            let mut message = error.to_string();
-            let mut source = std::error::Error::source(error);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            message
-        }
+        // "error connecting to server" alone hides the reason (refused, timed out).
+        None => with_causes(error),
     }
+}
+
+/// An error's message followed by its causes', each after a colon.
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 /// Lets tests that return `pgfixture::Result` use `?` on the client's calls.

@@ -122,15 +122,7 @@ fn message(error: &sqlx_core::config::ConfigError) -> String {
     use sqlx_core::config::ConfigError;
     match error {
         ConfigError::ParseDisabled { .. } => "sqlx reads this file only with its `sqlx-toml` feature, which its macros need too: enable it (sqlx = { version = \"0.9\", features = [\"sqlx-toml\", ...] }), or remove the file".to_owned(),
-        other => {
-            let mut message = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            message
-        }
+        other => crate::error::with_causes(other),
     }
 }
 
