@@ -519,3 +519,31 @@ fn an_unreadable_sqlx_toml_is_named() {
     );
     assert!(error.contains("migrations-folder"), "{error}");
 }
+
+/// The environment of a test binary run outside cargo (a debugger, an IDE): no
+/// `CARGO_MANIFEST_DIR`.
+struct OutsideCargo;
+
+impl pgfixture::Env for OutsideCargo {
+    fn var(&self, name: &str) -> Option<String> {
+        match name {
+            "CARGO_MANIFEST_DIR" | "PGFIXTURE_MIGRATIONS" | "PGFIXTURE_FIXTURES" => None,
+            _ => pgfixture::OsEnv.var(name),
+        }
+    }
+}
+
+#[test]
+fn outside_cargo_the_recorded_crate_directory_gives_sqlx_toml() {
+    let toml = "[migrate]\nmigrations-dir = \"db/migrations\"\n";
+    let dir = crate_with_sqlx_toml("sqlx-toml-outside", toml, TOML_MIGRATIONS);
+    let config = pgfixture::Config::from_lookup(&OutsideCargo).unwrap();
+    assert_eq!(config.migrations, None, "nothing says where the crate is");
+    // What `#[pgfixture::test]` does with the directory it recorded when compiled.
+    let fixture = Fixture::builder()
+        .config(config)
+        .manifest_dir(dir.to_str().unwrap())
+        .build()
+        .unwrap();
+    assert_eq!(fixture.config().migrations, Some(dir.join("db/migrations")));
+}
