@@ -78,11 +78,7 @@ impl Fingerprint {
         );
         // The crate's `sqlx.toml` changes how a folder in sqlx's layout is recorded.
         if let Some(toml) = &config.sqlx_toml {
-            let _ = writeln!(
-                dirs,
-                "sqlx.toml {:?} {:?} {:?}",
-                toml.table_name, toml.create_schemas, toml.ignored_chars
-            );
+            let _ = writeln!(dirs, "{}", toml.key());
         }
         let mut listed = Vec::new();
         for (kind, dir) in [

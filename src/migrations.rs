@@ -289,13 +289,7 @@ impl Migrations {
         digest.update(format!("migrations {:?}", self.layout).as_bytes());
         crate::fixtures::hash_files(digest, &self.files);
         if let Some(toml) = &self.sqlx_toml {
-            digest.update(
-                format!(
-                    "sqlx.toml {:?} {:?} {:?}",
-                    toml.table_name, toml.create_schemas, toml.ignored_chars
-                )
-                .as_bytes(),
-            );
+            digest.update(toml.key().as_bytes());
         }
         #[cfg(feature = "sqlx")]
         if let Source::Migrator(migrator) = &self.source {

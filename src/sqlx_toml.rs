@@ -68,6 +68,15 @@ impl SqlxToml {
         }
     }
 
+    /// What of these settings changes what sqlx's migrator records, as one line: part
+    /// of a template's key and of a nextest run's fingerprint record.
+    pub(crate) fn key(&self) -> String {
+        format!(
+            "sqlx.toml {:?} {:?} {:?}",
+            self.table_name, self.create_schemas, self.ignored_chars
+        )
+    }
+
     /// The migrations folder the crate's `sqlx.toml` names, or sqlx's default.
     pub(crate) fn migrations_dir(this: Option<&SqlxToml>) -> &str {
         this.and_then(|t| t.migrations_dir.as_deref())
