@@ -12,6 +12,7 @@
 pub(crate) mod docker;
 pub(crate) mod local;
 
+use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::config::{Backend, Config};
@@ -101,6 +102,21 @@ pub(crate) fn settings_error(config: &Config, log: &str) -> Option<Error> {
     })
 }
 
+/// Writes `line` to stderr unless this process wrote it already: each configuration
+/// of a process (a test binary whose tests use several migrations sets) resolves its
+/// backend, and the fallback to local binaries would be told as often. Written to the
+/// stream itself, past libtest's capture of `eprintln!`, so that it shows once
+/// whichever test (or background thread) happens to resolve first.
+fn say_once(line: String) {
+    use std::io::Write;
+    static SAID: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.contains(&line) {
+        let _ = writeln!(std::io::stderr(), "{line}");
+        said.push(line);
+    }
+}
+
 impl Source {
     /// Docker when it answers (and has the image, or can pull it), else local binaries.
     pub(crate) async fn resolve(config: &Config) -> Result<Source> {
@@ -147,10 +163,10 @@ impl Source {
                 match local::Local::find(config) {
                     Ok(local) => {
                         tracing::info!(reason = %docker_error, "Docker is not usable; using local PostgreSQL binaries");
-                        eprintln!(
+                        say_once(format!(
                             "pgfixture: using local PostgreSQL binaries in {} because {docker_error}",
                             local.bin().display()
-                        );
+                        ));
                         Ok(Source::Local(local))
                     }
                     Err(local_error) => Err(Error::NoBackend {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{child_command, reported, run_child, unique_run};
+use common::{captured_child_command, child_command, reported, run_child, unique_run};
 use pgfixture::{Error, Fixture, Isolation};
 
 /// Run by the tests below in a child process, with the environment they choose: takes
@@ -562,6 +562,51 @@ fn no_backend_lists_the_fixes() {
     ] {
         assert!(stderr.contains(fix), "missing {fix:?} in {stderr}");
     }
+}
+
+/// Run by [`the_fallback_to_local_binaries_is_said_once`] in a child process: two
+/// configurations (as two migrations sets would make) resolve their backend at once.
+#[test]
+#[ignore = "helper, run as a child process by the_fallback_to_local_binaries_is_said_once"]
+fn two_configurations_child() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let one = Fixture::from_env().unwrap();
+        let other = Fixture::builder().no_fixtures().build().unwrap();
+        let (a, b) = tokio::join!(one.worker_db(), other.worker_db());
+        let (_a, _b) = (a.unwrap(), b.unwrap());
+        assert_eq!(one.stats().backend, Some("local"));
+        assert_eq!(other.stats().backend, Some("local"));
+    });
+}
+
+/// With Docker unreachable, the fallback to local binaries is said on stderr once per
+/// process, however many configurations resolve their backend, and past libtest's
+/// capture of a passing test's output.
+#[test]
+fn the_fallback_to_local_binaries_is_said_once() {
+    let out = captured_child_command(
+        "two_configurations_child",
+        &[
+            ("PGFIXTURE_BACKEND", "auto"),
+            ("PGFIXTURE_REQUIRE_DOCKER", "0"),
+            ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+            ("PGFIXTURE_GRACE", "2"),
+        ],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stderr.matches("using local PostgreSQL binaries").count(),
+        1,
+        "{stderr}"
+    );
 }
 
 /// `PGFIXTURE_REUSE=1`: the next run finds the servers, template and worker of the

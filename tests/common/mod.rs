@@ -58,15 +58,16 @@ pub fn child_command(env: &[(&str, &str)]) -> Command {
 /// The command that runs this test binary's ignored test `name` as [`child_command`]
 /// runs `child`.
 pub fn named_child_command(name: &str, env: &[(&str, &str)]) -> Command {
+    let mut cmd = captured_child_command(name, env);
+    cmd.arg("--nocapture");
+    cmd
+}
+
+/// [`named_child_command`] with libtest's capture of the test's output on, as a test
+/// runs by default: what the test prints shows only if it fails.
+pub fn captured_child_command(name: &str, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "--exact",
-        name,
-        "--ignored",
-        "--nocapture",
-        "--test-threads",
-        "1",
-    ]);
+    cmd.args(["--exact", name, "--ignored", "--test-threads", "1"]);
     for var in RUNNER_VARS {
         cmd.env_remove(var);
     }
