@@ -653,6 +653,73 @@ mod tests {
         assert_eq!(key(Some(ignored.clone())), key(Some(ignored)));
     }
 
+    /// The content hash (the templates' key) of fixed migrations of every kind, pinned.
+    /// Processes record the key under the files' metadata (`crate::fingerprint`); if
+    /// the key of unchanged files changes, a later build takes the old key from the
+    /// record, and stops with "the fixtures or migrations changed while the tests ran"
+    /// when it must build from the files. So a change of what the key covers, or how,
+    /// comes with a new record format (`FORMAT` in fingerprint.rs), and new values here.
+    #[test]
+    fn the_key_is_pinned() {
+        let file = |name: &str, sql: &str| FixtureFile {
+            path: PathBuf::from(name),
+            sql: sql.to_owned(),
+        };
+        let key = |migrations: Option<Migrations>| {
+            crate::fixtures::FixtureSet::with_migrations(
+                migrations,
+                vec![file("fixtures/users.sql", "INSERT INTO users VALUES (1)")],
+            )
+            .hash(16)
+            .to_owned()
+        };
+        let folder = |layout: Layout, sqlx_toml: Option<SqlxToml>| Migrations {
+            source: Source::Dir(PathBuf::from("migrations")),
+            layout,
+            files: vec![file(
+                "migrations/1_users.sql",
+                "CREATE TABLE users (id int)",
+            )],
+            blanked: Vec::new(),
+            sqlx_toml,
+        };
+        let toml = SqlxToml {
+            table_name: Some("meta.migrations".into()),
+            ignored_chars: vec!['\r'],
+            ..SqlxToml::default()
+        };
+        let mut keys = vec![
+            key(None),
+            key(Some(folder(Layout::Plain, None))),
+            key(Some(folder(Layout::Sqlx, None))),
+            key(Some(folder(Layout::Sqlx, Some(toml)))),
+        ];
+        let mut pinned = vec![
+            "edeec3a25c60efe7",
+            "9b58ec21b6c210d8",
+            "db524b0687ab39c5",
+            "e0aadb80986391eb",
+        ];
+        #[cfg(feature = "sqlx")]
+        {
+            use ::sqlx::migrate::{Migration, MigrationType, Migrator};
+            let migrator: &'static Migrator = Box::leak(Box::new(Migrator {
+                migrations: vec![Migration::new(
+                    1,
+                    "users".into(),
+                    MigrationType::Simple,
+                    ::sqlx::SqlSafeStr::into_sql_str("CREATE TABLE users (id int)"),
+                    false,
+                )]
+                .into(),
+                ..Migrator::DEFAULT
+            }));
+            keys.push(key(Some(Migrations::from_migrator(migrator))));
+            pinned.push("24b4b8c32362de03");
+        }
+        assert_eq!(keys, pinned);
+    }
+
     #[test]
     fn layouts_are_recognised() {
         let l = |names: &[&str]| layout(&entries(names));
