@@ -489,6 +489,46 @@ impl Config {
     }
 }
 
+/// The run of the `cargo test` (or `cargo run`) that runs this process: its parent when
+/// that is `cargo`, by pid and start time (Linux's `/proc`). `cargo test` runs its
+/// test binaries one after another, so with one run they share its servers,
+/// templates and workers, as a nextest run's processes do: every binary after the
+/// first finds them ready instead of starting its own. `None` elsewhere.
+fn cargo_run_id() -> Option<String> {
+    let parent = std::os::unix::process::parent_id();
+    let stat = std::fs::read_to_string(format!("/proc/{parent}/stat")).ok()?;
+    let started = cargo_started(&stat)?;
+    Some(cargo_id(parent, started))
+}
+
+/// `t`, the pid in hex, and as many of the start time's last hex digits as fit in 12
+/// characters: never a user's id (at most 11 characters when plain, 12 hex digits when
+/// hashed) nor a process's (`p`).
+fn cargo_id(pid: u32, started: u64) -> String {
+    let id = format!("t{pid:x}");
+    let clock = format!("{started:016x}");
+    let room = HASHED_RUN_ID.saturating_sub(id.len());
+    format!("{id}{}", &clock[clock.len() - room.min(clock.len())..])
+}
+
+/// The start time (field 22, in clock ticks since boot) of the process whose
+/// `/proc/<pid>/stat` is `stat`, when that process is `cargo`. The command name is in
+/// parentheses and may itself hold spaces and parentheses: the fields after it follow
+/// the last `)`.
+fn cargo_started(stat: &str) -> Option<u64> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    if stat.get(open + 1..close)? != "cargo" {
+        return None;
+    }
+    // Field 3 (the state) is the first after the name.
+    stat[close + 1..]
+        .split_whitespace()
+        .nth(22 - 3)?
+        .parse()
+        .ok()
+}
+
 impl Config {
     /// The crate's migrations folder when it exists: `migrations/`, or the one its
     /// `sqlx.toml` names (`[migrate] migrations-dir`), as `#[sqlx::test]` finds it.
@@ -923,11 +963,15 @@ fn reuse_run_id(project: &str) -> String {
     format!("reuse{}", &hex[..7])
 }
 
-/// A run id for a process that is not part of a nextest run: its pid and start time.
+/// A run id for a process that is not part of a nextest run: the `cargo test` that
+/// runs it ([`cargo_run_id`]), else its own pid and start time.
 fn process_run_id() -> String {
     use std::sync::OnceLock;
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
+        if let Some(id) = cargo_run_id() {
+            return id;
+        }
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -1019,6 +1063,26 @@ mod tests {
             c.run_id
         );
         assert_ne!(c.run_id, "0a1b2c3d4e5f");
+    }
+
+    #[test]
+    fn a_cargo_parent_names_the_run() {
+        let stat = |name: &str| {
+            format!(
+                "4242 ({name}) S 1 4242 4242 0 -1 4194560 1 0 0 0 2 3 0 0 20 0 9 0 123456789 1 2 3"
+            )
+        };
+        assert_eq!(cargo_started(&stat("cargo")), Some(123_456_789));
+        for other in ["bash", "cargo-nextest", "rustdoc", "(cargo)", "cargo x"] {
+            assert_eq!(cargo_started(&stat(other)), None, "{other}");
+        }
+        assert_eq!(cargo_started("4242 (cargo"), None);
+        // Twelve characters, never a process's id (`p`) nor a hashed one (all hex).
+        let id = cargo_id(4242, 123_456_789);
+        assert_eq!(id, "t109275bcd15");
+        assert_eq!(cargo_id(0x3f_ffff, u64::MAX).len(), 12);
+        assert_ne!(cargo_id(4242, 1), cargo_id(4242, 2));
+        assert_ne!(cargo_id(4242, 1), cargo_id(4243, 1));
     }
 
     #[test]

@@ -609,6 +609,99 @@ fn the_fallback_to_local_binaries_is_said_once() {
     );
 }
 
+/// Run twice by [`the_test_binaries_of_one_cargo_test_share_its_run`], as `cargo test`
+/// runs two test binaries: the first commits a row through the worker pool and exits
+/// holding it (as a binary stopped by a failure would); the second reports whether it
+/// finds that row, and what it had to build.
+#[test]
+#[ignore = "helper, run as a child process by the_test_binaries_of_one_cargo_test_share_its_run"]
+fn cargo_binary_child() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let fixture = Fixture::builder().workers(1).build().unwrap();
+        if std::env::var("PGFIXTURE_TEST_CHILD_COMMITS").as_deref() == Ok("1") {
+            let pool = fixture.worker_pool().await.unwrap();
+            pool.get()
+                .await
+                .unwrap()
+                .batch_execute("INSERT INTO users (email) VALUES ('first-binary@example.com')")
+                .await
+                .unwrap();
+            println!("CHILD-OK run={} committed", fixture.config().run_id);
+            std::process::exit(0);
+        }
+        let db = fixture.worker_db().await.unwrap();
+        let leaked: i64 = db
+            .query_one(
+                "SELECT count(*) FROM users WHERE email = 'first-binary@example.com'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let stats = fixture.stats();
+        println!(
+            "CHILD-OK run={} leaked={leaked} started={} templates={} reset={}",
+            fixture.config().run_id,
+            stats.servers_started,
+            stats.templates_built,
+            stats.workers_reset,
+        );
+    });
+}
+
+/// `cargo test` runs its test binaries one after another, as children of one `cargo`
+/// process: they share its run. The second binary finds the server and template the
+/// first made, and the worker it left marked as in use by a worker pool, which it
+/// resets: none of the rows the first committed.
+#[test]
+fn the_test_binaries_of_one_cargo_test_share_its_run() {
+    // A `cargo` of our own: a shell by that name, which runs this binary's helper twice.
+    let dir = std::env::temp_dir().join(format!("pgfx-cargo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cargo = dir.join("cargo");
+    let _ = std::fs::remove_file(&cargo);
+    std::os::unix::fs::symlink("/bin/sh", &cargo).unwrap();
+    let helper = captured_child_command("cargo_binary_child", &[]);
+    let exe = helper.get_program().to_owned();
+    let args: Vec<_> = helper.get_args().map(|a| a.to_owned()).collect();
+    let mut command = std::process::Command::new(&cargo);
+    // Never `exec`ed in the shell's place (the last command of a script may be).
+    command
+        .arg("-c")
+        .arg("\"$0\" \"$@\" --nocapture || exit 1; PGFIXTURE_TEST_CHILD_COMMITS=0 \"$0\" \"$@\" --nocapture || exit 2; exit 0")
+        .arg(exe)
+        .args(args);
+    for (key, value) in helper.get_envs() {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
+    command.env("PGFIXTURE_TEST_CHILD_COMMITS", "1");
+    let out = command.output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let reports: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.split_once("CHILD-OK").map(|(_, report)| report))
+        .collect();
+    assert_eq!(reports.len(), 2, "{stdout}");
+    let run = |report: &str| report.split_whitespace().next().unwrap().to_owned();
+    assert_eq!(run(reports[0]), run(reports[1]), "one run: {stdout}");
+    assert!(run(reports[0]).starts_with("run=t"), "{stdout}");
+    assert_eq!(reported(reports[1], "leaked"), 0, "{stdout}");
+    assert_eq!(reported(reports[1], "reset"), 1, "{stdout}");
+    for built in ["started", "templates"] {
+        assert_eq!(reported(reports[1], built), 0, "{built}: {stdout}");
+    }
+}
+
 /// `PGFIXTURE_REUSE=1`: the next run finds the servers, template and worker of the
 /// last one, past the grace period; a changed fixture makes a new template; after the
 /// idle time nothing is left.
