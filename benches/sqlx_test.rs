@@ -27,6 +27,14 @@
 //! backend the environment selects (`PGFIXTURE_BACKEND=local` for the figures in
 //! BENCHMARKS.md).
 //!
+//! Then a crate's layout: `BENCH_FILES` (default 8) test files of `BENCH_FILE_TESTS`
+//! (default 5) tests each, every file a test binary, run one after another as `cargo
+//! test` runs them, at 4 test threads: `#[sqlx::test]` (on disk), and the files renamed
+//! to `#[pgfixture::test]` with a run per binary (each starts a server and builds the
+//! template: what `cargo test` gave before its binaries shared a run, and still gives
+//! where there is no `/proc`) and with one run for all (what `cargo test` gives: the
+//! binaries after the first find everything ready).
+//!
 //! `BENCH_TESTS` (default 100) sets the tests per file, `BENCH_REPEAT` (default 3) the
 //! runs per cell, `BENCH_THREADS` (default `1,2,4,8`) the thread counts, and
 //! `BENCH_BUILD=0` skips the build-time part. Medians are printed.
@@ -75,7 +83,7 @@ fn write(path: &Path, text: &str) {
 }
 
 /// The generated crate.
-fn generate(dir: &Path, tests: usize) {
+fn generate(dir: &Path, tests: usize, files: usize, file_tests: usize) {
     let repo = env!("CARGO_MANIFEST_DIR");
     write(
         &dir.join("Cargo.toml"),
@@ -128,6 +136,27 @@ tokio = {{ version = "1", features = ["macros", "rt-multi-thread"] }}
             "&mut *db",
         ),
     );
+    // A crate's layout: several files of a few tests, in both attributes' spelling.
+    for f in 1..=files {
+        let several = |attr: &str| {
+            let mut text = String::from("#![allow(unused)]\nuse sqlx::PgPool;\n\n");
+            for n in 0..file_tests {
+                text.push_str(&format!(
+                    "#[{attr}]\nasync fn t{n}(pool: PgPool) {{\n{}}}\n\n",
+                    body(n, "&pool")
+                ));
+            }
+            text
+        };
+        write(
+            &dir.join(format!("tests/multi_sqlx_{f}.rs")),
+            &several("sqlx::test"),
+        );
+        write(
+            &dir.join(format!("tests/multi_renamed_{f}.rs")),
+            &several("pgfixture::test"),
+        );
+    }
     // Build time: 100 tests per file, each attribute, the same trivial body, so that
     // only what the attribute generates differs.
     let build = |attr: &str, param: &str| {
@@ -211,9 +240,9 @@ fn run(
         .env("DATABASE_URL", database_url)
         // Servers of finished runs go soon, so that they do not pile up between runs.
         .env("PGFIXTURE_GRACE", "2")
-        .envs(extra.iter().copied())
         .env_remove("PGFIXTURE_RUN_ID")
         .env_remove("NEXTEST_RUN_ID")
+        .envs(extra.iter().copied())
         .output()
         .expect("running a test binary");
     let wall = started.elapsed();
@@ -257,8 +286,10 @@ fn main() {
         .split(',')
         .filter_map(|t| t.trim().parse().ok())
         .collect();
+    let files = env_or("BENCH_FILES", 8);
+    let file_tests = env_or("BENCH_FILE_TESTS", 5);
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-sqlx-test");
-    generate(&dir, tests);
+    generate(&dir, tests, files, file_tests);
     eprintln!(
         "building {} (the first build compiles sqlx)...",
         dir.display()
@@ -361,6 +392,48 @@ fn main() {
             ratio(4),
         );
     }
+
+    // A crate's layout, its binaries one after another as `cargo test` runs them.
+    println!();
+    println!(
+        "a crate of {files} test files of {file_tests} tests, each file a binary, run one after another at 4 test threads, median of {repeat} (sum of the binaries' wall times)"
+    );
+    let mut runs = 0;
+    let mut new_run = || {
+        runs += 1;
+        format!("bm{:x}r{runs}", std::process::id() % 0xfffff)
+    };
+    let suite = |kind: &str, url: &str, run_of: &mut dyn FnMut(usize) -> Option<String>| {
+        (1..=files)
+            .map(|f| {
+                let run_id = run_of(f);
+                let extra: Vec<(&str, &str)> = run_id
+                    .iter()
+                    .map(|id| ("PGFIXTURE_RUN_ID", id.as_str()))
+                    .collect();
+                run(&binary(&format!("multi_{kind}_{f}")), &dir, 4, url, &extra)
+            })
+            .sum::<Duration>()
+    };
+    let mut sqlx_disk = Vec::new();
+    let mut per_binary = Vec::new();
+    let mut one_run = Vec::new();
+    for _ in 0..repeat {
+        sqlx_disk.push(suite("sqlx", &disk_url, &mut |_| None));
+        per_binary.push(suite("renamed", &database_url, &mut |_| Some(new_run())));
+        let run = new_run();
+        one_run.push(suite("renamed", &database_url, &mut |_| Some(run.clone())));
+    }
+    let (sqlx_disk, per_binary, one_run) = (median(sqlx_disk), median(per_binary), median(one_run));
+    let ratio = |d: Duration| sqlx_disk.as_secs_f64() / d.as_secs_f64();
+    println!(
+        "  #[sqlx::test], disk {}; renamed, a run per binary {} ({:.1}x); renamed, one run {} ({:.1}x)",
+        secs(sqlx_disk),
+        secs(per_binary),
+        ratio(per_binary),
+        secs(one_run),
+        ratio(one_run)
+    );
     drop((db, disk_db));
 
     if std::env::var("BENCH_BUILD").as_deref() != Ok("0") {
