@@ -484,21 +484,29 @@ impl Config {
             config.run_id = reuse_run_id(&project);
         } else if let Some(v) = env.var("NEXTEST_RUN_ID") {
             config.run_id = parse_run_id("NEXTEST_RUN_ID", &v)?;
+        } else if let Some(id) = cargo_run_id() {
+            config.run_id = id.to_owned();
         }
         Ok(config)
     }
 }
 
 /// The run of the `cargo test` (or `cargo run`) that runs this process: its parent when
-/// that is `cargo`, by pid and start time (Linux's `/proc`). `cargo test` runs its
-/// test binaries one after another, so with one run they share its servers,
-/// templates and workers, as a nextest run's processes do: every binary after the
-/// first finds them ready instead of starting its own. `None` elsewhere.
-fn cargo_run_id() -> Option<String> {
-    let parent = std::os::unix::process::parent_id();
-    let stat = std::fs::read_to_string(format!("/proc/{parent}/stat")).ok()?;
-    let started = cargo_started(&stat)?;
-    Some(cargo_id(parent, started))
+/// that is `cargo`, by pid and start time (Linux's `/proc`, read once per process,
+/// and only when no run is named otherwise). `cargo test` runs its test binaries one
+/// after another, so with one run they share its servers, templates and workers, as a
+/// nextest run's processes do: every binary after the first finds them ready instead
+/// of starting its own. `None` elsewhere.
+fn cargo_run_id() -> Option<&'static str> {
+    use std::sync::OnceLock;
+    static ID: OnceLock<Option<String>> = OnceLock::new();
+    ID.get_or_init(|| {
+        let parent = std::os::unix::process::parent_id();
+        let stat = std::fs::read_to_string(format!("/proc/{parent}/stat")).ok()?;
+        let started = cargo_started(&stat)?;
+        Some(cargo_id(parent, started))
+    })
+    .as_deref()
 }
 
 /// `t`, the pid in hex, and as many of the start time's last hex digits as fit in 12
@@ -963,15 +971,12 @@ fn reuse_run_id(project: &str) -> String {
     format!("reuse{}", &hex[..7])
 }
 
-/// A run id for a process that is not part of a nextest run: the `cargo test` that
-/// runs it ([`cargo_run_id`]), else its own pid and start time.
+/// A run id for a process that is not part of a nextest run (nor, read from the
+/// environment, of a `cargo test`: [`cargo_run_id`]): its pid and start time.
 fn process_run_id() -> String {
     use std::sync::OnceLock;
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
-        if let Some(id) = cargo_run_id() {
-            return id;
-        }
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
