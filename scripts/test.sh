@@ -53,9 +53,14 @@ fi
 # Tests and examples build with every driver: the package dev-depends on itself with
 # its features on (Cargo.toml).
 cargo build --tests --quiet || exit 1
+# A crate on sqlx 0.8 (compat/sqlx-0_8: feature `sqlx-0_8`), built apart: its own sqlx
+# is not pgfixture's.
+cargo build --tests --quiet -p pgfixture-sqlx-0_8 || exit 1
 run "unit tests" cargo test --lib --quiet
 run "doc tests" cargo test --doc --quiet
 run "attribute misuse (compile-fail)" cargo test --quiet --test compile_fail
+# With `sqlx-0_8` on beside `sqlx`, sqlx 0.9's types still get pgfixture's handles.
+run "attribute, every feature" cargo test --quiet --all-features --test attribute
 suites=(--test isolation --test handle --test commits --test attribute --test sqlx --test migrations --test sea_orm)
 
 for backend in $backends; do
@@ -67,6 +72,8 @@ for backend in $backends; do
         [ "$backend/$mode" = docker/schema ] && net=(env PGFIXTURE_DOCKER_NETWORK=bridge)
         run "$backend/$mode cargo test" "${net[@]}" cargo test --quiet "${suites[@]}"
         run "$backend/$mode nextest" "${net[@]}" cargo nextest run -j 4 --no-fail-fast "${suites[@]}"
+        run "$backend/$mode sqlx 0.8 cargo test" "${net[@]}" cargo test --quiet -p pgfixture-sqlx-0_8 --test sqlx_0_8
+        run "$backend/$mode sqlx 0.8 nextest" "${net[@]}" cargo nextest run -j 4 --no-fail-fast -p pgfixture-sqlx-0_8
     done
     export PGFIXTURE_ISOLATION=database
     # Docker's own lifecycle tests run with the docker backend only.

@@ -189,6 +189,149 @@ fn release<H: TestHandle>(runtime: &tokio::runtime::Runtime, guard: H::Guard, ar
     }
 }
 
+/// The worker's settings, for a handle the test crate's own sqlx builds (feature
+/// `sqlx-0_8`: `#[sqlx::test]`'s types of a sqlx whose major is not pgfixture's).
+#[derive(Debug)]
+pub struct OwnSqlx {
+    url: String,
+    max_connections: u32,
+    acquire_timeout: std::time::Duration,
+}
+
+impl OwnSqlx {
+    /// The worker's URL, with the `application_name` of its worker pool, by which the
+    /// release finds the test's connections.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The worker pool's size, which fits the server's `max_connections`.
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections
+    }
+
+    /// The fixture's acquire timeout.
+    pub fn acquire_timeout(&self) -> std::time::Duration {
+        self.acquire_timeout
+    }
+}
+
+/// What closes a handle of the test's own sqlx once the test is over (its pool).
+pub type Closer = Pin<Box<dyn Future<Output = ()>>>;
+
+/// A handle the test's own sqlx built, and what closes it; the error as text.
+pub type OwnSqlxMade<H> =
+    Pin<Box<dyn Future<Output = std::result::Result<(H, Option<Closer>), String>>>>;
+
+/// `closing`, as a handle's [`Closer`].
+pub fn closer(closing: impl Future<Output = ()> + 'static) -> Option<Closer> {
+    Some(Box::pin(closing))
+}
+
+/// Picks how a test's handle is made, when its type may be pgfixture's handle or one
+/// of `#[sqlx::test]`'s types of the test crate's own sqlx: [`PickHandle`] when `H` is
+/// a [`TestHandle`], else [`PickOwnSqlx`] (method resolution tries `Pick<H>` before
+/// `&Pick<H>`).
+#[derive(Debug)]
+pub struct Pick<H>(std::marker::PhantomData<fn() -> H>);
+
+impl<H> Pick<H> {
+    /// The picker for `H`.
+    #[allow(clippy::new_without_default)]
+    pub const fn new() -> Self {
+        Pick(std::marker::PhantomData)
+    }
+}
+
+/// `H` is pgfixture's handle: [`run`].
+pub trait PickHandle<H, T> {
+    /// Runs the test.
+    fn run(
+        &self,
+        args: TestArgs,
+        runtime: tokio::runtime::Runtime,
+        make: fn(OwnSqlx) -> OwnSqlxMade<H>,
+        test: Body<H, T>,
+    ) -> T;
+}
+
+impl<H: TestHandle, T> PickHandle<H, T> for Pick<H> {
+    fn run(
+        &self,
+        args: TestArgs,
+        runtime: tokio::runtime::Runtime,
+        _: fn(OwnSqlx) -> OwnSqlxMade<H>,
+        test: Body<H, T>,
+    ) -> T {
+        run(args, runtime, test)
+    }
+}
+
+/// `H` is a type of the test's own sqlx: [`run_own_sqlx`].
+pub trait PickOwnSqlx<H, T> {
+    /// Runs the test.
+    fn run(
+        &self,
+        args: TestArgs,
+        runtime: tokio::runtime::Runtime,
+        make: fn(OwnSqlx) -> OwnSqlxMade<H>,
+        test: Body<H, T>,
+    ) -> T;
+}
+
+impl<H, T> PickOwnSqlx<H, T> for &Pick<H> {
+    fn run(
+        &self,
+        args: TestArgs,
+        runtime: tokio::runtime::Runtime,
+        make: fn(OwnSqlx) -> OwnSqlxMade<H>,
+        test: Body<H, T>,
+    ) -> T {
+        run_own_sqlx(args, runtime, make, test)
+    }
+}
+
+/// Runs a test whose handle the test crate's own sqlx builds with `make`, on the
+/// worker's pool ([`crate::WorkerPool`], commits allowed): the fixtures are applied
+/// through it, the handle's pool is closed after the test, and the release puts back
+/// what the test changed, as for `#[sqlx::test]`'s types of pgfixture's sqlx.
+pub fn run_own_sqlx<H, T>(
+    args: TestArgs,
+    runtime: tokio::runtime::Runtime,
+    make: fn(OwnSqlx) -> OwnSqlxMade<H>,
+    test: Body<H, T>,
+) -> T {
+    crate::runtime::in_test_scope(runtime, |runtime| {
+        let fixture = args.fixture().unwrap_or_else(|e| panic!("pgfixture: {e}"));
+        let (pool, ()) = runtime
+            .block_on(<crate::WorkerPool as TestHandle>::acquire(&fixture, &args))
+            .unwrap_or_else(|e| panic!("pgfixture: {} could not get its handle: {e}", args.name));
+        let own = OwnSqlx {
+            url: pool.settings.url.as_str().to_owned(),
+            max_connections: u32::try_from(pool.state.pool_size()).unwrap_or(u32::MAX),
+            acquire_timeout: fixture.config().acquire_timeout,
+        };
+        let (handle, closing) = runtime.block_on(make(own)).unwrap_or_else(|e| {
+            panic!(
+                "pgfixture: {} could not get its handle: its own sqlx failed on worker {}: {e}",
+                args.name,
+                pool.worker_id()
+            )
+        });
+        let output = runtime.block_on(test(handle));
+        if let Some(closing) = closing {
+            runtime.block_on(closing);
+        }
+        if let Err(e) = runtime.block_on(pool.release()) {
+            panic!(
+                "pgfixture: releasing the handle of {} failed: {e}",
+                args.name
+            );
+        }
+        output
+    })
+}
+
 /// Runs a plain test with its handle `H`.
 pub fn run_sync<H: SyncTestHandle, T>(args: TestArgs, test: fn(H) -> T) -> T {
     let fixture = args.fixture().unwrap_or_else(|e| panic!("pgfixture: {e}"));

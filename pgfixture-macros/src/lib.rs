@@ -161,12 +161,29 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             )
         },
         (None, false) => quote! { #name() },
-        (Some(ty), true) => quote_spanned! {ty.span()=>
-            ::pgfixture::__macro::run::<#ty, _>(
-                #test_args,
-                ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
-                #call,
-            )
+        (Some(ty), true) => match own_sqlx(ty, pair) {
+            // sqlx of another major than pgfixture's (feature `sqlx-0_8`): pgfixture's
+            // handle when the type is one, else the test's own sqlx builds it.
+            Some(make) => quote_spanned! {ty.span()=>
+                {
+                    // One of the two is used.
+                    #[allow(unused_imports)]
+                    use ::pgfixture::__macro::{PickHandle as _, PickOwnSqlx as _};
+                    (&::pgfixture::__macro::Pick::<#ty>::new()).run(
+                        #test_args,
+                        ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
+                        #make,
+                        #call,
+                    )
+                }
+            },
+            None => quote_spanned! {ty.span()=>
+                ::pgfixture::__macro::run::<#ty, _>(
+                    #test_args,
+                    ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
+                    #call,
+                )
+            },
         },
         (Some(ty), false) => {
             if args.multi_thread.is_some() {
@@ -183,7 +200,10 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
     // The same checks outside the test function, which exists in test builds only:
     // misuse is an error in every build (a plain `cargo build` of the file, trybuild).
     let handle_check = handle_type.map(|ty| {
-        if is_async {
+        if is_async && own_sqlx(ty, pair).is_some() {
+            // Checked where the test's own sqlx builds it.
+            quote! {}
+        } else if is_async {
             quote_spanned! {ty.span()=> ::pgfixture::__macro::assert_handle::<#ty>(); }
         } else {
             quote_spanned! {ty.span()=> ::pgfixture::__macro::assert_sync_handle::<#ty>(); }
@@ -314,6 +334,76 @@ fn is_pool_options(ty: &syn::Type) -> bool {
         syn::Type::Paren(paren) => is_pool_options(&paren.elem),
         _ => false,
     }
+}
+
+/// The last segment of a path type (through groups and parentheses).
+fn last_segment(ty: &syn::Type) -> Option<&syn::PathSegment> {
+    match ty {
+        syn::Type::Path(path) => path.path.segments.last(),
+        syn::Type::Group(group) => last_segment(&group.elem),
+        syn::Type::Paren(paren) => last_segment(&paren.elem),
+        _ => None,
+    }
+}
+
+/// With the feature `sqlx-0_8`: for a parameter that names one of `#[sqlx::test]`'s
+/// types, the code that builds it with the test crate's own `sqlx` (of a major other
+/// than pgfixture's) from the worker's settings ([`pgfixture::__macro::OwnSqlx`]),
+/// used when the type is not a handle of pgfixture's own. `None` otherwise: the
+/// handle's trait picks, as without the feature.
+fn own_sqlx(ty: &syn::Type, pair: bool) -> Option<TokenStream2> {
+    if !cfg!(feature = "sqlx-0_8") {
+        return None;
+    }
+    let connect = quote! {
+        let connect: ::sqlx::postgres::PgConnectOptions = ::core::str::FromStr::from_str(own.url())
+            .map_err(|e| ::std::string::ToString::to_string(&e))?;
+    };
+    let pool_options = quote! {
+        ::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(own.max_connections())
+            .acquire_timeout(own.acquire_timeout())
+    };
+    let built = if pair {
+        let syn::Type::Tuple(tuple) = ty else {
+            return None;
+        };
+        let (options, connect_type) = (&tuple.elems[0], &tuple.elems[1]);
+        quote! {
+            #connect
+            let options: #options = #pool_options;
+            let connect: #connect_type = connect;
+            ::core::result::Result::Ok(((options, connect), ::core::option::Option::None))
+        }
+    } else {
+        match last_segment(ty)?.ident.to_string().as_str() {
+            "PgPool" | "Pool" => quote! {
+                #connect
+                let pool: #ty = #pool_options.connect_lazy_with(connect);
+                let closing = ::core::clone::Clone::clone(&pool);
+                ::core::result::Result::Ok((pool, ::pgfixture::__macro::closer(async move { closing.close().await })))
+            },
+            "PoolConnection" => quote! {
+                #connect
+                let pool: ::sqlx::PgPool = #pool_options.connect_lazy_with(connect);
+                let conn: #ty = pool.acquire().await.map_err(|e| ::std::string::ToString::to_string(&e))?;
+                ::core::result::Result::Ok((conn, ::pgfixture::__macro::closer(async move { pool.close().await })))
+            },
+            "PgConnection" => quote! {
+                #connect
+                let conn: #ty = <::sqlx::postgres::PgConnection as ::sqlx::Connection>::connect_with(&connect)
+                    .await
+                    .map_err(|e| ::std::string::ToString::to_string(&e))?;
+                ::core::result::Result::Ok((conn, ::core::option::Option::None))
+            },
+            _ => return None,
+        }
+    };
+    Some(quote! {
+        |own: ::pgfixture::__macro::OwnSqlx| -> ::pgfixture::__macro::OwnSqlxMade<#ty> {
+            ::std::boxed::Box::pin(async move { #built })
+        }
+    })
 }
 
 fn literal(expr: &Expr) -> Option<Lit> {

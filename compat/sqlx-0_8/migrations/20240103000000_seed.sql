@@ -1,0 +1,1 @@
+INSERT INTO notes (owner, body) VALUES ('seed', 'from the migrations');

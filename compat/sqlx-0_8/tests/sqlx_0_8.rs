@@ -1,0 +1,155 @@
+//! `#[sqlx::test]`'s signatures of sqlx 0.8, renamed to `#[pgfixture::test]` (feature
+//! `sqlx-0_8`): the handles are this crate's own sqlx 0.8 types, on a worker whose
+//! template holds `migrations/`, applied once by pgfixture. Each test commits a row of
+//! its own and first asserts that it sees no other test's: a leak between tests,
+//! workers or runs fails it, under `cargo test` and `cargo nextest run` alike.
+
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+
+/// The application's own migrator over the same folder, as its start-up runs it.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// Asserts that the worker holds only what the migrations seeded, then commits a row
+/// of the test's own, which no other test may see.
+async fn alone(conn: &mut PgConnection, owner: &str) {
+    let owners: Vec<String> = sqlx::query_scalar("SELECT owner FROM notes ORDER BY id")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(owners, ["seed"], "rows another test left, seen by {owner}");
+    sqlx::query("INSERT INTO notes (owner, body) VALUES ($1, 'committed')")
+        .bind(owner)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}
+
+macro_rules! pool_tests {
+    ($($name:ident),*) => {
+        $(
+            #[pgfixture::test]
+            async fn $name(pool: PgPool) {
+                alone(&mut pool.acquire().await.unwrap(), stringify!($name)).await;
+                // Also through the pool itself, and in a transaction of the code's own.
+                let mut tx = pool.begin().await.unwrap();
+                sqlx::query("INSERT INTO tags (note_id, tag) SELECT id, 'x' FROM notes")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+        )*
+    };
+}
+
+pool_tests!(
+    pool_a, pool_b, pool_c, pool_d, pool_e, pool_f, pool_g, pool_h, pool_i, pool_j, pool_k, pool_l
+);
+
+#[pgfixture::test]
+async fn takes_a_pool_connection(mut conn: PoolConnection<Postgres>) {
+    alone(&mut conn, "pool connection").await;
+}
+
+#[pgfixture::test]
+async fn takes_a_pg_connection(mut conn: PgConnection) {
+    alone(&mut conn, "connection").await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("DELETE FROM notes WHERE owner = 'seed'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    // Left to drop: the release waits for it to close.
+}
+
+#[pgfixture::test]
+async fn takes_the_two_options(opts: PgPoolOptions, connect: PgConnectOptions) {
+    assert!(opts.get_max_connections() >= 1);
+    let pool = opts.connect_with(connect).await.unwrap();
+    alone(&mut pool.acquire().await.unwrap(), "options").await;
+    // Dropped without close(): the release waits for its connections to close.
+}
+
+#[pgfixture::test(fixtures("users"))]
+async fn applies_fixtures(pool: PgPool) {
+    let owners: Vec<String> = sqlx::query_scalar("SELECT owner FROM notes ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owners, ["seed", "fixture"]);
+}
+
+#[pgfixture::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_multi_thread_runtime(pool: PgPool) {
+    let pool2 = pool.clone();
+    tokio::spawn(async move { alone(&mut pool2.acquire().await.unwrap(), "multi").await })
+        .await
+        .unwrap();
+}
+
+#[pgfixture::test]
+async fn returns_a_result(pool: PgPool) -> sqlx::Result<()> {
+    alone(&mut *pool.acquire().await?, "result").await;
+    Ok(())
+}
+
+/// What pgfixture's migrator (sqlx 0.9's) wrote is what sqlx 0.8 writes: the
+/// application's own `migrate!().run()` at start-up finds nothing to do.
+#[pgfixture::test]
+async fn the_apps_migrator_finds_nothing_to_do(pool: PgPool) {
+    type Row = (i64, String, Vec<u8>, bool);
+    let read = || {
+        sqlx::query_as::<_, Row>(
+            "SELECT version, description, checksum, success FROM _sqlx_migrations ORDER BY version",
+        )
+        .fetch_all(&pool)
+    };
+    let written = read().await.unwrap();
+    let expected: Vec<Row> = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| {
+            (
+                m.version,
+                m.description.to_string(),
+                m.checksum.to_vec(),
+                true,
+            )
+        })
+        .collect();
+    assert_eq!(written, expected);
+    MIGRATOR.run(&pool).await.unwrap();
+    assert_eq!(read().await.unwrap(), written);
+    let seeds: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(seeds, 1, "the seed migration ran again");
+}
+
+/// `migrations = false`, and the test runs the application's migrator itself (DDL
+/// through the pool: the worker is rebuilt after it).
+#[pgfixture::test(migrations = false)]
+async fn runs_its_own_migrations(pool: PgPool) {
+    let notes: Option<String> = sqlx::query_scalar("SELECT to_regclass('notes')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(notes, None);
+    MIGRATOR.run(&pool).await.unwrap();
+    alone(&mut pool.acquire().await.unwrap(), "own migrations").await;
+}
+
+/// pgfixture's own handles still work beside sqlx 0.8's.
+#[pgfixture::test]
+async fn a_pgfixture_handle_beside(db: pgfixture::TestDb) {
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+}
