@@ -308,7 +308,7 @@ pub fn run_own_sqlx<H, T>(
             .unwrap_or_else(|e| panic!("pgfixture: {} could not get its handle: {e}", args.name));
         let own = OwnSqlx {
             url: pool.settings.url.as_str().to_owned(),
-            max_connections: u32::try_from(pool.state.pool_size()).unwrap_or(u32::MAX),
+            max_connections: crate::driver::sqlx_pool_size(&pool.state),
             acquire_timeout: fixture.config().acquire_timeout,
         };
         let (handle, closing) = runtime.block_on(make(own)).unwrap_or_else(|e| {
@@ -451,10 +451,10 @@ mod sqlx_handles {
 
         async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, crate::WorkerPool)> {
             let (pool, ()) = <crate::WorkerPool as TestHandle>::acquire(fixture, args).await?;
-            // As `#[sqlx::test]`'s, but as large as the worker's pool, which fits the
-            // server's `max_connections` with every other worker's.
+            // As `#[sqlx::test]`'s: 5 connections at most, fewer when the worker's
+            // pool (which fits the server's `max_connections`) is smaller.
             let options = PgPoolOptions::new()
-                .max_connections(u32::try_from(pool.state.pool_size()).unwrap_or(u32::MAX))
+                .max_connections(crate::driver::sqlx_pool_size(&pool.state))
                 .acquire_timeout(fixture.config().acquire_timeout);
             let connect = crate::driver::sqlx::connect_options(&pool.settings);
             Ok(((options, connect), pool))

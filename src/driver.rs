@@ -81,6 +81,14 @@ pub(crate) const END_LAST: &str = concat!(mark!(), "; ROLLBACK");
 /// What [`END`] clears after the rollback, for a connection ended with [`END_LAST`].
 pub(crate) const SESSION_CLEANUP: &str = session_cleanup!();
 
+/// The most connections a sqlx pool on a worker opens at once: 5, as the pools of
+/// `#[sqlx::test]` allow (a renamed test that leans on that limit behaves the same),
+/// or the worker's pool size when it is smaller.
+pub(crate) fn sqlx_pool_size(worker: &Worker) -> u32 {
+    const SQLX_TEST: usize = 5;
+    u32::try_from(worker.pool_size().clamp(1, SQLX_TEST)).unwrap_or(1)
+}
+
 /// Whether this process runs one test only: nextest's process-per-test mode, which it
 /// announces in `NEXTEST_EXECUTION_MODE`. A connection's session is then cleared when
 /// it is taken again rather than at release, since no other test will take it.

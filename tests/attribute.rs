@@ -151,6 +151,8 @@ mod sqlx_handles {
 
     #[pgfixture::test]
     async fn takes_a_pg_pool(pool: PgPool) {
+        // As many connections at once as #[sqlx::test]'s pools allow.
+        assert_eq!(pool.options().get_max_connections(), 5);
         let mut conn = pool.acquire().await.unwrap();
         alone(&mut conn).await;
         // Commits are allowed on the pool: the worker is reset afterwards.
@@ -195,7 +197,7 @@ mod sqlx_handles {
         opts: sqlx::postgres::PgPoolOptions,
         connect: sqlx::postgres::PgConnectOptions,
     ) {
-        assert!(opts.get_max_connections() >= 1);
+        assert_eq!(opts.get_max_connections(), 5);
         let pool = opts.connect_with(connect.clone()).await.unwrap();
         alone(&mut pool.acquire().await.unwrap()).await;
         sqlx::query("INSERT INTO notes (owner, body) VALUES ('isolated', 'committed')")

@@ -721,11 +721,14 @@ fn kept_pool(options: PgConnectOptions, max: u32, timeout: std::time::Duration) 
     KeptPool { pool, foreign }
 }
 
-/// A new kept pool on `worker`, as large as the worker's own pool, with pgfixture's
-/// own connection settings (its connections are not the test's own).
+/// A new kept pool on `worker`, of `#[sqlx::test]`'s size ([`super::sqlx_pool_size`]),
+/// with pgfixture's own connection settings (its connections are not the test's own).
 fn new_kept(worker: &crate::fixture::Worker, timeout: std::time::Duration) -> KeptPool {
-    let max = worker.pool_size().max(1) as u32;
-    kept_pool(own_connect_options(worker.settings()), max, timeout)
+    kept_pool(
+        own_connect_options(worker.settings()),
+        super::sqlx_pool_size(worker),
+        timeout,
+    )
 }
 
 /// The connections a kept pool opens before a test: in a process that runs one test,

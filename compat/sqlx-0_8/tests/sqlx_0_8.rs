@@ -31,6 +31,8 @@ macro_rules! pool_tests {
         $(
             #[pgfixture::test]
             async fn $name(pool: PgPool) {
+                // As many connections at once as #[sqlx::test]'s pools allow.
+                assert_eq!(pool.options().get_max_connections(), 5);
                 alone(&mut pool.acquire().await.unwrap(), stringify!($name)).await;
                 // Also through the pool itself, and in a transaction of the code's own.
                 let mut tx = pool.begin().await.unwrap();
@@ -67,7 +69,7 @@ async fn takes_a_pg_connection(mut conn: PgConnection) {
 
 #[pgfixture::test]
 async fn takes_the_two_options(opts: PgPoolOptions, connect: PgConnectOptions) {
-    assert!(opts.get_max_connections() >= 1);
+    assert_eq!(opts.get_max_connections(), 5);
     let pool = opts.connect_with(connect).await.unwrap();
     alone(&mut pool.acquire().await.unwrap(), "options").await;
     // Dropped without close(): the release waits for its connections to close.
