@@ -359,6 +359,20 @@ fn own_sqlx(ty: &syn::Type, pair: bool) -> Option<TokenStream2> {
         let connect: ::sqlx::postgres::PgConnectOptions = ::core::str::FromStr::from_str(own.url())
             .map_err(|e| ::std::string::ToString::to_string(&e))?;
     };
+    // The test's transaction, begun through sqlx's transaction manager (the code under
+    // test's `begin()` is then a savepoint) and left open: the `Transaction` is
+    // forgotten, not dropped, which would roll it back. `Connection::begin` is the
+    // same in every sqlx 0.x that has the types.
+    let begin = |conn: TokenStream2| {
+        quote! {
+            ::core::mem::forget(
+                ::sqlx::Connection::begin(#conn)
+                    .await
+                    .map_err(|e| ::std::string::ToString::to_string(&e))?,
+            );
+        }
+    };
+    let (begin_pooled, begin_own) = (begin(quote!(&mut *conn)), begin(quote!(&mut conn)));
     let pool_options = quote! {
         ::sqlx::postgres::PgPoolOptions::new()
             .max_connections(own.max_connections())
@@ -386,14 +400,16 @@ fn own_sqlx(ty: &syn::Type, pair: bool) -> Option<TokenStream2> {
             "PoolConnection" => quote! {
                 #connect
                 let pool: ::sqlx::PgPool = #pool_options.connect_lazy_with(connect);
-                let conn: #ty = pool.acquire().await.map_err(|e| ::std::string::ToString::to_string(&e))?;
+                let mut conn: #ty = pool.acquire().await.map_err(|e| ::std::string::ToString::to_string(&e))?;
+                #begin_pooled
                 ::core::result::Result::Ok((conn, ::pgfixture::__macro::closer(async move { pool.close().await })))
             },
             "PgConnection" => quote! {
                 #connect
-                let conn: #ty = <::sqlx::postgres::PgConnection as ::sqlx::Connection>::connect_with(&connect)
+                let mut conn: #ty = <::sqlx::postgres::PgConnection as ::sqlx::Connection>::connect_with(&connect)
                     .await
                     .map_err(|e| ::std::string::ToString::to_string(&e))?;
+                #begin_own
                 ::core::result::Result::Ok((conn, ::core::option::Option::None))
             },
             _ => return None,

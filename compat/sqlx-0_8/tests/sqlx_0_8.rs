@@ -26,6 +26,21 @@ async fn alone(conn: &mut PgConnection, owner: &str) {
         .unwrap();
 }
 
+/// Whether `conn` is inside a transaction: `now()` is its start, the same for two
+/// statements only when they run in one transaction.
+async fn in_transaction(conn: &mut PgConnection) -> bool {
+    let mut starts = Vec::new();
+    for _ in 0..2 {
+        let start: String = sqlx::query_scalar("SELECT now()::text")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        starts.push(start);
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    starts[0] == starts[1]
+}
+
 macro_rules! pool_tests {
     ($($name:ident),*) => {
         $(
@@ -52,18 +67,23 @@ pool_tests!(
 
 #[pgfixture::test]
 async fn takes_a_pool_connection(mut conn: PoolConnection<Postgres>) {
+    // Inside the test's transaction, as #[pgfixture::test] gives a connection.
+    assert!(in_transaction(&mut conn).await);
     alone(&mut conn, "pool connection").await;
 }
 
 #[pgfixture::test]
 async fn takes_a_pg_connection(mut conn: PgConnection) {
     alone(&mut conn, "connection").await;
+    // The code under test's transaction is a savepoint in the test's: its commit
+    // leaves the test's open.
     let mut tx = conn.begin().await.unwrap();
     sqlx::query("DELETE FROM notes WHERE owner = 'seed'")
         .execute(&mut *tx)
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    assert!(in_transaction(&mut conn).await);
     // Left to drop: the release waits for it to close.
 }
 
@@ -71,6 +91,7 @@ async fn takes_a_pg_connection(mut conn: PgConnection) {
 async fn takes_the_two_options(opts: PgPoolOptions, connect: PgConnectOptions) {
     assert_eq!(opts.get_max_connections(), 5);
     let pool = opts.connect_with(connect).await.unwrap();
+    assert!(!in_transaction(&mut pool.acquire().await.unwrap()).await);
     alone(&mut pool.acquire().await.unwrap(), "options").await;
     // Dropped without close(): the release waits for its connections to close.
 }
