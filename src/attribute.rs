@@ -223,6 +223,10 @@ pub type Closer = Pin<Box<dyn Future<Output = ()>>>;
 pub type OwnSqlxMade<H> =
     Pin<Box<dyn Future<Output = std::result::Result<(H, Option<Closer>), String>>>>;
 
+/// What builds a handle with the test's own sqlx: code the attribute writes, which
+/// names the crate's `::sqlx`.
+pub type MakeOwnSqlx<H> = fn(OwnSqlx) -> OwnSqlxMade<H>;
+
 /// `closing`, as a handle's [`Closer`].
 pub fn closer(closing: impl Future<Output = ()> + 'static) -> Option<Closer> {
     Some(Box::pin(closing))
@@ -250,7 +254,7 @@ pub trait PickHandle<H, T> {
         &self,
         args: TestArgs,
         runtime: tokio::runtime::Runtime,
-        make: fn(OwnSqlx) -> OwnSqlxMade<H>,
+        make: MakeOwnSqlx<H>,
         test: Body<H, T>,
     ) -> T;
 }
@@ -260,7 +264,7 @@ impl<H: TestHandle, T> PickHandle<H, T> for Pick<H> {
         &self,
         args: TestArgs,
         runtime: tokio::runtime::Runtime,
-        _: fn(OwnSqlx) -> OwnSqlxMade<H>,
+        _: MakeOwnSqlx<H>,
         test: Body<H, T>,
     ) -> T {
         run(args, runtime, test)
@@ -274,7 +278,7 @@ pub trait PickOwnSqlx<H, T> {
         &self,
         args: TestArgs,
         runtime: tokio::runtime::Runtime,
-        make: fn(OwnSqlx) -> OwnSqlxMade<H>,
+        make: MakeOwnSqlx<H>,
         test: Body<H, T>,
     ) -> T;
 }
@@ -284,7 +288,7 @@ impl<H, T> PickOwnSqlx<H, T> for &Pick<H> {
         &self,
         args: TestArgs,
         runtime: tokio::runtime::Runtime,
-        make: fn(OwnSqlx) -> OwnSqlxMade<H>,
+        make: MakeOwnSqlx<H>,
         test: Body<H, T>,
     ) -> T {
         run_own_sqlx(args, runtime, make, test)
@@ -298,7 +302,7 @@ impl<H, T> PickOwnSqlx<H, T> for &Pick<H> {
 pub fn run_own_sqlx<H, T>(
     args: TestArgs,
     runtime: tokio::runtime::Runtime,
-    make: fn(OwnSqlx) -> OwnSqlxMade<H>,
+    make: MakeOwnSqlx<H>,
     test: Body<H, T>,
 ) -> T {
     crate::runtime::in_test_scope(runtime, |runtime| {
