@@ -227,9 +227,24 @@ pub type OwnSqlxMade<H> =
 /// names the crate's `::sqlx`.
 pub type MakeOwnSqlx<H> = fn(OwnSqlx) -> OwnSqlxMade<H>;
 
-/// `closing`, as a handle's [`Closer`].
-pub fn closer(closing: impl Future<Output = ()> + 'static) -> Option<Closer> {
-    Some(Box::pin(closing))
+/// What closes `pool` once the test is over: `close` names the pool's method (the
+/// attribute writes it, naming the crate's own sqlx). The future is the same for every
+/// test of a type, compiled once.
+pub fn closing<P: 'static>(
+    pool: P,
+    close: for<'a> fn(&'a P) -> Pin<Box<dyn Future<Output = ()> + 'a>>,
+) -> Option<Closer> {
+    Some(Box::pin(async move { close(&pool).await }))
+}
+
+/// A handle the test's own sqlx built without waiting, as [`OwnSqlxMade`].
+pub fn own_sqlx_ready<H: 'static>(handle: H, closer: Option<Closer>) -> OwnSqlxMade<H> {
+    Box::pin(std::future::ready(Ok((handle, closer))))
+}
+
+/// The test's own sqlx could not build its handle: `error` as [`OwnSqlxMade`].
+pub fn own_sqlx_failed<H: 'static>(error: &dyn std::fmt::Display) -> OwnSqlxMade<H> {
+    Box::pin(std::future::ready(Err(error.to_string())))
 }
 
 /// Picks how a test's handle is made, when its type may be pgfixture's handle or one
@@ -315,13 +330,16 @@ pub fn run_own_sqlx<H, T>(
             max_connections: crate::driver::sqlx_pool_size(&pool.state),
             acquire_timeout: fixture.config().acquire_timeout,
         };
-        let (handle, closing) = runtime.block_on(make(own)).unwrap_or_else(|e| {
-            panic!(
-                "pgfixture: {} could not get its handle: its own sqlx failed on worker {}: {e}",
-                args.name,
-                pool.worker_id()
-            )
-        });
+        // Made inside the runtime: sqlx's pools need its context even to be built.
+        let (handle, closing) = runtime
+            .block_on(async move { make(own).await })
+            .unwrap_or_else(|e| {
+                panic!(
+                    "pgfixture: {} could not get its handle: its own sqlx failed on worker {}: {e}",
+                    args.name,
+                    pool.worker_id()
+                )
+            });
         let output = runtime.block_on(test(handle));
         if let Some(closing) = closing {
             runtime.block_on(closing);

@@ -373,52 +373,72 @@ fn own_sqlx(ty: &syn::Type, pair: bool) -> Option<TokenStream2> {
         }
     };
     let (begin_pooled, begin_own) = (begin(quote!(&mut *conn)), begin(quote!(&mut conn)));
+    // The same without `?`, for the handles built without waiting: their code is then
+    // no future of its own, and the futures it hands over are the same for every test
+    // of a type, compiled once.
+    let connect_now = quote! {
+        let connect: ::sqlx::postgres::PgConnectOptions = match ::core::str::FromStr::from_str(own.url()) {
+            ::core::result::Result::Ok(connect) => connect,
+            ::core::result::Result::Err(e) => return ::pgfixture::__macro::own_sqlx_failed(&e),
+        };
+    };
+    let closing = |pool: TokenStream2| {
+        quote! { ::pgfixture::__macro::closing(#pool, |pool| ::std::boxed::Box::pin(pool.close())) }
+    };
     let pool_options = quote! {
         ::sqlx::postgres::PgPoolOptions::new()
             .max_connections(own.max_connections())
             .acquire_timeout(own.acquire_timeout())
     };
-    let built = if pair {
+    let body = if pair {
         let syn::Type::Tuple(tuple) = ty else {
             return None;
         };
         let (options, connect_type) = (&tuple.elems[0], &tuple.elems[1]);
         quote! {
-            #connect
+            #connect_now
             let options: #options = #pool_options;
             let connect: #connect_type = connect;
-            ::core::result::Result::Ok(((options, connect), ::core::option::Option::None))
+            ::pgfixture::__macro::own_sqlx_ready((options, connect), ::core::option::Option::None)
         }
     } else {
         match last_segment(ty)?.ident.to_string().as_str() {
-            "PgPool" | "Pool" => quote! {
-                #connect
-                let pool: #ty = #pool_options.connect_lazy_with(connect);
-                let closing = ::core::clone::Clone::clone(&pool);
-                ::core::result::Result::Ok((pool, ::pgfixture::__macro::closer(async move { closing.close().await })))
-            },
-            "PoolConnection" => quote! {
-                #connect
-                let pool: ::sqlx::PgPool = #pool_options.connect_lazy_with(connect);
-                let mut conn: #ty = pool.acquire().await.map_err(|e| ::std::string::ToString::to_string(&e))?;
-                #begin_pooled
-                ::core::result::Result::Ok((conn, ::pgfixture::__macro::closer(async move { pool.close().await })))
-            },
+            "PgPool" | "Pool" => {
+                let closing = closing(quote!(::core::clone::Clone::clone(&pool)));
+                quote! {
+                    #connect_now
+                    let pool: #ty = #pool_options.connect_lazy_with(connect);
+                    let closing = #closing;
+                    ::pgfixture::__macro::own_sqlx_ready(pool, closing)
+                }
+            }
+            "PoolConnection" => {
+                let closing = closing(quote!(pool));
+                quote! {
+                    ::std::boxed::Box::pin(async move {
+                        #connect
+                        let pool: ::sqlx::PgPool = #pool_options.connect_lazy_with(connect);
+                        let mut conn: #ty = pool.acquire().await.map_err(|e| ::std::string::ToString::to_string(&e))?;
+                        #begin_pooled
+                        ::core::result::Result::Ok((conn, #closing))
+                    })
+                }
+            }
             "PgConnection" => quote! {
-                #connect
-                let mut conn: #ty = <::sqlx::postgres::PgConnection as ::sqlx::Connection>::connect_with(&connect)
-                    .await
-                    .map_err(|e| ::std::string::ToString::to_string(&e))?;
-                #begin_own
-                ::core::result::Result::Ok((conn, ::core::option::Option::None))
+                ::std::boxed::Box::pin(async move {
+                    #connect
+                    let mut conn: #ty = <::sqlx::postgres::PgConnection as ::sqlx::Connection>::connect_with(&connect)
+                        .await
+                        .map_err(|e| ::std::string::ToString::to_string(&e))?;
+                    #begin_own
+                    ::core::result::Result::Ok((conn, ::core::option::Option::None))
+                })
             },
             _ => return None,
         }
     };
     Some(quote! {
-        |own: ::pgfixture::__macro::OwnSqlx| -> ::pgfixture::__macro::OwnSqlxMade<#ty> {
-            ::std::boxed::Box::pin(async move { #built })
-        }
+        |own: ::pgfixture::__macro::OwnSqlx| -> ::pgfixture::__macro::OwnSqlxMade<#ty> { #body }
     })
 }
 
