@@ -205,7 +205,8 @@ impl OwnSqlx {
         &self.url
     }
 
-    /// The worker pool's size, which fits the server's `max_connections`.
+    /// The most connections the test's pool may open: 5, as `#[sqlx::test]`'s, fewer
+    /// when the worker's pool (which fits the server's `max_connections`) is smaller.
     pub fn max_connections(&self) -> u32 {
         self.max_connections
     }
