@@ -238,9 +238,25 @@ pub fn closing<P: 'static>(
     Some(Box::pin(async move { close(&pool).await }))
 }
 
+/// `built`, a value of the crate's own sqlx, as the test's handle type `H`: the same
+/// type when the attribute's code for it runs at all ([`PickOwnSqlx`]); otherwise an
+/// error that names both.
+pub fn own_sqlx_cast<A: 'static, H: 'static>(built: A) -> std::result::Result<H, String> {
+    let built: Box<dyn std::any::Any> = Box::new(built);
+    built.downcast::<H>().map(|handle| *handle).map_err(|_| {
+        format!(
+            "the test takes {}, and its crate's sqlx gives {}",
+            std::any::type_name::<H>(),
+            std::any::type_name::<A>()
+        )
+    })
+}
+
 /// A handle the test's own sqlx built without waiting, as [`OwnSqlxMade`].
-pub fn own_sqlx_ready<H: 'static>(handle: H, closer: Option<Closer>) -> OwnSqlxMade<H> {
-    Box::pin(std::future::ready(Ok((handle, closer))))
+pub fn own_sqlx_ready<A: 'static, H: 'static>(built: A, closer: Option<Closer>) -> OwnSqlxMade<H> {
+    Box::pin(std::future::ready(
+        own_sqlx_cast(built).map(|handle| (handle, closer)),
+    ))
 }
 
 /// The test's own sqlx could not build its handle: `error` as [`OwnSqlxMade`].
@@ -554,5 +570,17 @@ mod sqlx_handles {
         async fn release(guard: crate::WorkerPool) -> Result<()> {
             guard.release().await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::own_sqlx_cast;
+
+    #[test]
+    fn a_value_of_the_crates_own_sqlx_is_handed_over_only_as_its_own_type() {
+        assert_eq!(own_sqlx_cast::<u32, u32>(7), Ok(7));
+        let error = own_sqlx_cast::<u32, String>(7).unwrap_err();
+        assert!(error.contains("String") && error.contains("u32"), "{error}");
     }
 }

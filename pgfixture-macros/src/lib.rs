@@ -390,15 +390,14 @@ fn own_sqlx(ty: &syn::Type, pair: bool) -> Option<TokenStream2> {
             .max_connections(own.max_connections())
             .acquire_timeout(own.acquire_timeout())
     };
+    // Built as the crate's own sqlx types and handed over as the test's type `#ty`
+    // through a checked cast, so that this code compiles whatever `#ty` is: when it is
+    // pgfixture's handle (sqlx 0.9's `PgPool` through `pgfixture::sqlx`, say), this
+    // code is never run.
     let body = if pair {
-        let syn::Type::Tuple(tuple) = ty else {
-            return None;
-        };
-        let (options, connect_type) = (&tuple.elems[0], &tuple.elems[1]);
         quote! {
             #connect_now
-            let options: #options = #pool_options;
-            let connect: #connect_type = connect;
+            let options = #pool_options;
             ::pgfixture::__macro::own_sqlx_ready((options, connect), ::core::option::Option::None)
         }
     } else {
@@ -407,7 +406,7 @@ fn own_sqlx(ty: &syn::Type, pair: bool) -> Option<TokenStream2> {
                 let closing = closing(quote!(::core::clone::Clone::clone(&pool)));
                 quote! {
                     #connect_now
-                    let pool: #ty = #pool_options.connect_lazy_with(connect);
+                    let pool: ::sqlx::PgPool = #pool_options.connect_lazy_with(connect);
                     let closing = #closing;
                     ::pgfixture::__macro::own_sqlx_ready(pool, closing)
                 }
@@ -418,20 +417,20 @@ fn own_sqlx(ty: &syn::Type, pair: bool) -> Option<TokenStream2> {
                     ::std::boxed::Box::pin(async move {
                         #connect
                         let pool: ::sqlx::PgPool = #pool_options.connect_lazy_with(connect);
-                        let mut conn: #ty = pool.acquire().await.map_err(|e| ::std::string::ToString::to_string(&e))?;
+                        let mut conn = pool.acquire().await.map_err(|e| ::std::string::ToString::to_string(&e))?;
                         #begin_pooled
-                        ::core::result::Result::Ok((conn, #closing))
+                        ::core::result::Result::Ok((::pgfixture::__macro::own_sqlx_cast(conn)?, #closing))
                     })
                 }
             }
             "PgConnection" => quote! {
                 ::std::boxed::Box::pin(async move {
                     #connect
-                    let mut conn: #ty = <::sqlx::postgres::PgConnection as ::sqlx::Connection>::connect_with(&connect)
+                    let mut conn = <::sqlx::postgres::PgConnection as ::sqlx::Connection>::connect_with(&connect)
                         .await
                         .map_err(|e| ::std::string::ToString::to_string(&e))?;
                     #begin_own
-                    ::core::result::Result::Ok((conn, ::core::option::Option::None))
+                    ::core::result::Result::Ok((::pgfixture::__macro::own_sqlx_cast(conn)?, ::core::option::Option::None))
                 })
             },
             _ => return None,

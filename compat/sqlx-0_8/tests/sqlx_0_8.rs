@@ -176,3 +176,14 @@ async fn a_pgfixture_handle_beside(db: pgfixture::TestDb) {
         .get(0);
     assert_eq!(n, 1);
 }
+
+/// sqlx 0.9's types, through pgfixture's re-export, still get pgfixture's sqlx handles
+/// beside sqlx 0.8's (the attribute's code for the crate's own sqlx would fail here).
+#[pgfixture::test]
+async fn a_sqlx_0_9_pool_beside(pool: pgfixture::sqlx::PgPool) {
+    let n: i64 = pgfixture::sqlx::query_scalar("SELECT count(*) FROM notes")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
