@@ -181,7 +181,16 @@ fn acquire<H: TestHandle>(runtime: &tokio::runtime::Runtime, args: &TestArgs) ->
 
 /// Releases what the test held; a failure is a panic that names the test.
 fn release<H: TestHandle>(runtime: &tokio::runtime::Runtime, guard: H::Guard, args: &TestArgs) {
-    if let Err(e) = runtime.block_on(H::release(guard)) {
+    release_with(runtime, H::release(guard), args);
+}
+
+/// Runs a release; a failure is a panic that names the test.
+fn release_with(
+    runtime: &tokio::runtime::Runtime,
+    release: impl Future<Output = Result<()>>,
+    args: &TestArgs,
+) {
+    if let Err(e) = runtime.block_on(release) {
         panic!(
             "pgfixture: releasing the handle of {} failed: {e}",
             args.name
@@ -338,14 +347,11 @@ pub fn run_own_sqlx<H, T>(
     test: Body<H, T>,
 ) -> T {
     crate::runtime::in_test_scope(runtime, |runtime| {
-        let fixture = args.fixture().unwrap_or_else(|e| panic!("pgfixture: {e}"));
-        let (pool, ()) = runtime
-            .block_on(<crate::WorkerPool as TestHandle>::acquire(&fixture, &args))
-            .unwrap_or_else(|e| panic!("pgfixture: {} could not get its handle: {e}", args.name));
+        let (pool, ()) = acquire::<crate::WorkerPool>(runtime, &args);
         let own = OwnSqlx {
             url: pool.settings.url.as_str().to_owned(),
             max_connections: crate::driver::sqlx_pool_size(&pool.state),
-            acquire_timeout: fixture.config().acquire_timeout,
+            acquire_timeout: pool.owner.config().acquire_timeout,
         };
         // Made inside the runtime: sqlx's pools need its context even to be built.
         let (handle, closing) = runtime
@@ -361,12 +367,7 @@ pub fn run_own_sqlx<H, T>(
         if let Some(closing) = closing {
             runtime.block_on(closing);
         }
-        if let Err(e) = runtime.block_on(pool.release()) {
-            panic!(
-                "pgfixture: releasing the handle of {} failed: {e}",
-                args.name
-            );
-        }
+        release_with(runtime, pool.release(), &args);
         output
     })
 }
