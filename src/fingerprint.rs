@@ -38,8 +38,9 @@ pub(crate) const SETTLED: Duration = Duration::from_secs(3);
 
 /// The first line of a record; a record of another format is not read. A new format
 /// also comes with every change of the key records hold (`the_key_is_pinned` in
-/// migrations.rs): 3 since the key of a migrator covers its table name and schemas.
-const FORMAT: &str = "pgfixture fixtures cache 3";
+/// migrations.rs): 3 since the key of a migrator covers its table name and schemas, 4 since a
+/// migrator's lines name its record.
+const FORMAT: &str = "pgfixture fixtures cache 4";
 
 /// The metadata of the files a configuration reads, as text.
 #[derive(Debug)]
@@ -48,8 +49,6 @@ pub(crate) struct Fingerprint {
     dirs: String,
     /// The directories to list, with the kind of each.
     listed: Vec<(&'static str, PathBuf)>,
-    /// The lines of a migrator given in code, which has no files to list.
-    migrator: String,
     /// The lines of every file, and their newest modification or change time; listed
     /// when first needed, `None` inside when a directory or file cannot be listed (the
     /// reading reports it).
@@ -91,31 +90,30 @@ impl Fingerprint {
             let _ = writeln!(dirs, "{kind} {}", dir.display());
             listed.push((kind, dir.clone()));
         }
-        let migrator = String::new();
+        // A migrator given in code has no files to list: its migrations' lines name
+        // the record, so that each migrator of a run has its own.
         #[cfg(feature = "sqlx")]
-        let migrator = match config.migrator {
-            None => migrator,
-            Some(m) => {
-                dirs.push_str("migrator\n");
-                let mut lines = migrator;
-                for m in m.0.iter() {
-                    let prefix: [u8; 8] = m.checksum.get(..8)?.try_into().ok()?;
-                    let _ = writeln!(
-                        lines,
-                        "{} {:?} {} {:x}",
-                        m.version,
-                        m.description,
-                        m.migration_type.is_down_migration(),
-                        u64::from_le_bytes(prefix)
-                    );
-                }
-                lines
+        if let Some(m) = config.migrator {
+            let _ = writeln!(
+                dirs,
+                "migrator {:?} {:?}",
+                m.0.table_name, m.0.create_schemas
+            );
+            for m in m.0.iter() {
+                let prefix: [u8; 8] = m.checksum.get(..8)?.try_into().ok()?;
+                let _ = writeln!(
+                    dirs,
+                    "{} {:?} {} {:x}",
+                    m.version,
+                    m.description,
+                    m.migration_type.is_down_migration(),
+                    u64::from_le_bytes(prefix)
+                );
             }
-        };
+        }
         Some(Fingerprint {
             dirs,
             listed,
-            migrator,
             listing: OnceLock::new(),
         })
     }
@@ -130,7 +128,6 @@ impl Fingerprint {
                     let _ = writeln!(files, "{kind}");
                     list(dir, &mut files, &mut newest)?;
                 }
-                files.push_str(&self.migrator);
                 Some((files, newest))
             })
             .as_ref()
@@ -451,6 +448,46 @@ mod tests {
         );
         std::fs::remove_file(fp().record(&cache_dir(false).unwrap())).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Two migrators given in code in one nextest run (two tests' `migrator = ...`):
+    /// each has its own record, and no process takes the other's hash.
+    #[cfg(feature = "sqlx")]
+    #[test]
+    fn each_migrator_of_a_run_has_its_own_record() {
+        use ::sqlx::migrate::{Migration, MigrationType, Migrator};
+        let migrator = |sql: &'static str| -> &'static Migrator {
+            let m = Migration::new(
+                1,
+                "things".into(),
+                MigrationType::Simple,
+                ::sqlx::SqlSafeStr::into_sql_str(sql),
+                false,
+            );
+            Box::leak(Box::new(Migrator::with_migrations(vec![m])))
+        };
+        let fp = |m| {
+            Fingerprint::of(&Config {
+                migrator: Some(crate::config::MigratorRef(m)),
+                ..Config::default()
+            })
+            .unwrap()
+        };
+        let (a, b) = (
+            migrator("CREATE TABLE a_things ()"),
+            migrator("CREATE TABLE b_things ()"),
+        );
+        let run = "run-migrators";
+        let hash = "12".repeat(32);
+        fp(a).store_as(SystemTime::now() + SETTLED, &hash, Some(run), 1);
+        assert_eq!(fp(a).lookup_as(Some(run), 2), Some(hash.clone()));
+        assert_eq!(
+            fp(b).lookup_as(Some(run), 2),
+            None,
+            "took the other's record"
+        );
+        assert_ne!(fp(a).record(Path::new("")), fp(b).record(Path::new("")));
+        std::fs::remove_file(fp(a).record(&cache_dir(false).unwrap())).unwrap();
     }
 
     #[test]
