@@ -4,12 +4,13 @@
 //! its own and first asserts that it sees no other test's: a leak between tests,
 //! workers or runs fails it, under `cargo test` and `cargo nextest run` alike.
 
+use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
 /// The application's own migrator over the same folder, as its start-up runs it.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+static MIGRATOR: Migrator = sqlx::migrate!();
 
 /// Asserts that the worker holds only what the migrations seeded, then commits a row
 /// of the test's own, which no other test may see.
@@ -119,19 +120,18 @@ async fn returns_a_result(pool: PgPool) -> sqlx::Result<()> {
     Ok(())
 }
 
-/// What pgfixture's migrator (sqlx 0.9's) wrote is what sqlx 0.8 writes: the
-/// application's own `migrate!().run()` at start-up finds nothing to do.
-#[pgfixture::test]
-async fn the_apps_migrator_finds_nothing_to_do(pool: PgPool) {
+/// Asserts that `_sqlx_migrations` holds what `migrator` (sqlx 0.8's) writes, so that
+/// the application's own `run()` at start-up finds nothing to do, and runs it.
+async fn finds_nothing_to_do(pool: &PgPool, migrator: &Migrator) {
     type Row = (i64, String, Vec<u8>, bool);
     let read = || {
         sqlx::query_as::<_, Row>(
             "SELECT version, description, checksum, success FROM _sqlx_migrations ORDER BY version",
         )
-        .fetch_all(&pool)
+        .fetch_all(pool)
     };
     let written = read().await.unwrap();
-    let expected: Vec<Row> = MIGRATOR
+    let expected: Vec<Row> = migrator
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())
         .map(|m| {
@@ -144,13 +144,79 @@ async fn the_apps_migrator_finds_nothing_to_do(pool: PgPool) {
         })
         .collect();
     assert_eq!(written, expected);
-    MIGRATOR.run(&pool).await.unwrap();
+    migrator.run(pool).await.unwrap();
     assert_eq!(read().await.unwrap(), written);
+}
+
+/// What pgfixture's migrator (sqlx 0.9's) wrote is what sqlx 0.8 writes: the
+/// application's own `migrate!().run()` at start-up finds nothing to do.
+#[pgfixture::test]
+async fn the_apps_migrator_finds_nothing_to_do(pool: PgPool) {
+    finds_nothing_to_do(&pool, &MIGRATOR).await;
     let seeds: i64 = sqlx::query_scalar("SELECT count(*) FROM notes")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(seeds, 1, "the seed migration ran again");
+}
+
+/// `migrator = "..."` naming the application's own sqlx 0.8 migrator, as
+/// `#[sqlx::test]` takes it: its migrations, as it writes them.
+#[pgfixture::test(migrator = "MIGRATOR")]
+async fn takes_the_apps_migrator(pool: PgPool) {
+    finds_nothing_to_do(&pool, &MIGRATOR).await;
+    alone(&mut pool.acquire().await.unwrap(), "migrator").await;
+}
+
+/// Another folder's migrator (versions 1, 2 and a reversible 10): its migrations, not
+/// `migrations/`'s, in numeric order, and no down migration.
+static OTHER: Migrator = sqlx::migrate!("tests/other_migrations");
+
+#[pgfixture::test(migrator = "OTHER")]
+async fn takes_another_migrator(mut conn: PgConnection) {
+    // On the search path: the worker's schema in schema mode.
+    let tables: Vec<Option<String>> = sqlx::query_scalar(
+        "SELECT to_regclass(t)::text FROM unnest(ARRAY['notes', 'widgets', 'widgets_owner', 'gadgets']) t",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let found = |t: &str| Some(t.to_owned());
+    assert_eq!(
+        tables,
+        [
+            None,
+            found("widgets"),
+            found("widgets_owner"),
+            found("gadgets")
+        ]
+    );
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY installed_on, version")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(versions, [1, 2, 10]);
+    let owners: Vec<String> = sqlx::query_scalar("SELECT owner FROM widgets")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(owners, ["seed"]);
+    assert!(in_transaction(&mut conn).await);
+}
+
+#[pgfixture::test(migrator = "OTHER")]
+async fn another_migrator_finds_nothing_to_do(pool: PgPool) {
+    finds_nothing_to_do(&pool, &OTHER).await;
+    let owners: Vec<String> = sqlx::query_scalar("SELECT owner FROM widgets")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owners, ["seed"], "rows another test left");
+    sqlx::query("INSERT INTO widgets (owner) VALUES ('committed')")
+        .execute(&pool)
+        .await
+        .unwrap();
 }
 
 /// `migrations = false`, and the test runs the application's migrator itself (DDL

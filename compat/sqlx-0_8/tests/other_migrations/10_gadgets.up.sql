@@ -1,0 +1,1 @@
+CREATE TABLE gadgets (widget_id bigint REFERENCES widgets (id));

@@ -1,0 +1,2 @@
+CREATE TABLE widgets (id bigserial PRIMARY KEY, owner text NOT NULL);
+INSERT INTO widgets (owner) VALUES ('seed');

@@ -1,0 +1,1 @@
+CREATE INDEX widgets_owner ON widgets (owner);
