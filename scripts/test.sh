@@ -79,7 +79,7 @@ for backend in $backends; do
         [ "$backend/$mode" = docker/schema ] && net=(env PGFIXTURE_DOCKER_NETWORK=bridge)
         run "$backend/$mode cargo test" "${net[@]}" cargo test --quiet "${suites[@]}"
         run "$backend/$mode nextest" "${net[@]}" cargo nextest run -j 4 --no-fail-fast "${suites[@]}"
-        run "$backend/$mode sqlx 0.8 cargo test" "${net[@]}" cargo test --quiet -p pgfixture-sqlx-0_8 --test sqlx_0_8
+        run "$backend/$mode sqlx 0.8 cargo test" "${net[@]}" cargo test --quiet -p pgfixture-sqlx-0_8 --tests
         run "$backend/$mode sqlx 0.8 nextest" "${net[@]}" cargo nextest run -j 4 --no-fail-fast -p pgfixture-sqlx-0_8
     done
     export PGFIXTURE_ISOLATION=database
