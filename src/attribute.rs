@@ -300,7 +300,8 @@ pub struct OwnSqlx {
 
 impl OwnSqlx {
     /// The worker's URL, with the `application_name` of its worker pool, by which the
-    /// release finds the test's connections.
+    /// release finds the test's connections; through the server's Unix socket when it
+    /// has one, as pgfixture's own connections (no TCP, no password exchange).
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -440,7 +441,7 @@ pub fn run_own_sqlx<H, T>(
     crate::runtime::in_test_scope(runtime, |runtime| {
         let (pool, ()) = acquire::<crate::WorkerPool>(runtime, &args);
         let own = OwnSqlx {
-            url: pool.settings.url.as_str().to_owned(),
+            url: pool.settings.own_url.as_str().to_owned(),
             max_connections: crate::driver::sqlx_pool_size(&pool.state),
             acquire_timeout: pool.owner.config().acquire_timeout,
         };
@@ -587,7 +588,8 @@ mod sqlx_handles {
             let options = PgPoolOptions::new()
                 .max_connections(crate::driver::sqlx_pool_size(&pool.state))
                 .acquire_timeout(fixture.config().acquire_timeout);
-            let connect = crate::driver::sqlx::connect_options(&pool.settings);
+            // Through the server's Unix socket when it has one, as pgfixture's own.
+            let connect = crate::driver::sqlx::own_connect_options(&pool.settings);
             Ok(((options, connect), pool))
         }
 
@@ -636,9 +638,10 @@ mod sqlx_handles {
         type Guard = crate::WorkerPool;
 
         async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, crate::WorkerPool)> {
-            use crate::driver::sqlx::connect_options;
+            use crate::driver::sqlx::own_connect_options as connect_options;
             // The connection opens here, on the test's runtime, as soon as the worker
-            // is checked, while the core marks and reads it.
+            // is checked, while the core marks and reads it; through the server's Unix
+            // socket when it has one, as pgfixture's own connections.
             let (checked, settings) = tokio::sync::oneshot::channel();
             let opener: crate::fixture::PoolOpener = Box::new(move |_, settings, _| {
                 let _ = checked.send(Arc::clone(settings));

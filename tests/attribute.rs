@@ -179,6 +179,15 @@ mod sqlx_handles {
     #[pgfixture::test]
     async fn takes_a_pg_connection(mut conn: PgConnection) {
         alone(&mut conn).await;
+        // Through the server's Unix socket, as pgfixture's own connections (a local
+        // server always has one): no TCP, no password exchange.
+        if std::env::var("PGFIXTURE_BACKEND").as_deref() == Ok("local") {
+            let port: Option<i32> = sqlx::query_scalar("SELECT inet_server_port()")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(port, None, "connected over TCP");
+        }
         // A commit of its own through raw SQL: the worker is put back after the test.
         sqlx::raw_sql(
             "COMMIT; INSERT INTO notes (owner, body) VALUES ('isolated', 'raw commit'); BEGIN",
