@@ -71,7 +71,7 @@ pub struct MigrationParts<'a> {
     pub version: i64,
     /// Its description.
     pub description: &'a str,
-    /// Whether it is one of a reversible pair, and whether the down one.
+    /// Whether it is one of a reversible pair.
     pub reversible: bool,
     /// Whether it is the down migration of its pair.
     pub down: bool,

@@ -38,8 +38,8 @@ pub(crate) const SETTLED: Duration = Duration::from_secs(3);
 
 /// The first line of a record; a record of another format is not read. A new format
 /// also comes with every change of the key records hold (`the_key_is_pinned` in
-/// migrations.rs): 3 since the key of a migrator covers its table name and schemas, 4 since a
-/// migrator's lines name its record.
+/// migrations.rs): 3 since the key of a migrator covers its table name and schemas,
+/// 4 since a migrator's lines name its record.
 const FORMAT: &str = "pgfixture fixtures cache 4";
 
 /// The metadata of the files a configuration reads, as text.
