@@ -111,16 +111,16 @@ fn own_migrator(
             (true, false) => MigrationType::ReversibleUp,
             (true, true) => MigrationType::ReversibleDown,
         };
-        let mut migration = Migration::new(
-            part.version,
-            part.description.to_owned().into(),
-            kind,
-            ::sqlx::AssertSqlSafe(part.sql.to_owned()).into_sql_str(),
-            part.no_tx,
-        );
-        // sqlx's own, which its `_sqlx_migrations` holds.
-        migration.checksum = part.checksum.to_vec().into();
-        migrations.push(migration);
+        // Built whole, not with `Migration::new`, which would hash the SQL again: the
+        // checksum is that sqlx's own, which its `_sqlx_migrations` holds.
+        migrations.push(Migration {
+            version: part.version,
+            description: part.description.to_owned().into(),
+            migration_type: kind,
+            sql: ::sqlx::AssertSqlSafe(part.sql.to_owned()).into_sql_str(),
+            checksum: part.checksum.to_vec().into(),
+            no_tx: part.no_tx,
+        });
     });
     let mut m = Migrator::with_migrations(migrations);
     m.set_ignore_missing(ignore_missing);

@@ -480,17 +480,11 @@ impl Migrations {
                         .find(|(v, _)| *v == m.version)
                         .filter(|_| !m.migration_type.is_down_migration());
                     match text {
-                        Some((_, sql)) => {
-                            let mut blanked = Migration::new(
-                                m.version,
-                                m.description.clone(),
-                                m.migration_type,
-                                AssertSqlSafe(sql.clone()).into_sql_str(),
-                                m.no_tx,
-                            );
-                            blanked.checksum = m.checksum.clone();
-                            blanked
-                        }
+                        // The file's checksum, not a hash of the blanked text.
+                        Some((_, sql)) => Migration {
+                            sql: AssertSqlSafe(sql.clone()).into_sql_str(),
+                            ..m.clone()
+                        },
                         None => m.clone(),
                     }
                 })
