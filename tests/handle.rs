@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use pgfixture::Fixture;
 
+mod common;
+
 /// A fixture with one in-process worker: consecutive handles come from one pool, so a
 /// returned connection is the next one handed out.
 fn single_worker() -> Fixture {
@@ -326,8 +328,10 @@ fn drop_outside_a_runtime() {
 async fn whereabouts(client: &pgfixture::tokio_postgres::Client) -> (String, String, String) {
     let row = client
         .query_one(
-            "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || \
-                    pg_postmaster_start_time()::text, current_database()::text, current_schema()::text",
+            &format!(
+                "SELECT {}, current_database()::text, current_schema()::text",
+                common::SERVER_IDENTITY
+            ),
             &[],
         )
         .await

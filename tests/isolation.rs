@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use pgfixture::{Isolation, TestDb};
 
+mod common;
+
 /// Where the tests of one run meet: one directory per run id.
 fn run_dir(kind: &str) -> PathBuf {
     let run = pgfixture::Fixture::from_env()
@@ -39,8 +41,10 @@ struct Target {
 async fn target(db: &TestDb) -> Target {
     let row = db
         .query_one(
-            "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || \
-                    pg_postmaster_start_time()::text, current_database()::text, current_schema()::text, pg_backend_pid()",
+            &format!(
+                "SELECT {}, current_database()::text, current_schema()::text, pg_backend_pid()",
+                common::SERVER_IDENTITY
+            ),
             &[],
         )
         .await

@@ -1014,10 +1014,9 @@ async fn run_ids_that_differ_only_in_tail_case_or_punctuation_share_nothing() {
         assert_ne!(fa.config().run_id, fb.config().run_id, "{a} and {b}");
         let (da, db) = tokio::join!(fa.worker_db(), fb.worker_db());
         let (da, db) = (da.unwrap(), db.unwrap());
-        let server = "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || \
-                      pg_postmaster_start_time()::text";
-        let sa: String = da.query_one(server, &[]).await.unwrap().get(0);
-        let sb: String = db.query_one(server, &[]).await.unwrap().get(0);
+        let server = format!("SELECT {}", common::SERVER_IDENTITY);
+        let sa: String = da.query_one(&server, &[]).await.unwrap().get(0);
+        let sb: String = db.query_one(&server, &[]).await.unwrap().get(0);
         assert_ne!(sa, sb, "runs {a} and {b} share a server");
         // What one run commits is not there for the other.
         da.batch_execute("COMMIT; INSERT INTO users (email) VALUES ('run-a@example.com')")
@@ -1189,15 +1188,17 @@ async fn server_settings_make_other_servers_and_a_refused_one_is_named() {
         }
         builder.build().unwrap()
     };
-    let server = "SELECT (SELECT system_identifier::text FROM pg_control_system()) || ':' || \
-                  pg_postmaster_start_time()::text, current_setting('timezone'), current_setting('work_mem')";
+    let server = format!(
+        "SELECT {}, current_setting('timezone'), current_setting('work_mem')",
+        common::SERVER_IDENTITY
+    );
     let plain = fixture(&[]).worker_db().await.unwrap();
     let set = fixture(&[("TimeZone", "Pacific/Chatham"), ("work_mem", "5MB")])
         .worker_db()
         .await
         .unwrap();
-    let a = plain.query_one(server, &[]).await.unwrap();
-    let b = set.query_one(server, &[]).await.unwrap();
+    let a = plain.query_one(&server, &[]).await.unwrap();
+    let b = set.query_one(&server, &[]).await.unwrap();
     assert_ne!(
         a.get::<_, String>(0),
         b.get::<_, String>(0),

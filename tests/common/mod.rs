@@ -34,6 +34,20 @@ pub async fn run_containers(run: &str) -> Vec<ContainerSummary> {
         .unwrap_or_default()
 }
 
+/// SQL for which server a connection reaches, as text. pgfixture's servers start from
+/// one initialised data directory (its cache; an initialised image), so they share the
+/// system identifier, and two started in the same microsecond share the start time
+/// too (seen: two local workers' servers 1 µs apart). The data directory (one per
+/// local server), the port (one per server on the host's network) and the host's name
+/// (one per container on a network of its own) tell them apart; the superuser
+/// pgfixture's servers give may read them.
+pub const SERVER_IDENTITY: &str = "(SELECT system_identifier::text FROM pg_control_system()) \
+    || ':' || pg_postmaster_start_time()::text || ':' || current_setting('port') || ':' \
+    || coalesce(CASE WHEN pg_has_role('pg_read_all_settings', 'MEMBER') \
+        THEN current_setting('data_directory') END, '') || ':' \
+    || coalesce(CASE WHEN pg_has_role('pg_read_server_files', 'MEMBER') \
+        THEN pg_read_file('/etc/hostname', 0, 256, true) END, '')";
+
 /// Variables of the runner that would pin a child to the parent's run or worker.
 const RUNNER_VARS: &[&str] = &[
     "NEXTEST_TEST_GLOBAL_SLOT",
