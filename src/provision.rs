@@ -6,7 +6,7 @@
 //! temporary name and renamed when complete, so a half-applied template or schema is
 //! never found under its real name.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
@@ -856,18 +856,15 @@ pub(crate) async fn reset_database(
         if !(force || state == State::Dirty) {
             return Ok(false);
         }
+        // Its connections go first: a database in use can be neither renamed nor
+        // dropped. Their backends take a moment to exit, which the spare's making or
+        // marking overlaps. (The drop below refuses a database without pgfixture's
+        // mark; its connections are left alone.)
+        let terminated = state != State::Missing && (spares || state != State::Foreign);
+        if terminated {
+            terminate_connections(admin, name).await?;
+        }
         if spares && state != State::Missing {
-            // Its connections go first: a database in use cannot be renamed. Their
-            // backends take a moment to exit (the rename waits for them), which the
-            // spare's making or marking overlaps.
-            admin
-                .execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE datname = $1 AND pid <> pg_backend_pid()",
-                    &[&name],
-                )
-                .await
-                .map_err(Error::pg(format!("closing the connections to {name}")))?;
             with_lock(admin, &spare, async || {
                 let [spare_state, old_state] =
                     database_states(admin, [spare.as_str(), old.as_str()]).await?;
@@ -882,6 +879,7 @@ pub(crate) async fn reset_database(
                 // the process that made it may have exited right after creating it.
                 ddl(admin, &mark_sql(Target::Database(&spare), mark, false)).await?;
                 set_sequences(admin, template, &spare).await?;
+                wait_disconnected(admin, name).await?;
                 ddl(
                     admin,
                     &format!("ALTER DATABASE {} RENAME TO {}", ident(name), ident(&old)),
@@ -897,11 +895,54 @@ pub(crate) async fn reset_database(
             tracing::debug!(database = name, "worker database replaced by its spare");
             return Ok(true);
         }
+        if terminated {
+            wait_disconnected(admin, name).await?;
+        }
         drop_database(admin, name).await?;
         clone_database(server, admin, template, name, mark).await?;
         Ok(false)
     })
     .await
+}
+
+/// Terminates the other connections to the database `name` (see [`wait_disconnected`]).
+async fn terminate_connections(admin: &Client, name: &str) -> Result<()> {
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&name],
+        )
+        .await
+        .map_err(Error::pg(format!("closing the connections to {name}")))?;
+    Ok(())
+}
+
+/// Waits, for up to a second, until no other backend is connected to the database
+/// `name`, whose connections [`terminate_connections`] closed: PostgreSQL's own wait
+/// before a rename or a drop of a database in use sleeps 100 ms at a time, and a
+/// terminated backend exits within a millisecond or two. (Its `pg_stat_activity` row
+/// goes a moment before it leaves the process array that the server's wait reads, so
+/// that wait may still come, rarely.)
+async fn wait_disconnected(admin: &Client, name: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let connected: bool = admin
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid())",
+                &[&name],
+            )
+            .await
+            .map_err(Error::pg(format!(
+                "waiting for the connections to {name} to close"
+            )))?
+            .get(0);
+        if !connected || Instant::now() >= deadline {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Creates the database `name` as a clone of `template` (unmarked: the caller marks it
