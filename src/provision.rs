@@ -905,12 +905,19 @@ pub(crate) async fn reset_database(
     .await
 }
 
+/// The other backends connected to the database `$1` that [`terminate_connections`]
+/// ends: all of them for a superuser (pgfixture's own servers); for another user
+/// (`PGFIXTURE_URL`) its clients only, for it may not signal an autovacuum worker,
+/// which the server's own wait before a rename or drop stops.
+const OTHER_BACKENDS: &str = "FROM pg_stat_activity WHERE datname = $1 \
+     AND pid <> pg_backend_pid() \
+     AND (backend_type = 'client backend' OR current_setting('is_superuser') = 'on')";
+
 /// Terminates the other connections to the database `name` (see [`wait_disconnected`]).
 async fn terminate_connections(admin: &Client, name: &str) -> Result<()> {
     admin
         .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &format!("SELECT pg_terminate_backend(pid) {OTHER_BACKENDS}"),
             &[&name],
         )
         .await
@@ -929,8 +936,7 @@ async fn wait_disconnected(admin: &Client, name: &str) -> Result<()> {
     loop {
         let connected: bool = admin
             .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
-                 WHERE datname = $1 AND pid <> pg_backend_pid())",
+                &format!("SELECT EXISTS (SELECT 1 {OTHER_BACKENDS})"),
                 &[&name],
             )
             .await
