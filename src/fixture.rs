@@ -1675,6 +1675,18 @@ impl Inner {
         if prepared.template_built {
             self.stats.templates_built.fetch_add(1, Ordering::Relaxed);
         }
+        // A user of a server of their own who may not write pgfixture's settings has
+        // no record of the sequences' values to restart them at.
+        let sequences_recorded = !shared_server
+            || self.config.isolation == Isolation::Schema
+            || provision::sequences_recorded(&admin, &prepared.dbname).await?;
+        if self.config.reset_sequences && !sequences_recorded {
+            return Err(Error::config(
+                "PGFIXTURE_RESET_SEQUENCES",
+                "1",
+                "a user of PGFIXTURE_URL who may set pgfixture's settings (a superuser, or a role granted SET on the parameter pgfixture.sequences), for pgfixture records the sequences' values in a setting of each worker database; or leave it unset",
+            ));
+        }
         if prepared.spare_used {
             self.stats.spares_used.fetch_add(1, Ordering::Relaxed);
         }
@@ -1738,8 +1750,9 @@ impl Inner {
         );
         let target =
             crate::isolation::target(self.config.isolation, &worker_name, &dbname, shared_server);
-        let restart =
-            provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
+        let restart = provision::sequences_setting(target)
+            .filter(|_| sequences_recorded)
+            .map(|s| provision::restart_sequences(&s));
         let settings = Settings::new(&server, &dbname, search_path.as_deref(), restart);
         let begin = self.begin_sql(target);
         let worker = Arc::new(Worker {

@@ -68,6 +68,6 @@ pub(crate) fn target<'a>(
 ) -> Target<'a> {
     match isolation {
         crate::Isolation::Schema => schema::target(name, dbname, shared_server),
-        _ => database::target(name),
+        _ => database::target(name, shared_server),
     }
 }

@@ -144,8 +144,10 @@ pub(crate) async fn schema_state(client: &Client, name: &str) -> Result<State> {
 /// The worker a mark goes on.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Target<'a> {
-    /// A worker database.
-    Database(&'a str),
+    /// A worker database, and whether it is on a server of the user's
+    /// (`PGFIXTURE_URL`), where a user who is not a superuser may not write pgfixture's
+    /// settings ([`settable`]).
+    Database(&'a str, bool),
     /// A worker schema, and the database that holds it when pgfixture owns the server
     /// (`None` on a server of the user's, `PGFIXTURE_URL`, whose databases get no
     /// settings of pgfixture's).
@@ -160,7 +162,7 @@ impl Target<'_> {
     /// pgfixture may drop.
     pub(crate) fn setting(self) -> Option<String> {
         match self {
-            Target::Database(_) => Some("pgfixture.mark".to_owned()),
+            Target::Database(..) => Some("pgfixture.mark".to_owned()),
             Target::Schema(name, Some(_)) => Some(format!("pgfixture.mark_{name}")),
             Target::Schema(_, None) => None,
         }
@@ -170,8 +172,9 @@ impl Target<'_> {
     fn setting_sql(self, value: &str) -> Option<String> {
         let setting = self.setting()?;
         Some(match self {
-            Target::Database(name) => {
-                format!("ALTER DATABASE {} SET {setting} = '{value}'", ident(name))
+            Target::Database(name, shared) => {
+                let sql = format!("ALTER DATABASE {} SET {setting} = '{value}'", ident(name));
+                if shared { settable(&sql) } else { sql }
             }
             // Every schema's setting is in the one row of the database's settings,
             // whose concurrent updates fail ("tuple concurrently updated"): one at a
@@ -185,12 +188,27 @@ impl Target<'_> {
     }
 }
 
+/// `statement`, an `ALTER DATABASE ... SET` of one of pgfixture's settings, as it runs
+/// on a server of the user's (`PGFIXTURE_URL`): PostgreSQL lets only a superuser (or a
+/// role granted `SET` on it) set a parameter it does not know, and a user with
+/// `CREATEDB` alone goes without the setting. The comment stays the mark; a worker
+/// whose sequences' state is not recorded keeps its sequences where a worker pool's
+/// test left them, and `PGFIXTURE_RESET_SEQUENCES` is refused ([`sequences_recorded`]).
+fn settable(statement: &str) -> String {
+    format!(
+        "DO $pgfx$ BEGIN EXECUTE $s${statement}$s$; \
+         EXCEPTION WHEN insufficient_privilege THEN NULL; END $pgfx$"
+    )
+}
+
 /// The statements that mark a worker dirty, or clean again: its comment, and its
 /// setting ([`Target::setting`]) in the same transaction.
 pub(crate) fn mark_sql(target: Target<'_>, mark: &str, dirty: bool) -> String {
     let value = format!("{mark}{}", if dirty { DIRTY } else { "" });
     let comment = match target {
-        Target::Database(name) => format!("COMMENT ON DATABASE {} IS '{value}'", ident(name)),
+        Target::Database(name, _) => {
+            format!("COMMENT ON DATABASE {} IS '{value}'", ident(name))
+        }
         Target::Schema(name, _) => format!("COMMENT ON SCHEMA {} IS '{value}'", ident(name)),
     };
     match target.setting_sql(&value) {
@@ -399,7 +417,7 @@ pub(crate) fn database_setting_sql(setting: &str) -> String {
 /// worker database, `pgfixture.sequences_<schema>` for a worker schema.
 pub(crate) fn sequences_setting(target: Target<'_>) -> Option<String> {
     match target {
-        Target::Database(_) => Some("pgfixture.sequences".to_owned()),
+        Target::Database(..) => Some("pgfixture.sequences".to_owned()),
         Target::Schema(name, Some(_)) => Some(format!("pgfixture.sequences_{name}")),
         Target::Schema(_, None) => None,
     }
@@ -413,6 +431,7 @@ pub(crate) async fn clone_database(
     template: &str,
     name: &str,
     mark: &str,
+    shared: bool,
 ) -> Result<bool> {
     with_lock(admin, name, async || {
         if database_exists(admin, name).await? {
@@ -425,8 +444,8 @@ pub(crate) async fn clone_database(
         let building = format!("{name}_new");
         drop_derived(admin, &building).await?;
         create_clone(admin, template, &building).await?;
-        ddl(admin, &mark_sql(Target::Database(&building), mark, false)).await?;
-        set_sequences(admin, template, &building).await?;
+        ddl(admin, &mark_sql(Target::Database(&building, shared), mark, false)).await?;
+        set_sequences(admin, template, &building, shared).await?;
         ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(name))).await?;
         tracing::info!(database = name, template, server = %server.name, "worker database provisioned");
         Ok(true)
@@ -589,16 +608,28 @@ pub(crate) fn schema_search_path(schema: &str) -> String {
 }
 
 /// Gives the clone `database` of `template` its sequences' state as a setting.
-async fn set_sequences(admin: &Client, template: &str, database: &str) -> Result<()> {
+async fn set_sequences(admin: &Client, template: &str, database: &str, shared: bool) -> Result<()> {
     let sequences = template_sequences(admin, template).await?;
-    ddl(
-        admin,
-        &format!(
-            "ALTER DATABASE {} SET pgfixture.sequences = '{sequences}'",
-            ident(database)
-        ),
-    )
-    .await
+    let sql = format!(
+        "ALTER DATABASE {} SET pgfixture.sequences = '{sequences}'",
+        ident(database)
+    );
+    ddl(admin, &if shared { settable(&sql) } else { sql }).await
+}
+
+/// Whether the worker database `name` holds its sequences' state (`pgfixture.sequences`;
+/// not on a server of the user's whose user may not write it: [`settable`]).
+pub(crate) async fn sequences_recorded(admin: &Client, name: &str) -> Result<bool> {
+    let row = admin
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting r, unnest(r.setconfig) c \
+             WHERE r.setdatabase = (SELECT oid FROM pg_database WHERE datname = $1) \
+             AND r.setrole = 0 AND c LIKE 'pgfixture.sequences=%')",
+            &[&name],
+        )
+        .await
+        .map_err(Error::pg(format!("reading the settings of {name}")))?;
+    Ok(row.get(0))
 }
 
 /// The database that holds the worker schemas of schema mode.
@@ -877,8 +908,12 @@ pub(crate) async fn reset_database(
                 }
                 // Marked and given its sequences' state here, not when it was made:
                 // the process that made it may have exited right after creating it.
-                ddl(admin, &mark_sql(Target::Database(&spare), mark, false)).await?;
-                set_sequences(admin, template, &spare).await?;
+                ddl(
+                    admin,
+                    &mark_sql(Target::Database(&spare, false), mark, false),
+                )
+                .await?;
+                set_sequences(admin, template, &spare, false).await?;
                 wait_disconnected(admin, name).await?;
                 ddl(
                     admin,
@@ -899,7 +934,8 @@ pub(crate) async fn reset_database(
             wait_disconnected(admin, name).await?;
         }
         drop_database(admin, name).await?;
-        clone_database(server, admin, template, name, mark).await?;
+        // Without spares: on a server of the user's.
+        clone_database(server, admin, template, name, mark, !spares).await?;
         Ok(false)
     })
     .await
@@ -1234,7 +1270,7 @@ mod tests {
     #[test]
     fn workers_are_marked_by_comment_and_setting_alike() {
         assert_eq!(
-            mark_sql(Target::Database("pgfx_w_1"), "pgfixture r1", true),
+            mark_sql(Target::Database("pgfx_w_1", false), "pgfixture r1", true),
             "COMMENT ON DATABASE \"pgfx_w_1\" IS 'pgfixture r1 dirty'; \
              ALTER DATABASE \"pgfx_w_1\" SET pgfixture.mark = 'pgfixture r1 dirty'"
         );

@@ -243,13 +243,13 @@ impl Reader {
         logged: &tokio::sync::OnceCell<bool>,
     ) -> Result<Reader> {
         let name = match target {
-            Target::Database(name) | Target::Schema(name, _) => name,
+            Target::Database(name, _) | Target::Schema(name, _) => name,
         };
         // Prepared once per connection, with the name written in rather than a
         // parameter: a statement without parameters keeps its plan, and planning the
         // schema's reading costs more than running it (1.5 ms against 1.2 ms).
         let sql = match target {
-            Target::Database(_) => database_fingerprint(),
+            Target::Database(..) => database_fingerprint(),
             // Decided once per worker, so that its two readings compare.
             Target::Schema(..) => {
                 let logged = logged

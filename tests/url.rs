@@ -24,6 +24,18 @@ fn child() {
         .build()
         .unwrap();
     runtime.block_on(async {
+        if std::env::var("PGFIXTURE_TEST_CHILD").as_deref() == Ok("pool") {
+            // A committed row through the worker pool: the worker is put back before
+            // the handle below is given.
+            let pool = pgfixture::worker_pool().await.unwrap();
+            pool.get()
+                .await
+                .unwrap()
+                .execute("INSERT INTO notes (owner, body) VALUES ('pool', 'x')", &[])
+                .await
+                .unwrap();
+            drop(pool);
+        }
         let db = match pgfixture::worker_db().await {
             Ok(db) => db,
             Err(e) => {
@@ -174,6 +186,95 @@ async fn two_concurrent_runs_share_one_server_without_collisions() {
         );
         assert!(a.iter().all(|n| !b.contains(n)), "{a:?} and {b:?} collide");
     }
+}
+
+/// A user with `CREATEDB` (and `CREATEROLE`, for this crate's fixtures) but not a
+/// superuser, as the README says is enough: PostgreSQL lets only a superuser set a
+/// parameter it does not know, so pgfixture's settings are left out on such a server
+/// (its marks stay comments), and `PGFIXTURE_RESET_SEQUENCES`, which needs them, is
+/// refused by name.
+#[tokio::test]
+async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
+    let server = existing_server("urlplain").await;
+    let role = unique_run("plain");
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN PASSWORD 'plain' CREATEDB CREATEROLE"),
+        format!("CREATE DATABASE {role} OWNER {role}"),
+    ] {
+        server.admin.batch_execute(&sql).await.unwrap();
+    }
+    // Fixtures of its own: a template another role built is not this one's to copy.
+    let fixtures = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(&role);
+    std::fs::create_dir_all(&fixtures).unwrap();
+    for file in ["001_schema.sql", "002_applied_marker.sql"] {
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures")
+                .join(file),
+            fixtures.join(file),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        fixtures.join("003_owner.sql"),
+        format!("COMMENT ON TABLE notes IS '{role}';\n"),
+    )
+    .unwrap();
+    let fixtures = fixtures.display().to_string();
+    let (_, at) = server.url.split_once('@').unwrap();
+    let (host, _) = at.rsplit_once('/').unwrap();
+    let url = format!("postgres://{role}:plain@{host}/{role}");
+    for isolation in ["database", "schema"] {
+        let run = unique_run("plain");
+        for (worker, mode) in [("0", ""), ("0", "pool"), ("1", "pool")] {
+            let mut command = child_command(&[
+                ("PGFIXTURE_BACKEND", "url"),
+                ("PGFIXTURE_URL", &url),
+                allow_remote(&url),
+                ("PGFIXTURE_RUN_ID", &run),
+                ("PGFIXTURE_WORKER", worker),
+                ("PGFIXTURE_ISOLATION", isolation),
+                ("PGFIXTURE_TEST_OWNER", "plain"),
+                ("PGFIXTURE_TEST_CHILD", mode),
+                ("PGFIXTURE_FIXTURES", &fixtures),
+            ]);
+            let stdout = ok(command.output().unwrap());
+            // The pool's committed row was taken out before the handle was given.
+            assert!(stdout.contains("foreign=0"), "{isolation}: {stdout}");
+        }
+        // Schema mode puts the worker schemas in the URL's database.
+        let (inspect, connection) = pgfixture::tokio_postgres::connect(
+            &format!("{}/{role}", server.url.rsplit_once('/').unwrap().0),
+            NoTls,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        assert_eq!(
+            marked(&inspect, isolation, &run).await.len(),
+            2,
+            "{isolation}"
+        );
+    }
+    let mut command = child_command(&[
+        ("PGFIXTURE_BACKEND", "url"),
+        ("PGFIXTURE_URL", &url),
+        allow_remote(&url),
+        ("PGFIXTURE_RUN_ID", &unique_run("plain")),
+        ("PGFIXTURE_WORKER", "0"),
+        ("PGFIXTURE_ISOLATION", "database"),
+        ("PGFIXTURE_RESET_SEQUENCES", "1"),
+        ("PGFIXTURE_FIXTURES", &fixtures),
+    ]);
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success()
+            && stderr.contains("CHILD-ERR")
+            && stderr.contains("PGFIXTURE_RESET_SEQUENCES")
+            && stderr.contains("superuser"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

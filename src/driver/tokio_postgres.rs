@@ -207,14 +207,15 @@ impl TestDb {
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] in schema mode on a server of your own (`PGFIXTURE_URL`),
-    /// where pgfixture keeps no record of the sequences; the server's error otherwise.
+    /// [`Error::Config`] on a server of your own (`PGFIXTURE_URL`) where pgfixture keeps
+    /// no record of the sequences: in schema mode, and in database mode for a user who
+    /// may not set pgfixture's settings (not a superuser); the server's error otherwise.
     pub async fn reset_sequences(&self) -> Result<()> {
         let Some(restart) = &self.settings.restart_sequences else {
             return Err(Error::config(
                 "PGFIXTURE_URL",
                 "",
-                "is set: reset_sequences needs the servers pgfixture starts, which keep the fixtures' sequence values",
+                "is set, and pgfixture keeps no record of the sequences there (schema mode, or a user who may not set pgfixture's settings): reset_sequences needs the servers pgfixture starts, or a superuser in database mode",
             ));
         };
         self.client()

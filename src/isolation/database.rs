@@ -6,9 +6,10 @@ use super::{Prepare, Prepared};
 use crate::provision::{self, State, Target};
 use crate::{Error, Result};
 
-/// Where the worker database `name`'s marks go.
-pub(crate) fn target(name: &str) -> Target<'_> {
-    Target::Database(name)
+/// Where the worker database `name`'s marks go; `shared_server`: on a server of the
+/// user's (`PGFIXTURE_URL`).
+pub(crate) fn target(name: &str, shared_server: bool) -> Target<'_> {
+    Target::Database(name, shared_server)
 }
 
 /// Finds, clones or resets the worker database.
@@ -36,7 +37,8 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
         let (template, built) = provision::template(p.server, admin, p.fixtures).await?;
         prepared.template_built = built;
         if state == State::Missing {
-            provision::clone_database(p.server, admin, &template, name, p.mark).await?;
+            provision::clone_database(p.server, admin, &template, name, p.mark, p.shared_server)
+                .await?;
         } else {
             // Spares only on pgfixture's own servers: on a shared one an unmarked
             // database could outlive a killed run.
@@ -55,7 +57,7 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
         // server. Marked again, so that the next process finds it ready on its first
         // connection. (A worker is used by one process at a time, so the mark read is
         // current.)
-        provision::mark_clean(admin, target(name), p.mark).await?;
+        provision::mark_clean(admin, target(name, false), p.mark).await?;
     }
     Ok(prepared)
 }
