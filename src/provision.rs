@@ -174,7 +174,7 @@ impl Target<'_> {
         Some(match self {
             Target::Database(name, shared) => {
                 let sql = format!("ALTER DATABASE {} SET {setting} = '{value}'", ident(name));
-                if shared { settable(&sql) } else { sql }
+                settable(sql, shared)
             }
             // Every schema's setting is in the one row of the database's settings,
             // whose concurrent updates fail ("tuple concurrently updated"): one at a
@@ -189,12 +189,15 @@ impl Target<'_> {
 }
 
 /// `statement`, an `ALTER DATABASE ... SET` of one of pgfixture's settings, as it runs
-/// on a server of the user's (`PGFIXTURE_URL`): PostgreSQL lets only a superuser (or a
+/// on a server of the user's (`PGFIXTURE_URL`, `shared`; as it is elsewhere): PostgreSQL lets only a superuser (or a
 /// role granted `SET` on it) set a parameter it does not know, and a user with
 /// `CREATEDB` alone goes without the setting. The comment stays the mark; a worker
 /// whose sequences' state is not recorded keeps its sequences where a worker pool's
 /// test left them, and `PGFIXTURE_RESET_SEQUENCES` is refused ([`sequences_recorded`]).
-fn settable(statement: &str) -> String {
+fn settable(statement: String, shared: bool) -> String {
+    if !shared {
+        return statement;
+    }
     format!(
         "DO $pgfx$ BEGIN EXECUTE $s${statement}$s$; \
          EXCEPTION WHEN insufficient_privilege THEN NULL; END $pgfx$"
@@ -614,7 +617,7 @@ async fn set_sequences(admin: &Client, template: &str, database: &str, shared: b
         "ALTER DATABASE {} SET pgfixture.sequences = '{sequences}'",
         ident(database)
     );
-    ddl(admin, &if shared { settable(&sql) } else { sql }).await
+    ddl(admin, &settable(sql, shared)).await
 }
 
 /// Whether the worker database `name` holds its sequences' state (`pgfixture.sequences`;
