@@ -189,9 +189,9 @@ impl Target<'_> {
 }
 
 /// `statement`, an `ALTER DATABASE ... SET` of one of pgfixture's settings, as it runs
-/// on a server of the user's (`PGFIXTURE_URL`, `shared`; as it is elsewhere): PostgreSQL lets only a superuser (or a
-/// role granted `SET` on it) set a parameter it does not know, and a user with
-/// `CREATEDB` alone goes without the setting. The comment stays the mark; a worker
+/// on a server of the user's (`shared`: `PGFIXTURE_URL`; as it is elsewhere):
+/// PostgreSQL lets only a superuser (or a role granted `SET` on it) set a parameter it
+/// does not know, and a user with `CREATEDB` alone goes without the setting. The comment stays the mark; a worker
 /// whose sequences' state is not recorded keeps its sequences where a worker pool's
 /// test left them, and `PGFIXTURE_RESET_SEQUENCES` is refused ([`sequences_recorded`]).
 fn settable(statement: String, shared: bool) -> String {
