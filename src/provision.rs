@@ -972,16 +972,17 @@ async fn terminate_connections(admin: &Client, name: &str) -> Result<()> {
 /// that wait may still come, rarely.)
 async fn wait_disconnected(admin: &Client, name: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(1);
+    let waiting = || Error::pg(format!("waiting for the connections to {name} to close"));
+    // Prepared once: each poll is then one round trip.
+    let query = admin
+        .prepare(&format!("SELECT EXISTS (SELECT 1 {OTHER_BACKENDS})"))
+        .await
+        .map_err(waiting())?;
     loop {
         let connected: bool = admin
-            .query_one(
-                &format!("SELECT EXISTS (SELECT 1 {OTHER_BACKENDS})"),
-                &[&name],
-            )
+            .query_one(&query, &[&name])
             .await
-            .map_err(Error::pg(format!(
-                "waiting for the connections to {name} to close"
-            )))?
+            .map_err(waiting())?
             .get(0);
         if !connected || Instant::now() >= deadline {
             return Ok(());
