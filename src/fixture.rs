@@ -1286,11 +1286,11 @@ impl Inner {
             return Ok(false);
         };
         let schema_oid = *schema_oid;
+        let server = &worker.server;
         let key = match schema_oid {
             Some(oid) => crate::restore::schema_key(&worker.target, oid),
-            None => provision::template_name(&self.fixtures_hash),
+            None => provision::template_name(&self.fixtures_hash, &server.user),
         };
-        let server = &worker.server;
         let cache_key = format!("{}:{}:{key}", server.host, server.port);
         let cached = self
             .recorded

@@ -290,9 +290,13 @@ async fn ddl(client: &Client, sql: &str) -> Result<()> {
     }
 }
 
-/// The name of the template database of the fixtures whose content hash is `hash`.
-pub(crate) fn template_name(hash: &str) -> String {
-    format!("pgfx_t_{}", &hash[..16.min(hash.len())])
+/// The name of the template database of the fixtures whose content hash is `hash`, as
+/// the role `user` builds it. Roles sharing a server (the url backend) build their own:
+/// a role may not copy another's database, and the tables in it would not be its own.
+pub(crate) fn template_name(hash: &str, user: &str) -> String {
+    let digest = Sha256::digest(format!("{}:{user}", &hash[..16.min(hash.len())]).as_bytes());
+    let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("pgfx_t_{key}")
 }
 
 /// Builds the template database holding the fixtures, unless it exists. Returns its
@@ -302,7 +306,7 @@ pub(crate) async fn template(
     admin: &Client,
     fixtures: &FixtureSet,
 ) -> Result<(String, bool)> {
-    let name = template_name(fixtures.hash(16));
+    let name = template_name(fixtures.hash(16), &server.user);
     if database_exists(admin, &name).await? {
         return Ok((name, false));
     }
@@ -1159,7 +1163,9 @@ pub(crate) fn worker_mark(run: &str) -> String {
 /// processes last started, so that a run between two processes is not taken for dead.
 const RUNS: &str = "pgfixture_runs";
 
-/// Records that `run` is alive on a shared server: the table is made on first use.
+/// Records that `run` is alive on a shared server: the table is made on first use,
+/// writable by every role, since the runs of all the roles that use the database are
+/// recorded in it (it holds nothing but run ids and times).
 pub(crate) async fn touch_run(admin: &Client, run: &str) -> Result<()> {
     let exists: bool = admin
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&RUNS])
@@ -1171,7 +1177,8 @@ pub(crate) async fn touch_run(admin: &Client, run: &str) -> Result<()> {
             admin
                 .batch_execute(&format!(
                     "CREATE TABLE IF NOT EXISTS {RUNS} (run text PRIMARY KEY, seen timestamptz NOT NULL); \
-                     COMMENT ON TABLE {RUNS} IS '{MARK} runs'"
+                     COMMENT ON TABLE {RUNS} IS '{MARK} runs'; \
+                     GRANT SELECT, INSERT, UPDATE, DELETE ON {RUNS} TO PUBLIC"
                 ))
                 .await
                 .map_err(Error::pg(format!(
@@ -1188,7 +1195,17 @@ pub(crate) async fn touch_run(admin: &Client, run: &str) -> Result<()> {
             &[&run],
         )
         .await
-        .map_err(Error::pg(format!("recording run {run} in {RUNS}")))?;
+        .map_err(|e| {
+            let hint = if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+                format!(
+                    " (another role made it without sharing it; as that role: \
+                     GRANT SELECT, INSERT, UPDATE, DELETE ON {RUNS} TO PUBLIC)"
+                )
+            } else {
+                String::new()
+            };
+            Error::pg(format!("recording run {run} in {RUNS}{hint}"))(e)
+        })?;
     Ok(())
 }
 

@@ -27,6 +27,7 @@
 use std::collections::BTreeMap;
 
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 
 use crate::provision::{self, MARK, Target};
 use crate::{Error, Result};
@@ -408,11 +409,19 @@ pub(crate) async fn recorded(client: &Client, key: &str) -> Result<Recorded> {
         .await
     {
         Ok(rows) => rows,
-        // No store: a template built by an older pgfixture.
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+        // No store (a template built by an older pgfixture, or by a user who may not
+        // create it), or another role's on a server of the user's: nothing recorded.
+        Err(e)
+            if e.code() == Some(&SqlState::UNDEFINED_TABLE)
+                || e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) =>
+        {
             return Ok(BTreeMap::new());
         }
-        Err(e) => return Err(Error::pg(format!("reading the rows recorded for {key}"))(e)),
+        Err(e) => {
+            return Err(Error::pg(format!(
+                "reading the rows recorded for {key} in {STORE}"
+            ))(e));
+        }
     };
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

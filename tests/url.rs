@@ -203,24 +203,6 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
     ] {
         server.admin.batch_execute(&sql).await.unwrap();
     }
-    // Fixtures of its own: a template another role built is not this one's to copy.
-    let fixtures = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(&role);
-    std::fs::create_dir_all(&fixtures).unwrap();
-    for file in ["001_schema.sql", "002_applied_marker.sql"] {
-        std::fs::copy(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("fixtures")
-                .join(file),
-            fixtures.join(file),
-        )
-        .unwrap();
-    }
-    std::fs::write(
-        fixtures.join("003_owner.sql"),
-        format!("COMMENT ON TABLE notes IS '{role}';\n"),
-    )
-    .unwrap();
-    let fixtures = fixtures.display().to_string();
     let (_, at) = server.url.split_once('@').unwrap();
     let (host, _) = at.rsplit_once('/').unwrap();
     let url = format!("postgres://{role}:plain@{host}/{role}");
@@ -236,7 +218,6 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
                 ("PGFIXTURE_ISOLATION", isolation),
                 ("PGFIXTURE_TEST_OWNER", "plain"),
                 ("PGFIXTURE_TEST_CHILD", mode),
-                ("PGFIXTURE_FIXTURES", &fixtures),
             ]);
             let stdout = ok(command.output().unwrap());
             // The pool's committed row was taken out before the handle was given.
@@ -264,7 +245,6 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
         ("PGFIXTURE_WORKER", "0"),
         ("PGFIXTURE_ISOLATION", "database"),
         ("PGFIXTURE_RESET_SEQUENCES", "1"),
-        ("PGFIXTURE_FIXTURES", &fixtures),
     ]);
     let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -275,6 +255,48 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
             && stderr.contains("superuser"),
         "{stderr}"
     );
+}
+
+/// Two roles of one server with the same fixtures, the superuser first, then a user
+/// who is not one, both through the database the URL names: each gets a template of
+/// its own (a clone of the other's would be refused, and its tables would not be the
+/// user's), and the second finds the first's table of recorded rows unreadable.
+#[tokio::test]
+async fn two_roles_with_the_same_fixtures_share_one_server() {
+    let server = existing_server("urlroles").await;
+    let role = unique_run("second");
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN PASSWORD 'second' CREATEDB CREATEROLE"),
+        format!("GRANT CREATE ON DATABASE postgres TO {role}"),
+    ] {
+        server.admin.batch_execute(&sql).await.unwrap();
+    }
+    let (_, at) = server.url.split_once('@').unwrap();
+    let second = format!("postgres://{role}:second@{at}");
+    for isolation in ["database", "schema"] {
+        let run = unique_run("roles");
+        for (url, owner) in [(&server.url, "first"), (&second, "second")] {
+            for _ in 0..2 {
+                let mut command = child_command(&[
+                    ("PGFIXTURE_BACKEND", "url"),
+                    ("PGFIXTURE_URL", url),
+                    allow_remote(url),
+                    ("PGFIXTURE_RUN_ID", &format!("{run}{owner}")),
+                    ("PGFIXTURE_WORKER", "0"),
+                    ("PGFIXTURE_ISOLATION", isolation),
+                    ("PGFIXTURE_TEST_OWNER", owner),
+                    ("PGFIXTURE_TEST_CHILD", "pool"),
+                ]);
+                let output = command.output().unwrap();
+                let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+                let stdout = ok(output);
+                assert!(
+                    stdout.contains("foreign=0") && !stderr.contains("pgfixture:"),
+                    "{isolation} {owner}: {stdout}\n{stderr}"
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test]
