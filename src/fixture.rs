@@ -1467,13 +1467,19 @@ impl Inner {
     }
 
     pub(crate) fn forget(&self, id: &WorkerId) {
+        self.forget_worker(id);
+        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(OnceCell::new());
+        // A server found gone once is checked with a connection from now on.
+        self.trust_servers.store(false, Ordering::Relaxed);
+    }
+
+    /// Drops what this process knows of the worker alone: its next use provisions it
+    /// again from what its mark says.
+    pub(crate) fn forget_worker(&self, id: &WorkerId) {
         self.workers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        *self.shared.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(OnceCell::new());
-        // A server found gone once is checked with a connection from now on.
-        self.trust_servers.store(false, Ordering::Relaxed);
     }
 
     async fn source(&self) -> Result<&Source> {

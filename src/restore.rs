@@ -394,7 +394,7 @@ pub(crate) async fn record(
             &[&key, &oids, &rows],
         )
         .await
-        .map_err(Error::pg(format!("recording the rows of {key}")))?;
+        .map_err(Error::pg(format!("recording the rows of {key} in {STORE}")))?;
     Ok(())
 }
 

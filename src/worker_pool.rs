@@ -107,6 +107,11 @@ impl WorkerPool {
             let Some(pool) = pool else { return Ok(()) };
             drop(pool);
             let result = owner.release_pool(&worker, &application_name, before).await;
+            if result.is_err() {
+                // Marked as in use by a worker pool still: the next test provisions it
+                // again, finds the mark and rebuilds it, rather than taking it as it is.
+                owner.forget_worker(&worker);
+            }
             drop(lease);
             result
         }

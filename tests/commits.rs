@@ -167,6 +167,64 @@ async fn the_worker_pool_commits_for_real_and_is_reset_after() {
     );
 }
 
+/// A worker pool whose release fails reports the error, and the next test on the
+/// worker still finds it as the fixtures left it: rebuilt, not taken as it was. The
+/// release is made to fail for real: the table of recorded rows it reads the fixtures'
+/// rows back from is broken first (a column renamed) on a server of the test's own
+/// (database and container modes).
+#[tokio::test]
+async fn a_worker_pool_whose_release_fails_leaks_nothing() {
+    let mut config = common::own_config("relfail", Duration::from_secs(2));
+    config.url = None;
+    let fixture = Fixture::builder()
+        .config(config)
+        .workers(1)
+        .build()
+        .unwrap();
+    drop(fixture.worker_db().await.unwrap());
+    let pool = fixture.worker_pool().await.unwrap();
+    pool.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "UPDATE users SET email = 'changed@example.com'; \
+             INSERT INTO notes (owner, body) VALUES ('pool', 'x')",
+        )
+        .await
+        .unwrap();
+    // The store is in the maintenance database (templates) or in the database of the
+    // worker schemas: broken in both.
+    let mut pg = pool.pg_config().clone();
+    for dbname in [pg.get_dbname().unwrap().to_owned(), "postgres".to_owned()] {
+        let (admin, connection) = pg.dbname(&dbname).connect(NoTls).await.unwrap();
+        tokio::spawn(connection);
+        admin
+            .batch_execute(
+                "ALTER TABLE IF EXISTS public.pgfixture_pristine RENAME COLUMN rows TO broken",
+            )
+            .await
+            .unwrap();
+    }
+    let released = pool.release().await;
+    if fixture.config().isolation == pgfixture::Isolation::Schema {
+        // The break is DDL in the database of the worker schemas, which rebuilds the
+        // worker schema at once, without reading the store.
+        released.unwrap();
+    } else {
+        let error = released.expect_err("the release reads the broken table");
+        assert!(error.to_string().contains("pgfixture_pristine"), "{error}");
+    }
+
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(count(&db, "pool").await, 0, "the worker pool's row leaked");
+    let email: String = db
+        .query_one("SELECT email FROM users WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(email, "seed@example.com", "the worker pool's update leaked");
+}
+
 #[tokio::test]
 async fn listen_notify_works_on_the_worker_pool() {
     use futures::StreamExt;
