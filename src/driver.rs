@@ -183,16 +183,14 @@ impl Checkout {
         result
     }
 
-    /// The test's connection went before its transaction's end could be read (its
-    /// runtime ended first): whether the test committed is unknown, so the worker is
-    /// rebuilt before the slot frees up.
-    pub(crate) async fn end_unread(self) -> Result<()> {
-        let test = self.test.as_deref().unwrap_or("a test");
-        eprintln!(
-            "pgfixture: the connection of {test} on worker {} closed with the test's runtime before its transaction's end could be read; resetting the worker, since whether it committed is unknown",
-            self.id
-        );
-        let result = self.owner.reset(&self.id).await;
+    /// The test's transaction's end could not be read (`why`: its connection died, or
+    /// went with its runtime first): whether the test committed is unknown, so the
+    /// worker is rebuilt before the slot frees up.
+    pub(crate) async fn end_unread(self, why: &str) -> Result<()> {
+        let result = self
+            .owner
+            .after_unread_end(&self.id, self.test.as_deref(), why)
+            .await;
         drop(self.lease);
         result
     }

@@ -1340,6 +1340,23 @@ impl Inner {
         }
     }
 
+    /// Rebuilds the worker from the fixtures after the end of a test's transaction
+    /// could not be read (`why`: its connection died or closed first), since whether
+    /// the test committed is unknown, and says so.
+    pub(crate) async fn after_unread_end(
+        &self,
+        id: &WorkerId,
+        test: Option<&str>,
+        why: &str,
+    ) -> Result<()> {
+        let test = test.unwrap_or("a test");
+        tracing::warn!(worker = %id, test, why, "the end of the test's transaction could not be read; resetting the worker");
+        eprintln!(
+            "pgfixture: the end of the transaction of {test} on worker {id} could not be read ({why}); resetting the worker, since whether it committed is unknown"
+        );
+        self.reset(id).await
+    }
+
     /// Rebuilds the worker from the fixtures after a test committed its transaction
     /// (`test` names it) and says so once.
     pub(crate) async fn after_commit(&self, id: &WorkerId, test: Option<&str>) -> Result<()> {

@@ -100,6 +100,30 @@ async fn release_after_a_commit_resets_too() {
     assert_eq!(count(&db, "released").await, 0);
 }
 
+/// A test whose connection died after it committed (here it ends its own backend; a
+/// server's `idle_in_transaction_session_timeout` would do the same) ends without an
+/// error, and its commit does not reach the next test: whether the test committed
+/// cannot be read any more, so the worker is rebuilt.
+#[tokio::test]
+async fn a_test_whose_connection_died_after_a_commit_leaks_nothing() {
+    let (_serial, fixture) = single_worker().await;
+    let before = fixture.stats();
+    let db = fixture.worker_db().await.unwrap();
+    db.batch_execute("COMMIT; INSERT INTO notes (owner, body) VALUES ('killed', 'x')")
+        .await
+        .unwrap();
+    let killed = db
+        .batch_execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        .await;
+    assert!(killed.is_err(), "the backend outlived its termination");
+    db.release()
+        .await
+        .expect("a connection that died is the test's own doing, not a failure");
+    assert!(fixture.stats().workers_reset > before.workers_reset);
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(count(&db, "killed").await, 0, "the commit leaked");
+}
+
 #[tokio::test]
 async fn tests_that_do_not_commit_cost_no_reset() {
     let (_serial, fixture) = single_worker().await;

@@ -133,6 +133,29 @@ async fn a_begin_commit_of_its_own_is_found_and_the_worker_reset() {
     .await;
 }
 
+/// A test whose connection died after it committed ends without an error, and the
+/// worker is rebuilt, since whether the test committed cannot be read any more.
+#[tokio::test]
+async fn a_test_whose_connection_died_after_a_commit_leaks_nothing() {
+    let fixture = single_worker();
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    let resets = fixture.stats().workers_reset;
+    sqlx::raw_sql("COMMIT; INSERT INTO notes (owner, body) VALUES ('sqlx-killed', 'x')")
+        .execute(&mut *db)
+        .await
+        .unwrap();
+    let killed = sqlx::raw_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        .execute(&mut *db)
+        .await;
+    assert!(killed.is_err(), "the backend outlived its termination");
+    db.release()
+        .await
+        .expect("a connection that died is the test's own doing, not a failure");
+    assert!(fixture.stats().workers_reset > resets);
+    let mut db = TestDb::acquire(&fixture).await.unwrap();
+    assert_eq!(count(&mut db, "sqlx-killed").await, 0, "the commit leaked");
+}
+
 #[tokio::test]
 async fn a_failed_statement_does_not_poison_the_next_test() {
     let fixture = single_worker();
@@ -649,7 +672,7 @@ fn a_nextest_attribute_test_ends_on_its_own_runtime_however_it_ends() {
     for (mode, succeeds, said) in [
         ("commit", true, "committed its transaction"),
         ("panic", false, "committed its transaction"),
-        ("task", true, "before its transaction's end could be read"),
+        ("task", true, "closed with the test's runtime"),
     ] {
         let out = scoped(&run, mode);
         let stderr = String::from_utf8_lossy(&out.stderr);

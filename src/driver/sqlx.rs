@@ -156,12 +156,16 @@ impl TestDb {
     }
 
     /// Rolls the test's transaction back and keeps the connection for the worker's next
-    /// test, reporting an error the rollback met (a dropped handle cannot). A test that
-    /// committed is handled as on drop (reported, worker reset), not as an error.
+    /// test, reporting an error the reset of the worker met (a dropped handle cannot).
+    /// A test that committed is handled as on drop (reported, worker reset), not as an
+    /// error; so is a connection that died (the test ended its backend, or the server
+    /// did): whether the test committed is unknown then, and the worker is rebuilt.
     ///
     /// # Errors
     ///
-    /// [`Error::Sqlx`] when the rollback fails; the connection is then closed.
+    /// The reset's error, after a commit or a connection that died;
+    /// [`Error::AcquireTimeout`] when the rollback got no answer in time (the worker is
+    /// rebuilt as well).
     pub async fn release(mut self) -> Result<()> {
         let (Some(conn), Some(checkout)) = (self.conn.take(), self.checkout.take()) else {
             return Ok(());
@@ -216,7 +220,10 @@ impl runtime::Deferred for ScopedEnd {
         let ScopedEnd { conn, checkout } = *self;
         drop(conn);
         runtime::block_on(async move {
-            if let Err(error) = checkout.end_unread().await {
+            if let Err(error) = checkout
+                .end_unread("its connection closed with the test's runtime")
+                .await
+            {
                 tracing::warn!(%error, "resetting a worker failed");
             }
         });
@@ -244,16 +251,18 @@ async fn after_end(
             }
             checkout.end(committed).await
         }
+        // The connection died (the test ended its backend, or the server did): the
+        // test's own doing, and no error once the worker is rebuilt.
         Ok(Err(e)) => {
-            let worker = checkout.id.clone();
-            checkout.end(false).await?;
-            Err(Error::sqlx(format!(
-                "rolling back the test transaction of worker {worker}"
-            ))(e))
+            checkout
+                .end_unread(&format!("rolling back failed: {e}"))
+                .await
         }
         Err(_) => {
             let worker = checkout.id.clone();
-            checkout.end(false).await?;
+            checkout
+                .end_unread(&format!("no answer to the rollback within {limit:?}"))
+                .await?;
             Err(Error::AcquireTimeout {
                 timeout: limit,
                 waiting_for: format!("the rollback of a test transaction on worker {worker}"),

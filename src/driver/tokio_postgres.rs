@@ -137,14 +137,16 @@ impl TestDb {
     }
 
     /// Rolls the test's transaction back, returns the connection to the pool, and
-    /// reports an error the rollback met (a dropped handle cannot). A test that
-    /// committed is handled as on drop (reported, worker reset), not as an error.
+    /// reports an error the reset of the worker met (a dropped handle cannot). A test
+    /// that committed is handled as on drop (reported, worker reset), not as an error;
+    /// so is a connection that died (the test ended its backend, or the server did):
+    /// whether the test committed is unknown then, and the worker is rebuilt.
     ///
     /// # Errors
     ///
-    /// [`Error::Postgres`] when the `ROLLBACK` fails, for example because the server
-    /// went away; the connection is then discarded instead of pooled. The reset's error
-    /// after a commit.
+    /// The reset's error, after a commit or a connection that died;
+    /// [`Error::AcquireTimeout`] when the `ROLLBACK` got no answer in time (the worker
+    /// is rebuilt as well).
     pub async fn release(mut self) -> Result<()> {
         runtime::run(self.finish()).await
     }
@@ -452,7 +454,8 @@ async fn uncancelled(
 
 /// Checks that the test's transaction is still open and rolls it back (one round trip,
 /// two for a transaction a failed statement aborted); after a commit, resets the
-/// worker. A connection that fails is discarded.
+/// worker. A connection that fails is discarded and the worker reset, since whether
+/// the test committed is unknown.
 async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str>) -> Result<()> {
     let limit = owner.config().acquire_timeout;
     let last = one_test_per_process();
@@ -479,14 +482,17 @@ async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str
     };
     let (committed, unclean) = match tokio::time::timeout(limit, ended).await {
         Ok(Ok(ended)) => ended,
+        // The connection died (the test ended its backend, or the server did): the
+        // test's own doing, and no error once the worker is rebuilt.
         Ok(Err(e)) => {
             let _ = Object::take(client);
-            return Err(Error::pg(format!(
-                "rolling back the test transaction of worker {worker}"
-            ))(e));
+            let why = format!("rolling back failed: {e}");
+            return owner.after_unread_end(worker, test, &why).await;
         }
         Err(_) => {
             let _ = Object::take(client);
+            let why = format!("no answer to the rollback within {limit:?}");
+            owner.after_unread_end(worker, test, &why).await?;
             return Err(Error::AcquireTimeout {
                 timeout: limit,
                 waiting_for: format!("the rollback of a test transaction on worker {worker}"),
