@@ -1666,7 +1666,7 @@ impl Inner {
         // three API calls that a worker on a known container does not need.
         let shared_server = self.config.effective_backend() == Backend::Url;
         if shared_server {
-            provision::touch_run(&admin, &self.config.run_id).await?;
+            provision::touch_run(&admin, &self.config.run_id, &server.user).await?;
         }
         let schemas = (self.config.isolation == Isolation::Schema).then(|| {
             let dbname = if shared_server {

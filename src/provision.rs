@@ -1166,7 +1166,7 @@ const RUNS: &str = "pgfixture_runs";
 /// Records that `run` is alive on a shared server: the table is made on first use,
 /// writable by every role, since the runs of all the roles that use the database are
 /// recorded in it (it holds nothing but run ids and times).
-pub(crate) async fn touch_run(admin: &Client, run: &str) -> Result<()> {
+pub(crate) async fn touch_run(admin: &Client, run: &str, user: &str) -> Result<()> {
     let exists: bool = admin
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&RUNS])
         .await
@@ -1181,9 +1181,16 @@ pub(crate) async fn touch_run(admin: &Client, run: &str) -> Result<()> {
                      GRANT SELECT, INSERT, UPDATE, DELETE ON {RUNS} TO PUBLIC"
                 ))
                 .await
-                .map_err(Error::pg(format!(
-                    "creating table {RUNS} (the PGFIXTURE_URL user needs CREATE on its database)"
-                )))
+                .map_err(|e| {
+                    // Since PostgreSQL 15 only the database's owner may create in its
+                    // `public` schema.
+                    let user = format!("\"{}\"", user.replace('"', "\"\""));
+                    Error::pg(format!(
+                        "creating table {RUNS}, where the runs on this server record themselves \
+                         (the PGFIXTURE_URL user may not: GRANT CREATE ON SCHEMA public TO {user}, \
+                         or let a user who may run once first)"
+                    ))(e)
+                })
         })
         .await?;
     }

@@ -299,6 +299,53 @@ async fn two_roles_with_the_same_fixtures_share_one_server() {
     }
 }
 
+/// A user with `CREATEDB` alone, through a database whose `public` schema it may not
+/// create tables in (`postgres` since PostgreSQL 15), is told what to grant, and runs
+/// once it has been granted.
+#[tokio::test]
+async fn a_user_who_may_not_create_the_table_of_runs_is_told_what_to_grant() {
+    let server = existing_server("urlgrant").await;
+    let role = unique_run("grant");
+    server
+        .admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD 'grant' CREATEDB CREATEROLE; \
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+        ))
+        .await
+        .unwrap();
+    let (_, at) = server.url.split_once('@').unwrap();
+    let url = format!("postgres://{role}:grant@{at}");
+    let run = unique_run("grant");
+    let command = || {
+        child_command(&[
+            ("PGFIXTURE_BACKEND", "url"),
+            ("PGFIXTURE_URL", &url),
+            allow_remote(&url),
+            ("PGFIXTURE_RUN_ID", &run),
+            ("PGFIXTURE_WORKER", "0"),
+            ("PGFIXTURE_ISOLATION", "database"),
+            ("PGFIXTURE_TEST_OWNER", "grant"),
+        ])
+        .output()
+        .unwrap()
+    };
+    let output = command();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success()
+            && stderr.contains("pgfixture_runs")
+            && stderr.contains(&format!("GRANT CREATE ON SCHEMA public TO \"{role}\"")),
+        "{stderr}"
+    );
+    server
+        .admin
+        .batch_execute(&format!("GRANT CREATE ON SCHEMA public TO {role}"))
+        .await
+        .unwrap();
+    assert!(ok(command()).contains("foreign=0"));
+}
+
 #[tokio::test]
 async fn objects_of_dead_runs_are_swept_and_nothing_else() {
     let server = existing_server("urlsweep").await;
