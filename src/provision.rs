@@ -300,14 +300,19 @@ pub(crate) fn template_name(hash: &str, user: &str) -> String {
 }
 
 /// Builds the template database holding the fixtures, unless it exists. Returns its
-/// name and whether this call built it.
+/// name and whether this call built it. On a server of the user's (`shared`), a
+/// template found records its use in its mark ([`note_use`]).
 pub(crate) async fn template(
     server: &Server,
     admin: &Client,
     fixtures: &FixtureSet,
+    shared: bool,
 ) -> Result<(String, bool)> {
     let name = template_name(fixtures.hash(16), &server.user);
-    if database_exists(admin, &name).await? {
+    if let Some(comment) = database_comment(admin, &name).await? {
+        if shared {
+            note_use(admin, &name, &comment).await;
+        }
         return Ok((name, false));
     }
     with_lock(admin, &name, async || {
@@ -345,7 +350,11 @@ pub(crate) async fn template(
         // The sequences' state goes with the template's mark, for its clones.
         ddl(
             admin,
-            &format!("COMMENT ON DATABASE {} IS '{MARK} template{SEQUENCES}{sequences}'", ident(&building)),
+            &format!(
+                "COMMENT ON DATABASE {} IS '{}'",
+                ident(&building),
+                template_mark(now_secs(), &sequences)
+            ),
         )
         .await?;
         ddl(admin, &format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(&name))).await?;
@@ -357,6 +366,69 @@ pub(crate) async fn template(
 
 /// Where a template's mark holds its sequences' state ([`sequences`]).
 const SEQUENCES: &str = " sequences=";
+
+/// Where a template's mark holds its last use on a server of the user's, in seconds
+/// since the epoch ([`note_use`]); templates pgfixture's own servers hold stay with
+/// the server.
+const USED: &str = " used=";
+
+/// How long a template on a server of the user's may go unused before a sweep drops it:
+/// the server would otherwise keep a template for every change to the fixtures or
+/// migrations that ever ran on it.
+pub(crate) const TEMPLATE_IDLE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// How old a template's recorded last use may grow before a use records it again: a
+/// write of the catalog, so not at every use.
+const USE_NOTED_EVERY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A template's mark: its last use (`used`, seconds since the epoch) and the state of
+/// its sequences.
+fn template_mark(used: u64, sequences: &str) -> String {
+    format!("{MARK} template{USED}{used}{SEQUENCES}{sequences}")
+}
+
+/// The last use that a template's mark `comment` records, if it records one.
+fn template_used(comment: &str) -> Option<u64> {
+    let (_, rest) = comment.split_once(USED)?;
+    rest.split(' ').next()?.parse().ok()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Records in the mark of the template `name` (now `comment`) that it is in use, when
+/// the last use it records is older than [`USE_NOTED_EVERY`] (or missing). A failure
+/// is left alone: the mark is written by its owner, and two processes writing it at
+/// once collide; the other one's write serves as well.
+async fn note_use(admin: &Client, name: &str, comment: &str) {
+    let now = now_secs();
+    let recent = template_used(comment)
+        .is_some_and(|used| now.saturating_sub(used) < USE_NOTED_EVERY.as_secs());
+    if recent || !comment.starts_with(&format!("{MARK} template")) {
+        return;
+    }
+    let sequences = comment.split_once(SEQUENCES).map_or("", |(_, s)| s);
+    let sql = format!(
+        "COMMENT ON DATABASE {} IS '{}'",
+        ident(name),
+        template_mark(now, sequences)
+    );
+    if let Err(error) = admin.batch_execute(&sql).await {
+        tracing::debug!(%error, template = name, "recording the template's use failed");
+    }
+}
+
+/// Whether `error` is a clone's of a template that is gone (a sweep dropped it, unused
+/// for [`TEMPLATE_IDLE`], as it was about to be cloned).
+pub(crate) fn template_gone(error: &Error) -> bool {
+    error
+        .postgres()
+        .and_then(tokio_postgres::Error::code)
+        .is_some_and(|code| *code == SqlState::UNDEFINED_DATABASE)
+}
 
 /// The state of the sequences the fixtures left, as `oid:next value` pairs separated by
 /// commas: in the connection's database (`schema` empty) or in one schema. Restarting
@@ -1282,12 +1354,64 @@ async fn sweep_locked(admin: &Client, own: &str, grace: Duration) -> Result<Vec<
             Err(error) => tracing::debug!(kind, name, %error, "not swept"),
         }
     }
+    dropped.extend(sweep_templates(admin).await?);
+    Ok(dropped)
+}
+
+/// Drops the templates unused for [`TEMPLATE_IDLE`], as their marks record ([`note_use`]),
+/// that this user may drop. A clone that meets its template gone builds it again
+/// ([`template_gone`]).
+async fn sweep_templates(admin: &Client) -> Result<Vec<String>> {
+    let templates = admin
+        .query(
+            "SELECT datname::text, shobj_description(oid, 'pg_database') FROM pg_database \
+             WHERE shobj_description(oid, 'pg_database') LIKE $1",
+            &[&format!("{MARK} template{USED}%")],
+        )
+        .await
+        .map_err(Error::pg("looking for templates unused for long"))?;
+    let now = now_secs();
+    let mut dropped = Vec::new();
+    for row in templates {
+        let (name, comment): (String, String) = (row.get(0), row.get(1));
+        let Some(used) = template_used(&comment) else {
+            continue;
+        };
+        if now.saturating_sub(used) < TEMPLATE_IDLE.as_secs() {
+            continue;
+        }
+        match drop_database(admin, &name).await {
+            Ok(()) => {
+                tracing::info!(template = name, "swept a template unused for a week");
+                dropped.push(format!("template {name}"));
+            }
+            // Another role's, or in use again: left alone.
+            Err(error) => tracing::debug!(template = name, %error, "not swept"),
+        }
+    }
     Ok(dropped)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_templates_mark_holds_its_last_use_and_its_sequences() {
+        let mark = template_mark(1_764_650_000, "16384:3,16390:1");
+        assert_eq!(
+            mark,
+            "pgfixture template used=1764650000 sequences=16384:3,16390:1"
+        );
+        assert_eq!(template_used(&mark), Some(1_764_650_000));
+        assert_eq!(
+            mark.split_once(SEQUENCES).map(|(_, s)| s),
+            Some("16384:3,16390:1")
+        );
+        assert_eq!(template_used(&template_mark(7, "")), Some(7));
+        // A template made before its use was recorded.
+        assert_eq!(template_used("pgfixture template sequences=1:2"), None);
+    }
 
     #[test]
     fn lock_keys_are_stable_and_distinct() {

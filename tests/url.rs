@@ -346,6 +346,116 @@ async fn a_user_who_may_not_create_the_table_of_runs_is_told_what_to_grant() {
     assert!(ok(command()).contains("foreign=0"));
 }
 
+/// The templates on the server, by the last use their marks record.
+async fn templates(admin: &Client) -> std::collections::BTreeMap<String, u64> {
+    admin
+        .query(
+            "SELECT datname::text, substring(shobj_description(oid, 'pg_database') \
+                 FROM 'used=([0-9]+)')::bigint FROM pg_database \
+             WHERE shobj_description(oid, 'pg_database') LIKE 'pgfixture template%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0) as u64))
+        .collect()
+}
+
+/// Sets the last use the mark of the template `name` records to `used`.
+async fn set_used(admin: &Client, name: &str, used: u64) {
+    let comment: String = admin
+        .query_one(
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let (head, rest) = comment.split_once(" used=").unwrap();
+    let (_, tail) = rest.split_once(' ').unwrap();
+    admin
+        .batch_execute(&format!(
+            "COMMENT ON DATABASE \"{name}\" IS '{head} used={used} {tail}'"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Templates on a server of the user's record their last use (rewritten once a day at
+/// most), and the sweep of a later run drops those unused for a week: the server does
+/// not keep a template for every change to the fixtures that ever ran on it.
+#[tokio::test]
+async fn templates_unused_for_a_week_are_swept() {
+    let server = existing_server("urlidle").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let other = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_run("idle"));
+    std::fs::create_dir_all(&other).unwrap();
+    for file in ["001_schema.sql", "002_applied_marker.sql"] {
+        std::fs::copy(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures")
+                .join(file),
+            other.join(file),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        other.join("003_other.sql"),
+        "COMMENT ON TABLE notes IS 'other';\n",
+    )
+    .unwrap();
+    let other = other.display().to_string();
+    let run_with = |fixtures: Option<&str>| {
+        let run = unique_run("idle");
+        let mut env = vec![
+            ("PGFIXTURE_BACKEND", "url"),
+            ("PGFIXTURE_URL", server.url.as_str()),
+            allow_remote(&server.url),
+            ("PGFIXTURE_RUN_ID", run.as_str()),
+            ("PGFIXTURE_WORKER", "0"),
+            ("PGFIXTURE_ISOLATION", "database"),
+            ("PGFIXTURE_TEST_OWNER", "idle"),
+        ];
+        if let Some(fixtures) = fixtures {
+            env.push(("PGFIXTURE_FIXTURES", fixtures));
+        }
+        ok(child_command(&env).output().unwrap());
+    };
+
+    run_with(None);
+    let first = templates(&server.admin).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    let (default, used) = first.into_iter().next().unwrap();
+    assert!(
+        used + 3600 > now,
+        "a template built now records its use: {used}"
+    );
+
+    // Unused for eight days: the next run's sweep drops it.
+    set_used(&server.admin, &default, now - 8 * 24 * 3600).await;
+    run_with(Some(&other));
+    let second = templates(&server.admin).await;
+    assert!(!second.contains_key(&default), "{second:?}");
+    assert_eq!(second.len(), 1, "{second:?}");
+    let (other_template, _) = second.into_iter().next().unwrap();
+
+    // Used two days ago: the next use records it again, and no sweep drops it.
+    set_used(&server.admin, &other_template, now - 2 * 24 * 3600).await;
+    run_with(Some(&other));
+    let third = templates(&server.admin).await;
+    assert!(third[&other_template] + 3600 > now, "{third:?}");
+    run_with(None);
+    let fourth = templates(&server.admin).await;
+    assert!(
+        fourth.contains_key(&other_template) && fourth.contains_key(&default),
+        "the template of the default fixtures is built again, the other one stays: {fourth:?}"
+    );
+}
+
 #[tokio::test]
 async fn objects_of_dead_runs_are_swept_and_nothing_else() {
     let server = existing_server("urlsweep").await;

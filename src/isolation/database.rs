@@ -34,22 +34,35 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
         refill_schema: false,
     };
     if p.reset || state != State::Clean {
-        let (template, built) = provision::template(p.server, admin, p.fixtures).await?;
+        let (template, built) =
+            provision::template(p.server, admin, p.fixtures, p.shared_server).await?;
         prepared.template_built = built;
-        if state == State::Missing {
+        // Spares only on pgfixture's own servers: on a shared one an unmarked database
+        // could outlive a killed run.
+        let spares = !p.shared_server;
+        let made = if state == State::Missing {
             provision::clone_database(p.server, admin, &template, name, p.mark, p.shared_server)
-                .await?;
+                .await
+                .map(|_| false)
         } else {
-            // Spares only on pgfixture's own servers: on a shared one an unmarked
-            // database could outlive a killed run.
-            let spares = !p.shared_server;
-            prepared.spare_used = provision::reset_database(
-                p.server, admin, &template, name, p.mark, p.reset, spares,
-            )
-            .await?;
-            if spares && p.reset {
-                prepared.refill_from = Some(template);
+            provision::reset_database(p.server, admin, &template, name, p.mark, p.reset, spares)
+                .await
+        };
+        prepared.spare_used = match made {
+            // On a server of the user's, a sweep of another run dropped the template,
+            // unused for long, as it was about to be cloned: built again, and the
+            // worker (missing, or dropped by the reset) cloned from it.
+            Err(e) if p.shared_server && provision::template_gone(&e) => {
+                let (template, built) =
+                    provision::template(p.server, admin, p.fixtures, true).await?;
+                prepared.template_built |= built;
+                provision::clone_database(p.server, admin, &template, name, p.mark, true).await?;
+                false
             }
+            made => made?,
+        };
+        if spares && p.reset && state != State::Missing {
+            prepared.refill_from = Some(template);
         }
     } else if !p.shared_server {
         // Clean by its comment, yet the setting the next process checks did not say
