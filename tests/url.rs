@@ -97,6 +97,35 @@ async fn existing_server(tag: &str) -> Existing {
     }
 }
 
+/// A new role of `server` that may log in, with `CREATEDB` and `CREATEROLE` (this
+/// crate's fixtures create a role), and `grants` run after it as the superuser
+/// (`{role}` in them, and in `database`, names it). Returns its name and the URL of
+/// the database `database` as that role.
+async fn new_role(
+    server: &Existing,
+    tag: &str,
+    grants: &[&str],
+    database: &str,
+) -> (String, String) {
+    let role = unique_run(tag);
+    let create = format!("CREATE ROLE {role} LOGIN PASSWORD 'pw' CREATEDB CREATEROLE");
+    // One at a time: `CREATE DATABASE` may not run in a transaction block.
+    for sql in std::iter::once(create.as_str()).chain(grants.iter().copied()) {
+        server
+            .admin
+            .batch_execute(&sql.replace("{role}", &role))
+            .await
+            .unwrap();
+    }
+    let (_, at) = server.url.split_once('@').unwrap();
+    let (host, _) = at.rsplit_once('/').unwrap();
+    let url = format!(
+        "postgres://{role}:pw@{host}/{}",
+        database.replace("{role}", &role)
+    );
+    (role, url)
+}
+
 /// `PGFIXTURE_ALLOW_REMOTE` for a URL: a container pgfixture started is reached at its
 /// own address on the Docker bridge, which is not loopback, and is allowed. A URL
 /// naming a host (not an address) stays refused, as the bad-URL test wants.
@@ -111,17 +140,35 @@ fn allow_remote(url: &str) -> (&'static str, &'static str) {
     ("PGFIXTURE_ALLOW_REMOTE", if bridge { "1" } else { "0" })
 }
 
-fn url_child(url: &str, run: &str, worker: &str, isolation: &str, owner: &str) -> Child {
-    child_command(&[
+/// The command that runs [`child`] on the url backend against `url`, as worker `worker`
+/// of the run `run`, in `isolation`, with the variables `more`.
+fn url_command(
+    url: &str,
+    run: &str,
+    worker: &str,
+    isolation: &str,
+    more: &[(&str, &str)],
+) -> std::process::Command {
+    let mut env = vec![
         ("PGFIXTURE_BACKEND", "url"),
         ("PGFIXTURE_URL", url),
         allow_remote(url),
         ("PGFIXTURE_RUN_ID", run),
         ("PGFIXTURE_WORKER", worker),
         ("PGFIXTURE_ISOLATION", isolation),
-        ("PGFIXTURE_GRACE", "1"),
-        ("PGFIXTURE_TEST_OWNER", owner),
-    ])
+    ];
+    env.extend_from_slice(more);
+    child_command(&env)
+}
+
+fn url_child(url: &str, run: &str, worker: &str, isolation: &str, owner: &str) -> Child {
+    url_command(
+        url,
+        run,
+        worker,
+        isolation,
+        &[("PGFIXTURE_GRACE", "1"), ("PGFIXTURE_TEST_OWNER", owner)],
+    )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()
@@ -196,29 +243,26 @@ async fn two_concurrent_runs_share_one_server_without_collisions() {
 #[tokio::test]
 async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
     let server = existing_server("urlplain").await;
-    let role = unique_run("plain");
-    for sql in [
-        format!("CREATE ROLE {role} LOGIN PASSWORD 'plain' CREATEDB CREATEROLE"),
-        format!("CREATE DATABASE {role} OWNER {role}"),
-    ] {
-        server.admin.batch_execute(&sql).await.unwrap();
-    }
-    let (_, at) = server.url.split_once('@').unwrap();
-    let (host, _) = at.rsplit_once('/').unwrap();
-    let url = format!("postgres://{role}:plain@{host}/{role}");
+    let (role, url) = new_role(
+        &server,
+        "plain",
+        &["CREATE DATABASE {role} OWNER {role}"],
+        "{role}",
+    )
+    .await;
     for isolation in ["database", "schema"] {
         let run = unique_run("plain");
         for (worker, mode) in [("0", ""), ("0", "pool"), ("1", "pool")] {
-            let mut command = child_command(&[
-                ("PGFIXTURE_BACKEND", "url"),
-                ("PGFIXTURE_URL", &url),
-                allow_remote(&url),
-                ("PGFIXTURE_RUN_ID", &run),
-                ("PGFIXTURE_WORKER", worker),
-                ("PGFIXTURE_ISOLATION", isolation),
-                ("PGFIXTURE_TEST_OWNER", "plain"),
-                ("PGFIXTURE_TEST_CHILD", mode),
-            ]);
+            let mut command = url_command(
+                &url,
+                &run,
+                worker,
+                isolation,
+                &[
+                    ("PGFIXTURE_TEST_OWNER", "plain"),
+                    ("PGFIXTURE_TEST_CHILD", mode),
+                ],
+            );
             let stdout = ok(command.output().unwrap());
             // The pool's committed row was taken out before the handle was given.
             assert!(stdout.contains("foreign=0"), "{isolation}: {stdout}");
@@ -237,15 +281,13 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
             "{isolation}"
         );
     }
-    let mut command = child_command(&[
-        ("PGFIXTURE_BACKEND", "url"),
-        ("PGFIXTURE_URL", &url),
-        allow_remote(&url),
-        ("PGFIXTURE_RUN_ID", &unique_run("plain")),
-        ("PGFIXTURE_WORKER", "0"),
-        ("PGFIXTURE_ISOLATION", "database"),
-        ("PGFIXTURE_RESET_SEQUENCES", "1"),
-    ]);
+    let mut command = url_command(
+        &url,
+        &unique_run("plain"),
+        "0",
+        "database",
+        &[("PGFIXTURE_RESET_SEQUENCES", "1")],
+    );
     let output = command.output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -264,29 +306,27 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
 #[tokio::test]
 async fn two_roles_with_the_same_fixtures_share_one_server() {
     let server = existing_server("urlroles").await;
-    let role = unique_run("second");
-    for sql in [
-        format!("CREATE ROLE {role} LOGIN PASSWORD 'second' CREATEDB CREATEROLE"),
-        format!("GRANT CREATE ON DATABASE postgres TO {role}"),
-    ] {
-        server.admin.batch_execute(&sql).await.unwrap();
-    }
-    let (_, at) = server.url.split_once('@').unwrap();
-    let second = format!("postgres://{role}:second@{at}");
+    let (_, second) = new_role(
+        &server,
+        "second",
+        &["GRANT CREATE ON DATABASE postgres TO {role}"],
+        "postgres",
+    )
+    .await;
     for isolation in ["database", "schema"] {
         let run = unique_run("roles");
         for (url, owner) in [(&server.url, "first"), (&second, "second")] {
             for _ in 0..2 {
-                let mut command = child_command(&[
-                    ("PGFIXTURE_BACKEND", "url"),
-                    ("PGFIXTURE_URL", url),
-                    allow_remote(url),
-                    ("PGFIXTURE_RUN_ID", &format!("{run}{owner}")),
-                    ("PGFIXTURE_WORKER", "0"),
-                    ("PGFIXTURE_ISOLATION", isolation),
-                    ("PGFIXTURE_TEST_OWNER", owner),
-                    ("PGFIXTURE_TEST_CHILD", "pool"),
-                ]);
+                let mut command = url_command(
+                    url,
+                    &format!("{run}{owner}"),
+                    "0",
+                    isolation,
+                    &[
+                        ("PGFIXTURE_TEST_OWNER", owner),
+                        ("PGFIXTURE_TEST_CHILD", "pool"),
+                    ],
+                );
                 let output = command.output().unwrap();
                 let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
                 let stdout = ok(output);
@@ -305,28 +345,22 @@ async fn two_roles_with_the_same_fixtures_share_one_server() {
 #[tokio::test]
 async fn a_user_who_may_not_create_the_table_of_runs_is_told_what_to_grant() {
     let server = existing_server("urlgrant").await;
-    let role = unique_run("grant");
-    server
-        .admin
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD 'grant' CREATEDB CREATEROLE; \
-             REVOKE CREATE ON SCHEMA public FROM PUBLIC"
-        ))
-        .await
-        .unwrap();
-    let (_, at) = server.url.split_once('@').unwrap();
-    let url = format!("postgres://{role}:grant@{at}");
+    let (role, url) = new_role(
+        &server,
+        "grant",
+        &["REVOKE CREATE ON SCHEMA public FROM PUBLIC"],
+        "postgres",
+    )
+    .await;
     let run = unique_run("grant");
     let command = || {
-        child_command(&[
-            ("PGFIXTURE_BACKEND", "url"),
-            ("PGFIXTURE_URL", &url),
-            allow_remote(&url),
-            ("PGFIXTURE_RUN_ID", &run),
-            ("PGFIXTURE_WORKER", "0"),
-            ("PGFIXTURE_ISOLATION", "database"),
-            ("PGFIXTURE_TEST_OWNER", "grant"),
-        ])
+        url_command(
+            &url,
+            &run,
+            "0",
+            "database",
+            &[("PGFIXTURE_TEST_OWNER", "grant")],
+        )
         .output()
         .unwrap()
     };
@@ -410,20 +444,10 @@ async fn templates_unused_for_a_week_are_swept() {
     .unwrap();
     let other = other.display().to_string();
     let run_with = |fixtures: Option<&str>| {
-        let run = unique_run("idle");
-        let mut env = vec![
-            ("PGFIXTURE_BACKEND", "url"),
-            ("PGFIXTURE_URL", server.url.as_str()),
-            allow_remote(&server.url),
-            ("PGFIXTURE_RUN_ID", run.as_str()),
-            ("PGFIXTURE_WORKER", "0"),
-            ("PGFIXTURE_ISOLATION", "database"),
-            ("PGFIXTURE_TEST_OWNER", "idle"),
-        ];
-        if let Some(fixtures) = fixtures {
-            env.push(("PGFIXTURE_FIXTURES", fixtures));
-        }
-        ok(child_command(&env).output().unwrap());
+        let mut more = vec![("PGFIXTURE_TEST_OWNER", "idle")];
+        more.extend(fixtures.map(|f| ("PGFIXTURE_FIXTURES", f)));
+        let mut command = url_command(&server.url, &unique_run("idle"), "0", "database", &more);
+        ok(command.output().unwrap());
     };
 
     run_with(None);
@@ -472,15 +496,13 @@ async fn objects_of_dead_runs_are_swept_and_nothing_else() {
         ok(url_child(&server.url, &dead, "0", isolation, "dead")
             .wait_with_output()
             .unwrap());
-        let mut holder = child_command(&[
-            ("PGFIXTURE_BACKEND", "url"),
-            ("PGFIXTURE_URL", &server.url),
-            allow_remote(&server.url),
-            ("PGFIXTURE_RUN_ID", &live),
-            ("PGFIXTURE_WORKER", "0"),
-            ("PGFIXTURE_ISOLATION", isolation),
-            ("PGFIXTURE_TEST_CHILD", "hold"),
-        ])
+        let mut holder = url_command(
+            &server.url,
+            &live,
+            "0",
+            isolation,
+            &[("PGFIXTURE_TEST_CHILD", "hold")],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
