@@ -1054,9 +1054,17 @@ impl Inner {
     /// database when `None`) on `server`.
     fn maintenance_pool(&self, server: &Server, dbname: Option<&str>) -> Pool {
         // Where the connections go: a replaced container may have the same address,
-        // and a socket elsewhere.
+        // and a socket elsewhere. The admin pool is a pool of its own even where the
+        // database of the schemas is the maintenance database (`PGFIXTURE_URL`): a
+        // provisioning holds an admin connection while it takes one of the schemas',
+        // and workers provisioned at once would otherwise wait for each other forever.
         let key = format!(
-            "{}:{}:{}:{}",
+            "{}:{}:{}:{}:{}",
+            if dbname.is_none() {
+                "admin"
+            } else {
+                "maintenance"
+            },
             server.host,
             server.port,
             server.socket_dir.as_deref().unwrap_or_default(),

@@ -15,10 +15,25 @@ use pgfixture::tokio_postgres::{Client, NoTls};
 
 /// Run by the tests below in a child process, on the url backend: `note` inserts a
 /// note of `PGFIXTURE_TEST_OWNER`, waits a little so that runs overlap, and reports the
-/// notes of others it sees; `hold` takes a handle and waits to be killed.
+/// notes of others it sees; `hold` takes a handle and waits to be killed; `eight` does
+/// the first on eight threads at once, each its own in-process worker.
 #[test]
 #[ignore = "helper, run as a child process by the url tests"]
 fn child() {
+    if std::env::var("PGFIXTURE_TEST_CHILD").as_deref() == Ok("eight") {
+        let threads: Vec<_> = (0..8)
+            .map(|_| std::thread::spawn(|| note(Duration::from_millis(500))))
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        return;
+    }
+    note(Duration::from_millis(300));
+}
+
+/// [`child`]'s note, on a runtime of its own, waiting `overlap` before it looks.
+fn note(overlap: Duration) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -54,7 +69,7 @@ fn child() {
             println!("CHILD-HOLDING");
             tokio::time::sleep(Duration::from_secs(120)).await;
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(overlap).await;
         let foreign: i64 = db
             .query_one("SELECT count(*) FROM notes WHERE owner <> $1", &[&owner])
             .await
@@ -141,7 +156,8 @@ fn allow_remote(url: &str) -> (&'static str, &'static str) {
 }
 
 /// The command that runs [`child`] on the url backend against `url`, as worker `worker`
-/// of the run `run`, in `isolation`, with the variables `more`.
+/// (in-process workers when empty) of the run `run`, in `isolation`, with the
+/// variables `more`.
 fn url_command(
     url: &str,
     run: &str,
@@ -154,9 +170,11 @@ fn url_command(
         ("PGFIXTURE_URL", url),
         allow_remote(url),
         ("PGFIXTURE_RUN_ID", run),
-        ("PGFIXTURE_WORKER", worker),
         ("PGFIXTURE_ISOLATION", isolation),
     ];
+    if !worker.is_empty() {
+        env.push(("PGFIXTURE_WORKER", worker));
+    }
     env.extend_from_slice(more);
     child_command(&env)
 }
@@ -478,6 +496,53 @@ async fn templates_unused_for_a_week_are_swept() {
         fourth.contains_key(&other_template) && fourth.contains_key(&default),
         "the template of the default fixtures is built again, the other one stays: {fourth:?}"
     );
+}
+
+/// Eight in-process workers provisioned at once, in both modes, with migrations in
+/// sqlx's layout (an extension among them). In schema mode the schemas go into the
+/// database the URL names, the maintenance database: a provisioning holds a
+/// maintenance connection while it takes one to the database of the schemas. Both
+/// came from one pool of four, and provisionings at once could wait for each other
+/// until the acquire timeout (seen in `tests/migrations.rs` run against a `PGFIXTURE_URL`
+/// server; this test does not make that interleaving certain).
+#[tokio::test]
+async fn eight_workers_provisioned_at_once_in_one_process() {
+    let server = existing_server("urleight").await;
+    let migrations = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(unique_run("eight"));
+    std::fs::create_dir_all(&migrations).unwrap();
+    std::fs::write(
+        migrations.join("1_first.sql"),
+        "CREATE EXTENSION IF NOT EXISTS citext;\nCREATE TABLE first (id citext);\n",
+    )
+    .unwrap();
+    let migrations = migrations.display().to_string();
+    for isolation in ["database", "schema"] {
+        let run = unique_run("eight");
+        let mut command = url_command(
+            &server.url,
+            &run,
+            "",
+            isolation,
+            &[
+                ("PGFIXTURE_WORKERS", "8"),
+                ("PGFIXTURE_MIGRATIONS", &migrations),
+                ("PGFIXTURE_ACQUIRE_TIMEOUT", "10"),
+                ("PGFIXTURE_TEST_CHILD", "eight"),
+                ("PGFIXTURE_TEST_OWNER", "eight"),
+            ],
+        );
+        let stdout = ok(command.output().unwrap());
+        assert_eq!(
+            stdout.matches("foreign=0").count(),
+            8,
+            "{isolation}: {stdout}"
+        );
+        assert_eq!(
+            marked(&server.admin, isolation, &run).await.len(),
+            8,
+            "{isolation}"
+        );
+    }
 }
 
 #[tokio::test]
