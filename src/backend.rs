@@ -123,16 +123,10 @@ impl Source {
         match config.effective_backend() {
             Backend::Url => {
                 let url = config.url.as_ref().expect("validated: the url backend has a URL");
-                let server = Server::from_url(url).for_run(&config.run_id);
-                // Fails now, with the variable to fix, rather than deep in provisioning.
-                server
-                    .connect(&server.admin_db)
-                    .await
-                    .map_err(Error::pg(format!(
-                        "cannot connect to {}:{} as {} (fix PGFIXTURE_URL, or start that server)",
-                        server.host, server.port, server.user
-                    )))?;
-                Ok(Source::Url(server))
+                // Not connected to here: a nextest process whose worker is ready needs
+                // one connection only, the worker's. The first maintenance connection
+                // that fails names the variable to fix.
+                Ok(Source::Url(Server::from_url(url).for_run(&config.run_id)))
             }
             #[cfg(feature = "docker")]
             Backend::Docker => Ok(Source::Docker(docker::Docker::connect(config).await?)),

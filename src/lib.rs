@@ -15,6 +15,7 @@ mod migrations;
 mod pool;
 mod provision;
 mod restore;
+mod runs;
 mod runtime;
 mod server;
 mod settings;

@@ -75,7 +75,11 @@ fn note(overlap: Duration) {
             .await
             .unwrap()
             .get(0);
-        println!("CHILD-OK foreign={foreign}");
+        let attached = pgfixture::Fixture::from_env()
+            .unwrap()
+            .stats()
+            .workers_attached;
+        println!("CHILD-OK foreign={foreign} attached={attached}");
     });
 }
 
@@ -495,6 +499,79 @@ async fn templates_unused_for_a_week_are_swept() {
     assert!(
         fourth.contains_key(&other_template) && fourth.contains_key(&default),
         "the template of the default fixtures is built again, the other one stays: {fourth:?}"
+    );
+}
+
+/// Under nextest, a process whose worker another process of its run left ready takes
+/// it on the worker's own connection, as on pgfixture's own servers, checked by the
+/// worker's comment (the mark on a server of the user's); the run is still recorded
+/// alive for other runs' sweeps. A worker whose comment says a worker pool left it is
+/// rebuilt, with what that pool committed.
+#[tokio::test]
+async fn a_nextest_process_takes_a_ready_worker_on_its_first_connection() {
+    let server = existing_server("urlattach").await;
+    let run = unique_run("attach");
+    let process = |owner: &str| {
+        let mut command = url_command(
+            &server.url,
+            &run,
+            "0",
+            "database",
+            &[
+                ("NEXTEST_EXECUTION_MODE", "process-per-test"),
+                ("PGFIXTURE_TEST_OWNER", owner),
+            ],
+        );
+        let stdout = ok(command.output().unwrap());
+        assert!(stdout.contains("foreign=0"), "{owner}: {stdout}");
+        common::reported(&stdout, "attached")
+    };
+    assert_eq!(process("first"), 0, "provisioned");
+    let seen = || async {
+        server
+            .admin
+            .query_one(
+                "SELECT count(*) FROM pgfixture_runs WHERE run = $1 \
+                 AND seen > now() - interval '1 minute'",
+                &[&run],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(seen().await, 1);
+    server
+        .admin
+        .execute("DELETE FROM pgfixture_runs WHERE run = $1", &[&run])
+        .await
+        .unwrap();
+    // Past the second within which the run's processes on a machine record it once.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(process("second"), 1, "taken on its first connection");
+    assert_eq!(seen().await, 1, "the run was not recorded alive");
+
+    // As a process killed with its worker pool out leaves it.
+    let worker = marked(&server.admin, "database", &run).await.remove(0);
+    let (_, at) = server.url.split_once('@').unwrap();
+    let (host, _) = at.rsplit_once('/').unwrap();
+    let (user, _) = server.url["postgres://".len()..].split_once('@').unwrap();
+    let (on_worker, connection) =
+        pgfixture::tokio_postgres::connect(&format!("postgres://{user}@{host}/{worker}"), NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    on_worker
+        .batch_execute(&format!(
+            "INSERT INTO notes (owner, body) VALUES ('pool', 'x'); \
+             COMMENT ON DATABASE \"{worker}\" IS 'pgfixture worker run={run} dirty'"
+        ))
+        .await
+        .unwrap();
+    drop(on_worker);
+    assert_eq!(
+        process("third"),
+        0,
+        "a worker marked dirty was taken as it is"
     );
 }
 
