@@ -567,17 +567,24 @@ impl PrimeCheck {
 /// column `m` holds it: on pgfixture's own servers its setting (loaded with the
 /// connection, for nothing); on a server of the user's (`shared_server`) the database's
 /// comment, which is the mark there (a setting may be missing, or outlive the
-/// comment someone else removed), for 0.6–0.9 ms of catalog lookups.
+/// comment someone else removed), for 0.6–0.9 ms of catalog lookups. There a worker
+/// without the sequences' setting (its user may not write pgfixture's settings) reads
+/// as not ready: the checked way knows what such a worker lacks
+/// ([`provision::sequences_recorded`]).
 fn mark_source(target: provision::Target<'_>, shared_server: bool) -> String {
-    if shared_server {
-        "(SELECT coalesce(shobj_description(oid, 'pg_database'), '') AS m FROM pg_database \
-          WHERE datname = current_database()) mark"
-            .to_owned()
+    let quote = |s: &str| s.replace('\'', "''");
+    if let (true, Some(sequences)) = (shared_server, provision::sequences_setting(target)) {
+        format!(
+            "(SELECT CASE WHEN current_setting('{}', true) IS NULL THEN '' \
+               ELSE coalesce(shobj_description(oid, 'pg_database'), '') END AS m \
+             FROM pg_database WHERE datname = current_database()) mark",
+            quote(&sequences)
+        )
     } else {
         let setting = target
             .setting()
             .expect("pgfixture's own servers mark workers with settings");
-        format!("current_setting('{}') m", setting.replace('\'', "''"))
+        format!("current_setting('{}') m", quote(&setting))
     }
 }
 

@@ -288,6 +288,10 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
             let stdout = ok(command.output().unwrap());
             // The pool's committed row was taken out before the handle was given.
             assert!(stdout.contains("foreign=0"), "{isolation}: {stdout}");
+            // Its workers lack the sequences' setting, which a worker found ready on
+            // its first connection would need for `db.reset_sequences()` to be
+            // refused: they go the checked way.
+            assert!(stdout.contains("attached=0"), "{isolation}: {stdout}");
         }
         // Schema mode puts the worker schemas in the URL's database.
         let (inspect, connection) = pgfixture::tokio_postgres::connect(
