@@ -1707,8 +1707,7 @@ impl Inner {
         {
             if shared_server && !crate::runs::touched_recently(&server, &self.config.run_id) {
                 let admin = self.admin(&server).await?;
-                provision::touch_run(&admin, &self.config.run_id, &server.user).await?;
-                crate::runs::touched(&server, &self.config.run_id);
+                provision::touch_run(&admin, &server, &self.config.run_id).await?;
             }
             self.stats.workers_reused.fetch_add(1, Ordering::Relaxed);
             self.stats.workers_attached.fetch_add(1, Ordering::Relaxed);
@@ -1721,8 +1720,7 @@ impl Inner {
         // common case in a nextest process) costs one query on it.
         let admin = self.admin(&server).await?;
         if shared_server {
-            provision::touch_run(&admin, &self.config.run_id, &server.user).await?;
-            crate::runs::touched(&server, &self.config.run_id);
+            provision::touch_run(&admin, &server, &self.config.run_id).await?;
         }
         let schemas = (self.config.isolation == Isolation::Schema).then(|| {
             let dbname = if shared_server {

@@ -1235,10 +1235,12 @@ pub(crate) fn worker_mark(run: &str) -> String {
 /// processes last started, so that a run between two processes is not taken for dead.
 const RUNS: &str = "pgfixture_runs";
 
-/// Records that `run` is alive on a shared server: the table is made on first use,
+/// Records that `run` is alive on `server`, a shared server, and notes it for the run's
+/// other processes on this machine ([`crate::runs`]): the table is made on first use,
 /// writable by every role, since the runs of all the roles that use the database are
 /// recorded in it (it holds nothing but run ids and times).
-pub(crate) async fn touch_run(admin: &Client, run: &str, user: &str) -> Result<()> {
+pub(crate) async fn touch_run(admin: &Client, server: &Server, run: &str) -> Result<()> {
+    let user = &server.user;
     let exists: bool = admin
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&RUNS])
         .await
@@ -1285,6 +1287,7 @@ pub(crate) async fn touch_run(admin: &Client, run: &str, user: &str) -> Result<(
             };
             Error::pg(format!("recording run {run} in {RUNS}{hint}"))(e)
         })?;
+    crate::runs::touched(server, run);
     Ok(())
 }
 
