@@ -723,7 +723,8 @@ async fn deferred_constraints_and_expected_errors_have_one_call_remedies() {
 
 /// Sequences restart at the values the fixtures left: on demand, or as every test
 /// begins with `reset_sequences` (`PGFIXTURE_RESET_SEQUENCES=1`); without it, ids go
-/// on from test to test.
+/// on from test to test. In schema mode on a server of the user's, which keeps no
+/// record of the values, both ways are refused by the variable to change.
 #[tokio::test]
 async fn sequences_restart_at_the_fixtures_values() {
     async fn ids(db: &pgfixture::TestDb) -> (i64, i64) {
@@ -755,6 +756,33 @@ async fn sequences_restart_at_the_fixtures_values() {
         without[1] > without[0],
         "sequences are not rolled back: {without:?}"
     );
+    if common::schema_mode_on_a_url_server() {
+        let db = fixture.worker_db().await.unwrap();
+        let refused = db.reset_sequences().await;
+        assert!(
+            matches!(
+                &refused,
+                Err(pgfixture::Error::Config {
+                    var: "PGFIXTURE_URL",
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        let refused = Fixture::builder().workers(1).reset_sequences(true).build();
+        assert!(
+            matches!(
+                &refused,
+                Err(pgfixture::Error::Config {
+                    var: "PGFIXTURE_RESET_SEQUENCES",
+                    ..
+                })
+            ),
+            "{:?}",
+            refused.err()
+        );
+        return;
+    }
     for _ in 0..3 {
         let db = fixture.worker_db().await.unwrap();
         db.reset_sequences().await.unwrap();

@@ -197,47 +197,56 @@ async fn isolated_test(name: &str, spin: u64) {
 
     // Fixtures were applied once per template (database, container) or per worker
     // schema (schema), never twice: count the marker roles the fixture makes, of the
-    // databases that exist. A template build killed midway (the soak) leaves the role
-    // of its dropped database, as it would leave any role a fixture file committed.
-    // The schemas of a clone have its template's oids, so a clone matches no role. A
-    // server may hold several templates (under nextest, the suites with migrations of
-    // their own share the run's server): one role per template, none for a worker.
-    // One statement, one snapshot; a template still being built (`..._new`) is left
-    // out of both counts.
-    let row = db
-        .query_one(
-            "SELECT (SELECT count(*) FROM pg_roles r, pg_database d, pg_namespace n \
-                      WHERE r.rolname = 'pgfx_applied_' || md5(d.oid::text || '/' || n.oid::text) \
-                        AND d.datname NOT LIKE '%\\_new'), \
-                    (SELECT count(*) FROM pg_database \
-                      WHERE datname LIKE 'pgfx\\_t\\_%' AND datname NOT LIKE '%\\_new')",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (applied, templates): (i64, i64) = (row.get(0), row.get(1));
+    // databases and schemas that exist (applying the fixtures twice to one schema
+    // fails in the fixture itself). A template build killed midway (the soak) leaves
+    // the role of its dropped database, as it would leave any role a fixture file
+    // committed. A server may hold templates and worker schemas without these
+    // fixtures: the migrations suite's, made beside this suite under nextest, or left
+    // by earlier runs on a server of the user's. One statement, one snapshot.
     let isolation = pgfixture::Fixture::from_env().unwrap().config().isolation;
     match isolation {
         Isolation::Database | Isolation::Container => {
+            // The schemas of a clone have its template's oids, so a clone matches no
+            // role: a role of a database that is not a template (`pgfx_t_...`, or
+            // `pgfx_t_..._new` while it is built) means the fixtures were applied to a
+            // worker. A template with more than one role got them in two schemas.
+            let row = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pg_roles r, pg_database d, pg_namespace n \
+                              WHERE r.rolname = 'pgfx_applied_' || md5(d.oid::text || '/' || n.oid::text) \
+                                AND d.datname NOT LIKE 'pgfx\\_t\\_%'), \
+                            (SELECT count(*) FROM pg_database d \
+                              WHERE d.datname LIKE 'pgfx\\_t\\_%' AND (SELECT count(*) \
+                                FROM pg_roles r, pg_namespace n WHERE r.rolname = \
+                                'pgfx_applied_' || md5(d.oid::text || '/' || n.oid::text)) > 1)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (strays, twice): (i64, i64) = (row.get(0), row.get(1));
             assert_eq!(
-                applied, templates,
-                "{name}: fixtures applied {applied} times for {templates} templates on one server"
+                (strays, twice),
+                (0, 0),
+                "{name}: fixtures applied to {strays} databases that are not templates, \
+                 and more than once to {twice} templates"
             )
         }
         Isolation::Schema => {
-            // Schemas rebuilt by a reset (the commits suite) leave the roles of their
-            // dropped predecessors: count the roles of the schemas that exist. One
-            // statement, one snapshot: a reset may run beside this test. A schema
-            // still being built (`..._new`, committed before a migrator runs in it)
-            // is not a worker yet.
+            // Every worker schema with the fixtures' tables got them applied, not
+            // copied. Schemas rebuilt by a reset (the commits suite) leave the roles of
+            // their dropped predecessors: count the roles of the schemas that exist. A
+            // reset may run beside this test. A schema still being built (`..._new`,
+            // committed before a migrator runs in it) is not a worker yet.
             let row = db
                 .query_one(
-                    "SELECT (SELECT count(*) FROM pg_roles r JOIN pg_namespace n \
+                    "WITH workers AS (SELECT n.oid FROM pg_namespace n \
+                       WHERE n.nspname LIKE 'pgfx_w_%' AND n.nspname NOT LIKE '%\\_new' \
+                         AND EXISTS (SELECT 1 FROM pg_class c \
+                           WHERE c.relnamespace = n.oid AND c.relname = 'users')) \
+                     SELECT (SELECT count(*) FROM pg_roles r JOIN workers n \
                        ON r.rolname = 'pgfx_applied_' || md5((SELECT oid::text FROM pg_database \
-                         WHERE datname = current_database()) || '/' || n.oid::text) \
-                       WHERE n.nspname LIKE 'pgfx_w_%' AND n.nspname NOT LIKE '%\\_new'), \
-                     (SELECT count(*) FROM pg_namespace \
-                       WHERE nspname LIKE 'pgfx_w_%' AND nspname NOT LIKE '%\\_new')",
+                         WHERE datname = current_database()) || '/' || n.oid::text)), \
+                     (SELECT count(*) FROM workers)",
                     &[],
                 )
                 .await
@@ -245,7 +254,7 @@ async fn isolated_test(name: &str, spin: u64) {
             let (applied, schemas): (i64, i64) = (row.get(0), row.get(1));
             assert_eq!(
                 applied, schemas,
-                "{name}: fixtures applied {applied} times for {schemas} worker schemas"
+                "{name}: fixtures applied {applied} times for {schemas} worker schemas with the fixtures' tables"
             );
         }
     }

@@ -174,6 +174,15 @@ pub fn unique_run(tag: &str) -> String {
     format!("{tag}{:07x}", (mixed >> 20) & 0xfff_ffff)
 }
 
+/// Whether the environment runs schema mode on a server of the user's
+/// (`PGFIXTURE_URL`): pgfixture keeps no record of the sequences' values there, so
+/// restarting them is refused by name, and a process checks its worker the long way,
+/// not on its first connection (README, "An existing server").
+pub fn schema_mode_on_a_url_server() -> bool {
+    let config = pgfixture::Config::from_env().unwrap();
+    config.url.is_some() && config.isolation == pgfixture::Isolation::Schema
+}
+
 /// The environment's configuration for a run of its own (so servers of its own), with
 /// in-process workers and a `grace` period.
 pub fn own_config(tag: &str, grace: std::time::Duration) -> pgfixture::Config {
