@@ -3,7 +3,8 @@
 # `cargo test` (tests are threads of one process) and `cargo nextest run -j 4` (tests
 # are processes), for each isolation mode and each backend, then the soak
 # (scripts/soak.sh: the isolation suite over and over with random SIGKILLs, for
-# SOAK_SECONDS, default 90) on each backend.
+# SOAK_SECONDS, default 90) on each backend, then the same suites in database and
+# schema mode against a plain PostgreSQL cluster it starts, through PGFIXTURE_URL.
 #
 #   scripts/test.sh
 #
@@ -100,6 +101,64 @@ for backend in $backends; do
     run "$backend soak" scripts/soak.sh
     unset PGFIXTURE_BACKEND PGFIXTURE_ISOLATION
 done
+
+# A server of the user's (PGFIXTURE_URL): a plain PostgreSQL cluster with password
+# authentication over TCP, as a team's CI service or shared test server is, started
+# here and stopped at exit. The main suites run against it in both modes it allows
+# (container mode starts servers, so it is refused there); tests/url.rs covers the
+# rest (other roles, concurrent runs, sweeps). PGFIXTURE_TEST_URL_SERVER=0 leaves it out.
+url_dir=
+stop_url_server() {
+    [ -n "$url_dir" ] || return 0
+    "${as_owner[@]}" "$url_bin/pg_ctl" -D "$url_dir/data" -m immediate stop >/dev/null 2>&1
+    rm -rf "$url_dir"
+}
+start_url_server() {
+    url_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+    if [ -z "$url_bin" ] && command -v pg_config >/dev/null 2>&1; then
+        url_bin=$(pg_config --bindir)
+    fi
+    [ -x "$url_bin/initdb" ] || { echo "test.sh: no PostgreSQL binaries (initdb) for the url server" >&2; return 1; }
+    url_dir=$(mktemp -d /tmp/pgfixture-url-server.XXXXXX)
+    trap stop_url_server EXIT
+    as_owner=()
+    if [ "$(id -u)" = 0 ]; then
+        # PostgreSQL will not run as root.
+        local owner
+        owner=$(id -u postgres 2>/dev/null || echo 65534)
+        chown "$owner" "$url_dir"
+        as_owner=(setpriv --reuid="$owner" --regid="$(id -g "$owner" 2>/dev/null || echo 65534)" --clear-groups)
+    fi
+    local password port
+    password=url-$RANDOM$RANDOM
+    "${as_owner[@]}" sh -c "umask 077; echo '$password' > '$url_dir/pw'"
+    "${as_owner[@]}" "$url_bin/initdb" -D "$url_dir/data" -U postgres --auth=scram-sha-256 \
+        --pwfile="$url_dir/pw" -E UTF8 --no-sync >"$url_dir/initdb.log" 2>&1 ||
+        { cat "$url_dir/initdb.log" >&2; return 1; }
+    for _ in $(seq 1 50); do
+        port=$((20000 + RANDOM % 20000))
+        (: </dev/tcp/127.0.0.1/$port) 2>/dev/null || break
+    done
+    "${as_owner[@]}" "$url_bin/pg_ctl" -D "$url_dir/data" -l "$url_dir/server.log" -w -s \
+        -o "-p $port -k $url_dir -c listen_addresses=127.0.0.1 -c fsync=off" start ||
+        { cat "$url_dir/server.log" >&2; return 1; }
+    url=postgres://postgres:$password@127.0.0.1:$port/postgres
+}
+if [ "${PGFIXTURE_TEST_URL_SERVER:-1}" != 0 ]; then
+    if start_url_server; then
+        for mode in database schema; do
+            export PGFIXTURE_BACKEND=url PGFIXTURE_URL=$url PGFIXTURE_ISOLATION=$mode
+            run "url/$mode cargo test" cargo test --quiet "${suites[@]}"
+            run "url/$mode nextest" cargo nextest run -j 4 --no-fail-fast "${suites[@]}"
+            run "url/$mode sqlx 0.8 cargo test" cargo test --quiet -p pgfixture-sqlx-0_8 --tests
+            run "url/$mode sqlx 0.8 nextest" cargo nextest run -j 4 --no-fail-fast -p pgfixture-sqlx-0_8
+        done
+        unset PGFIXTURE_BACKEND PGFIXTURE_URL PGFIXTURE_ISOLATION
+    else
+        failed=$((failed + 1))
+        failures+=("url: could not start a PostgreSQL cluster to run the suites against")
+    fi
+fi
 
 echo
 for f in "${failures[@]}"; do
