@@ -107,43 +107,7 @@ done
 # here and stopped at exit. The main suites run against it in both modes it allows
 # (container mode starts servers, so it is refused there); tests/url.rs covers the
 # rest (other roles, concurrent runs, sweeps). PGFIXTURE_TEST_URL_SERVER=0 leaves it out.
-url_dir=
-stop_url_server() {
-    [ -n "$url_dir" ] || return 0
-    "${as_owner[@]}" "$url_bin/pg_ctl" -D "$url_dir/data" -m immediate stop >/dev/null 2>&1
-    rm -rf "$url_dir"
-}
-start_url_server() {
-    url_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-    if [ -z "$url_bin" ] && command -v pg_config >/dev/null 2>&1; then
-        url_bin=$(pg_config --bindir)
-    fi
-    [ -x "$url_bin/initdb" ] || { echo "test.sh: no PostgreSQL binaries (initdb) for the url server" >&2; return 1; }
-    url_dir=$(mktemp -d /tmp/pgfixture-url-server.XXXXXX)
-    trap stop_url_server EXIT
-    as_owner=()
-    if [ "$(id -u)" = 0 ]; then
-        # PostgreSQL will not run as root.
-        local owner
-        owner=$(id -u postgres 2>/dev/null || echo 65534)
-        chown "$owner" "$url_dir"
-        as_owner=(setpriv --reuid="$owner" --regid="$(id -g "$owner" 2>/dev/null || echo 65534)" --clear-groups)
-    fi
-    local password port
-    password=url-$RANDOM$RANDOM
-    "${as_owner[@]}" sh -c "umask 077; echo '$password' > '$url_dir/pw'"
-    "${as_owner[@]}" "$url_bin/initdb" -D "$url_dir/data" -U postgres --auth=scram-sha-256 \
-        --pwfile="$url_dir/pw" -E UTF8 --no-sync >"$url_dir/initdb.log" 2>&1 ||
-        { cat "$url_dir/initdb.log" >&2; return 1; }
-    for _ in $(seq 1 50); do
-        port=$((20000 + RANDOM % 20000))
-        (: </dev/tcp/127.0.0.1/$port) 2>/dev/null || break
-    done
-    "${as_owner[@]}" "$url_bin/pg_ctl" -D "$url_dir/data" -l "$url_dir/server.log" -w -s \
-        -o "-p $port -k $url_dir -c listen_addresses=127.0.0.1 -c fsync=off" start ||
-        { cat "$url_dir/server.log" >&2; return 1; }
-    url=postgres://postgres:$password@127.0.0.1:$port/postgres
-}
+. scripts/url-server.sh
 if [ "${PGFIXTURE_TEST_URL_SERVER:-1}" != 0 ]; then
     if start_url_server; then
         for mode in database schema; do
