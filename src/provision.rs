@@ -1293,9 +1293,15 @@ pub(crate) async fn touch_run(admin: &Client, server: &Server, run: &str) -> Res
 
 /// Drops the worker databases and schemas (in `admin`'s database) of runs that died: a
 /// run other than `own` that no connection belongs to (by `application_name`) and
-/// none of whose processes started within `grace`. Only objects with pgfixture's mark
-/// are considered, and each is checked again before it is dropped. Another process
-/// already sweeping makes this one skip. Returns what was dropped.
+/// none of whose processes started within `grace`. A worker database is dropped only
+/// when its run is recorded in `admin`'s database: the runs of another database of the
+/// server (another `PGFIXTURE_URL`) record themselves in that database's table, which
+/// this sweep cannot see, so one of them between two processes would look dead here
+/// (and `DROP ... WITH (FORCE)` could end its next process's connection); their own
+/// database's sweeps drop them. A run's record goes once all its objects are dropped.
+/// Only objects with pgfixture's mark are considered, and each is checked again before
+/// it is dropped. Another process already sweeping makes this one skip. Returns what
+/// was dropped.
 pub(crate) async fn sweep(admin: &Client, own: &str, grace: Duration) -> Result<Vec<String>> {
     let key = lock_key("sweep");
     let locked: bool = admin
@@ -1330,7 +1336,8 @@ async fn sweep_locked(admin: &Client, own: &str, grace: Duration) -> Result<Vec<
                    AND NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE application_name = '{0}' || run \
                                    OR application_name LIKE '{0}' || run || '/%') \
                    AND NOT EXISTS (SELECT 1 FROM {RUNS} r WHERE r.run = owned.run \
-                                   AND r.seen > now() - make_interval(secs => $2))",
+                                   AND r.seen > now() - make_interval(secs => $2)) \
+                   AND (kind = 'schema' OR EXISTS (SELECT 1 FROM {RUNS} r WHERE r.run = owned.run))",
                 crate::server::APPLICATION
             ),
             &[&own, &grace.as_secs_f64()],
@@ -1338,6 +1345,10 @@ async fn sweep_locked(admin: &Client, own: &str, grace: Duration) -> Result<Vec<
         .await
         .map_err(Error::pg("looking for the objects of runs that died"))?;
     let mut dropped = Vec::new();
+    let (mut swept, mut kept) = (
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    );
     for row in objects {
         let (kind, name, run): (String, String, String) = (row.get(0), row.get(1), row.get(2));
         let done = if kind == "database" {
@@ -1349,13 +1360,20 @@ async fn sweep_locked(admin: &Client, own: &str, grace: Duration) -> Result<Vec<
             Ok(()) => {
                 tracing::info!(kind, name, run, "swept an object of a run that died");
                 dropped.push(format!("{kind} {name}"));
-                let _ = admin
-                    .execute(&format!("DELETE FROM {RUNS} WHERE run = $1"), &[&run])
-                    .await;
+                swept.insert(run);
             }
-            // Dropped by someone else meanwhile, or in use again: left alone.
-            Err(error) => tracing::debug!(kind, name, %error, "not swept"),
+            // In use again, or not droppable: left alone, with its run's record, which
+            // the next sweep needs to drop a worker database.
+            Err(error) => {
+                tracing::debug!(kind, name, %error, "not swept");
+                kept.insert(run);
+            }
         }
+    }
+    for run in swept.difference(&kept) {
+        let _ = admin
+            .execute(&format!("DELETE FROM {RUNS} WHERE run = $1"), &[run])
+            .await;
     }
     dropped.extend(sweep_templates(admin).await?);
     Ok(dropped)

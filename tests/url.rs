@@ -692,6 +692,62 @@ async fn objects_of_dead_runs_are_swept_and_nothing_else() {
     );
 }
 
+/// Runs whose URLs name different databases of one server record themselves in each
+/// database's own table of runs. A sweep drops only the worker databases of runs
+/// recorded where it records: a run of the other database, between two of its
+/// processes, is not taken for dead, and its own database's next run sweeps it once
+/// it is.
+#[tokio::test]
+async fn a_sweep_leaves_the_worker_databases_of_another_databases_runs() {
+    let server = existing_server("urlotherdb").await;
+    let admin = &server.admin;
+    admin
+        .batch_execute("CREATE DATABASE otherdb")
+        .await
+        .unwrap();
+    let other_url = format!("{}/otherdb", server.url.rsplit_once('/').unwrap().0);
+    let (theirs, ours) = (unique_run("thrs"), unique_run("ours"));
+    ok(url_child(&other_url, &theirs, "0", "database", "theirs")
+        .wait_with_output()
+        .unwrap());
+    assert_eq!(marked(admin, "database", &theirs).await.len(), 1);
+    // A run of `postgres` provisions a worker, which sweeps, while `theirs` has no
+    // connection open and no record in `postgres`.
+    ok(url_child(&server.url, &ours, "0", "database", "ours")
+        .wait_with_output()
+        .unwrap());
+    assert_eq!(
+        marked(admin, "database", &theirs).await.len(),
+        1,
+        "a run of another database was swept"
+    );
+    // Past its grace (1 s, as its child had), the next run of its own database sweeps.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ok(
+        url_child(&other_url, &unique_run("next"), "0", "database", "next")
+            .wait_with_output()
+            .unwrap(),
+    );
+    assert!(
+        marked(admin, "database", &theirs).await.is_empty(),
+        "the dead run was not swept by its own database's next run"
+    );
+    // Its record went with its last object.
+    let (record, connection) = pgfixture::tokio_postgres::connect(&other_url, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let recorded: i64 = record
+        .query_one(
+            "SELECT count(*) FROM pgfixture_runs WHERE run = $1",
+            &[&theirs],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 0);
+}
+
 #[tokio::test]
 async fn a_worker_without_the_mark_is_neither_used_nor_dropped() {
     let server = existing_server("urlmark").await;
