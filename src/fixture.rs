@@ -619,7 +619,7 @@ struct Counters {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// `docker` or `local`, once a server was needed.
+    /// `docker`, `local` or `url`, once a server was needed.
     pub backend: Option<&'static str>,
     /// The image or binaries' directory servers are made of.
     pub flavour: Option<String>,
