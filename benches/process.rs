@@ -33,6 +33,11 @@
 //! sqlx migrations, 70 KB, written once under `target/pgfixture-bench/`): every
 //! process must know their content hash.
 //!
+//! With `PGFIXTURE_URL` set, every process uses that server (the url backend: a
+//! team's CI service or shared server), and container mode, which starts servers, is
+//! left out. `scripts/benchmarks.sh` runs it so on a plain cluster of its own
+//! (`scripts/url-server.sh`).
+//!
 //! The process re-runs this binary with `PGFIXTURE_BENCH_CHILD` set.
 
 #[path = "common/migration.rs"]
@@ -252,6 +257,7 @@ fn main() {
     );
     let mut backend = String::new();
     let migrations = migrations_dir();
+    let on_url = pgfixture::Config::from_env().unwrap().url.is_some();
     let runs = [
         (Isolation::Database, None),
         (Isolation::Schema, None),
@@ -259,6 +265,10 @@ fn main() {
         (Isolation::Database, Some(&migrations)),
         (Isolation::Schema, Some(&migrations)),
     ];
+    // A server of the user's refuses container mode: it starts servers.
+    let runs = runs
+        .into_iter()
+        .filter(|(isolation, _)| !(on_url && *isolation == Isolation::Container));
     for (isolation, migrations) in runs {
         let mut mode = format!("{isolation:?}").to_lowercase();
         let mut env = vec![

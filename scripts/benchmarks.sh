@@ -4,7 +4,9 @@
 #
 #   scripts/benchmarks.sh
 #
-# Backends: docker (when a daemon answers; PGFIXTURE_IMAGE as everywhere) and local.
+# Backends: docker (when a daemon answers; PGFIXTURE_IMAGE as everywhere) and local;
+# the nextest process benches also run on url, a plain PostgreSQL cluster this script
+# starts and passes as PGFIXTURE_URL (scripts/url-server.sh).
 # Takes about 25 minutes on a 2-core machine. BENCH_TESTS, BENCH_REPEAT and the other
 # variables of each bench apply. BENCHES="suite provision" runs only those (of overhead,
 # process, process-dev, provision, suite, tune) and rebuilds the report from their new
@@ -53,6 +55,15 @@ for backend in $backends; do
     run tune "$backend" cargo run --quiet --release --example tune
 done
 
+# A nextest process on a server of the user's, as a team's CI service is.
+. scripts/url-server.sh
+url=
+if [[ $selected == *" process "* || $selected == *" process-dev "* ]]; then
+    start_url_server || { echo "benchmarks.sh: no PostgreSQL cluster for the url backend" >&2; exit 1; }
+fi
+PGFIXTURE_URL=$url run process url cargo bench --quiet --bench process
+PGFIXTURE_URL=$url run process-dev url cargo bench --quiet --bench process --profile dev
+
 machine() {
     echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
     echo "- memory: $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo)"
@@ -71,12 +82,12 @@ machine() {
     echo "- generated $(date -u '+%Y-%m-%d %H:%M UTC') by \`scripts/benchmarks.sh\`"
 }
 
-section() { # title, name, text
+section() { # title, name, text[, backends]
     local title=$1 name=$2 text=$3
     echo "## $title"
     echo
     echo "$text"
-    for backend in $backends; do
+    for backend in ${4:-$backends}; do
         echo
         echo "### $backend"
         echo
@@ -126,10 +137,12 @@ add a migrations folder of 200 sqlx migrations (70 KB), whose content hash every
 \`sqlx\` takes \`pgfixture::sqlx::worker_db()\` in a plain runtime; \`sqlx attr\` is the same test as
 \`#[pgfixture::test]\` runs it, its connection on the test's own runtime (README, \"Under nextest\");
 \`sqlx pool\` is a \`#[pgfixture::test]\` taking \`sqlx::PgPool\` (the worker pool, its marks and readings);
-the sqlx columns' \`x raw\` are against \`sqlx raw\`."
+the sqlx columns' \`x raw\` are against \`sqlx raw\`. \`url\` runs on a plain PostgreSQL cluster
+through \`PGFIXTURE_URL\` (password authentication over TCP, as a CI service's), where container
+mode is refused." "$backends url"
     section "Per-test cost of a fresh process, unoptimised build" process-dev \
 "The same, built as test binaries are (\`--profile dev\`; pgfixture's \`Cargo.toml\` optimises no
-dependency in test builds, so this is what a user's test binary gets)."
+dependency in test builds, so this is what a user's test binary gets)." "$backends url"
     section "Provisioning and memory per worker" provision \
 "\`benches/provision.rs\`: time to the first handle of a new process: a new run (\`cold\`), a new
 worker on running servers, the same worker again (\`reused\`, as the next nextest process or the
