@@ -15,7 +15,6 @@ use crate::config::{Backend, Config, Isolation};
 use crate::driver::Checkout;
 use crate::driver::tokio_postgres::TestDb;
 use crate::fixtures::{FixtureSet, SharedStatement};
-use crate::isolation::schema::SCHEMA_DATABASE;
 use crate::pool::{DEFAULT_POOL_SIZE, RESERVED_CONNECTIONS};
 use crate::restore::{Change, Reader, Reading};
 use crate::server::Server;
@@ -563,17 +562,24 @@ impl PrimeCheck {
     }
 }
 
-/// Where a new connection to a worker reads the worker's mark, as a `FROM` item whose
-/// column `m` holds it: on pgfixture's own servers its setting (loaded with the
-/// connection, for nothing); on a server of the user's (`shared_server`) the database's
-/// comment, which is the mark there (a setting may be missing, or outlive the
-/// comment someone else removed), for 0.6–0.9 ms of catalog lookups. There a worker
-/// without the sequences' setting (its user may not write pgfixture's settings) reads
-/// as not ready: the checked way knows what such a worker lacks
-/// ([`provision::sequences_recorded`]).
+/// Where a new connection to a worker reads the worker's mark, as a `FROM` item of one
+/// row whose column `m` holds it: on pgfixture's own servers its setting (loaded with
+/// the connection, for nothing); on a server of the user's (`shared_server`) the
+/// comment of the worker database or schema, which is the mark there (a setting may be
+/// missing, or outlive the comment someone else removed), for 0.6–0.9 ms of catalog
+/// lookups. There a worker database without the sequences' setting (its user may not
+/// write pgfixture's settings) reads as not ready: the checked way knows what such a
+/// worker lacks ([`provision::sequences_recorded`]). A worker schema there has no such
+/// setting, and a schema that is missing reads as an empty mark.
 fn mark_source(target: provision::Target<'_>, shared_server: bool) -> String {
     let quote = |s: &str| s.replace('\'', "''");
-    if let (true, Some(sequences)) = (shared_server, provision::sequences_setting(target)) {
+    if let (true, provision::Target::Schema(name, None)) = (shared_server, target) {
+        format!(
+            "(SELECT coalesce((SELECT obj_description(oid, 'pg_namespace') \
+               FROM pg_namespace WHERE nspname = '{}'), '') AS m) mark",
+            quote(name)
+        )
+    } else if let (true, Some(sequences)) = (shared_server, provision::sequences_setting(target)) {
         format!(
             "(SELECT CASE WHEN current_setting('{}', true) IS NULL THEN '' \
                ELSE coalesce(shobj_description(oid, 'pg_database'), '') END AS m \
@@ -1691,14 +1697,12 @@ impl Inner {
         // From the configuration: resolving the source would ask Docker for the image,
         // three API calls that a worker on a known container does not need.
         let shared_server = self.config.effective_backend() == Backend::Url;
-        // On a server of the user's, worker databases are checked by their comment
-        // (a worker schema's would need a query of the database of the schemas), and
-        // not where every test restarts the sequences, whose setting only the long way
+        // On a server of the user's, workers are checked by their comment, and not
+        // where every test restarts the sequences, whose setting only the long way
         // makes sure of; the check's failure there, even to connect, sends the worker
         // the long way, whose error names the fix.
         if !reset
-            && (!shared_server
-                || (self.config.isolation == Isolation::Database && !self.config.reset_sequences))
+            && (!shared_server || !self.config.reset_sequences)
             && let Some(worker) = match primer {
                 Some(primer) => self.attach_primed(&server, &worker_name, primer).await,
                 None => self.attach_worker(id, &server, &worker_name).await,
@@ -1723,11 +1727,7 @@ impl Inner {
             provision::touch_run(&admin, &server, &self.config.run_id).await?;
         }
         let schemas = (self.config.isolation == Isolation::Schema).then(|| {
-            let dbname = if shared_server {
-                server.admin_db.as_str()
-            } else {
-                SCHEMA_DATABASE
-            };
+            let dbname = crate::isolation::schema::database(&server, shared_server);
             self.maintenance_pool(&server, Some(dbname))
         });
         let prepare = crate::isolation::Prepare {
@@ -1927,11 +1927,8 @@ impl Inner {
         name: &str,
         primer: Primer,
     ) -> Result<Option<Arc<Worker>>> {
-        let (dbname, search_path) = match self.config.isolation {
-            Isolation::Schema => (SCHEMA_DATABASE, Some(name.to_owned())),
-            _ => (name, None),
-        };
         let shared_server = self.config.effective_backend() == Backend::Url;
+        let (dbname, search_path) = self.worker_location(server, name, shared_server);
         let target = crate::isolation::target(self.config.isolation, name, dbname, shared_server);
         let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
         let restart =
@@ -1971,6 +1968,24 @@ impl Inner {
         Ok(Some(Arc::new(worker)))
     }
 
+    /// The database the connections of the worker `name` open, and their `search_path`:
+    /// a worker schema's lives in the database of the schemas
+    /// ([`crate::isolation::schema::database`]).
+    fn worker_location<'a>(
+        &self,
+        server: &'a Server,
+        name: &'a str,
+        shared_server: bool,
+    ) -> (&'a str, Option<String>) {
+        match self.config.isolation {
+            Isolation::Schema => (
+                crate::isolation::schema::database(server, shared_server),
+                Some(name.to_owned()),
+            ),
+            _ => (name, None),
+        }
+    }
+
     /// The `max_connections` a server needs for every worker's pool of `wanted`
     /// connections and what other drivers keep ([`Inner::fit_pool_size`] in reverse).
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
@@ -2007,12 +2022,8 @@ impl Inner {
         use deadpool_postgres::PoolError;
         use tokio_postgres::SimpleQueryMessage;
         // `name` is pgfixture's own: lowercase letters, digits and '_'.
-        // (On PGFIXTURE_URL, database mode only.)
-        let (dbname, search_path) = match self.config.isolation {
-            Isolation::Schema => (SCHEMA_DATABASE, Some(name.to_owned())),
-            _ => (name, None),
-        };
         let shared_server = self.config.effective_backend() == Backend::Url;
+        let (dbname, search_path) = self.worker_location(server, name, shared_server);
         let target = crate::isolation::target(self.config.isolation, name, dbname, shared_server);
         let dbname = dbname.to_owned();
         // The mark as a setting, loaded when the connection started. SHOW takes no

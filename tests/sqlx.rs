@@ -587,17 +587,15 @@ fn counted(run: &str) -> (u64, u64, u64) {
 /// A process of one test checks its worker with the test's `BEGIN`, in one round trip:
 /// a worker that another process left ready is taken as it is, and one left marked by a
 /// process killed with its worker pool out fails the check and is reset before the
-/// test runs. In schema mode on a server of the user's, every process checks its
-/// worker the long way, and resets a marked one all the same.
+/// test runs.
 #[test]
 fn a_process_checks_its_worker_with_the_begin_and_resets_a_marked_one() {
     let run = unique_run("sqlxprime");
-    let attached = u64::from(!common::schema_mode_on_a_url_server());
     assert_eq!(counted(&run), (0, 0, 0), "provisioned");
-    assert_eq!(counted(&run), (0, 0, attached), "found ready by the check");
+    assert_eq!(counted(&run), (0, 0, 1), "found ready by the check");
     common::kill_child_after(&child_env(&run, "pool"), "CHILD-COMMITTED");
     assert_eq!(counted(&run), (0, 1, 0), "the marked worker is reset");
-    assert_eq!(counted(&run), (0, 0, attached), "and then found ready");
+    assert_eq!(counted(&run), (0, 0, 1), "and then found ready");
 }
 
 /// A nextest process's `#[pgfixture::test]` (run by the test below, with
@@ -653,9 +651,7 @@ fn scoped(run: &str, mode: &str) -> std::process::Output {
 }
 
 /// Under nextest, a `#[pgfixture::test]` on a current-thread runtime opens its
-/// connection on that runtime (a warm process starts no background thread, but in
-/// schema mode on a server of the user's, where it checks its worker the long way,
-/// with pgfixture's own runtime), and a
+/// connection on that runtime (a warm process starts no background thread), and a
 /// commit is found and the worker reset however the test ends: its handle dropped,
 /// a panic, or the handle dropped with the runtime by a task the test left running
 /// (whose commit cannot be read: the worker is reset all the same).
@@ -675,8 +671,7 @@ fn a_nextest_attribute_test_ends_on_its_own_runtime_however_it_ends() {
         )
     };
     assert_eq!(counted("provisioned").0, 0);
-    let threads = u64::from(common::schema_mode_on_a_url_server());
-    assert_eq!(counted("warm"), (0, threads), "a warm process's threads");
+    assert_eq!(counted("warm"), (0, 0), "a warm process's threads");
     for (mode, succeeds, said) in [
         ("commit", true, "committed its transaction"),
         ("panic", false, "committed its transaction"),
@@ -686,10 +681,6 @@ fn a_nextest_attribute_test_ends_on_its_own_runtime_however_it_ends() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.success(), succeeds, "{mode}: {stderr}");
         assert!(stderr.contains(said), "{mode}: {stderr}");
-        assert_eq!(
-            counted(mode),
-            (0, threads),
-            "after {mode}: the worker was reset"
-        );
+        assert_eq!(counted(mode), (0, 0), "after {mode}: the worker was reset");
     }
 }

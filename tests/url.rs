@@ -261,7 +261,8 @@ async fn two_concurrent_runs_share_one_server_without_collisions() {
 /// superuser, as the README says is enough: PostgreSQL lets only a superuser set a
 /// parameter it does not know, so pgfixture's settings are left out on such a server
 /// (its marks stay comments), and `PGFIXTURE_RESET_SEQUENCES`, which needs them, is
-/// refused by name.
+/// refused by name. Such a user's processes take a ready worker schema on its first
+/// connection, as a superuser's do, but not a worker database.
 #[tokio::test]
 async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
     let server = existing_server("urlplain").await;
@@ -288,10 +289,16 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
             let stdout = ok(command.output().unwrap());
             // The pool's committed row was taken out before the handle was given.
             assert!(stdout.contains("foreign=0"), "{isolation}: {stdout}");
-            // Its workers lack the sequences' setting, which a worker found ready on
-            // its first connection would need for `db.reset_sequences()` to be
-            // refused: they go the checked way.
-            assert!(stdout.contains("attached=0"), "{isolation}: {stdout}");
+            // Its worker databases lack the sequences' setting, which one found ready
+            // on its first connection would need for `db.reset_sequences()` to be
+            // refused: they go the checked way. Worker schemas never have it there,
+            // for any user: the second process of worker 0 takes its schema as it is.
+            let attached = u64::from(isolation == "schema" && (worker, mode) == ("0", "pool"));
+            assert_eq!(
+                common::reported(&stdout, "attached"),
+                attached,
+                "{isolation}: {stdout}"
+            );
         }
         // Schema mode puts the worker schemas in the URL's database.
         let (inspect, connection) = pgfixture::tokio_postgres::connect(
@@ -508,75 +515,103 @@ async fn templates_unused_for_a_week_are_swept() {
 
 /// Under nextest, a process whose worker another process of its run left ready takes
 /// it on the worker's own connection, as on pgfixture's own servers, checked by the
-/// worker's comment (the mark on a server of the user's); the run is still recorded
-/// alive for other runs' sweeps. A worker whose comment says a worker pool left it is
-/// rebuilt, with what that pool committed.
+/// worker's comment (the mark on a server of the user's), in both modes; the run is
+/// still recorded alive for other runs' sweeps. A worker whose comment says a worker
+/// pool left it is rebuilt, with what that pool committed.
 #[tokio::test]
 async fn a_nextest_process_takes_a_ready_worker_on_its_first_connection() {
     let server = existing_server("urlattach").await;
-    let run = unique_run("attach");
-    let process = |owner: &str| {
-        let mut command = url_command(
-            &server.url,
-            &run,
-            "0",
-            "database",
-            &[
-                ("NEXTEST_EXECUTION_MODE", "process-per-test"),
-                ("PGFIXTURE_TEST_OWNER", owner),
-            ],
-        );
-        let stdout = ok(command.output().unwrap());
-        assert!(stdout.contains("foreign=0"), "{owner}: {stdout}");
-        common::reported(&stdout, "attached")
-    };
-    assert_eq!(process("first"), 0, "provisioned");
-    let seen = || async {
+    for isolation in ["database", "schema"] {
+        let run = unique_run("attach");
+        let process = |owner: &str| {
+            let mut command = url_command(
+                &server.url,
+                &run,
+                "0",
+                isolation,
+                &[
+                    ("NEXTEST_EXECUTION_MODE", "process-per-test"),
+                    ("PGFIXTURE_TEST_OWNER", owner),
+                ],
+            );
+            let stdout = ok(command.output().unwrap());
+            assert!(
+                stdout.contains("foreign=0"),
+                "{isolation} {owner}: {stdout}"
+            );
+            common::reported(&stdout, "attached")
+        };
+        assert_eq!(process("first"), 0, "{isolation}: provisioned");
+        let seen = || async {
+            server
+                .admin
+                .query_one(
+                    "SELECT count(*) FROM pgfixture_runs WHERE run = $1 \
+                     AND seen > now() - interval '1 minute'",
+                    &[&run],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        };
+        assert_eq!(seen().await, 1);
         server
             .admin
-            .query_one(
-                "SELECT count(*) FROM pgfixture_runs WHERE run = $1 \
-                 AND seen > now() - interval '1 minute'",
-                &[&run],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
-    assert_eq!(seen().await, 1);
-    server
-        .admin
-        .execute("DELETE FROM pgfixture_runs WHERE run = $1", &[&run])
-        .await
-        .unwrap();
-    // Past the second within which the run's processes on a machine record it once.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(process("second"), 1, "taken on its first connection");
-    assert_eq!(seen().await, 1, "the run was not recorded alive");
-
-    // As a process killed with its worker pool out leaves it.
-    let worker = marked(&server.admin, "database", &run).await.remove(0);
-    let (_, at) = server.url.split_once('@').unwrap();
-    let (host, _) = at.rsplit_once('/').unwrap();
-    let (user, _) = server.url["postgres://".len()..].split_once('@').unwrap();
-    let (on_worker, connection) =
-        pgfixture::tokio_postgres::connect(&format!("postgres://{user}@{host}/{worker}"), NoTls)
+            .execute("DELETE FROM pgfixture_runs WHERE run = $1", &[&run])
             .await
             .unwrap();
-    tokio::spawn(connection);
-    on_worker
-        .batch_execute(&format!(
-            "INSERT INTO notes (owner, body) VALUES ('pool', 'x'); \
-             COMMENT ON DATABASE \"{worker}\" IS 'pgfixture worker run={run} dirty'"
-        ))
+        // Past the second within which the run's processes on a machine record it once.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            process("second"),
+            1,
+            "{isolation}: taken on its first connection"
+        );
+        assert_eq!(
+            seen().await,
+            1,
+            "{isolation}: the run was not recorded alive"
+        );
+
+        // As a process killed with its worker pool out leaves it.
+        let worker = marked(&server.admin, isolation, &run).await.remove(0);
+        let dirty = format!("pgfixture worker run={run} dirty");
+        let sql = if isolation == "schema" {
+            format!(
+                "INSERT INTO \"{worker}\".notes (owner, body) VALUES ('pool', 'x'); \
+                 COMMENT ON SCHEMA \"{worker}\" IS '{dirty}'"
+            )
+        } else {
+            format!(
+                "INSERT INTO notes (owner, body) VALUES ('pool', 'x'); \
+                 COMMENT ON DATABASE \"{worker}\" IS '{dirty}'"
+            )
+        };
+        let database = if isolation == "schema" {
+            "postgres"
+        } else {
+            &worker
+        };
+        let (_, at) = server.url.split_once('@').unwrap();
+        let (host, _) = at.rsplit_once('/').unwrap();
+        let (user, _) = server.url["postgres://".len()..].split_once('@').unwrap();
+        let (on_worker, connection) = pgfixture::tokio_postgres::connect(
+            &format!("postgres://{user}@{host}/{database}"),
+            NoTls,
+        )
         .await
         .unwrap();
-    drop(on_worker);
-    assert_eq!(
-        process("third"),
-        0,
-        "a worker marked dirty was taken as it is"
-    );
+        tokio::spawn(connection);
+        on_worker.batch_execute(&sql).await.unwrap();
+        drop(on_worker);
+        assert_eq!(
+            process("third"),
+            0,
+            "{isolation}: a worker marked dirty was taken as it is"
+        );
+        // `ok` checked that the rebuilt worker holds no note of the pool's (foreign=0).
+        assert_eq!(process("fourth"), 1, "{isolation}: and then taken again");
+    }
 }
 
 /// Eight in-process workers provisioned at once, in both modes, with migrations in

@@ -9,6 +9,17 @@ use crate::{Error, Result};
 /// The database of the worker schemas on servers pgfixture starts.
 pub(crate) const SCHEMA_DATABASE: &str = "pgfx_schemas";
 
+/// The database that holds the worker schemas on `server`: [`SCHEMA_DATABASE`] on a
+/// server pgfixture starts; on a server of the user's (`shared_server`), the database
+/// `PGFIXTURE_URL` names.
+pub(crate) fn database(server: &crate::server::Server, shared_server: bool) -> &str {
+    if shared_server {
+        server.admin_db.as_str()
+    } else {
+        SCHEMA_DATABASE
+    }
+}
+
 /// Where the worker schema `name`'s marks go: its comment, and on pgfixture's own
 /// servers a setting of `dbname`, the database that holds it.
 pub(crate) fn target<'a>(name: &'a str, dbname: &'a str, shared_server: bool) -> Target<'a> {
@@ -20,12 +31,10 @@ pub(crate) async fn prepare(p: &Prepare<'_>) -> Result<Prepared> {
     let name = p.name;
     // A server of pgfixture's own gets a database for the schemas; on an existing
     // server they go into the database PGFIXTURE_URL names.
-    let dbname = if p.shared_server {
-        p.server.admin_db.as_str()
-    } else {
-        provision::schema_database(p.admin, SCHEMA_DATABASE).await?;
-        SCHEMA_DATABASE
-    };
+    let dbname = database(p.server, p.shared_server);
+    if !p.shared_server {
+        provision::schema_database(p.admin, dbname).await?;
+    }
     let client = p
         .schemas
         .expect("schema mode has a pool for the schemas' database")

@@ -176,8 +176,7 @@ pub fn unique_run(tag: &str) -> String {
 
 /// Whether the environment runs schema mode on a server of the user's
 /// (`PGFIXTURE_URL`): pgfixture keeps no record of the sequences' values there, so
-/// restarting them is refused by name, and a process checks its worker the long way,
-/// not on its first connection (README, "An existing server").
+/// restarting them is refused by name (README, "An existing server").
 pub fn schema_mode_on_a_url_server() -> bool {
     let config = pgfixture::Config::from_env().unwrap();
     config.url.is_some() && config.isolation == pgfixture::Isolation::Schema
