@@ -699,18 +699,7 @@ async fn the_pool_after_a_rebuild_sees_only_the_new_schema() {
         .build()
         .unwrap();
     if !restarts {
-        let refused = Fixture::builder().workers(1).reset_sequences(true).build();
-        assert!(
-            matches!(
-                &refused,
-                Err(pgfixture::Error::Config {
-                    var: "PGFIXTURE_RESET_SEQUENCES",
-                    ..
-                })
-            ),
-            "{:?}",
-            refused.err()
-        );
+        common::assert_sequence_restarts_refused();
     }
     let insert = "INSERT INTO notes (owner, body) VALUES ('ids', 'x') RETURNING id";
     let db = fixture.worker_db().await.unwrap();

@@ -769,18 +769,7 @@ async fn sequences_restart_at_the_fixtures_values() {
             ),
             "{refused:?}"
         );
-        let refused = Fixture::builder().workers(1).reset_sequences(true).build();
-        assert!(
-            matches!(
-                &refused,
-                Err(pgfixture::Error::Config {
-                    var: "PGFIXTURE_RESET_SEQUENCES",
-                    ..
-                })
-            ),
-            "{:?}",
-            refused.err()
-        );
+        common::assert_sequence_restarts_refused();
         return;
     }
     for _ in 0..3 {

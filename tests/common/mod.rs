@@ -182,6 +182,26 @@ pub fn schema_mode_on_a_url_server() -> bool {
     config.url.is_some() && config.isolation == pgfixture::Isolation::Schema
 }
 
+/// Asserts that a fixture that restarts the sequences before every test is refused by
+/// the variable to change, as it is in [`schema_mode_on_a_url_server`].
+pub fn assert_sequence_restarts_refused() {
+    let refused = pgfixture::Fixture::builder()
+        .workers(1)
+        .reset_sequences(true)
+        .build();
+    assert!(
+        matches!(
+            &refused,
+            Err(pgfixture::Error::Config {
+                var: "PGFIXTURE_RESET_SEQUENCES",
+                ..
+            })
+        ),
+        "{:?}",
+        refused.err()
+    );
+}
+
 /// The environment's configuration for a run of its own (so servers of its own), with
 /// in-process workers and a `grace` period.
 pub fn own_config(tag: &str, grace: std::time::Duration) -> pgfixture::Config {
