@@ -142,7 +142,10 @@ through \`PGFIXTURE_URL\` (password authentication over TCP, as a CI service's),
 mode is refused." "$backends url"
     section "Per-test cost of a fresh process, unoptimised build" process-dev \
 "The same, built as test binaries are (\`--profile dev\`; pgfixture's \`Cargo.toml\` optimises no
-dependency in test builds, so this is what a user's test binary gets)." "$backends url"
+dependency in test builds, so this is what a user's test binary gets). On \`url\`, every connection
+hashes the cluster's password with PostgreSQL's default 4096 PBKDF2 rounds, unoptimised: about 50 ms
+in every column that connects (README, \"Under nextest\", says which crates to
+optimise); pgfixture's own servers store verifiers of one round." "$backends url"
     section "Provisioning and memory per worker" provision \
 "\`benches/provision.rs\`: time to the first handle of a new process: a new run (\`cold\`), a new
 worker on running servers, the same worker again (\`reused\`, as the next nextest process or the
