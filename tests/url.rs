@@ -91,6 +91,23 @@ struct Existing {
     _pool: pgfixture::WorkerPool,
 }
 
+impl Existing {
+    /// The URL of the database `database` of the server, as the superuser.
+    fn url_of(&self, database: &str) -> String {
+        format!("{}/{database}", self.url.rsplit_once('/').unwrap().0)
+    }
+
+    /// A connection to the database `database` of the server, as the superuser.
+    async fn connect(&self, database: &str) -> Client {
+        let (client, connection) =
+            pgfixture::tokio_postgres::connect(&self.url_of(database), NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+}
+
 async fn existing_server(tag: &str) -> Existing {
     let host = own_fixture(tag, Isolation::Database);
     let pool = host.worker_pool().await.unwrap();
@@ -301,13 +318,7 @@ async fn a_user_who_is_not_a_superuser_runs_tests_in_both_modes() {
             );
         }
         // Schema mode puts the worker schemas in the URL's database.
-        let (inspect, connection) = pgfixture::tokio_postgres::connect(
-            &format!("{}/{role}", server.url.rsplit_once('/').unwrap().0),
-            NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
+        let inspect = server.connect(&role).await;
         assert_eq!(
             marked(&inspect, isolation, &run).await.len(),
             2,
@@ -592,18 +603,12 @@ async fn a_nextest_process_takes_a_ready_worker_on_its_first_connection() {
         } else {
             &worker
         };
-        let (_, at) = server.url.split_once('@').unwrap();
-        let (host, _) = at.rsplit_once('/').unwrap();
-        let (user, _) = server.url["postgres://".len()..].split_once('@').unwrap();
-        let (on_worker, connection) = pgfixture::tokio_postgres::connect(
-            &format!("postgres://{user}@{host}/{database}"),
-            NoTls,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(connection);
-        on_worker.batch_execute(&sql).await.unwrap();
-        drop(on_worker);
+        server
+            .connect(database)
+            .await
+            .batch_execute(&sql)
+            .await
+            .unwrap();
         assert_eq!(
             process("third"),
             0,
@@ -740,7 +745,7 @@ async fn a_sweep_leaves_the_worker_databases_of_another_databases_runs() {
         .batch_execute("CREATE DATABASE otherdb")
         .await
         .unwrap();
-    let other_url = format!("{}/otherdb", server.url.rsplit_once('/').unwrap().0);
+    let other_url = server.url_of("otherdb");
     let (theirs, ours) = (unique_run("thrs"), unique_run("ours"));
     ok(url_child(&other_url, &theirs, "0", "database", "theirs")
         .wait_with_output()
@@ -768,11 +773,9 @@ async fn a_sweep_leaves_the_worker_databases_of_another_databases_runs() {
         "the dead run was not swept by its own database's next run"
     );
     // Its record went with its last object.
-    let (record, connection) = pgfixture::tokio_postgres::connect(&other_url, NoTls)
+    let recorded: i64 = server
+        .connect("otherdb")
         .await
-        .unwrap();
-    tokio::spawn(connection);
-    let recorded: i64 = record
         .query_one(
             "SELECT count(*) FROM pgfixture_runs WHERE run = $1",
             &[&theirs],
