@@ -946,7 +946,6 @@ const HASHED_RUN_ID: usize = 12;
 /// in punctuation, never share a name (`pipeline123456job1` and `...job2` once did,
 /// when ids were cut to 12 characters).
 fn parse_run_id(var: &'static str, value: &str) -> Result<String> {
-    use sha2::{Digest, Sha256};
     let value = value.trim();
     if value.is_empty() {
         return Err(Error::config(var, value, "must not be blank"));
@@ -958,17 +957,12 @@ fn parse_run_id(var: &'static str, value: &str) -> Result<String> {
     if plain {
         return Ok(value.to_owned());
     }
-    let digest = Sha256::digest(value.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(hex[..HASHED_RUN_ID].to_owned())
+    Ok(crate::digest::sha256_hex(value, 32)[..HASHED_RUN_ID].to_owned())
 }
 
 /// The run id of reused servers: `reuse` and a hash of the project directory.
 fn reuse_run_id(project: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(project.as_bytes());
-    let hex: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
-    format!("reuse{}", &hex[..7])
+    format!("reuse{}", &crate::digest::sha256_hex(project, 4)[..7])
 }
 
 /// A run id for a process that is not part of a nextest run (nor, read from the

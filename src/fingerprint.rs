@@ -227,8 +227,7 @@ impl Fingerprint {
             .chain_update(FORMAT)
             .chain_update(&self.dirs)
             .finalize();
-        let name: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
-        dir.join(name)
+        dir.join(crate::digest::hex(&digest[..10]))
     }
 }
 

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use crate::backend::Source;
@@ -221,8 +220,7 @@ impl FixtureBuilder {
         let instance = {
             let mut key = config.clone();
             key.worker = None;
-            let digest = Sha256::digest(format!("{key:?}").as_bytes());
-            digest[..3].iter().map(|b| format!("{b:02x}")).collect()
+            crate::digest::sha256_hex(format!("{key:?}"), 3)
         };
         let inner = Arc::new(Inner {
             slots: config.worker.is_none().then(|| Slots::new(config.workers)),
@@ -1499,8 +1497,10 @@ impl Inner {
     /// The worker's database or schema: the fixtures' and the configuration's (with
     /// the run) hash, so that runs and configurations sharing a server never collide.
     fn worker_name(&self, id: &WorkerId) -> String {
-        let digest = Sha256::digest(format!("{}:{}", &self.fixtures_hash[..16], self.instance));
-        let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let key = crate::digest::sha256_hex(
+            format!("{}:{}", &self.fixtures_hash[..16], self.instance),
+            8,
+        );
         let name = format!("pgfx_w_{key}_{id}");
         debug_assert!(name.len() + 4 <= provision::MAX_IDENT);
         name
@@ -1558,13 +1558,13 @@ impl Inner {
     fn server_name(&self, kind: &str, flavour: &str, role: &str) -> String {
         // Servers with other settings are other servers.
         let settings = &self.config.server_settings;
-        let digest = if settings.is_empty() {
-            Sha256::digest(format!("{kind}:{flavour}").as_bytes())
+        let key = if settings.is_empty() {
+            format!("{kind}:{flavour}")
         } else {
             let settings = crate::config::settings_text(settings);
-            Sha256::digest(format!("{kind}:{flavour}:{settings}").as_bytes())
+            format!("{kind}:{flavour}:{settings}")
         };
-        let flavour: String = digest[..3].iter().map(|b| format!("{b:02x}")).collect();
+        let flavour = crate::digest::sha256_hex(key, 3);
         format!("pgfixture-{}-{flavour}-{role}", self.config.run_id)
     }
 

@@ -102,11 +102,7 @@ impl FixtureSet {
             other => other.map(std::sync::Arc::new),
         };
         hash_files(&mut digest, &files);
-        let hash = digest
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>();
+        let hash = crate::digest::hex(&digest.finalize());
         FixtureSet {
             files,
             hash,

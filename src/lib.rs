@@ -5,6 +5,7 @@
 mod attribute;
 mod backend;
 mod config;
+mod digest;
 mod driver;
 mod error;
 mod fingerprint;

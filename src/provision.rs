@@ -294,8 +294,7 @@ async fn ddl(client: &Client, sql: &str) -> Result<()> {
 /// the role `user` builds it. Roles sharing a server (the url backend) build their own:
 /// a role may not copy another's database, and the tables in it would not be its own.
 pub(crate) fn template_name(hash: &str, user: &str) -> String {
-    let digest = Sha256::digest(format!("{}:{user}", &hash[..16.min(hash.len())]).as_bytes());
-    let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let key = crate::digest::sha256_hex(format!("{}:{user}", &hash[..16.min(hash.len())]), 8);
     format!("pgfx_t_{key}")
 }
 

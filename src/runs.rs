@@ -7,8 +7,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
 use crate::server::Server;
 
 /// How long a run's record may age before a process of it that found its worker ready
@@ -25,10 +23,10 @@ fn dir() -> PathBuf {
 }
 
 fn path(server: &Server, run: &str) -> PathBuf {
-    let digest = Sha256::digest(
-        format!("{}:{}:{}:{run}", server.host, server.port, server.admin_db).as_bytes(),
+    let key = crate::digest::sha256_hex(
+        format!("{}:{}:{}:{run}", server.host, server.port, server.admin_db),
+        8,
     );
-    let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
     dir().join(key)
 }
 

@@ -221,10 +221,8 @@ pub(crate) fn user_dir() -> std::path::PathBuf {
 /// through the Docker API, whose client logs request and response bodies at debug level;
 /// the container gets only its SCRAM verifier ([`scram_verifier`]).
 pub(crate) fn derived_password(name: &str) -> Result<String> {
-    use sha2::{Digest, Sha256};
     let secret = user_secret()?;
-    let digest = Sha256::digest(format!("{secret}:{name}").as_bytes());
-    Ok(digest[..18].iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::digest::sha256_hex(format!("{secret}:{name}"), 18))
 }
 
 /// PBKDF2 rounds of the SCRAM verifiers pgfixture makes. PostgreSQL's default, 4096,

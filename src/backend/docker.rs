@@ -688,10 +688,10 @@ fn refused(error: &Error) -> bool {
 /// holds the user's first password ([`bootstrap_password`]), so each user of a
 /// Docker daemon has an image of their own.
 fn initialized_tag(base_id: &str, owner: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest =
-        Sha256::digest(format!("{INITIALIZED_LAYOUT}:{SUPERUSER}:{base_id}:{owner}").as_bytes());
-    let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let key = crate::digest::sha256_hex(
+        format!("{INITIALIZED_LAYOUT}:{SUPERUSER}:{base_id}:{owner}"),
+        8,
+    );
     format!("pgfixture-initialized:{key}")
 }
 
@@ -699,9 +699,8 @@ fn initialized_tag(base_id: &str, owner: &str) -> String {
 /// names the user's images (their tag, and the label `pgfixture.owner`) without
 /// telling anything of the password.
 fn image_owner() -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!("pgfixture image owner:{}", bootstrap_password()?));
-    Ok(digest[..6].iter().map(|b| format!("{b:02x}")).collect())
+    let owner = format!("pgfixture image owner:{}", bootstrap_password()?);
+    Ok(crate::digest::sha256_hex(owner, 6))
 }
 
 /// Builds the initialised image `tag` from `base` in a detached `sh` with the `docker`

@@ -212,16 +212,17 @@ impl Local {
     /// keyed by the binaries (path, size and time of `postgres`), initdb's arguments,
     /// the user the servers run as and the servers' password.
     fn cache_dir(&self, password: &str) -> PathBuf {
-        use sha2::{Digest, Sha256};
         let postgres = std::fs::metadata(self.bin.join("postgres"))
             .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
             .unwrap_or_default();
-        let digest = Sha256::digest(format!(
-            "{INITDB_VERSION}:{}:{postgres}:{:?}:{password}",
-            self.bin.display(),
-            self.run_as
-        ));
-        let key: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let key = crate::digest::sha256_hex(
+            format!(
+                "{INITDB_VERSION}:{}:{postgres}:{:?}:{password}",
+                self.bin.display(),
+                self.run_as
+            ),
+            8,
+        );
         self.base.join(CACHE_DIR).join(key)
     }
 
@@ -615,12 +616,11 @@ fn records() -> PathBuf {
 /// the same binaries and base directory are found by every process with the same
 /// `PGFIXTURE_PG_BIN`, `PATH` and `PGFIXTURE_LOCAL_DIR`.
 pub(crate) fn record_key(config: &Config, name_key: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!(
+    let key = format!(
         "{name_key}\n{:?}\n{:?}\n{:?}",
         config.pg_bin, config.path, config.local_dir
-    ));
-    digest[..12].iter().map(|b| format!("{b:02x}")).collect()
+    );
+    crate::digest::sha256_hex(key, 12)
 }
 
 /// The ready server a process of the run recorded under `key`, and its binaries'
