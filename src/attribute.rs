@@ -173,7 +173,7 @@ impl TestArgs {
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a handle #[pgfixture::test] can give",
     label = "the test's one parameter is its handle",
-    note = "take pgfixture::TestDb or pgfixture::WorkerPool; with the `sqlx` feature also pgfixture::sqlx::TestDb, pgfixture::sqlx::WorkerPool, sqlx::PgPool, sqlx::pool::PoolConnection<sqlx::Postgres> or sqlx::PgConnection, or as #[sqlx::test]'s two parameters sqlx::postgres::PgPoolOptions and sqlx::postgres::PgConnectOptions"
+    note = "take pgfixture::TestDb or pgfixture::WorkerPool; with the `sqlx` feature also pgfixture::sqlx::TestDb, pgfixture::sqlx::WorkerPool, sqlx::PgPool, sqlx::pool::PoolConnection<sqlx::Postgres> or sqlx::PgConnection, or as #[sqlx::test]'s two parameters sqlx::postgres::PgPoolOptions and sqlx::postgres::PgConnectOptions (sqlx 0.9's types: for a crate's own sqlx 0.8, turn on pgfixture's `sqlx-0_8` feature instead)"
 )]
 pub trait TestHandle: Sized {
     /// What the attribute keeps while the test runs, and releases after it.
