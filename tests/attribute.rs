@@ -114,6 +114,22 @@ async fn takes_a_worker_pool(pool: WorkerPool) {
         .unwrap();
 }
 
+/// A test that fails after its commit, with a connection of the pool still held: the
+/// worker is put back all the same (`takes_a_worker_pool` would see the row).
+#[pgfixture::test]
+#[should_panic(expected = "fails after its commit")]
+async fn a_worker_pool_test_that_fails_after_its_commit(pool: WorkerPool) {
+    let client = pool.get().await.unwrap();
+    client
+        .execute(
+            "INSERT INTO notes (owner, body) VALUES ('isolated', 'committed, then failed')",
+            &[],
+        )
+        .await
+        .unwrap();
+    panic!("the test fails after its commit");
+}
+
 #[cfg(feature = "sqlx")]
 mod sqlx_handles {
     use pgfixture::sqlx::{self, Connection, PgConnection, PgPool, Postgres};
@@ -160,6 +176,20 @@ mod sqlx_handles {
             .execute(&pool)
             .await
             .unwrap();
+    }
+
+    /// A test that fails after its commits, with a connection of the pool still
+    /// held: the worker is put back all the same (`alone` would see the row).
+    #[pgfixture::test]
+    #[should_panic(expected = "fails after its commit")]
+    async fn a_pg_pool_test_that_fails_after_its_commit(pool: PgPool) {
+        let mut conn = pool.acquire().await.unwrap();
+        alone(&mut conn).await;
+        sqlx::query("INSERT INTO notes (owner, body) VALUES ('isolated', 'committed')")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        panic!("the test fails after its commit");
     }
 
     #[pgfixture::test(fixtures("seed_notes"))]

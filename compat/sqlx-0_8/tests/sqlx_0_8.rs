@@ -66,6 +66,16 @@ pool_tests!(
     pool_a, pool_b, pool_c, pool_d, pool_e, pool_f, pool_g, pool_h, pool_i, pool_j, pool_k, pool_l
 );
 
+/// A test that fails after its commit, with a connection of its pool still held: the
+/// worker is put back all the same (the other tests' `alone` would see its row).
+#[pgfixture::test]
+#[should_panic(expected = "fails after its commit")]
+async fn fails_after_its_commit(pool: PgPool) {
+    let mut conn = pool.acquire().await.unwrap();
+    alone(&mut conn, "fails_after_its_commit").await;
+    panic!("the test fails after its commit");
+}
+
 #[pgfixture::test]
 async fn takes_a_pool_connection(mut conn: PoolConnection<Postgres>) {
     // Inside the test's transaction, as #[pgfixture::test] gives a connection.
