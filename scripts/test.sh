@@ -22,15 +22,17 @@ failed=0
 failures=()
 
 run() {
-    local label=$1
+    local label=$1 started=$SECONDS
     shift
     echo
     echo "=== $label: $*"
     if "$@"; then
         passed=$((passed + 1))
+        echo "--- $label: passed in $((SECONDS - started)) s"
     else
         failed=$((failed + 1))
         failures+=("$label: $*")
+        echo "--- $label: FAILED in $((SECONDS - started)) s"
     fi
 }
 
@@ -128,5 +130,5 @@ echo
 for f in "${failures[@]}"; do
     echo "FAILED: $f"
 done
-echo "test.sh: $passed passed, $failed failed"
+echo "test.sh: $passed passed, $failed failed, in $SECONDS s"
 [ "$failed" = 0 ]
