@@ -431,6 +431,9 @@ pub(crate) struct Worker {
     /// Schema mode: whether its readings take DDL from the log of the database of the
     /// schemas ([`provision::ddl_log`]), decided at its first reading.
     ddl_logged: tokio::sync::OnceCell<bool>,
+    /// Whether its server flushes a connection's statistics on request
+    /// ([`provision::flushes_statistics`]), read at its first worker pool.
+    flushes: tokio::sync::OnceCell<bool>,
 }
 
 /// The tables a restore puts back, and the worker schema's oid; `None` when the
@@ -456,6 +459,21 @@ impl Worker {
 
     pub(crate) fn begin_sql(&self) -> &str {
         &self.begin
+    }
+
+    /// Whether the worker's server flushes a connection's statistics on request
+    /// ([`provision::flushes_statistics`]), read through `client` the first time.
+    async fn flushes(&self, client: &tokio_postgres::Client) -> Result<bool> {
+        self.flushes
+            .get_or_try_init(|| provision::flushes_statistics(client))
+            .await
+            .copied()
+    }
+
+    /// [`Worker::flushes`] as far as it is known: until it is read, no flush (a
+    /// statistic that arrives late can only make a reading differ, and so reset).
+    pub(crate) fn flushes_known(&self) -> bool {
+        self.flushes.get().copied().unwrap_or(false)
     }
 
     /// The most connections the worker's pool opens: a driver's pool on the worker
@@ -1025,13 +1043,17 @@ impl Inner {
             // it is sent in order, each statement's statistics flushed as it ends).
             let (first, others) = clients.split_first().expect("at least one connection");
             let others: Vec<&tokio_postgres::Client> = others.iter().map(|c| &***c).collect();
-            provision::flush_statistics(&others).await;
-            let mark = format!(
-                "{}; {}",
+            let (flushes, reader) = futures::future::join(
+                worker.flushes(first),
+                Reader::prepare(first, target, &worker.ddl_logged),
+            )
+            .await;
+            let (flush, reader) = (provision::flush_statistics_sql(flushes?), reader?);
+            provision::flush_statistics(&others, flush).await;
+            let mark = provision::then(
                 provision::mark_sql(target, &self.worker_mark(), true),
-                provision::FLUSH_STATISTICS
+                flush,
             );
-            let reader = Reader::prepare(first, target, &worker.ddl_logged).await?;
             let (marked, before) =
                 futures::future::join(first.batch_execute(&mark), reader.read(first)).await;
             marked.map_err(Error::pg(format!(
@@ -1214,17 +1236,14 @@ impl Inner {
                 // Then, on the first one, in one round trip: its cleanup, whether the
                 // connections the code under test opened itself are all closed (their
                 // backends hand over their statistics as they exit), and the reading.
-                let cleaned = futures::future::join_all(
-                    others
-                        .iter()
-                        .map(|c| c.simple_query(provision::POOL_CLEANUP)),
-                )
-                .await;
+                let cleanup = provision::pool_cleanup(worker.flushes(first).await?);
+                let cleaned =
+                    futures::future::join_all(others.iter().map(|c| c.simple_query(cleanup))).await;
                 // Prepared first (cached), so that each sends one message, in order.
                 let open = provision::open_connections(first).await?;
                 let reader = Reader::prepare(first, target, &worker.ddl_logged).await?;
                 let (cleaned_first, closed, after) = futures::future::join3(
-                    first.simple_query(provision::POOL_CLEANUP),
+                    first.simple_query(cleanup),
                     provision::none_open(first, &open, application_name),
                     reader.read(first),
                 )
@@ -1366,10 +1385,9 @@ impl Inner {
             }
         };
         // The restore's statistics reach the server as it ends, for the next reading.
-        let mut then = format!(
-            "{}; {}",
+        let mut then = provision::then(
             provision::mark_sql(target, &self.worker_mark(), false),
-            provision::FLUSH_STATISTICS
+            provision::flush_statistics_sql(worker.flushes(client).await?),
         );
         if let Some(setting) = provision::sequences_setting(target) {
             then = format!("{}; {then}", crate::restore::set_sequences_sql(&setting));
@@ -1842,6 +1860,7 @@ impl Inner {
             primed: Mutex::new(None),
             described: Mutex::default(),
             ddl_logged: tokio::sync::OnceCell::new(),
+            flushes: tokio::sync::OnceCell::new(),
             settings,
             begin,
             idle: Mutex::default(),
@@ -1960,6 +1979,7 @@ impl Inner {
             primed: Mutex::new(None),
             described: Mutex::default(),
             ddl_logged: tokio::sync::OnceCell::new(),
+            flushes: tokio::sync::OnceCell::new(),
             settings,
             begin,
             idle: Mutex::new(vec![conn]),
@@ -2114,6 +2134,7 @@ impl Inner {
             primed: Mutex::new(Some(client)),
             described: Mutex::default(),
             ddl_logged: tokio::sync::OnceCell::new(),
+            flushes: tokio::sync::OnceCell::new(),
             settings,
             begin,
             idle: Mutex::default(),

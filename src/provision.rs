@@ -1159,26 +1159,77 @@ pub(crate) async fn reset_schema(
 
 /// Makes the connections `clients` (idle, of the worker's test pool) hand their
 /// pending statistics to the server now, so that a later [`crate::restore::fingerprint`] does not see
-/// them arrive (a backend sends them at most once a second). PostgreSQL 15 and later.
-pub(crate) async fn flush_statistics(clients: &[&Client]) {
-    let flushes = clients.iter().map(|c| c.batch_execute(FLUSH_STATISTICS));
+/// them arrive (a backend sends them at most once a second): `flush`, the worker's
+/// [`flush_statistics_sql`].
+pub(crate) async fn flush_statistics(clients: &[&Client], flush: &str) {
+    if flush.is_empty() {
+        return;
+    }
+    let flushes = clients.iter().map(|c| c.batch_execute(flush));
     let _ = futures::future::join_all(flushes).await;
 }
 
-/// Makes the connection hand its pending statistics to the server as its transaction
-/// ends ([`flush_statistics`]).
-pub(crate) const FLUSH_STATISTICS: &str =
-    "SELECT pg_stat_force_next_flush() WHERE current_setting('server_version_num')::int >= 150000";
+/// Whether the server behind `client` can be told to flush a connection's statistics
+/// (`pg_stat_force_next_flush()`, PostgreSQL 15 and later). The function is named in
+/// a statement only where it exists: a statement that names a function the server does
+/// not have fails as a whole, with whatever was sent in the same message.
+pub(crate) async fn flushes_statistics(client: &Client) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 150000",
+            &[],
+        )
+        .await
+        .map_err(Error::pg("reading server_version_num"))?;
+    Ok(row.get(0))
+}
+
+/// What makes a connection hand its pending statistics to the server as its
+/// transaction ends ([`flush_statistics`]): nothing before PostgreSQL 15
+/// ([`flushes_statistics`]), whose statistics collector has no such call.
+pub(crate) fn flush_statistics_sql(flushes: bool) -> &'static str {
+    if flushes {
+        "SELECT pg_stat_force_next_flush()"
+    } else {
+        ""
+    }
+}
+
+/// `sql`, then `next` (which may be empty), in one message.
+pub(crate) fn then(sql: String, next: &str) -> String {
+    if next.is_empty() {
+        sql
+    } else {
+        format!("{sql}; {next}")
+    }
+}
+
+/// [`pool_cleanup`], with `$flush` (a statement and its `;`, or nothing) before the
+/// listing of the SQL-prepared statements.
+macro_rules! pool_cleanup {
+    ($flush:literal) => {
+        concat!(
+            "ROLLBACK; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; UNLISTEN *; \
+             SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; ",
+            $flush,
+            "SELECT name AS pgfixture_prepared FROM pg_catalog.pg_prepared_statement() \
+             WHERE from_sql"
+        )
+    };
+}
 
 /// Ends what the code under test of a worker pool left in a pooled connection's
 /// session before tests use it again, as `DISCARD ALL` would but keeping the driver's
-/// prepared statements (the SQL-prepared ones are listed for deallocation), and hands
-/// its statistics to the server. The `ROLLBACK` ends a transaction left open (a
-/// warning when there is none).
-pub(crate) const POOL_CLEANUP: &str = "ROLLBACK; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; \
-    RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; \
-    SELECT pg_stat_force_next_flush() WHERE current_setting('server_version_num')::int >= 150000; \
-    SELECT name AS pgfixture_prepared FROM pg_catalog.pg_prepared_statement() WHERE from_sql";
+/// prepared statements (the SQL-prepared ones are listed for deallocation), and, where
+/// the server can (`flushes`, [`flushes_statistics`]), hands its statistics to the
+/// server. The `ROLLBACK` ends a transaction left open (a warning when there is none).
+pub(crate) fn pool_cleanup(flushes: bool) -> &'static str {
+    if flushes {
+        pool_cleanup!("SELECT pg_stat_force_next_flush(); ")
+    } else {
+        pool_cleanup!("")
+    }
+}
 
 /// The statement of [`none_open`], prepared on `client` (cached).
 pub(crate) async fn open_connections(

@@ -616,10 +616,10 @@ const FOREIGN_COLUMN: &str = "pgfixture_foreign";
 
 /// What clears a kept pool's connection after a test: it reads [`FOREIGN`] and clears
 /// the session as the worker's own pool does (its statistics reach the server).
-fn kept_cleanup() -> String {
+fn kept_cleanup(flushes: bool) -> String {
     format!(
         "SELECT current_setting('{FOREIGN}', true) AS {FOREIGN_COLUMN}; {}",
-        crate::provision::POOL_CLEANUP
+        crate::provision::pool_cleanup(flushes)
     )
 }
 
@@ -808,8 +808,8 @@ async fn keep_or_close(kept: KeptPool, mut core: crate::WorkerPool) -> crate::Wo
         // Cleared on pgfixture's runtime, where the connections then go back to the
         // pool (sqlx returns each in a task of the runtime that dropped it): the
         // test's runtime may end as soon as this returns.
-        let pool = kept.pool.clone();
-        runtime::run(async move { clear_sessions(&pool).await }).await
+        let (pool, flushes) = (kept.pool.clone(), core.state.flushes_known());
+        runtime::run(async move { clear_sessions(&pool, flushes).await }).await
     };
     if cleared {
         kept.foreign
@@ -823,13 +823,14 @@ async fn keep_or_close(kept: KeptPool, mut core: crate::WorkerPool) -> crate::Wo
 }
 
 /// Clears the session of every (idle) connection of `pool` and closes those opened on
-/// a test's runtime; the others go back to the pool. Whether all went well.
-async fn clear_sessions(pool: &PgPool) -> bool {
+/// a test's runtime; the others go back to the pool; their statistics reach the server
+/// where it `flushes` them on request. Whether all went well.
+async fn clear_sessions(pool: &PgPool, flushes: bool) -> bool {
     let mut conns = Vec::new();
     while let Some(conn) = pool.try_acquire() {
         conns.push(conn);
     }
-    let cleanup = kept_cleanup();
+    let cleanup = kept_cleanup(flushes);
     let cleared =
         futures::future::join_all(conns.iter_mut().map(|conn| clear(&mut *conn, &cleanup))).await;
     let mut ok = true;
