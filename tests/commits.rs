@@ -208,7 +208,7 @@ async fn a_worker_pool_whose_release_fails_leaks_nothing() {
         .workers(1)
         .build()
         .unwrap();
-    drop(fixture.worker_db().await.unwrap());
+    let read = common::worker_pools_are_read(&fixture.worker_db().await.unwrap()).await;
     let pool = fixture.worker_pool().await.unwrap();
     pool.get()
         .await
@@ -233,9 +233,10 @@ async fn a_worker_pool_whose_release_fails_leaks_nothing() {
             .unwrap();
     }
     let released = pool.release().await;
-    if fixture.config().isolation == pgfixture::Isolation::Schema {
+    if fixture.config().isolation == pgfixture::Isolation::Schema || !read {
         // The break is DDL in the database of the worker schemas, which rebuilds the
-        // worker schema at once, without reading the store.
+        // worker schema at once, without reading the store; before PostgreSQL 15 every
+        // worker pool is followed by a rebuild.
         released.unwrap();
     } else {
         let error = released.expect_err("the release reads the broken table");
@@ -480,6 +481,7 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
     let (_serial, fixture) = single_worker().await;
     let db = fixture.worker_db().await.unwrap();
     let fresh = pristine(&db).await;
+    let read = common::worker_pools_are_read(&db).await;
     // A test's rolled-back writes just before must not count against the pool.
     db.batch_execute("INSERT INTO notes (owner, body) VALUES ('before', 'x')")
         .await
@@ -511,10 +513,14 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
     pool.release().await.unwrap();
     let after = fixture.stats();
     assert_eq!(
-        after.workers_reset, before.workers_reset,
-        "a read-only pool was reset"
+        after.workers_reset,
+        before.workers_reset + u64::from(!read),
+        "a read-only pool was reset, or one that could not be read was not"
     );
-    assert_eq!(after.pools_unchanged, before.pools_unchanged + 1);
+    assert_eq!(
+        after.pools_unchanged,
+        before.pools_unchanged + u64::from(read)
+    );
     let db = fixture.worker_db().await.unwrap();
     db.batch_execute("PREPARE pooled_statement AS SELECT 2")
         .await
@@ -590,7 +596,7 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
     for (change, restore) in changes {
         assert_eq!(
             through_pool(&fixture, change).await,
-            if restore { (1, 0) } else { (0, 1) },
+            put_back(restore && read),
             "{change}: not seen, or not handled as expected"
         );
         let db = fixture.worker_db().await.unwrap();
@@ -640,6 +646,7 @@ async fn resets_after_commits_use_a_spare_and_leak_nothing() {
     let (_serial, fixture) = single_worker().await;
     let db = fixture.worker_db().await.unwrap();
     let fresh = pristine(&db).await;
+    let read = common::worker_pools_are_read(&db).await;
     drop(db);
     let before = fixture.stats();
     for round in 0..4 {
@@ -669,14 +676,15 @@ async fn resets_after_commits_use_a_spare_and_leak_nothing() {
     if fixture.config().url.is_none() {
         assert!(after.spares_used >= before.spares_used + 2, "{after:?}");
     }
-    // A worker that took a spare's place has its rows recorded: a write is put back.
+    // A worker that took a spare's place has its rows recorded: a write is put back
+    // (rebuilt before PostgreSQL 15).
     assert_eq!(
         through_pool(
             &fixture,
             "INSERT INTO notes (owner, body) VALUES ('spare', 'x')"
         )
         .await,
-        (1, 0)
+        put_back(read)
     );
     let db = fixture.worker_db().await.unwrap();
     assert_eq!(pristine(&db).await, fresh, "the restore left a row");
@@ -753,8 +761,12 @@ async fn the_pool_after_a_rebuild_sees_only_the_new_schema() {
         .unwrap()
         .get(0);
     if fixture.config().url.is_none() {
-        // Schema mode keeps its warm connections; a new database needs new ones.
-        assert_eq!(kept, schema_mode);
+        // Schema mode keeps its warm connections; a new database needs new ones. So
+        // does a schema whose pool could not be read (before PostgreSQL 15).
+        assert_eq!(
+            kept,
+            schema_mode && common::worker_pools_are_read(&conn).await
+        );
     }
     drop((all, conn));
     pool.release().await.unwrap();
@@ -797,6 +809,32 @@ async fn shapes(db: &TestDb) -> String {
     .get(0)
 }
 
+/// What [`through_pool`] gives for rows written through a worker pool: put back in
+/// place, or, where worker pools are not `read` (before PostgreSQL 15), a rebuild.
+fn put_back(read: bool) -> (u64, u64) {
+    if read { (1, 0) } else { (0, 1) }
+}
+
+/// Where worker pools are not read (before PostgreSQL 15), rows written through one are
+/// not put back: the worker is rebuilt, and the next test sees the fixtures' rows
+/// (`fresh`, [`shapes`]) all the same. Whether that was the case (the caller's test,
+/// which is about putting rows back, is then over).
+async fn rebuilt_instead(fixture: &Fixture, db: TestDb, fresh: &str) -> bool {
+    if common::worker_pools_are_read(&db).await {
+        return false;
+    }
+    drop(db);
+    let made = through_pool(fixture, "INSERT INTO measures VALUES ('2026-08-01', 2)").await;
+    assert_eq!(made, put_back(false), "not rebuilt");
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        shapes(&db).await,
+        fresh,
+        "a written row reached the next test"
+    );
+    true
+}
+
 /// [`single_worker`] on the fixtures of `tests/fixtures/restore`.
 async fn restore_worker() -> (tokio::sync::MutexGuard<'static, ()>, Fixture) {
     let serial = SERIAL.lock().await;
@@ -820,7 +858,9 @@ async fn rows_written_through_a_worker_pool_are_put_back_exactly() {
     let (_serial, fixture) = restore_worker().await;
     let db = fixture.worker_db().await.unwrap();
     let fresh = shapes(&db).await;
-    drop(db);
+    if rebuilt_instead(&fixture, db, &fresh).await {
+        return;
+    }
 
     let made = through_pool(
         &fixture,
@@ -898,7 +938,9 @@ async fn rows_only_inserted_are_removed_and_the_fixtures_rows_stay() {
     };
     let db = fixture.worker_db().await.unwrap();
     let (fresh, kept) = (shapes(&db).await, versions(&db).await);
-    drop(db);
+    if rebuilt_instead(&fixture, db, &fresh).await {
+        return;
+    }
 
     let before = fixture.stats();
     let pool = fixture.worker_pool().await.unwrap();

@@ -182,6 +182,20 @@ pub fn schema_mode_on_a_url_server() -> bool {
     config.url.is_some() && config.isolation == pgfixture::Isolation::Schema
 }
 
+/// Whether the server behind `client` lets pgfixture read a worker before and after a
+/// worker pool (PostgreSQL 15 and later): before 15 there is no reading, and every
+/// worker pool is followed by a reset (README, "Tests that commit").
+pub async fn worker_pools_are_read(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 150000",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// Asserts that a fixture that restarts the sequences before every test is refused by
 /// the variable to change, as it is in [`schema_mode_on_a_url_server`].
 pub fn assert_sequence_restarts_refused() {
