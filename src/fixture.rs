@@ -889,7 +889,7 @@ impl Inner {
     /// Runs `work` within the acquire timeout; a timeout reports the last phase.
     async fn timed<T>(&self, phase: &Phase, work: impl Future<Output = Result<T>>) -> Result<T> {
         let timeout = self.config.acquire_timeout;
-        match tokio::time::timeout(timeout, work).await {
+        match runtime::timeout(timeout, work).await {
             Ok(result) => result,
             Err(_) => Err(Error::AcquireTimeout {
                 timeout,

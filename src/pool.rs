@@ -75,7 +75,7 @@ async fn test_stream(pg_config: &PgConfig) -> Option<TestStream<Socket>> {
     let socket = match pg_config.get_hosts().first()? {
         Host::Tcp(host) => {
             let tcp =
-                tokio::time::timeout(limit, tokio::net::TcpStream::connect((host.as_str(), port)))
+                runtime::timeout(limit, tokio::net::TcpStream::connect((host.as_str(), port)))
                     .await
                     .ok()?
                     .ok()?;
@@ -85,7 +85,7 @@ async fn test_stream(pg_config: &PgConfig) -> Option<TestStream<Socket>> {
         }
         Host::Unix(dir) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
-            let unix = tokio::time::timeout(limit, tokio::net::UnixStream::connect(path))
+            let unix = runtime::timeout(limit, tokio::net::UnixStream::connect(path))
                 .await
                 .ok()?
                 .ok()?;

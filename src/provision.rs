@@ -283,7 +283,7 @@ async fn ddl(client: &Client, sql: &str) -> Result<()> {
             Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && tries < 200 => {
                 tries += 1;
                 let wait = if tries < 50 { 1 } else { 20 };
-                tokio::time::sleep(Duration::from_millis(wait)).await;
+                crate::runtime::sleep(Duration::from_millis(wait)).await;
             }
             Err(e) => return Err(Error::pg(format!("running {sql}"))(e)),
         }
@@ -1062,7 +1062,7 @@ async fn wait_disconnected(admin: &Client, name: &str) -> Result<()> {
         if !connected || Instant::now() >= deadline {
             return Ok(());
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        crate::runtime::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -1272,7 +1272,7 @@ pub(crate) async fn wait_closed(
         if std::time::Instant::now() >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        crate::runtime::sleep(Duration::from_millis(1)).await;
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use tokio::runtime::{Builder, Handle, Runtime};
 
@@ -33,6 +34,49 @@ pub(crate) fn handle() -> &'static Handle {
                 .expect("pgfixture: cannot start its background runtime")
         })
         .handle()
+}
+
+/// `tokio::time::timeout`, on a clock that runs. A test's runtime may have its clock
+/// paused (`#[tokio::test(start_paused = true)]`, `tokio::time::pause()`): it then
+/// jumps to the next timer whenever the test waits, even on the server, so that a
+/// timeout on it expires before any answer can come. Timers of pgfixture's go to the
+/// background runtime's clock then, and stay on the caller's otherwise (no thread to
+/// start in a process that has none, no wake-up of another thread to arm them).
+pub(crate) fn timeout<F: std::future::IntoFuture>(
+    limit: Duration,
+    work: F,
+) -> tokio::time::Timeout<F::IntoFuture> {
+    if clock_paused() {
+        let _clock = handle().enter();
+        tokio::time::timeout(limit, work)
+    } else {
+        tokio::time::timeout(limit, work)
+    }
+}
+
+/// `tokio::time::sleep`, on a clock that runs ([`timeout`]).
+pub(crate) fn sleep(duration: Duration) -> tokio::time::Sleep {
+    if clock_paused() {
+        let _clock = handle().enter();
+        tokio::time::sleep(duration)
+    } else {
+        tokio::time::sleep(duration)
+    }
+}
+
+/// Whether `runtime`'s clock is paused (`start_paused`): the drivers' own timeouts
+/// (connecting, a pool's wait) would expire at once on it, so the test's connections
+/// live on the background runtime then, as in a process of many tests.
+fn paused(runtime: &Runtime) -> bool {
+    let _clock = runtime.enter();
+    clock_paused()
+}
+
+/// Whether the caller's clock is paused: it reads the same twice. A clock that runs
+/// has moved by then (nanoseconds); the rare one too coarse to have moved only sends
+/// the timer to the background runtime, whose clock runs too.
+fn clock_paused() -> bool {
+    tokio::time::Instant::now() == tokio::time::Instant::now()
 }
 
 /// Whether the calling thread is one of the background runtime's.
@@ -137,6 +181,7 @@ pub(crate) fn in_test_scope<T>(runtime: Runtime, test: impl FnOnce(&Runtime) -> 
     if !crate::driver::one_test_per_process()
         || runtime.handle().runtime_flavor() != RuntimeFlavor::CurrentThread
         || in_scope()
+        || paused(&runtime)
     {
         return test(&runtime);
     }

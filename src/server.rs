@@ -167,7 +167,7 @@ impl Server {
                 let client = self.connect("postgres").await?;
                 client.simple_query("SELECT 1").await.map(|_| ())
             };
-            let error = match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            let error = match crate::runtime::timeout(Duration::from_secs(2), attempt).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => {
                     let fatal = e.code().is_some_and(|c| {
@@ -199,7 +199,7 @@ impl Server {
             }
             // A server starts in about 0.1 s: polled often, so that little of the
             // wait is the poll's.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            crate::runtime::sleep(Duration::from_millis(5)).await;
         }
     }
 }
@@ -347,7 +347,7 @@ const SLOW_AFTER: Duration = Duration::from_secs(2);
 impl SlowNotice {
     pub(crate) fn new(what: String) -> Self {
         SlowNotice(tokio::spawn(async move {
-            tokio::time::sleep(SLOW_AFTER).await;
+            crate::runtime::sleep(SLOW_AFTER).await;
             eprintln!("pgfixture: {what} (first start only; later tests reuse it)");
         }))
     }

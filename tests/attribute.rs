@@ -7,6 +7,8 @@ use std::process::Command;
 
 use pgfixture::{TestDb, WorkerPool};
 
+mod common;
+
 async fn notes(db: &TestDb, owner: &str) -> i64 {
     db.query_one("SELECT count(*) FROM notes WHERE owner = $1", &[&owner])
         .await
@@ -359,4 +361,18 @@ fn the_crate_directory_is_recorded_and_tests_are_named() {
         stderr.contains("attribute::child_commits committed its transaction"),
         "the commit report does not name the test: {stderr}"
     );
+}
+
+/// A clock the test pauses itself, after its handle was made: it jumps to the next
+/// timer while the test waits on the server, yet the handle's end (its rollback, on
+/// the test's runtime under nextest) still waits for the answer. The test passes,
+/// which it cannot if the release fails.
+#[pgfixture::test]
+async fn a_clock_paused_in_the_test(mut db: pgfixture::sqlx::TestDb) {
+    tokio::time::pause();
+    common::an_hour_passes_at_once().await;
+    sqlx::query("SELECT pg_sleep(0.01)")
+        .execute(&mut *db)
+        .await
+        .unwrap();
 }

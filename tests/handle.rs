@@ -788,3 +788,46 @@ async fn sequences_restart_at_the_fixtures_values() {
         assert_eq!(ids(&db).await, (2, 1));
     }
 }
+
+/// Tests whose clock is paused (`start_paused`, `tokio::time::pause()`): the clock
+/// jumps to the next timer while the test waits on the server, yet the handles'
+/// rollbacks and the worker pool's clearing do not time out (pgfixture's timers run on
+/// a clock of its own then). The same backend serves every test, and no worker is
+/// rebuilt.
+#[test]
+fn a_paused_clock_times_out_nothing() {
+    // A configuration of its own: no other test's reset counts.
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(8)
+        .build()
+        .expect("fixture");
+    let mut pids = std::collections::BTreeSet::new();
+    for round in 0..10 {
+        common::paused_runtime().block_on(async {
+            let db = fixture.worker_db().await.unwrap();
+            common::an_hour_passes_at_once().await;
+            let row = db
+                .query_one("SELECT pg_backend_pid(), pg_sleep(0.01)::text", &[])
+                .await
+                .unwrap();
+            pids.insert(row.get::<_, i32>(0));
+            if round % 2 == 0 {
+                db.release().await.unwrap();
+            }
+        });
+    }
+    assert_eq!(pids.len(), 1, "new backends: {pids:?}");
+    for _ in 0..5 {
+        common::paused_runtime().block_on(async {
+            let pool = fixture.worker_pool().await.unwrap();
+            let client = pool.get().await.unwrap();
+            client.batch_execute("SELECT pg_sleep(0.01)").await.unwrap();
+            drop(client);
+            common::an_hour_passes_at_once().await;
+            pool.release().await.unwrap();
+        });
+    }
+    let stats = fixture.stats();
+    assert_eq!(stats.workers_reset, 0, "{stats:?}");
+}

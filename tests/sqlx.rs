@@ -708,3 +708,47 @@ fn a_nextest_attribute_test_ends_on_its_own_runtime_however_it_ends() {
         assert_eq!(counted(mode), (0, 0), "after {mode}: the worker was reset");
     }
 }
+
+/// Tests whose clock is paused (`start_paused`, `tokio::time::pause()`): the clock
+/// jumps to the next timer while the test waits on the server, yet the rollback at
+/// release (in the test's own task) and the worker pool's clearing do not time out:
+/// pgfixture's timers run on a clock of its own then. The same backend serves every
+/// test, and no worker is rebuilt.
+#[test]
+fn a_paused_clock_times_out_nothing() {
+    // A configuration of its own: no other test's reset counts.
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(9)
+        .build()
+        .expect("fixture");
+    let mut pids = std::collections::BTreeSet::new();
+    for round in 0..10 {
+        common::paused_runtime().block_on(async {
+            let mut db = TestDb::acquire(&fixture).await.unwrap();
+            common::an_hour_passes_at_once().await;
+            sqlx::query("SELECT pg_sleep(0.01)")
+                .execute(&mut *db)
+                .await
+                .unwrap();
+            pids.insert(backend_pid(&mut db).await);
+            if round % 2 == 0 {
+                db.release().await.unwrap();
+            }
+        });
+    }
+    assert_eq!(pids.len(), 1, "new backends: {pids:?}");
+    for _ in 0..5 {
+        common::paused_runtime().block_on(async {
+            let pool = WorkerPool::acquire(&fixture).await.unwrap();
+            sqlx::query("SELECT pg_sleep(0.01)")
+                .execute(&*pool)
+                .await
+                .unwrap();
+            common::an_hour_passes_at_once().await;
+            pool.release().await.unwrap();
+        });
+    }
+    let stats = fixture.stats();
+    assert_eq!(stats.workers_reset, 0, "{stats:?}");
+}

@@ -106,7 +106,7 @@ impl Docker {
             None => bollard::Docker::connect_with_local_defaults(),
         }
         .map_err(|e| unreachable(e.to_string()))?;
-        let client = tokio::time::timeout(PING_TIMEOUT, client.negotiate_version())
+        let client = crate::runtime::timeout(PING_TIMEOUT, client.negotiate_version())
             .await
             .map_err(|_| unreachable(format!("no answer within {PING_TIMEOUT:?}")))?
             .map_err(|e| unreachable(e.to_string()))?;
@@ -206,7 +206,7 @@ impl Docker {
                                 if since.elapsed() > REFUSED_FOR || Instant::now() >= deadline {
                                     return Err(e);
                                 }
-                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                crate::runtime::sleep(Duration::from_millis(5)).await;
                                 continue;
                             }
                             Err(e) => return Err(timeout_with(e, config)),
@@ -266,7 +266,7 @@ impl Docker {
                     }
                     if let (Err(Error::Docker { .. }), Some(output)) = (&ready, &output) {
                         // Give the output a moment to arrive.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        crate::runtime::sleep(Duration::from_millis(200)).await;
                         let text = output.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
                         if let Some(error) = super::settings_error(config, &text) {
                             return Err(error);
@@ -314,7 +314,7 @@ impl Docker {
                             _ => conflict = Some((id, Instant::now())),
                         }
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::runtime::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => {
                     return Err(Error::Docker {
@@ -344,7 +344,7 @@ impl Docker {
                 // Exited or being removed (auto-remove): make sure it goes, then create anew.
                 let options = RemoveContainerOptionsBuilder::new().force(true).build();
                 let _ = self.client.remove_container(name, Some(options)).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                crate::runtime::sleep(Duration::from_millis(100)).await;
                 return Ok(None);
             }
         }
@@ -1027,7 +1027,7 @@ async fn direct(name: &str, server: Server, reach: &Reach, config: &Config) -> S
     }
     for &address in &reach.addresses {
         let probe = tokio::net::TcpStream::connect((address, CONTAINER_PORT));
-        if let Ok(Ok(_)) = tokio::time::timeout(DIRECT_PROBE, probe).await {
+        if let Ok(Ok(_)) = crate::runtime::timeout(DIRECT_PROBE, probe).await {
             tracing::debug!(container = name, %address, "connecting to the container directly");
             let server = Server {
                 host: address.to_string(),
@@ -1048,7 +1048,7 @@ async fn with_socket(server: Server, reach: &Reach) -> Server {
     };
     let socket = std::path::Path::new(dir).join(format!(".s.PGSQL.{}", server.port));
     let probe = tokio::net::UnixStream::connect(socket);
-    match tokio::time::timeout(DIRECT_PROBE, probe).await {
+    match crate::runtime::timeout(DIRECT_PROBE, probe).await {
         Ok(Ok(_)) => server.with_socket_dir(std::path::Path::new(dir)),
         _ => server,
     }

@@ -282,7 +282,7 @@ impl Local {
                     waiting_for: format!("local server in {}", dir.display()),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            crate::runtime::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -330,7 +330,7 @@ impl Local {
                     ),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            crate::runtime::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -471,7 +471,7 @@ impl Local {
                     waiting_for: format!("initdb in {}", dir.display()),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            crate::runtime::sleep(Duration::from_millis(10)).await;
         }
         let server = Server::loopback(port, password.clone(), dir.display().to_string())
             .with_socket_dir(dir);
@@ -814,7 +814,7 @@ async fn wait_gone(dir: &Path) {
         if !dir.exists() {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        crate::runtime::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -193,7 +193,7 @@ impl TestDb {
 /// worker's next test if `keep`.
 async fn end_here(conn: PgConnection, checkout: Checkout, keep: bool) -> Result<()> {
     let limit = checkout.owner.config().acquire_timeout;
-    let ended = tokio::time::timeout(limit, end_test(conn)).await;
+    let ended = runtime::timeout(limit, end_test(conn)).await;
     if matches!(ended, Ok(Ok((_, true)))) {
         runtime::run(after_end(checkout, ended, limit, keep)).await
     } else {
@@ -565,7 +565,7 @@ async fn connect_within(settings: &Settings) -> Result<PgConnection, ::sqlx::Err
         .get_connect_timeout()
         .copied()
         .unwrap_or(std::time::Duration::from_secs(5));
-    match tokio::time::timeout(
+    match runtime::timeout(
         limit,
         PgConnection::connect_with(&own_connect_options(settings)),
     )
@@ -793,7 +793,7 @@ async fn all_idle(pool: &PgPool) -> bool {
             std::thread::yield_now();
             tokio::task::yield_now().await;
         } else {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            runtime::sleep(std::time::Duration::from_millis(1)).await;
         }
     }
     true
@@ -817,7 +817,7 @@ async fn keep_or_close(kept: KeptPool, mut core: crate::WorkerPool) -> crate::Wo
         core.state.keep_idle(kept);
     } else {
         core.rebuild_on_release();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), kept.pool.close()).await;
+        let _ = runtime::timeout(std::time::Duration::from_secs(1), kept.pool.close()).await;
     }
     core
 }

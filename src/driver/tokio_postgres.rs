@@ -480,7 +480,7 @@ async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str
         deallocate(&client, &messages).await?;
         Ok((!open, last))
     };
-    let (committed, unclean) = match tokio::time::timeout(limit, ended).await {
+    let (committed, unclean) = match runtime::timeout(limit, ended).await {
         Ok(Ok(ended)) => ended,
         // The connection died (the test ended its backend, or the server did): the
         // test's own doing, and no error once the worker is rebuilt.

@@ -254,3 +254,24 @@ pub fn own_fixture(tag: &str, isolation: pgfixture::Isolation) -> pgfixture::Fix
         .build()
         .unwrap()
 }
+
+/// A test's runtime whose clock is paused, as `#[tokio::test(start_paused = true)]`
+/// builds it: it jumps to the next timer whenever the test waits, the server included.
+pub fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap()
+}
+
+/// Sleeps an hour on a paused clock, which passes at once: the clock is paused.
+pub async fn an_hour_passes_at_once() {
+    let (clock, wall) = (tokio::time::Instant::now(), std::time::Instant::now());
+    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    assert!(clock.elapsed() >= std::time::Duration::from_secs(3600));
+    assert!(
+        wall.elapsed() < std::time::Duration::from_secs(60),
+        "the clock runs"
+    );
+}
