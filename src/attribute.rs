@@ -214,6 +214,17 @@ pub fn assert_sync_handle<H: SyncTestHandle>() {}
 
 /// The test's runtime, as `#[tokio::test]` builds it.
 pub fn runtime(multi_thread: bool, worker_threads: Option<usize>) -> tokio::runtime::Runtime {
+    runtime_with(multi_thread, worker_threads, |_| {})
+}
+
+/// The test's runtime, its builder given to `configure` first: `start_paused`, which
+/// exists with tokio's `test-util` feature only. The attribute's code names it, in the
+/// test's crate, so that pgfixture does not turn that feature on for everyone.
+pub fn runtime_with(
+    multi_thread: bool,
+    worker_threads: Option<usize>,
+    configure: fn(&mut tokio::runtime::Builder),
+) -> tokio::runtime::Runtime {
     let mut builder = if multi_thread {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         if let Some(n) = worker_threads {
@@ -223,8 +234,8 @@ pub fn runtime(multi_thread: bool, worker_threads: Option<usize>) -> tokio::runt
     } else {
         tokio::runtime::Builder::new_current_thread()
     };
+    configure(builder.enable_all());
     builder
-        .enable_all()
         .build()
         .expect("pgfixture: cannot build the test's runtime")
 }

@@ -363,6 +363,37 @@ fn the_crate_directory_is_recorded_and_tests_are_named() {
     );
 }
 
+/// `start_paused = true`, as `#[tokio::test]` takes it: the test's clock is paused. A
+/// paused clock jumps to the next timer while the test waits on the server, yet the
+/// handle's end (its rollback, on the test's runtime) still waits for the answer: the
+/// test passes, which it cannot if the release fails.
+#[pgfixture::test(start_paused = true)]
+async fn start_paused_pauses_the_clock(mut db: pgfixture::sqlx::TestDb) {
+    common::an_hour_passes_at_once().await;
+    sqlx::query("SELECT pg_sleep(0.01)")
+        .execute(&mut *db)
+        .await
+        .unwrap();
+}
+
+/// The same with the tokio-postgres handle.
+#[pgfixture::test(start_paused = true)]
+async fn start_paused_with_tokio_postgres(db: pgfixture::TestDb) {
+    common::an_hour_passes_at_once().await;
+    db.batch_execute("SELECT pg_sleep(0.01)").await.unwrap();
+}
+
+/// The same with `#[sqlx::test]`'s pool (the worker's, whose sessions are cleared after
+/// the test).
+#[pgfixture::test(start_paused = true)]
+async fn start_paused_with_a_pool(pool: sqlx::PgPool) {
+    sqlx::query("SELECT pg_sleep(0.01)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    common::an_hour_passes_at_once().await;
+}
+
 /// A clock the test pauses itself, after its handle was made: it jumps to the next
 /// timer while the test waits on the server, yet the handle's end (its rollback, on
 /// the test's runtime under nextest) still waits for the answer. The test passes,

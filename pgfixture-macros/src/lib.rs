@@ -39,6 +39,8 @@ struct Args {
     migrations: Migrations,
     multi_thread: Option<bool>,
     worker_threads: Option<syn::LitInt>,
+    /// `start_paused = true`, as `#[tokio::test]` takes it.
+    start_paused: Option<syn::LitBool>,
 }
 
 fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
@@ -162,6 +164,26 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             "worker_threads needs flavor = \"multi_thread\", as in #[tokio::test]",
         ));
     }
+    let paused = args.start_paused.as_ref().filter(|paused| paused.value);
+    if let Some(paused) = paused
+        && multi_thread
+    {
+        return Err(syn::Error::new_spanned(
+            paused,
+            "start_paused needs the current_thread flavor, as in #[tokio::test]: remove flavor = \"multi_thread\"",
+        ));
+    }
+    // The runtime, as `#[tokio::test]` builds it. A paused clock is asked for in the
+    // test's crate: `start_paused` needs tokio's `test-util` feature, which the test
+    // crate turns on, as for `#[tokio::test(start_paused = true)]`.
+    let runtime = match paused {
+        Some(paused) => quote_spanned! {paused.span()=>
+            ::pgfixture::__macro::runtime_with(#multi_thread, #worker_threads, |builder| {
+                builder.start_paused(true);
+            })
+        },
+        None => quote! { ::pgfixture::__macro::runtime(#multi_thread, #worker_threads) },
+    };
     let test_args = quote! {
         ::pgfixture::__macro::TestArgs {
             name: ::core::concat!(::core::module_path!(), "::", ::core::stringify!(#name)),
@@ -171,6 +193,20 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             migrations: #migrations,
         }
     };
+    if !is_async {
+        if let Some(paused) = &args.start_paused {
+            return Err(syn::Error::new_spanned(
+                paused,
+                "start_paused is for async tests: make the test an `async fn`",
+            ));
+        }
+        if args.multi_thread.is_some() {
+            return Err(syn::Error::new(
+                Span::call_site(),
+                "flavor is for async tests: make the test an `async fn`",
+            ));
+        }
+    }
     let body = match (handle_type, is_async) {
         // The body's future is type-erased (pinned, as `#[tokio::test]` does), so that
         // the runtime's `block_on` and the code around it are compiled once per
@@ -179,7 +215,7 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             let body = ::core::pin::pin!(#name());
             ::pgfixture::__macro::run_plain(
                 #test_args,
-                ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
+                #runtime,
                 body,
             )
         },
@@ -194,7 +230,7 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
                     use ::pgfixture::__macro::{PickHandle as _, PickOwnSqlx as _};
                     (&::pgfixture::__macro::Pick::<#ty>::new()).run(
                         #test_args,
-                        ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
+                        #runtime,
                         #make,
                         #call,
                     )
@@ -203,18 +239,12 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             None => quote_spanned! {ty.span()=>
                 ::pgfixture::__macro::run::<#ty, _>(
                     #test_args,
-                    ::pgfixture::__macro::runtime(#multi_thread, #worker_threads),
+                    #runtime,
                     #call,
                 )
             },
         },
         (Some(ty), false) => {
-            if args.multi_thread.is_some() {
-                return Err(syn::Error::new(
-                    Span::call_site(),
-                    "flavor is for async tests: make the test an `async fn`",
-                ));
-            }
             quote_spanned! {ty.span()=>
                 ::pgfixture::__macro::run_sync::<#ty, _>(#test_args, #sync_call)
             }
@@ -262,6 +292,7 @@ fn parse_args(metas: Punctuated<Meta, Token![,]>) -> syn::Result<Args> {
         migrations: Migrations::Inferred,
         multi_thread: None,
         worker_threads: None,
+        start_paused: None,
     };
     let mut migrations_set = false;
     for meta in metas {
@@ -323,6 +354,15 @@ fn parse_args(metas: Punctuated<Meta, Token![,]>) -> syn::Result<Args> {
                     }
                 });
             }
+            Meta::NameValue(nv) if nv.path.is_ident("start_paused") => {
+                let Some(Lit::Bool(paused)) = literal(&nv.value) else {
+                    return Err(syn::Error::new_spanned(
+                        nv.value,
+                        "expected start_paused = true",
+                    ));
+                };
+                args.start_paused = Some(paused);
+            }
             Meta::NameValue(nv) if nv.path.is_ident("worker_threads") => {
                 let Some(Lit::Int(n)) = literal(&nv.value) else {
                     return Err(syn::Error::new_spanned(
@@ -335,7 +375,7 @@ fn parse_args(metas: Punctuated<Meta, Token![,]>) -> syn::Result<Args> {
             other => {
                 return Err(syn::Error::new_spanned(
                     other,
-                    "expected `fixtures(\"name\", ...)`, `fixtures(path = \"dir\", scripts(\"name\", ...))`, `migrations = \"path\" | false`, `migrator = \"path::TO::MIGRATOR\"`, `flavor = \"multi_thread\"` or `worker_threads = N`",
+                    "expected `fixtures(\"name\", ...)`, `fixtures(path = \"dir\", scripts(\"name\", ...))`, `migrations = \"path\" | false`, `migrator = \"path::TO::MIGRATOR\"`, `flavor = \"multi_thread\"`, `worker_threads = N` or `start_paused = true`",
                 ));
             }
         }
