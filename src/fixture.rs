@@ -347,10 +347,12 @@ async fn idle_connections(
     Ok(clients)
 }
 
-/// The `application_name` of a worker pool's connections: the run's, then the worker,
-/// within PostgreSQL's 63 bytes.
-fn pool_application_name(run: &str, id: &WorkerId) -> String {
-    let mut name = format!("{run}/pool-{id}");
+/// The `application_name` of a worker pool's connections: the run's, then a hash of
+/// the worker's database or schema (`worker`, unique to the configuration and the
+/// worker: workers of two configurations share ids), then its id as far as it fits in
+/// PostgreSQL's 63 bytes. The release waits for the connections of this name.
+fn pool_application_name(run: &str, worker: &str, id: &WorkerId) -> String {
+    let mut name = format!("{run}/pool-{}-{id}", crate::digest::sha256_hex(worker, 6));
     name.truncate(provision::MAX_IDENT);
     name
 }
@@ -1026,7 +1028,8 @@ impl Inner {
             // the connections it opens itself from the pool's settings carry a name of
             // their own, so that the release can tell when they are all closed.
             let mut server = worker.server.clone();
-            server.application_name = pool_application_name(&server.application_name, &id);
+            server.application_name =
+                pool_application_name(&server.application_name, &self.worker_name(&id), &id);
             let settings = Settings::new(
                 &server,
                 &worker.dbname,
@@ -2146,6 +2149,24 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The release ends the connections of its worker pool's name still open: two
+    /// workers of one id in two configurations (or runs) never share it, even with
+    /// the longest run and worker ids; the run's prefix stays (sweeps read it).
+    #[test]
+    fn worker_pools_of_one_id_in_two_configurations_have_names_of_their_own() {
+        let run = "pgfixture/0123456789ab";
+        let long = WorkerId::parse(&"w".repeat(32)).unwrap();
+        let mut names = std::collections::BTreeSet::new();
+        for id in [WorkerId::slot(0), WorkerId::slot(1), long] {
+            for worker in [format!("pgfx_w_aaaa_{id}"), format!("pgfx_w_bbbb_{id}")] {
+                let name = pool_application_name(run, &worker, &id);
+                assert!(name.len() <= provision::MAX_IDENT, "{name}");
+                assert!(name.starts_with(&format!("{run}/pool-")), "{name}");
+                assert!(names.insert(name.clone()), "{name} twice");
+            }
+        }
+    }
 
     #[test]
     fn a_recorded_hash_is_taken_and_the_files_are_read_only_when_needed() {

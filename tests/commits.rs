@@ -472,6 +472,49 @@ async fn pristine(db: &TestDb) -> String {
     .get(0)
 }
 
+/// Worker pools of two configurations whose workers share an id (worker 0 of each)
+/// tell their connections apart: the release of one does not wait for the
+/// connections the other's test opened (still in use), nor rebuild its worker for them.
+#[tokio::test]
+async fn worker_pools_of_two_configurations_leave_each_other_alone() {
+    let (_serial, one) = single_worker().await;
+    let two = Fixture::builder()
+        .workers(1)
+        .pool_size(5)
+        .build()
+        .expect("fixture");
+    let first = one.worker_pool().await.unwrap();
+    let (own, connection) = first.pg_config().connect(NoTls).await.unwrap();
+    let task = tokio::spawn(connection);
+    own.batch_execute("SELECT 1").await.unwrap();
+
+    let db = two.worker_db().await.unwrap();
+    let read = common::worker_pools_are_read(&db).await;
+    drop(db);
+    let before = two.stats();
+    let second = two.worker_pool().await.unwrap();
+    assert_eq!(
+        second.worker_id(),
+        first.worker_id(),
+        "one worker id in both"
+    );
+    second.release().await.unwrap();
+    assert!(
+        own.batch_execute("SELECT 1").await.is_ok(),
+        "the other configuration's release ended this test's connection"
+    );
+    if read {
+        assert_eq!(
+            two.stats().workers_reset,
+            before.workers_reset,
+            "the release waited for the other configuration's connection and rebuilt"
+        );
+    }
+    drop(own);
+    task.await.unwrap().unwrap();
+    first.release().await.unwrap();
+}
+
 /// A worker pool through which nothing changed (reads, connections of its own,
 /// LISTEN) costs no reset; any change is seen, so nothing ever reaches the next test:
 /// rows written to tables are put back in place, and anything else (DDL of every kind,
