@@ -586,8 +586,8 @@ mod sqlx_handles {
     /// PgConnectOptions)`: options for pools and connections of the test's own on the
     /// worker, commits allowed. Its guard is the core's worker pool, as for
     /// [`PgConnection`]: the connect options carry its `application_name`, so its
-    /// release waits for the test's connections to close (a second at most; the worker
-    /// is rebuilt if one stays open), then puts back the rows they wrote.
+    /// release ends the test's connections still open (their backends terminated),
+    /// then puts back the rows they wrote.
     #[diagnostic::do_not_recommend]
     impl TestHandle for (PgPoolOptions, PgConnectOptions) {
         type Guard = crate::WorkerPool;

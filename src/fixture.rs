@@ -350,7 +350,7 @@ async fn idle_connections(
 /// The `application_name` of a worker pool's connections: the run's, then a hash of
 /// the worker's database or schema (`worker`, unique to the configuration and the
 /// worker: workers of two configurations share ids), then its id as far as it fits in
-/// PostgreSQL's 63 bytes. The release waits for the connections of this name.
+/// PostgreSQL's 63 bytes. The release ends the connections of this name still open.
 fn pool_application_name(run: &str, worker: &str, id: &WorkerId) -> String {
     let mut name = format!("{run}/pool-{}-{id}", crate::digest::sha256_hex(worker, 6));
     name.truncate(provision::MAX_IDENT);
@@ -1267,8 +1267,9 @@ impl Inner {
                     None
                 } else if closed? {
                     Some(after?)
-                } else if provision::wait_closed(first, application_name).await? {
-                    // Some were closing still: read again now that they are gone.
+                } else if provision::end_open(first, application_name).await? {
+                    // Some were open or closing still: read again now that they are
+                    // gone.
                     Some(reader.read(first).await?)
                 } else {
                     None

@@ -1256,13 +1256,27 @@ pub(crate) async fn none_open(
     Ok(open == 0)
 }
 
-/// Waits until no connection named `application_name` is open (their backends send
-/// their statistics as they exit), polling every millisecond for up to a second.
-/// Returns whether they are gone.
-pub(crate) async fn wait_closed(
+/// Ends the connections named `application_name` that the code under test left open
+/// once its test is over (a task of the test's still holding one, a pool that closed
+/// but not all its connections, as sqlx 0.8's `close()` can leave): their backends are
+/// terminated, which rolls back what they left open. Then waits until they are gone
+/// (their backends send their statistics as they exit), polling every millisecond for
+/// up to a second. Returns whether they are gone.
+pub(crate) async fn end_open(
     client: &deadpool_postgres::ClientWrapper,
     application_name: &str,
 ) -> Result<bool> {
+    // A role may end its own backends; where it may not, the wait decides.
+    let ended = client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&application_name],
+        )
+        .await;
+    if let Err(error) = ended {
+        tracing::debug!(%error, "ending a worker pool's connections failed");
+    }
     let statement = open_connections(client).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     loop {

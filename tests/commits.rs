@@ -472,9 +472,54 @@ async fn pristine(db: &TestDb) -> String {
     .get(0)
 }
 
+/// A connection of the test's own still open when its worker pool is released (a
+/// task of the test's holds it, or a pool closed but not all its connections, as sqlx
+/// 0.8's `close()` can leave) is ended then: its backend is terminated, what it left
+/// open is rolled back, and what it committed is put back in place as any row, without
+/// waiting for it or rebuilding the worker.
+#[tokio::test]
+async fn a_connection_of_its_own_left_open_is_ended_at_release() {
+    let (_serial, fixture) = single_worker().await;
+    let db = fixture.worker_db().await.unwrap();
+    let read = common::worker_pools_are_read(&db).await;
+    drop(db);
+
+    let before = fixture.stats();
+    let pool = fixture.worker_pool().await.unwrap();
+    let (own, connection) = pool.pg_config().connect(NoTls).await.unwrap();
+    let task = tokio::spawn(connection);
+    own.batch_execute(
+        "INSERT INTO notes (owner, body) VALUES ('left open', 'committed'); \
+         BEGIN; INSERT INTO notes (owner, body) VALUES ('left open', 'open')",
+    )
+    .await
+    .unwrap();
+    // The connection is still open, and its transaction too.
+    pool.release().await.unwrap();
+    assert!(
+        own.simple_query("SELECT 1").await.is_err(),
+        "the connection left open still answers"
+    );
+    let _ = task.await.unwrap();
+    let after = fixture.stats();
+    if read {
+        assert_eq!(
+            after.workers_reset, before.workers_reset,
+            "the worker was rebuilt: the connection was waited for, not ended"
+        );
+        assert_eq!(after.pools_restored, before.pools_restored + 1);
+    }
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        count(&db, "left open").await,
+        0,
+        "its rows reached the next test"
+    );
+}
+
 /// Worker pools of two configurations whose workers share an id (worker 0 of each)
-/// tell their connections apart: the release of one does not wait for the
-/// connections the other's test opened (still in use), nor rebuild its worker for them.
+/// tell their connections apart: the release of one neither ends the connections the
+/// other's test opened (still in use) nor waits for them.
 #[tokio::test]
 async fn worker_pools_of_two_configurations_leave_each_other_alone() {
     let (_serial, one) = single_worker().await;
