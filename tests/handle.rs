@@ -802,6 +802,9 @@ fn a_paused_clock_times_out_nothing() {
         .pool_size(8)
         .build()
         .expect("fixture");
+    let read = common::paused_runtime().block_on(async {
+        common::worker_pools_are_read(&fixture.worker_db().await.unwrap()).await
+    });
     let mut pids = std::collections::BTreeSet::new();
     for round in 0..10 {
         common::paused_runtime().block_on(async {
@@ -828,6 +831,7 @@ fn a_paused_clock_times_out_nothing() {
             pool.release().await.unwrap();
         });
     }
+    // Before PostgreSQL 15 a worker pool cannot be read: a rebuild after each.
     let stats = fixture.stats();
-    assert_eq!(stats.workers_reset, 0, "{stats:?}");
+    assert_eq!(stats.workers_reset, if read { 0 } else { 5 }, "{stats:?}");
 }
