@@ -1226,6 +1226,8 @@ impl Inner {
         let deadline = Instant::now() + self.config.acquire_timeout;
         // Whether every pooled connection is idle with its session cleared.
         let mut keep_pool = false;
+        // Whether the connections the code under test opened are known to be gone.
+        let mut ended = false;
         if let Some(before) = before {
             let worker = self.worker_primed(id, deadline, None).await?;
             let target = self.target(&worker);
@@ -1266,10 +1268,12 @@ impl Inner {
                 let after = if !clean {
                     None
                 } else if closed? {
+                    ended = true;
                     Some(after?)
                 } else if provision::end_open(first, application_name).await? {
                     // Some were open or closing still: read again now that they are
                     // gone.
+                    ended = true;
                     Some(reader.read(first).await?)
                 } else {
                     None
@@ -1313,7 +1317,29 @@ impl Inner {
                 }
             }
         }
+        if !ended {
+            self.end_test_connections(id, application_name).await;
+        }
         self.reset_keeping(id, keep_pool).await
+    }
+
+    /// Ends the connections named `application_name` that the code under test opened
+    /// from worker `id`'s pool settings and left open ([`provision::end_open`]),
+    /// before the worker is rebuilt without a reading (before PostgreSQL 15, a pooled
+    /// connection still held): a rebuild in schema mode would not end them, and one
+    /// could hold locks of the schema it drops, or write into its successor. Errors
+    /// are only logged: the rebuild decides.
+    async fn end_test_connections(&self, id: &WorkerId, application_name: &str) {
+        let Some(worker) = self.ready_worker(id) else {
+            return;
+        };
+        let ended = match self.admin(&worker.server).await {
+            Ok(admin) => provision::end_open(&admin, application_name).await,
+            Err(e) => Err(e),
+        };
+        if let Err(error) = ended {
+            tracing::debug!(%error, worker = %id, "ending a worker pool's connections failed");
+        }
     }
 
     /// Puts back in place the rows of the relations `oids` of `worker`, which are all

@@ -476,7 +476,9 @@ async fn pristine(db: &TestDb) -> String {
 /// task of the test's holds it, or a pool closed but not all its connections, as sqlx
 /// 0.8's `close()` can leave) is ended then: its backend is terminated, what it left
 /// open is rolled back, and what it committed is put back in place as any row, without
-/// waiting for it or rebuilding the worker.
+/// waiting for it or rebuilding the worker (before PostgreSQL 15, whose worker pools
+/// are always followed by a rebuild, it is ended all the same: in schema mode the
+/// rebuild would leave it open on the next test's schema).
 #[tokio::test]
 async fn a_connection_of_its_own_left_open_is_ended_at_release() {
     let (_serial, fixture) = single_worker().await;
