@@ -1333,11 +1333,11 @@ impl Inner {
         let Some(worker) = self.ready_worker(id) else {
             return;
         };
-        let ended = match self.admin(&worker.server).await {
-            Ok(admin) => provision::end_open(&admin, application_name).await,
-            Err(e) => Err(e),
+        let ended = async {
+            let admin = self.admin(&worker.server).await?;
+            provision::end_open(&admin, application_name).await
         };
-        if let Err(error) = ended {
+        if let Err(error) = ended.await {
             tracing::debug!(%error, worker = %id, "ending a worker pool's connections failed");
         }
     }

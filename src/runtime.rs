@@ -46,22 +46,14 @@ pub(crate) fn timeout<F: std::future::IntoFuture>(
     limit: Duration,
     work: F,
 ) -> tokio::time::Timeout<F::IntoFuture> {
-    if clock_paused() {
-        let _clock = handle().enter();
-        tokio::time::timeout(limit, work)
-    } else {
-        tokio::time::timeout(limit, work)
-    }
+    let _clock = clock_paused().then(|| handle().enter());
+    tokio::time::timeout(limit, work)
 }
 
 /// `tokio::time::sleep`, on a clock that runs ([`timeout`]).
 pub(crate) fn sleep(duration: Duration) -> tokio::time::Sleep {
-    if clock_paused() {
-        let _clock = handle().enter();
-        tokio::time::sleep(duration)
-    } else {
-        tokio::time::sleep(duration)
-    }
+    let _clock = clock_paused().then(|| handle().enter());
+    tokio::time::sleep(duration)
 }
 
 /// Whether `runtime`'s clock is paused (`start_paused`): the drivers' own timeouts
