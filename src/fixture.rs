@@ -1757,7 +1757,13 @@ impl Inner {
             }
             .or_else(|e| if shared_server { Ok(None) } else { Err(e) })?
         {
-            if shared_server && !crate::runs::touched_recently(&server, &self.config.run_id) {
+            if shared_server
+                && !crate::runs::touched_recently(
+                    &server,
+                    &self.config.run_id,
+                    self.config.server_grace(),
+                )
+            {
                 let admin = self.admin(&server).await?;
                 provision::touch_run(&admin, &server, &self.config.run_id).await?;
             }

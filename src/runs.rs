@@ -1,8 +1,9 @@
 //! When the processes of a run on this machine last recorded on a server of the user's
 //! (`PGFIXTURE_URL`) that the run is alive ([`crate::provision::touch_run`]). A process
 //! that finds its worker ready renews the record only when no process of its run on
-//! this machine did within [`TOUCH_EVERY`]: most processes of a nextest run then need
-//! no maintenance connection, and the record stays fresh for any other run's sweep.
+//! this machine did within a quarter of the grace period ([`renew_after`]): most
+//! processes of a nextest run then need no maintenance connection, and the record
+//! stays fresh for any other run's sweep.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,8 +11,12 @@ use std::time::Duration;
 use crate::server::Server;
 
 /// How long a run's record may age before a process of it that found its worker ready
-/// renews it: well within a sweep's grace period (`PGFIXTURE_GRACE`).
-const TOUCH_EVERY: Duration = Duration::from_secs(1);
+/// renews it: a quarter of the grace period (`PGFIXTURE_GRACE`, or the idle time kept
+/// under `PGFIXTURE_REUSE`) within which a sweep counts a recorded run alive. Every
+/// process renews it under a grace of zero.
+fn renew_after(grace: Duration) -> Duration {
+    grace / 4
+}
 
 /// Notes of runs older than this are removed as others are written.
 const FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
@@ -31,11 +36,11 @@ fn path(server: &Server, run: &str) -> PathBuf {
 }
 
 /// Whether a process of `run` on this machine recorded on `server` that the run is
-/// alive within [`TOUCH_EVERY`].
-pub(crate) fn touched_recently(server: &Server, run: &str) -> bool {
+/// alive within [`renew_after`] `grace`.
+pub(crate) fn touched_recently(server: &Server, run: &str, grace: Duration) -> bool {
     std::fs::metadata(path(server, run))
         .and_then(|m| m.modified())
-        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < TOUCH_EVERY))
+        .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < renew_after(grace)))
 }
 
 /// Notes that this process recorded `run` alive on `server` just now. A note that

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{captured_child_command, child_command, reported, run_child, unique_run};
+use common::{captured_child_command, child_command, reported, run_child, unique_run, user_dir};
 use pgfixture::{Error, Fixture, Isolation};
 
 /// Run by the tests below in a child process, with the environment they choose: takes
@@ -1404,13 +1404,6 @@ fn local_server_dir(run: &str) -> std::path::PathBuf {
                 .starts_with(&format!("pgfixture-{run}"))
         })
         .expect("the server's directory")
-}
-
-/// This user's directory of pgfixture's records (`$TMPDIR/pgfixture-<uid>`).
-fn user_dir() -> std::path::PathBuf {
-    use std::os::unix::fs::MetadataExt;
-    let uid = std::fs::metadata("/proc/self").unwrap().uid();
-    std::env::temp_dir().join(format!("pgfixture-{uid}"))
 }
 
 /// The per-user record of container addresses loses the records of containers that

@@ -131,20 +131,29 @@ pub fn reported(stdout: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {stdout:?}"))
 }
 
+/// `pgfixture-<uid>`, the name of this user's directories.
+fn user_dir_name() -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "pgfixture-{}",
+        std::fs::metadata("/proc/self").unwrap().uid()
+    )
+}
+
+/// This user's directory of pgfixture's records (`$TMPDIR/pgfixture-<uid>`).
+pub fn user_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(user_dir_name())
+}
+
 /// The directories local servers may live in (`PGFIXTURE_LOCAL_DIR`, else its two
 /// defaults: `/dev/shm/pgfixture-<uid>` and `$TMPDIR/pgfixture-<uid>`).
 pub fn local_dirs() -> Vec<std::path::PathBuf> {
-    use std::os::unix::fs::MetadataExt;
     if let Some(dir) = std::env::var_os("PGFIXTURE_LOCAL_DIR") {
         return vec![dir.into()];
     }
-    let user = format!(
-        "pgfixture-{}",
-        std::fs::metadata("/proc/self").unwrap().uid()
-    );
     vec![
-        std::path::Path::new("/dev/shm").join(&user),
-        std::env::temp_dir().join(user),
+        std::path::Path::new("/dev/shm").join(user_dir_name()),
+        user_dir(),
     ]
 }
 
