@@ -65,10 +65,20 @@ fn paused(runtime: &Runtime) -> bool {
 }
 
 /// Whether the caller's clock is paused: it reads the same twice. A clock that runs
-/// has moved by then (nanoseconds); the rare one too coarse to have moved only sends
-/// the timer to the background runtime, whose clock runs too.
+/// has moved by then (nanoseconds); on a system clock too coarse to have moved (ticks
+/// of milliseconds on some virtual machines), the same again once the system's clock
+/// has moved proves it paused. Otherwise a test on such a machine would start the
+/// background runtime and keep its connections there, when it need not.
 fn clock_paused() -> bool {
-    tokio::time::Instant::now() == tokio::time::Instant::now()
+    let first = tokio::time::Instant::now();
+    if tokio::time::Instant::now() != first {
+        return false;
+    }
+    let system = std::time::Instant::now();
+    while std::time::Instant::now() == system {
+        std::hint::spin_loop();
+    }
+    tokio::time::Instant::now() == first
 }
 
 /// Whether the calling thread is one of the background runtime's.
@@ -198,5 +208,34 @@ pub(crate) fn in_test_scope<T>(runtime: Runtime, test: impl FnOnce(&Runtime) -> 
     match output {
         Ok(output) => output,
         Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn current_thread(paused: bool) -> Runtime {
+        Builder::new_current_thread()
+            .enable_time()
+            .start_paused(paused)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_paused_clock_is_told_from_one_that_runs() {
+        for _ in 0..1000 {
+            assert!(paused(&current_thread(true)));
+            assert!(!paused(&current_thread(false)));
+        }
+        let runtime = current_thread(false);
+        runtime.block_on(async {
+            assert!(!clock_paused());
+            tokio::time::pause();
+            assert!(clock_paused());
+            tokio::time::resume();
+            assert!(!clock_paused());
+        });
     }
 }
