@@ -229,6 +229,9 @@ pub struct Config {
     /// A sqlx migrator given in code, instead of `migrations`.
     #[cfg(feature = "sqlx")]
     pub(crate) migrator: Option<MigratorRef>,
+    /// Code of the user's that builds part of the template
+    /// ([`crate::FixtureBuilder::setup`]).
+    pub(crate) setup: Option<crate::setup::Setup>,
 }
 
 /// A static sqlx migrator, compared by address.
@@ -286,6 +289,7 @@ impl Default for Config {
             sqlx_toml_unknown: false,
             #[cfg(feature = "sqlx")]
             migrator: None,
+            setup: None,
         }
     }
 }

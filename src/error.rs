@@ -148,6 +148,16 @@ pub enum Error {
         message: String,
     },
 
+    /// The setup code given to [`crate::FixtureBuilder::setup`] failed (or panicked)
+    /// while building a template or worker schema, which was dropped again.
+    #[error("the fixture's setup code (version {version:?}) failed: {message}")]
+    Setup {
+        /// The version it was given.
+        version: String,
+        /// Its error, with the errors that caused it, or what it panicked with.
+        message: String,
+    },
+
     /// The worker's connection pool could not give a connection.
     #[error(
         "worker {worker}: no pooled connection: {source} (raise PGFIXTURE_POOL_SIZE or PGFIXTURE_ACQUIRE_TIMEOUT)"

@@ -81,6 +81,9 @@ impl Fingerprint {
         if let Some(toml) = &config.sqlx_toml {
             let _ = writeln!(dirs, "{}", toml.key());
         }
+        if let Some(setup) = &config.setup {
+            let _ = writeln!(dirs, "setup {:?}", setup.version());
+        }
         let mut listed = Vec::new();
         for (kind, dir) in [
             ("migrations", &config.migrations),

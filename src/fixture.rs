@@ -115,6 +115,48 @@ impl FixtureBuilder {
         c.migrations_unknown = false;
         c.migrator = Some(crate::config::MigratorRef(v));
     });
+    /// Code that builds part of the template, run once into each template (in schema
+    /// mode once into each worker schema, in container mode once per server) after
+    /// the migrations and before the fixtures: migrations written in Rust
+    /// (sea-orm-migration's `Migrator::up`, refinery's embedded ones), or rows made by
+    /// the application's own code. It gets the URL of the database being built (in
+    /// schema mode with the worker schema first on its `search_path`) and connects
+    /// with the driver it likes; connections it leaves open are closed when it returns.
+    ///
+    /// Compiled code has no content pgfixture could hash: `version` keys the template
+    /// in its place, with the files' content. Change it whenever the code would build
+    /// something else (a new migration, new rows): a template built by the old code is
+    /// never taken for the new one, also under `PGFIXTURE_REUSE=1`. Fixtures built
+    /// again with the same version are the same fixture, whatever closure they got.
+    ///
+    /// An error it returns, or a panic, fails the test's acquire with
+    /// [`Error::Setup`](crate::Error::Setup) naming the version; the half-built
+    /// template or schema is dropped.
+    ///
+    /// ```no_run
+    /// # async fn example() -> pgfixture::Result<()> {
+    /// let fixture = pgfixture::Fixture::builder()
+    ///     .setup("3", |url| async move {
+    ///         let (client, connection) =
+    ///             pgfixture::tokio_postgres::connect(url.as_str(), pgfixture::tokio_postgres::NoTls)
+    ///                 .await?;
+    ///         tokio::spawn(connection);
+    ///         client.batch_execute("CREATE TABLE notes (body text)").await
+    ///     })
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn setup<F, Fut, E>(mut self, version: &str, setup: F) -> Self
+    where
+        F: Fn(crate::DatabaseUrl) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Ok(c) = &mut self.config {
+            c.setup = Some(crate::setup::Setup::new(version, setup));
+        }
+        self
+    }
     /// The crate's directory, recorded when the test was compiled: where the default
     /// fixtures and migrations (and `sqlx.toml`) are looked for when the environment
     /// does not say (a test binary run outside cargo). `#[pgfixture::test]` sets it.
@@ -257,7 +299,8 @@ fn read_fixtures(config: &Config) -> Result<Content> {
         Some(m) => Some(crate::migrations::Migrations::from_migrator(m.0)),
         None => migrations,
     };
-    let fixtures = FixtureSet::load_with(migrations, config.fixtures.as_deref())?;
+    let fixtures = FixtureSet::load_with(migrations, config.fixtures.as_deref())?
+        .with_setup(config.setup.clone());
     // Schema mode runs extensions and roles once per database, and refuses
     // database-wide objects up front.
     match config.isolation {

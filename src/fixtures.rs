@@ -24,6 +24,10 @@ pub(crate) struct FixtureSet {
     /// Migrations run by a migrator, before the files (plain migration files are
     /// among `files`, first).
     pub(crate) migrations: Option<std::sync::Arc<crate::migrations::Migrations>>,
+    /// How many of `files`, first, are plain migration files.
+    migration_files: usize,
+    /// Code of the user's, run after the migrations and before the fixtures.
+    pub(crate) setup: Option<crate::setup::Setup>,
 }
 
 impl FixtureSet {
@@ -94,8 +98,10 @@ impl FixtureSet {
         if let Some(m) = &migrations {
             m.hash_into(&mut digest);
         }
+        let mut migration_files = 0;
         let migrations = match migrations {
             Some(m) if m.layout == crate::migrations::Layout::Plain => {
+                migration_files = m.files.len();
                 files.splice(0..0, m.files);
                 None
             }
@@ -107,7 +113,22 @@ impl FixtureSet {
             files,
             hash,
             migrations,
+            migration_files,
+            setup: None,
         }
+    }
+
+    /// With the user's `setup` code, whose version keys the template too.
+    pub(crate) fn with_setup(mut self, setup: Option<crate::setup::Setup>) -> Self {
+        if let Some(setup) = &setup {
+            let mut digest = Sha256::new();
+            digest.update(self.hash.as_bytes());
+            digest.update(b"\nsetup ");
+            digest.update(setup.version().as_bytes());
+            self.hash = crate::digest::hex(&digest.finalize());
+        }
+        self.setup = setup;
+        self
     }
 
     /// The first `n` hex digits of the content hash.
@@ -115,10 +136,24 @@ impl FixtureSet {
         &self.hash[..n.min(self.hash.len())]
     }
 
-    /// Runs the migrations of a migrator, if any, into `dbname` on `server` (into
-    /// `schema` in schema mode, which must be committed already), then the files on
-    /// `client`.
+    /// Runs everything into the database `dbname` on `server`, whose connection
+    /// `client` is: [`FixtureSet::run_migrators`], then [`FixtureSet::apply`].
     pub(crate) async fn apply_all(
+        &self,
+        client: &Client,
+        server: &crate::server::Server,
+        dbname: &str,
+    ) -> Result<()> {
+        self.run_migrators(client, server, dbname, None).await?;
+        self.apply(client).await
+    }
+
+    /// Runs what works on connections of its own into `dbname` on `server` (into
+    /// `schema` in schema mode, which must be committed already): the migrations of a
+    /// migrator; then, with setup code, the plain migration files on `client` (each
+    /// committed, so that the setup's connections see them; `client` has the schema
+    /// first on its `search_path` then) and the setup code.
+    pub(crate) async fn run_migrators(
         &self,
         client: &Client,
         server: &crate::server::Server,
@@ -128,19 +163,33 @@ impl FixtureSet {
         if let Some(m) = &self.migrations {
             m.apply(client, server, dbname, schema).await?;
         }
-        self.apply(client).await
+        if let Some(setup) = &self.setup {
+            for file in &self.files[..self.migration_files] {
+                apply_file(client, &file.path, &file.sql).await?;
+            }
+            let settings = crate::settings::Settings::new(server, dbname, schema, None);
+            setup.run(settings.url.clone()).await?;
+        }
+        Ok(())
     }
 
-    /// Whether a migrator runs on a connection of its own (see [`FixtureSet::apply_all`]).
+    /// Whether a migrator or setup code runs on a connection of its own (see
+    /// [`FixtureSet::apply_all`]).
     pub(crate) fn migrator(&self) -> bool {
-        self.migrations.as_ref().is_some_and(|m| m.own_connection())
+        self.setup.is_some() || self.migrations.as_ref().is_some_and(|m| m.own_connection())
     }
 
     /// Runs every file on `client`, in order, each as one query (so a file is one
     /// implicit transaction unless it says otherwise); an error names the file, the
     /// line and the statement.
     pub(crate) async fn apply(&self, client: &Client) -> Result<()> {
-        for file in &self.files {
+        // With setup code, the plain migrations ran before it.
+        let done = if self.setup.is_some() {
+            self.migration_files
+        } else {
+            0
+        };
+        for file in &self.files[done..] {
             apply_file(client, &file.path, &file.sql).await?;
         }
         Ok(())
@@ -315,6 +364,8 @@ impl FixtureSet {
                 files,
                 hash: self.hash.clone(),
                 migrations,
+                migration_files: self.migration_files,
+                setup: self.setup.clone(),
             },
             shared,
         ))
@@ -462,6 +513,28 @@ mod tests {
         assert_ne!(a.hash(16), changed.hash(16));
         assert_ne!(a.hash(16), shifted.hash(16));
         assert_eq!(a.hash(12).len(), 12);
+    }
+
+    #[test]
+    fn a_setups_version_is_part_of_the_key() {
+        let files = || {
+            FixtureSet::from_files(vec![FixtureFile {
+                path: PathBuf::from("a.sql"),
+                sql: "x".into(),
+            }])
+        };
+        let setup = |version: &str| {
+            Some(crate::setup::Setup::new(version, |_| async {
+                Ok::<(), std::io::Error>(())
+            }))
+        };
+        let plain = files().with_setup(None);
+        let one = files().with_setup(setup("1"));
+        assert_eq!(plain.hash(64), files().hash(64));
+        assert_ne!(one.hash(64), plain.hash(64));
+        assert_eq!(one.hash(64), files().with_setup(setup("1")).hash(64));
+        assert_ne!(one.hash(64), files().with_setup(setup("2")).hash(64));
+        assert!(one.migrator(), "setup code runs on a connection of its own");
     }
 
     #[test]

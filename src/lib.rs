@@ -20,6 +20,7 @@ mod runs;
 mod runtime;
 mod server;
 mod settings;
+mod setup;
 mod sql;
 mod sqlx_toml;
 mod stream;

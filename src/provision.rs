@@ -326,7 +326,7 @@ pub(crate) async fn template(
                 .connect(&building)
                 .await
                 .map_err(Error::pg(format!("connecting to {building}")))?;
-            fixtures.apply_all(&client, server, &building, None).await?;
+            fixtures.apply_all(&client, server, &building).await?;
             let sequences = sequences(&client, "").await?;
             // Recorded for in-place restores; without a record, a worker is rebuilt.
             let recorded = async {
@@ -339,6 +339,19 @@ pub(crate) async fn template(
             Ok(sequences)
         }
         .await;
+        // The user's setup code may leave connections open (a pool dropped, not
+        // closed, closes them later): a database in use can be neither renamed nor
+        // cloned.
+        let applied = match applied {
+            Ok(sequences) if fixtures.setup.is_some() => {
+                let ended = async {
+                    terminate_connections(admin, &building).await?;
+                    wait_disconnected(admin, &building).await
+                };
+                ended.await.map(|()| sequences)
+            }
+            other => other,
+        };
         let sequences = match applied {
             Ok(sequences) => sequences,
             Err(e) => {
@@ -786,9 +799,19 @@ async fn build_schema(
                 .batch_execute(&create)
                 .await
                 .map_err(Error::pg(format!("creating schema {building}")))?;
-            if let Some(m) = &fixtures.migrations {
-                m.apply(client, at.0, at.1, Some(&building)).await?;
-            }
+            // Plain migrations run before setup code on this session, with the
+            // schema first on its `search_path`.
+            let path = format!("SET search_path TO {b}, {s}");
+            client
+                .batch_execute(&path)
+                .await
+                .map_err(Error::pg(format!("creating schema {building}")))?;
+            let ran = fixtures
+                .run_migrators(client, at.0, at.1, Some(&building))
+                .await;
+            let reset = client.batch_execute("RESET search_path").await;
+            ran?;
+            reset.map_err(Error::pg(format!("creating schema {building}")))?;
             begin
         } else {
             format!("BEGIN; {create} SET LOCAL search_path TO {b}, {s};")

@@ -18,6 +18,11 @@ impl DatabaseUrl {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(url: &str) -> DatabaseUrl {
+        DatabaseUrl(url.into())
+    }
 }
 
 impl fmt::Debug for DatabaseUrl {

@@ -2,9 +2,14 @@
 //! before the fixtures; sqlx's layout through sqlx's own migrator, so that
 //! `_sqlx_migrations` is what sqlx writes and the application's own migrator finds
 //! nothing to do; plain files in name order; bad folders and failing migrations named.
-//! Runs on the backend and isolation mode the environment selects.
+//! Setup code (`FixtureBuilder::setup`): once per template, after the migrations and
+//! before the fixtures, keyed by its version. Runs on the backend and isolation mode
+//! the environment selects.
+
+mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pgfixture::sqlx::migrate::Migrator;
 use pgfixture::sqlx::{Connection, PgConnection, TestDb};
@@ -546,4 +551,153 @@ fn outside_cargo_the_recorded_crate_directory_gives_sqlx_toml() {
         .build()
         .unwrap();
     assert_eq!(fixture.config().migrations, Some(dir.join("db/migrations")));
+}
+
+/// Setup code runs once into the template (in schema mode into the worker schema),
+/// after the migrations (plain files here) and before the fixtures, on the database
+/// being built: every test sees what it made, in that order, and the workers built
+/// from the template do not run it again. A connection it leaves open does not stop
+/// the template from being renamed and cloned.
+#[tokio::test]
+async fn setup_code_runs_once_between_the_migrations_and_the_fixtures() {
+    static RAN: AtomicUsize = AtomicUsize::new(0);
+    let migrations = folder(
+        "setup-order",
+        &[("a.sql", "CREATE TABLE setup_steps (n serial, step text);")],
+    );
+    let fixtures = folder(
+        "setup-order-fixtures",
+        &[(
+            "f.sql",
+            "INSERT INTO setup_steps (step) VALUES ('fixture');",
+        )],
+    );
+    // A version of its own: a template of an earlier run is not taken.
+    let version = common::unique_run("setup");
+    let build = || {
+        Fixture::builder()
+            .workers(1)
+            .migrations(&migrations)
+            .fixtures(&fixtures)
+            .setup(&version, |url| async move {
+                RAN.fetch_add(1, Ordering::SeqCst);
+                let mut conn = PgConnection::connect(url.as_str()).await?;
+                sqlx::query("INSERT INTO setup_steps (step) VALUES ('setup')")
+                    .execute(&mut conn)
+                    .await?;
+                // Left open, in a task that outlives the setup.
+                let (held, connection) = pgfixture::tokio_postgres::connect(
+                    url.as_str(),
+                    pgfixture::tokio_postgres::NoTls,
+                )
+                .await?;
+                tokio::spawn(async move {
+                    let _held = held;
+                    let _ = connection.await;
+                });
+                Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+            })
+            .build()
+            .expect("fixture")
+    };
+    for round in 0..3 {
+        // Built again with a new closure of the same version: the same fixture.
+        let fixture = build();
+        let mut db = TestDb::acquire(&fixture).await.unwrap();
+        let steps: Vec<String> = sqlx::query_scalar("SELECT step FROM setup_steps ORDER BY n")
+            .fetch_all(&mut *db)
+            .await
+            .unwrap();
+        assert_eq!(steps, ["setup", "fixture"], "round {round}");
+        sqlx::query("INSERT INTO setup_steps (step) VALUES ('test')")
+            .execute(&mut *db)
+            .await
+            .unwrap();
+    }
+    assert_eq!(RAN.load(Ordering::SeqCst), 1, "the setup ran once");
+}
+
+/// Fixtures that differ only by their setup's version have templates of their own,
+/// and the setup runs after a migrator's migrations (sqlx's layout here).
+#[tokio::test]
+async fn a_new_setup_version_builds_another_template() {
+    let run = common::unique_run("setupv");
+    for version in ["a", "b"] {
+        let fixture = Fixture::builder()
+            .workers(1)
+            .migrations(SQLX_MIGRATIONS)
+            .no_fixtures()
+            .setup(&format!("{run}-{version}"), move |url| async move {
+                let mut conn = PgConnection::connect(url.as_str()).await?;
+                let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+                    .fetch_one(&mut conn)
+                    .await?;
+                let sql = format!(
+                    "CREATE TABLE setup_version (version text, migrations bigint); \
+                     INSERT INTO setup_version VALUES ('{version}', {applied})"
+                );
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut conn)
+                    .await?;
+                conn.close().await
+            })
+            .build()
+            .expect("fixture");
+        let mut db = TestDb::acquire(&fixture).await.unwrap();
+        let (seen, migrations): (String, i64) =
+            sqlx::query_as("SELECT version, migrations FROM setup_version")
+                .fetch_one(&mut *db)
+                .await
+                .unwrap();
+        assert_eq!(seen, version);
+        assert!(migrations > 0, "the migrator ran first");
+    }
+}
+
+/// Setup code that fails, or panics, fails the acquire with an error naming its
+/// version and what went wrong, and leaves no half-built template or schema.
+#[tokio::test]
+async fn failing_setup_code_is_named_and_leaves_nothing() {
+    let run = common::unique_run("setupx");
+    let failing = Fixture::builder()
+        .workers(1)
+        .no_migrations()
+        .no_fixtures()
+        .setup(&format!("{run}-fails"), |url| async move {
+            let mut conn = PgConnection::connect(url.as_str()).await?;
+            sqlx::raw_sql("CREATE TABLE setup_half (x int); SELECT * FROM no_such_setup_table")
+                .execute(&mut conn)
+                .await?;
+            Ok::<(), sqlx::Error>(())
+        })
+        .build()
+        .expect("fixture");
+    let error = TestDb::acquire(&failing).await.unwrap_err();
+    let Error::Setup { version, message } = &error else {
+        panic!("not a setup error: {error}");
+    };
+    assert_eq!(version, &format!("{run}-fails"));
+    assert!(message.contains("no_such_setup_table"), "{error}");
+
+    let panicking = Fixture::builder()
+        .workers(1)
+        .no_migrations()
+        .no_fixtures()
+        .setup(&format!("{run}-panics"), |_| async move {
+            if true {
+                panic!("the setup cannot go on");
+            }
+            Ok::<(), sqlx::Error>(())
+        })
+        .build()
+        .expect("fixture");
+    let error = TestDb::acquire(&panicking).await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Setup { message, .. } if message.contains("panicked: the setup cannot go on")),
+        "{error}"
+    );
+
+    let good = with_migrations(SQLX_MIGRATIONS);
+    let mut db = TestDb::acquire(&good).await.unwrap();
+    assert_eq!(leftovers(&mut db).await, Vec::<String>::new());
 }
