@@ -822,7 +822,10 @@ async fn build_schema(
             .map_err(Error::pg(format!("creating schema {building}")))?;
         fixtures.apply(client).await?;
         record_schema(client, schema, &building).await?;
-        forget_ddl(client, &[schema, as_name, &building]).await?;
+        // A spare's build forgets only its own names: the worker's may be out to a
+        // test whose reading the worker's rows of the log are part of (its own are
+        // forgotten when the spare takes its place, while no test holds it).
+        forget_ddl(client, &[as_name, &building]).await?;
         // Commented under the temporary name; the settings are named after the
         // final one.
         let mut setting = String::new();
@@ -1171,6 +1174,7 @@ pub(crate) async fn reset_schema(
                 let _ = client.batch_execute("ROLLBACK").await;
                 return Err(Error::pg(format!("putting schema {spare} in place of {name}"))(e));
             }
+            forget_ddl(client, &[name]).await?;
             return Ok(true);
         }
         drop_schema(client, name).await?;

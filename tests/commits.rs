@@ -519,6 +519,84 @@ async fn a_connection_of_its_own_left_open_is_ended_at_release() {
     );
 }
 
+/// Whether the worker's next spare (`<worker>_spare`, a schema or a database) is ready
+/// and the one it replaced (`<worker>_old`) gone: the work a reset leaves to the
+/// background.
+async fn spare_made(client: &pgfixture::tokio_postgres::Client) -> bool {
+    client
+        .query_one(
+            "SELECT (EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = current_schema() || '_spare') \
+                     OR EXISTS (SELECT 1 FROM pg_database WHERE datname = current_database() || '_spare')) \
+                AND NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = current_schema() || '_old') \
+                AND NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = current_database() || '_old')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A worker pool taken right after a reset, while the next spare is made in the
+/// background, is read as any other: the spare's making does not touch what the
+/// reading of the worker compares (in schema mode it once forgot the worker's rows of
+/// the DDL log, and the worker was rebuilt), so its rows are put back in place.
+#[tokio::test]
+async fn a_spare_made_while_a_worker_pool_is_out_leaves_its_reading_alone() {
+    let (_serial, fixture) = single_worker().await;
+    let db = fixture.worker_db().await.unwrap();
+    let read = common::worker_pools_are_read(&db).await;
+    drop(db);
+    // A server of the user's gets no spares: nothing to wait for.
+    let spares = fixture.config().url.is_none();
+    // Two resets by DDL: the second puts the spare the first made in the worker's
+    // place, and starts making the next one.
+    for round in 0..2 {
+        let pool = fixture.worker_pool().await.unwrap();
+        let client = pool.get().await.unwrap();
+        client
+            .batch_execute("CREATE TABLE spare_race (x int)")
+            .await
+            .unwrap();
+        drop(client);
+        pool.release().await.unwrap();
+        if round == 0 && spares {
+            let db = fixture.worker_db().await.unwrap();
+            for _ in 0..500 {
+                if spare_made(&db).await {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    let before = fixture.stats();
+    let pool = fixture.worker_pool().await.unwrap();
+    let client = pool.get().await.unwrap();
+    // Held until the spare is made.
+    for _ in 0..500 {
+        if !spares || spare_made(&client).await {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+        .batch_execute("INSERT INTO notes (owner, body) VALUES ('spare race', 'x')")
+        .await
+        .unwrap();
+    drop(client);
+    pool.release().await.unwrap();
+    let after = fixture.stats();
+    if read {
+        assert_eq!(
+            after.workers_reset, before.workers_reset,
+            "the worker was rebuilt after rows only"
+        );
+        assert_eq!(after.pools_restored, before.pools_restored + 1);
+    }
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(count(&db, "spare race").await, 0);
+}
+
 /// Worker pools of two configurations whose workers share an id (worker 0 of each)
 /// tell their connections apart: the release of one neither ends the connections the
 /// other's test opened (still in use) nor waits for them.
