@@ -71,6 +71,7 @@ fn child(mode: &str) {
         manifest_dir: env!("CARGO_MANIFEST_DIR"),
         fixtures: &[],
         migrations: pgfixture::__macro::Migrations::Inferred,
+        setup: None,
     };
     if mode == "sqlx_attr" {
         // `async fn t(mut db: pgfixture::sqlx::TestDb)`

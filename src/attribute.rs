@@ -21,6 +21,8 @@ pub struct TestArgs {
     pub fixtures: &'static [TestFixture],
     /// Where the migrations come from.
     pub migrations: Migrations,
+    /// `setup = "..."` with its `setup_version`: what it does to the fixture's builder.
+    pub setup: Option<fn(crate::FixtureBuilder) -> crate::FixtureBuilder>,
 }
 
 /// A fixture file of one test, read at compile time.
@@ -148,6 +150,10 @@ impl TestArgs {
                 parts,
                 flags,
             } => builder.sqlx_migrator(own_migrator(migrator, parts, flags)),
+        };
+        let builder = match self.setup {
+            Some(setup) => setup(builder),
+            None => builder,
         };
         builder.build()
     }

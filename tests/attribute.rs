@@ -132,6 +132,36 @@ async fn a_worker_pool_test_that_fails_after_its_commit(pool: WorkerPool) {
     panic!("the test fails after its commit");
 }
 
+/// Code of the crate's that builds part of the template: here a table and a row, as an
+/// application's own code would seed them.
+async fn bootstrap(url: pgfixture::DatabaseUrl) -> Result<(), pgfixture::tokio_postgres::Error> {
+    let (client, connection) =
+        pgfixture::tokio_postgres::connect(url.as_str(), pgfixture::tokio_postgres::NoTls).await?;
+    let task = tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE TABLE bootstrapped (what text); INSERT INTO bootstrapped VALUES ('by code')",
+        )
+        .await?;
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}
+
+/// `setup` runs the crate's code once into the template of the test's handle, after
+/// the migrations and before the fixtures (the crate's `fixtures/` here, whose notes
+/// table the test also sees), keyed by `setup_version`.
+#[pgfixture::test(migrations = false, setup = "bootstrap", setup_version = "attribute-1")]
+async fn setup_code_builds_the_template_of_the_tests_handle(db: TestDb) {
+    let what: String = db
+        .query_one("SELECT what FROM bootstrapped", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(what, "by code");
+    alone(&db).await;
+}
+
 #[cfg(feature = "sqlx")]
 mod sqlx_handles {
     use pgfixture::sqlx::{self, Connection, PgConnection, PgPool, Postgres};
@@ -155,6 +185,20 @@ mod sqlx_handles {
     #[pgfixture::test]
     async fn takes_a_sqlx_test_db(mut db: pgfixture::sqlx::TestDb) {
         alone(&mut db).await;
+    }
+
+    /// The same setup for a pool: the same fixture, with the same template.
+    #[pgfixture::test(
+        migrations = false,
+        setup = "super::bootstrap",
+        setup_version = "attribute-1"
+    )]
+    async fn setup_code_builds_the_template_of_a_pool(pool: PgPool) {
+        let what: String = sqlx::query_scalar("SELECT what FROM bootstrapped")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(what, "by code");
     }
 
     #[pgfixture::test(fixtures("seed_notes"))]

@@ -41,6 +41,8 @@ struct Args {
     worker_threads: Option<syn::LitInt>,
     /// `start_paused = true`, as `#[tokio::test]` takes it.
     start_paused: Option<syn::LitBool>,
+    /// `setup = "path::to::code"` and its `setup_version = "..."`.
+    setup: Option<(syn::Path, LitStr)>,
 }
 
 fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
@@ -153,6 +155,19 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             "fixtures are applied through the test's handle: give the test one, e.g. `db: pgfixture::TestDb`",
         ));
     }
+    if let (None, Some((path, _))) = (handle_type, &args.setup) {
+        return Err(syn::Error::new_spanned(
+            path,
+            "setup code builds the template of the test's handle: give the test one, e.g. `db: pgfixture::TestDb`",
+        ));
+    }
+    // The setup, as a function pointer: the same code for every test that names it.
+    let setup = match &args.setup {
+        Some((path, version)) => quote_spanned! {path.span()=>
+            ::core::option::Option::Some(|builder: ::pgfixture::FixtureBuilder| builder.setup(#version, #path))
+        },
+        None => quote! { ::core::option::Option::None },
+    };
     let multi_thread = args.multi_thread.unwrap_or(false);
     let worker_threads = match &args.worker_threads {
         Some(n) => quote! { ::core::option::Option::Some(#n) },
@@ -191,6 +206,7 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             manifest_dir: ::core::env!("CARGO_MANIFEST_DIR"),
             fixtures: &[#(#fixtures),*],
             migrations: #migrations,
+            setup: #setup,
         }
     };
     if !is_async {
@@ -293,8 +309,10 @@ fn parse_args(metas: Punctuated<Meta, Token![,]>) -> syn::Result<Args> {
         multi_thread: None,
         worker_threads: None,
         start_paused: None,
+        setup: None,
     };
     let mut migrations_set = false;
+    let (mut setup, mut setup_version): (Option<syn::Path>, Option<LitStr>) = (None, None);
     for meta in metas {
         match meta {
             Meta::List(list) if list.path.is_ident("fixtures") => {
@@ -363,6 +381,24 @@ fn parse_args(metas: Punctuated<Meta, Token![,]>) -> syn::Result<Args> {
                 };
                 args.start_paused = Some(paused);
             }
+            Meta::NameValue(nv) if nv.path.is_ident("setup") => {
+                let Some(Lit::Str(path)) = literal(&nv.value) else {
+                    return Err(syn::Error::new_spanned(
+                        nv.value,
+                        "expected `setup = \"path::to::code\"`, an async fn taking the pgfixture::DatabaseUrl of the template being built",
+                    ));
+                };
+                setup = Some(path.parse()?);
+            }
+            Meta::NameValue(nv) if nv.path.is_ident("setup_version") => {
+                let Some(Lit::Str(version)) = literal(&nv.value) else {
+                    return Err(syn::Error::new_spanned(
+                        nv.value,
+                        "expected `setup_version = \"...\"`",
+                    ));
+                };
+                setup_version = Some(version);
+            }
             Meta::NameValue(nv) if nv.path.is_ident("worker_threads") => {
                 let Some(Lit::Int(n)) = literal(&nv.value) else {
                     return Err(syn::Error::new_spanned(
@@ -375,11 +411,27 @@ fn parse_args(metas: Punctuated<Meta, Token![,]>) -> syn::Result<Args> {
             other => {
                 return Err(syn::Error::new_spanned(
                     other,
-                    "expected `fixtures(\"name\", ...)`, `fixtures(path = \"dir\", scripts(\"name\", ...))`, `migrations = \"path\" | false`, `migrator = \"path::TO::MIGRATOR\"`, `flavor = \"multi_thread\"`, `worker_threads = N` or `start_paused = true`",
+                    "expected `fixtures(\"name\", ...)`, `fixtures(path = \"dir\", scripts(\"name\", ...))`, `migrations = \"path\" | false`, `migrator = \"path::TO::MIGRATOR\"`, `setup = \"path::to::code\", setup_version = \"...\"`, `flavor = \"multi_thread\"`, `worker_threads = N` or `start_paused = true`",
                 ));
             }
         }
     }
+    args.setup = match (setup, setup_version) {
+        (Some(path), Some(version)) => Some((path, version)),
+        (None, None) => None,
+        (Some(path), None) => {
+            return Err(syn::Error::new_spanned(
+                path,
+                "setup needs `setup_version = \"...\"`: the version keys the template the code builds; change it whenever the code would build something else",
+            ));
+        }
+        (None, Some(version)) => {
+            return Err(syn::Error::new_spanned(
+                version,
+                "setup_version without `setup = \"path::to::code\"`",
+            ));
+        }
+    };
     Ok(args)
 }
 
