@@ -121,7 +121,8 @@ impl FixtureBuilder {
     /// (sea-orm-migration's `Migrator::up`, refinery's embedded ones), or rows made by
     /// the application's own code. It gets the URL of the database being built (in
     /// schema mode with the worker schema first on its `search_path`) and connects
-    /// with the driver it likes; connections it leaves open are closed when it returns.
+    /// with the driver it likes; connections it leaves open to a template are closed
+    /// when it returns (in schema mode, whose database is shared, they stay open).
     ///
     /// Compiled code has no content pgfixture could hash: `version` keys the template
     /// in its place, with the files' content. Change it whenever the code would build
