@@ -17,6 +17,10 @@
 //! set) and on the server side (proportional set size of the servers' processes for
 //! local servers, the containers' memory use for Docker).
 
+#[path = "common/run.rs"]
+mod run;
+use run::median;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -91,11 +95,6 @@ fn first_handle(env: &[(&str, &str)]) -> Duration {
 
 fn refs<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     v.iter().map(|(k, v)| (*k, v.as_str())).collect()
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 /// Server-side memory of a run, in kB: the PSS of its local servers' processes, or its

@@ -20,10 +20,11 @@
 
 #[path = "common/migration.rs"]
 mod migration;
+#[path = "common/run.rs"]
+mod run;
+use run::{env_or, median, run_suite};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection, SqlxPostgresConnector};
 use sea_orm_migration::prelude::*;
@@ -85,52 +86,6 @@ async fn body(db: &DatabaseConnection, n: usize) {
         .unwrap();
     let count: i64 = row.try_get("", "n").unwrap();
     assert_eq!(count, 1, "another test's row is visible");
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-/// Runs `tests` tests on `threads` threads, each test on a current-thread runtime of
-/// its own, as `cargo test` runs `#[tokio::test]`s; the wall time.
-fn suite<F, Fut>(tests: usize, threads: usize, test: F) -> Duration
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let next = Arc::new(AtomicUsize::new(0));
-    let test = Arc::new(test);
-    let started = Instant::now();
-    let handles: Vec<_> = (0..threads)
-        .map(|_| {
-            let (next, test) = (Arc::clone(&next), Arc::clone(&test));
-            std::thread::spawn(move || {
-                loop {
-                    let n = next.fetch_add(1, Ordering::SeqCst);
-                    if n >= tests {
-                        break;
-                    }
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap()
-                        .block_on(test(n));
-                }
-            })
-        })
-        .collect();
-    for handle in handles {
-        handle.join().unwrap();
-    }
-    started.elapsed()
 }
 
 /// A database per test on the server at `server_url` (`.../postgres`), migrated.
@@ -231,13 +186,15 @@ fn main() {
         let mut ours = Vec::new();
         for _ in 0..repeat {
             let server_url = Arc::clone(&server_url);
-            naive.push(suite(tests, t, move |n| {
+            naive.push(run_suite(t, tests, move |n| {
                 database_per_test(Arc::clone(&server_url), n)
             }));
             cell += 1;
             let run = format!("seab{}{cell}", std::process::id() % 10_000);
             let fixture = fixture(&run, t);
-            ours.push(suite(tests, t, move |n| on_pgfixture(fixture.clone(), n)));
+            ours.push(run_suite(t, tests, move |n| {
+                on_pgfixture(fixture.clone(), n)
+            }));
         }
         let (naive, ours) = (median(naive), median(ours));
         println!(

@@ -37,6 +37,10 @@
 //! numbers as CSV and a plot of suite time against workers as SVG (`BENCH_PLOT`,
 //! default `target/pgfixture-bench/suite.svg`).
 
+#[path = "common/run.rs"]
+mod run;
+use run::{median, run_suite};
+
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -262,41 +266,6 @@ async fn raw_server(run: &str) -> Raw {
             .unwrap();
     }
     raw
-}
-
-/// Runs `tests` tests, `workers` at a time, each on a thread of its own with a fresh
-/// runtime; returns the wall time.
-fn run_suite<F, Fut>(workers: usize, tests: usize, test: F) -> Duration
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let next = Arc::new(AtomicUsize::new(0));
-    let test = Arc::new(test);
-    let started = Instant::now();
-    let threads: Vec<_> = (0..workers)
-        .map(|_| {
-            let next = Arc::clone(&next);
-            let test = Arc::clone(&test);
-            std::thread::spawn(move || {
-                loop {
-                    let n = next.fetch_add(1, Ordering::Relaxed);
-                    if n >= tests {
-                        break;
-                    }
-                    tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap()
-                        .block_on(test(n));
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("a test panicked");
-    }
-    started.elapsed()
 }
 
 fn fixture(run: &str, isolation: Isolation, workers: usize) -> Fixture {
@@ -581,11 +550,6 @@ impl SharedClient {
         });
         SharedClient(Arc::new((runtime, client)))
     }
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
 }
 
 fn plot(results: &[(Load, Strategy, Vec<Duration>)], tests: usize, path: &std::path::Path) {
