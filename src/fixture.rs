@@ -396,9 +396,34 @@ async fn idle_connections(
 /// worker: workers of two configurations share ids), then its id as far as it fits in
 /// PostgreSQL's 63 bytes. The release ends the connections of this name still open.
 fn pool_application_name(run: &str, worker: &str, id: &WorkerId) -> String {
-    let mut name = format!("{run}/pool-{}-{id}", crate::digest::sha256_hex(worker, 6));
+    let mut name = format!(
+        "{run}{POOL_ROLE}{}-{id}",
+        crate::digest::sha256_hex(worker, 6)
+    );
     name.truncate(provision::MAX_IDENT);
     name
+}
+
+/// What names a worker pool's connections in [`pool_application_name`].
+const POOL_ROLE: &str = "/pool-";
+/// What names, in its stead, the connections a driver keeps for the worker's pools
+/// from test to test ([`kept_application_name`]).
+const KEPT_ROLE: &str = "/kept-";
+
+/// The `application_name` of the connections a driver keeps open for a worker's pools
+/// between tests (the sqlx driver's pool), from the worker pool's (`pool_name`, of
+/// [`pool_application_name`]): the same with [`KEPT_ROLE`], so that a release ends
+/// them only when asked (`WorkerPool::end_kept_on_release`).
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+pub(crate) fn kept_application_name(pool_name: &str) -> String {
+    match pool_name.rfind(POOL_ROLE) {
+        Some(at) => format!(
+            "{}{KEPT_ROLE}{}",
+            &pool_name[..at],
+            &pool_name[at + POOL_ROLE.len()..]
+        ),
+        None => format!("{pool_name}{KEPT_ROLE}"),
+    }
 }
 
 /// The name of the running test: libtest runs each test on a thread named after it.
@@ -1115,6 +1140,7 @@ impl Inner {
                 lease,
                 owner: Arc::clone(&self),
                 application_name: server.application_name,
+                end_kept: false,
                 before,
                 state: worker,
             })
@@ -1265,8 +1291,17 @@ impl Inner {
         &self,
         id: &WorkerId,
         application_name: &str,
+        kept: Option<&str>,
         before: Option<Reading>,
     ) -> Result<()> {
+        // A driver's kept connections that were still out when the test ended (a task
+        // of the test's holding one): ended first, which rolls back what they left
+        // open, so that the reading sees all they did and none writes after it (into
+        // the worker's successor, in schema mode). Where they cannot be, a rebuild.
+        let before = match kept {
+            Some(name) if !self.end_test_connections(id, name).await => None,
+            _ => before,
+        };
         let deadline = Instant::now() + self.config.acquire_timeout;
         // Whether every pooled connection is idle with its session cleared.
         let mut keep_pool = false;
@@ -1362,7 +1397,7 @@ impl Inner {
             }
         }
         if !ended {
-            self.end_test_connections(id, application_name).await;
+            let _ = self.end_test_connections(id, application_name).await;
         }
         self.reset_keeping(id, keep_pool).await
     }
@@ -1371,19 +1406,21 @@ impl Inner {
     /// from worker `id`'s pool settings and left open ([`provision::end_open`]),
     /// before the worker is rebuilt without a reading (before PostgreSQL 15, a pooled
     /// connection still held): a rebuild in schema mode would not end them, and one
-    /// could hold locks of the schema it drops, or write into its successor. Errors
-    /// are only logged: the rebuild decides.
-    async fn end_test_connections(&self, id: &WorkerId, application_name: &str) {
+    /// could hold locks of the schema it drops, or write into its successor; or those
+    /// a driver kept that were still out at the test's end, before the reading.
+    /// Whether they are gone; errors are only logged.
+    async fn end_test_connections(&self, id: &WorkerId, application_name: &str) -> bool {
         let Some(worker) = self.ready_worker(id) else {
-            return;
+            return false;
         };
         let ended = async {
             let admin = self.admin(&worker.server).await?;
             provision::end_open(&admin, application_name).await
         };
-        if let Err(error) = ended.await {
+        ended.await.unwrap_or_else(|error| {
             tracing::debug!(%error, worker = %id, "ending a worker pool's connections failed");
-        }
+            false
+        })
     }
 
     /// Puts back in place the rows of the relations `oids` of `worker`, which are all
@@ -2241,6 +2278,12 @@ mod tests {
                 assert!(name.len() <= provision::MAX_IDENT, "{name}");
                 assert!(name.starts_with(&format!("{run}/pool-")), "{name}");
                 assert!(names.insert(name.clone()), "{name} twice");
+                // The connections a driver keeps: a name of their own, which a
+                // release ends only when asked, and a sweep still counts as the run's.
+                let kept = kept_application_name(&name);
+                assert!(kept.len() <= provision::MAX_IDENT, "{kept}");
+                assert!(kept.starts_with(&format!("{run}/kept-")), "{kept}");
+                assert!(names.insert(kept.clone()), "{kept} twice");
             }
         }
     }

@@ -31,6 +31,9 @@ pub struct WorkerPool {
     pub(crate) owner: Arc<Inner>,
     /// The `application_name` of the pool's connections.
     pub(crate) application_name: String,
+    /// Whether the release ends the connections a driver keeps for the worker's pools
+    /// ([`crate::fixture::kept_application_name`]) before it reads the worker.
+    pub(crate) end_kept: bool,
     /// What the worker looked like when the pool was handed out ([`crate::restore`]).
     pub(crate) before: Option<crate::restore::Reading>,
     /// The worker as it was when the pool was handed out, whose stash keeps what other
@@ -88,11 +91,13 @@ impl WorkerPool {
         runtime::run(self.finish()).await
     }
 
-    /// Makes the release rebuild the worker, without a reading: for a driver whose
-    /// connections may still change it, or whose sessions it could not clear.
+    /// Makes the release end the connections the driver keeps for the worker's pools
+    /// before it reads the worker ([`crate::fixture::kept_application_name`]): for a
+    /// driver whose kept connections were not all back, or not all cleared, when the
+    /// test ended. A connection it cannot end makes the release rebuild the worker.
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
-    pub(crate) fn rebuild_on_release(&mut self) {
-        self.before = None;
+    pub(crate) fn end_kept_on_release(&mut self) {
+        self.end_kept = true;
     }
 
     fn finish(&mut self) -> impl Future<Output = Result<()>> + Send + 'static {
@@ -102,11 +107,15 @@ impl WorkerPool {
         let owner = Arc::clone(&self.owner);
         let application_name = std::mem::take(&mut self.application_name);
         let before = self.before.take();
+        let kept = std::mem::take(&mut self.end_kept)
+            .then(|| crate::fixture::kept_application_name(&application_name));
         async move {
             // The worker's own pool: its connections stay open and warm.
             let Some(pool) = pool else { return Ok(()) };
             drop(pool);
-            let result = owner.release_pool(&worker, &application_name, before).await;
+            let result = owner
+                .release_pool(&worker, &application_name, kept.as_deref(), before)
+                .await;
             if result.is_err() {
                 // Marked as in use by a worker pool still: the next test provisions it
                 // again, finds the mark and rebuilds it, rather than taking it as it is.

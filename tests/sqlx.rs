@@ -507,6 +507,115 @@ fn connections_opened_on_a_tests_runtime_are_closed_at_release() {
     });
 }
 
+/// A connection of the worker pool that a task of the test still holds when the test
+/// ends (an application's background job, a `PgListener`), with a transaction open, is
+/// ended at release, by its name: its open transaction is rolled back, what it
+/// committed is put back in place without a rebuild, and it cannot write after the
+/// test (into the worker's successor, in schema mode, where a rebuild keeps the name).
+/// The next test's pool works.
+#[tokio::test]
+async fn a_connection_a_task_still_holds_is_ended_at_release() {
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(10)
+        .build()
+        .expect("fixture");
+    let read = pools_read(&fixture).await;
+    let before = fixture.stats();
+    let pool = WorkerPool::acquire(&fixture).await.unwrap();
+    let (go, later) = tokio::sync::oneshot::channel::<()>();
+    let (held, ready) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let pool: sqlx::PgPool = (*pool).clone();
+        async move {
+            let mut conn = pool.acquire().await.unwrap();
+            sqlx::raw_sql(
+                "INSERT INTO notes (owner, body) VALUES ('sqlx-held', 'committed'); \
+                 BEGIN; INSERT INTO notes (owner, body) VALUES ('sqlx-held', 'open')",
+            )
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+            held.send(()).unwrap();
+            let _ = later.await;
+            sqlx::raw_sql(
+                "COMMIT; INSERT INTO notes (owner, body) VALUES ('sqlx-held', 'after the test')",
+            )
+            .execute(&mut *conn)
+            .await
+        }
+    });
+    ready.await.unwrap();
+    pool.release().await.unwrap();
+    go.send(()).unwrap();
+    assert!(
+        task.await.unwrap().is_err(),
+        "the held connection still wrote after its test"
+    );
+    let after = fixture.stats();
+    if read {
+        assert_eq!(after.workers_reset, before.workers_reset, "{after:?}");
+        assert_eq!(after.pools_restored, before.pools_restored + 1, "{after:?}");
+    }
+    let pool = WorkerPool::acquire(&fixture).await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM notes WHERE owner = 'sqlx-held'")
+        .fetch_one(&*pool)
+        .await
+        .unwrap();
+    assert_eq!(seen, 0, "the held connection's rows reached the next test");
+    pool.release().await.unwrap();
+}
+
+/// A `#[tokio::test]` that drops its worker pool right after its last query (the
+/// query's connection still on its way back, on the test's runtime that the drop
+/// blocks), or whose task still listens on one of its connections, leaves the worker
+/// as it is: no rebuild, and the next tests' pools work.
+#[test]
+fn a_worker_pool_dropped_at_once_or_with_a_listener_needs_no_rebuild() {
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(11)
+        .build()
+        .expect("fixture");
+    let read = test_runtime(false).block_on(pools_read(&fixture));
+    let before = fixture.stats();
+    for round in 0..3 {
+        test_runtime(round % 2 == 1).block_on(async {
+            let pool = WorkerPool::acquire(&fixture).await.unwrap();
+            sqlx::query("SELECT 1").execute(&*pool).await.unwrap();
+        });
+        test_runtime(round % 2 == 0).block_on(async {
+            let pool = WorkerPool::acquire(&fixture).await.unwrap();
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+                .await
+                .unwrap();
+            listener.listen("pgfx_jobs").await.unwrap();
+            let task =
+                tokio::spawn(async move { listener.recv().await.map(|n| n.payload().to_owned()) });
+            sqlx::query("SELECT pg_notify('pgfx_jobs', 'one')")
+                .execute(&*pool)
+                .await
+                .unwrap();
+            assert_eq!(task.await.unwrap().unwrap(), "one");
+            let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+                .await
+                .unwrap();
+            listener.listen("pgfx_jobs").await.unwrap();
+            let _listening = tokio::spawn(async move { while listener.recv().await.is_ok() {} });
+            pool.release().await.unwrap();
+        });
+    }
+    let after = fixture.stats();
+    if read {
+        assert_eq!(after.workers_reset, before.workers_reset, "{after:?}");
+        assert_eq!(
+            after.pools_unchanged,
+            before.pools_unchanged + 6,
+            "{after:?}"
+        );
+    }
+}
+
 /// What a test leaves in the session of its `TestDb` connection that a rollback does
 /// not undo (a session advisory lock, a statement prepared with SQL, the sequences'
 /// `currval`) is gone for the next test, on the same connection. In-process the end of

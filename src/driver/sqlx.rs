@@ -589,7 +589,10 @@ async fn connect_within(settings: &Settings) -> Result<PgConnection, ::sqlx::Err
 /// leaves: open transactions, advisory locks, `SET`s, `LISTEN`s, temporary tables,
 /// statements prepared with SQL `PREPARE`); sqlx's own statement cache stays. A
 /// connection the test made the pool open beyond the two it keeps (many at once) is
-/// opened on the test's runtime and closed at release. Copies of the pool that a test
+/// opened on the test's runtime and closed at release. A connection still out when
+/// the test ends (a task of the test's holds it, or it is on its way back to a
+/// dropped guard) is not waited for: the pool is closed and its connections ended,
+/// their backends terminated, before the worker is read. Copies of the pool that a test
 /// keeps past its end still reach the worker: do not.
 pub struct WorkerPool {
     pool: Option<KeptPool>,
@@ -648,11 +651,14 @@ impl WorkerPool {
             }
             None => match core.state.take_idle::<KeptPool>() {
                 // Back from the last test's clearing, as a rule, by now.
-                Some(kept) if !kept.pool.is_closed() && all_idle(&kept.pool).await => kept,
+                Some(kept) if !kept.pool.is_closed() && all_idle(&kept.pool, SECOND).await => kept,
                 _ => {
-                    let (worker, timeout) =
-                        (Arc::clone(&core.state), fixture.config().acquire_timeout);
-                    runtime::run(async move { new_kept(&worker, timeout) }).await
+                    let (worker, settings, timeout) = (
+                        Arc::clone(&core.state),
+                        Arc::clone(&core.settings),
+                        fixture.config().acquire_timeout,
+                    );
+                    runtime::run(async move { new_kept(&worker, &settings, timeout) }).await
                 }
             },
         };
@@ -731,10 +737,19 @@ fn kept_pool(options: PgConnectOptions, max: u32, timeout: std::time::Duration) 
 }
 
 /// A new kept pool on `worker`, of `#[sqlx::test]`'s size ([`super::sqlx_pool_size`]),
-/// with pgfixture's own connection settings (its connections are not the test's own).
-fn new_kept(worker: &crate::fixture::Worker, timeout: std::time::Duration) -> KeptPool {
+/// with pgfixture's own connection settings, named after the worker pool's (`pool`,
+/// its settings) as connections a driver keeps
+/// ([`kept_application_name`](crate::fixture::kept_application_name)): the release
+/// ends them by that name when they are not all back.
+fn new_kept(
+    worker: &crate::fixture::Worker,
+    pool: &Settings,
+    timeout: std::time::Duration,
+) -> KeptPool {
+    let pool_name = pool.pg_config.get_application_name().unwrap_or_default();
     kept_pool(
-        own_connect_options(worker.settings()),
+        own_connect_options(worker.settings())
+            .application_name(&crate::fixture::kept_application_name(pool_name)),
         super::sqlx_pool_size(worker),
         timeout,
     )
@@ -753,7 +768,7 @@ fn kept_now() -> u32 {
 async fn fill(pool: PgPool) {
     let opened = futures::future::join_all((0..kept_now()).map(|_| pool.acquire())).await;
     drop(opened);
-    all_idle(&pool).await;
+    all_idle(&pool, SECOND).await;
 }
 
 /// A kept pool opening its connections ([`open_kept`]).
@@ -767,22 +782,31 @@ struct Opening {
 /// process, or after a reset), a new one starts opening its connections while the core
 /// marks and reads the worker. One left opening by an acquire that failed since is
 /// taken by the next.
-fn open_kept(worker: &Arc<crate::fixture::Worker>, _: &Arc<Settings>, config: &crate::Config) {
+fn open_kept(worker: &Arc<crate::fixture::Worker>, pool: &Arc<Settings>, config: &crate::Config) {
     if worker.has_idle::<KeptPool>() || worker.has_idle::<Opening>() {
         return;
     }
-    let kept = new_kept(worker, config.acquire_timeout);
+    let kept = new_kept(worker, pool, config.acquire_timeout);
     let opened = tokio::spawn(fill(kept.pool.clone()));
     worker.keep_idle(Opening { kept, opened });
 }
 
-/// Waits (up to a second) until every connection of `pool` is back in it: sqlx returns
-/// each in a task of its own, on the runtime that dropped it. Whether they all are.
-async fn all_idle(pool: &PgPool) -> bool {
+/// How long [`all_idle`] waits for connections pgfixture returned itself.
+const SECOND: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long a release waits for the test's connections to come back before it ends
+/// those still out ([`keep_or_close`]): a return is a round trip; one still out after
+/// this is held (by a task of the test's, a `PgListener`) or stuck in a query.
+const BACK_AFTER_TEST: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Waits (up to `patience`) until every connection of `pool` is back in it: sqlx
+/// returns each in a task of its own, on the runtime that dropped it. Whether they all
+/// are.
+async fn all_idle(pool: &PgPool, patience: std::time::Duration) -> bool {
     let started = std::time::Instant::now();
     while pool.num_idle() < pool.size() as usize {
         let waited = started.elapsed();
-        if waited >= std::time::Duration::from_secs(1) {
+        if waited >= patience {
             return false;
         }
         // A return is a round trip (sqlx pings the connection), a fraction of the
@@ -800,11 +824,11 @@ async fn all_idle(pool: &PgPool) -> bool {
 }
 
 /// After a test: when every connection of the worker's `pool` came back and its session
-/// was cleared, the pool goes to the worker's stash for the next test, and the worker's
-/// reading decides between nothing, a restore and a reset. Else the pool is closed and
-/// the worker reset: a connection still out could change it later.
+/// was cleared, the pool goes to the worker's stash for the next test. Else it is
+/// closed ([`discard`]). Either way the worker's reading then decides between nothing,
+/// a restore and a reset.
 async fn keep_or_close(kept: KeptPool, mut core: crate::WorkerPool) -> crate::WorkerPool {
-    let cleared = all_idle(&kept.pool).await && {
+    let cleared = all_idle(&kept.pool, BACK_AFTER_TEST).await && {
         // Cleared on pgfixture's runtime, where the connections then go back to the
         // pool (sqlx returns each in a task of the runtime that dropped it): the
         // test's runtime may end as soon as this returns.
@@ -816,10 +840,20 @@ async fn keep_or_close(kept: KeptPool, mut core: crate::WorkerPool) -> crate::Wo
             .store(false, std::sync::atomic::Ordering::SeqCst);
         core.state.keep_idle(kept);
     } else {
-        core.rebuild_on_release();
-        let _ = runtime::timeout(std::time::Duration::from_secs(1), kept.pool.close()).await;
+        discard(&kept, &mut core);
     }
     core
+}
+
+/// Closes the worker's `kept` pool, some of whose connections are still out (held by a
+/// task of the test's, or on their way back on a runtime that cannot run) or were not
+/// cleared, and makes the release end them all, by their name, before it reads the
+/// worker: a connection still out could change the worker later, or leave its session
+/// to the next test. The next worker pool opens new ones.
+fn discard(kept: &KeptPool, core: &mut crate::WorkerPool) {
+    // Closed at once; the wait for the connections out would never end.
+    drop(kept.pool.close());
+    core.end_kept_on_release();
 }
 
 /// Clears the session of every (idle) connection of `pool` and closes those opened on
@@ -893,8 +927,7 @@ impl Drop for WorkerPool {
                 keep_or_close(kept, core).await
             } else {
                 let mut core = core;
-                core.rebuild_on_release();
-                drop(kept.pool.close());
+                discard(&kept, &mut core);
                 core
             };
             if let Err(error) = core.release().await {
