@@ -396,13 +396,25 @@ async fn idle_connections(
 /// worker: workers of two configurations share ids), then its id as far as it fits in
 /// PostgreSQL's 63 bytes. The release ends the connections of this name still open.
 fn pool_application_name(run: &str, worker: &str, id: &WorkerId) -> String {
-    let mut name = format!(
-        "{run}{POOL_ROLE}{}-{id}",
-        crate::digest::sha256_hex(worker, 6)
-    );
+    worker_application_name(run, worker, id, POOL_ROLE)
+}
+
+/// The `application_name` of the connections of the worker's own pool, named as
+/// [`pool_application_name`] with [`OWN_ROLE`]: the release of a worker pool one of
+/// them is still held past ends them all (in schema mode the worker's successor takes
+/// its name, and the held one would write into it).
+fn own_application_name(run: &str, worker: &str, id: &WorkerId) -> String {
+    worker_application_name(run, worker, id, OWN_ROLE)
+}
+
+fn worker_application_name(run: &str, worker: &str, id: &WorkerId, role: &str) -> String {
+    let mut name = format!("{run}{role}{}-{id}", crate::digest::sha256_hex(worker, 6));
     name.truncate(provision::MAX_IDENT);
     name
 }
+
+/// What names the connections of the worker's own pool ([`own_application_name`]).
+const OWN_ROLE: &str = "/worker-";
 
 /// What names a worker pool's connections in [`pool_application_name`].
 const POOL_ROLE: &str = "/pool-";
@@ -475,6 +487,8 @@ pub(crate) fn server_gone(error: &Error) -> bool {
 /// connections to it.
 pub(crate) struct Worker {
     pool: Pool,
+    /// The `application_name` of the pool's connections ([`own_application_name`]).
+    application_name: String,
     served: AtomicU64,
     server: Server,
     dbname: String,
@@ -1399,6 +1413,20 @@ impl Inner {
         if !ended {
             let _ = self.end_test_connections(id, application_name).await;
         }
+        // A connection of the worker's own pool still held (by a task of the test's)
+        // is ended with the others of that pool, which the reset replaces, rolling
+        // back what it left open: else it could write after its test, in schema mode
+        // into the worker's successor, which takes the worker's name.
+        if let Some(worker) = self.ready_worker(id) {
+            let status = worker.pool.status();
+            if status.size != status.available {
+                worker.pool.close();
+                keep_pool = false;
+                let _ = self
+                    .end_test_connections(id, &worker.application_name)
+                    .await;
+            }
+        }
         self.reset_keeping(id, keep_pool).await
     }
 
@@ -1833,7 +1861,7 @@ impl Inner {
         if !reset
             && (!shared_server || !self.config.reset_sequences)
             && let Some(worker) = match primer {
-                Some(primer) => self.attach_primed(&server, &worker_name, primer).await,
+                Some(primer) => self.attach_primed(id, &server, &worker_name, primer).await,
                 None => self.attach_worker(id, &server, &worker_name).await,
             }
             .or_else(|e| if shared_server { Ok(None) } else { Err(e) })?
@@ -1930,6 +1958,7 @@ impl Inner {
                 && old.dbname == dbname
                 && old.search_path == search_path
         });
+        let application_name = own_application_name(&server.application_name, &worker_name, id);
         let pool = match &kept {
             Some(old) => {
                 // Statements prepared on the old schema's objects are described by
@@ -1944,6 +1973,7 @@ impl Inner {
                     &server,
                     &dbname,
                     search_path.as_deref(),
+                    &application_name,
                     size,
                     self.config.acquire_timeout,
                 )
@@ -1969,6 +1999,7 @@ impl Inner {
         let begin = self.begin_sql(target);
         let worker = Arc::new(Worker {
             pool,
+            application_name,
             served: AtomicU64::new(0),
             server,
             dbname,
@@ -2059,6 +2090,7 @@ impl Inner {
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     async fn attach_primed(
         &self,
+        id: &WorkerId,
         server: &Server,
         name: &str,
         primer: Primer,
@@ -2079,15 +2111,18 @@ impl Inner {
         let Some(conn) = primer(Arc::clone(&settings), check).await? else {
             return Ok(None);
         };
+        let application_name = own_application_name(&server.application_name, name, id);
         let pool = crate::pool::build(
             server,
             dbname,
             search_path.as_deref(),
+            &application_name,
             wanted,
             self.config.acquire_timeout,
         );
         let worker = Worker {
             pool,
+            application_name,
             served: AtomicU64::new(0),
             server: server.clone(),
             dbname: dbname.to_owned(),
@@ -2181,10 +2216,12 @@ impl Inner {
             )
         };
         let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        let application_name = own_application_name(&server.application_name, name, id);
         let pool = crate::pool::build(
             server,
             &dbname,
             search_path.as_deref(),
+            &application_name,
             wanted,
             self.config.acquire_timeout,
         );
@@ -2243,6 +2280,7 @@ impl Inner {
         let settings = Settings::new(server, &dbname, search_path.as_deref(), restart);
         Ok(Some(Arc::new(Worker {
             pool,
+            application_name,
             served: AtomicU64::new(0),
             server: server.clone(),
             dbname,
@@ -2284,6 +2322,12 @@ mod tests {
                 assert!(kept.len() <= provision::MAX_IDENT, "{kept}");
                 assert!(kept.starts_with(&format!("{run}/kept-")), "{kept}");
                 assert!(names.insert(kept.clone()), "{kept} twice");
+                // The worker's own pool: ended by name when a client of it is still
+                // held at a release.
+                let own = own_application_name(run, &worker, &id);
+                assert!(own.len() <= provision::MAX_IDENT, "{own}");
+                assert!(own.starts_with(&format!("{run}/worker-")), "{own}");
+                assert!(names.insert(own.clone()), "{own} twice");
             }
         }
     }

@@ -197,22 +197,20 @@ pub(crate) fn maintenance(server: &Server, dbname: &str, wait: Duration) -> Pool
 }
 
 /// The pool of worker connections to `dbname` on `server`, optionally with a
-/// `search_path` set at connection start (schema mode).
+/// `search_path` set at connection start (schema mode), named `application_name`.
 pub(crate) fn build(
     server: &Server,
     dbname: &str,
     search_path: Option<&str>,
+    application_name: &str,
     size: usize,
     wait: Duration,
 ) -> Pool {
+    let mut pg_config = own_pg_config(server, dbname, search_path);
+    pg_config.application_name(application_name);
     // A test's transaction always ends in ROLLBACK, so a returned connection is
     // clean; a closed one is detected without a query.
-    pool(
-        own_pg_config(server, dbname, search_path),
-        RecyclingMethod::Fast,
-        size,
-        wait,
-    )
+    pool(pg_config, RecyclingMethod::Fast, size, wait)
 }
 
 /// A pool of `size` connections with `pg_config`, opened on the background runtime,

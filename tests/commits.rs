@@ -519,6 +519,54 @@ async fn a_connection_of_its_own_left_open_is_ended_at_release() {
     );
 }
 
+/// A client of the worker pool that a task of the test still holds when the test ends
+/// (an application's background job) means a reset, and is ended first: its open
+/// transaction is rolled back, and it cannot write after its test, into the worker's
+/// successor (in schema mode the successor takes the worker's name, and the held
+/// connection's `search_path` would reach it).
+#[tokio::test]
+async fn a_pooled_client_a_task_still_holds_is_ended_at_release() {
+    let (_serial, fixture) = single_worker().await;
+    let pool = fixture.worker_pool().await.unwrap();
+    let (go, later) = tokio::sync::oneshot::channel::<()>();
+    let (held, ready) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let pool = (*pool).clone();
+        async move {
+            let client = pool.get().await.unwrap();
+            client
+                .batch_execute(
+                    "INSERT INTO notes (owner, body) VALUES ('held client', 'committed'); \
+                     BEGIN; INSERT INTO notes (owner, body) VALUES ('held client', 'open')",
+                )
+                .await
+                .unwrap();
+            held.send(()).unwrap();
+            let _ = later.await;
+            client
+                .batch_execute(
+                    "COMMIT; INSERT INTO notes (owner, body) VALUES ('held client', 'after the test')",
+                )
+                .await
+        }
+    });
+    ready.await.unwrap();
+    let resets = fixture.stats().workers_reset;
+    pool.release().await.unwrap();
+    assert_eq!(fixture.stats().workers_reset, resets + 1);
+    go.send(()).unwrap();
+    assert!(
+        task.await.unwrap().is_err(),
+        "the held client still wrote after its test"
+    );
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        count(&db, "held client").await,
+        0,
+        "the held client's rows reached the next test"
+    );
+}
+
 /// Whether the worker's next spare (`<worker>_spare`, a schema or a database) is ready
 /// and the one it replaced (`<worker>_old`) gone: the work a reset leaves to the
 /// background.
