@@ -832,13 +832,18 @@ async fn build_schema(
         if as_name == schema {
             setting = settings_sql(client, schema, &building, settings_on, mark).await?;
         }
+        // The rows' statistics reach the server as the build ends: arriving later
+        // (a backend sends them at most once a second), they would show as a change
+        // in the first test's reading.
+        let flush = flush_statistics_sql(flushes_statistics(client).await?);
+        let commit = format!(
+            "{}; ALTER SCHEMA {} RENAME TO {}; {setting} COMMIT",
+            mark_sql(Target::Schema(&building, None), mark, false),
+            ident(&building),
+            ident(as_name)
+        );
         client
-            .batch_execute(&format!(
-                "{}; ALTER SCHEMA {} RENAME TO {}; {setting} COMMIT;",
-                mark_sql(Target::Schema(&building, None), mark, false),
-                ident(&building),
-                ident(as_name)
-            ))
+            .batch_execute(&then(commit, flush))
             .await
             .map_err(Error::pg(format!("renaming schema {building}")))
     };

@@ -567,6 +567,52 @@ async fn a_pooled_client_a_task_still_holds_is_ended_at_release() {
     );
 }
 
+/// A worker schema built from the fixtures has its rows' statistics in place as soon
+/// as it is ready. Arriving later (a backend sends them at most once a second, or ten
+/// seconds later when it stays idle), they would show in the first worker pool's
+/// reading as a change the test never made, which costs a restore.
+#[tokio::test]
+async fn a_worker_schema_just_built_has_its_statistics_in_place() {
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(13)
+        .build()
+        .expect("fixture");
+    let db = fixture.worker_db().await.unwrap();
+    let (schema_mode, flushes): (bool, bool) = {
+        let row = db
+            .query_one(
+                "SELECT current_schema() <> 'public', \
+                        current_setting('server_version_num')::int >= 150000",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    if !(schema_mode && flushes) {
+        // A database clone's tables start with no statistics of their own; before
+        // PostgreSQL 15 a worker pool is never read.
+        return;
+    }
+    let (rows, inserted): (i64, i64) = {
+        let row = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM users), \
+                        pg_stat_get_tuples_inserted('users'::regclass)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(rows > 0, "the fixtures seed users");
+    assert!(
+        inserted >= rows,
+        "{inserted} of the {rows} rows the build inserted reached the statistics"
+    );
+}
+
 /// Whether the worker's next spare (`<worker>_spare`, a schema or a database) is ready
 /// and the one it replaced (`<worker>_old`) gone: the work a reset leaves to the
 /// background.
