@@ -802,11 +802,18 @@ const BACK_AFTER_TEST: std::time::Duration = std::time::Duration::from_millis(20
 /// Waits (up to `patience`) until every connection of `pool` is back in it: sqlx
 /// returns each in a task of its own, on the runtime that dropped it. Whether they all
 /// are.
+///
+/// The patience is counted in 1 ms sleeps as well as in time: on a machine too busy to
+/// wake a sleeper in a millisecond (more test processes than cores), the tasks that
+/// return the connections and the server's processes that answer them are as slow,
+/// and the wait stretches with them rather than giving up on connections still on
+/// their way back.
 async fn all_idle(pool: &PgPool, patience: std::time::Duration) -> bool {
     let started = std::time::Instant::now();
+    let mut slept = std::time::Duration::ZERO;
     while pool.num_idle() < pool.size() as usize {
         let waited = started.elapsed();
-        if waited >= patience {
+        if waited >= patience && slept >= patience {
             return false;
         }
         // A return is a round trip (sqlx pings the connection), a fraction of the
@@ -817,11 +824,15 @@ async fn all_idle(pool: &PgPool, patience: std::time::Duration) -> bool {
             std::thread::yield_now();
             tokio::task::yield_now().await;
         } else {
-            runtime::sleep(std::time::Duration::from_millis(1)).await;
+            runtime::sleep(TICK).await;
+            slept += TICK;
         }
     }
     true
 }
+
+/// One sleep of [`all_idle`].
+const TICK: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// After a test: when every connection of the worker's `pool` came back and its session
 /// was cleared, the pool goes to the worker's stash for the next test. Else it is
