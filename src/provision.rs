@@ -1293,29 +1293,32 @@ pub(crate) async fn none_open(
 /// but not all its connections, as sqlx 0.8's `close()` can leave): their backends are
 /// terminated, which rolls back what they left open. Then waits until they are gone
 /// (their backends send their statistics as they exit), polling every millisecond for
-/// up to a second. Returns whether they are gone.
+/// up to a second. Returns whether they are gone. One round trip when none is open.
 pub(crate) async fn end_open(
     client: &deadpool_postgres::ClientWrapper,
     application_name: &str,
 ) -> Result<bool> {
-    // A role may end its own backends; where it may not, the wait decides.
-    let ended = client
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = $1 AND pid <> pg_backend_pid()",
-            &[&application_name],
-        )
-        .await;
-    if let Err(error) = ended {
-        tracing::debug!(%error, "ending a worker pool's connections failed");
-    }
     let statement = open_connections(client).await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut terminated = false;
     loop {
         if none_open(client, &statement, application_name).await? {
             return Ok(true);
         }
-        if std::time::Instant::now() >= deadline {
+        if !terminated {
+            // A role may end its own backends; where it may not, the wait decides.
+            let ended = client
+                .execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                    &[&application_name],
+                )
+                .await;
+            if let Err(error) = ended {
+                tracing::debug!(%error, "ending a worker pool's connections failed");
+            }
+            terminated = true;
+        } else if std::time::Instant::now() >= deadline {
             return Ok(false);
         }
         crate::runtime::sleep(Duration::from_millis(1)).await;
