@@ -22,7 +22,8 @@ use std::any::Any;
 use std::sync::Arc;
 
 use crate::Result;
-use crate::fixture::{Inner, Worker};
+use crate::fixture::{Handed, Inner, Worker};
+use crate::restore::Change;
 use crate::settings::Settings;
 use crate::worker::{SlotLease, WorkerId};
 
@@ -124,6 +125,8 @@ pub(crate) struct Checkout {
     pub(crate) owner: Arc<Inner>,
     /// The test's name, for the commit report.
     pub(crate) test: Option<String>,
+    /// Whether the worker's settings went to code under test ([`Handed`]).
+    pub(crate) handed: Handed,
 }
 
 impl std::fmt::Debug for Checkout {
@@ -168,15 +171,36 @@ impl Checkout {
         Ok(())
     }
 
+    /// The worker's settings go to code under test: the release will look for what
+    /// the connections opened with them committed ([`Handed`]).
+    pub(crate) fn hand_out(&self) -> &Arc<Settings> {
+        self.handed.note(&self.owner, &self.id);
+        self.settings()
+    }
+
+    /// Before the test's transaction ends: the connections opened with the worker's
+    /// settings are ended and the worker read ([`Handed::settle`]).
+    pub(crate) async fn settle(&mut self) -> Option<Change> {
+        self.handed.settle(&self.owner, &self.id).await
+    }
+
     /// The test's transaction is over: when the test committed it (`committed`), the
-    /// commit is reported and the worker rebuilt before the slot frees up.
-    pub(crate) async fn end(self, committed: bool) -> Result<()> {
-        let result = if committed {
-            self.owner
-                .after_commit(&self.id, self.test.as_deref())
-                .await
-        } else {
-            Ok(())
+    /// commit is reported and the worker rebuilt before the slot frees up; otherwise
+    /// what `settled` ([`Checkout::settle`]) asks for is done.
+    pub(crate) async fn end(self, committed: bool, settled: Option<Change>) -> Result<()> {
+        let result = match settled {
+            _ if committed => {
+                self.owner
+                    .after_commit(&self.id, self.test.as_deref())
+                    .await
+            }
+            Some(change) => {
+                let (owner, id) = (Arc::clone(&self.owner), self.id.clone());
+                crate::runtime::run(async move { owner.after_settle(&id, change, None).await })
+                    .await
+                    .map(|_| ())
+            }
+            None => Ok(()),
         };
         // The slot is free only once the worker is clean again.
         drop(self.lease);

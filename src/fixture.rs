@@ -22,6 +22,9 @@ use crate::worker::{SlotLease, Slots, WorkerId};
 use crate::worker_pool::WorkerPool;
 use crate::{Error, Result, provision, runtime};
 
+mod handed;
+pub(crate) use handed::Handed;
+
 /// Per-worker isolated PostgreSQL for tests, as one configuration describes it.
 ///
 /// [`crate::worker_db`] uses the one the environment describes; build your own with
@@ -407,6 +410,13 @@ fn own_application_name(run: &str, worker: &str, id: &WorkerId) -> String {
     worker_application_name(run, worker, id, OWN_ROLE)
 }
 
+/// The `application_name` of the connections code under test opens from a test
+/// handle's settings ([`handed`]), named as [`pool_application_name`] with
+/// [`HANDED_ROLE`]: the handle's release ends them by that name.
+fn handed_application_name(run: &str, worker: &str, id: &WorkerId) -> String {
+    worker_application_name(run, worker, id, HANDED_ROLE)
+}
+
 fn worker_application_name(run: &str, worker: &str, id: &WorkerId, role: &str) -> String {
     let mut name = format!("{run}{role}{}-{id}", crate::digest::sha256_hex(worker, 6));
     name.truncate(provision::MAX_IDENT);
@@ -415,6 +425,10 @@ fn worker_application_name(run: &str, worker: &str, id: &WorkerId, role: &str) -
 
 /// What names the connections of the worker's own pool ([`own_application_name`]).
 const OWN_ROLE: &str = "/worker-";
+
+/// What names the connections opened from a test handle's settings
+/// ([`handed_application_name`]).
+const HANDED_ROLE: &str = "/test-";
 
 /// What names a worker pool's connections in [`pool_application_name`].
 const POOL_ROLE: &str = "/pool-";
@@ -489,6 +503,9 @@ pub(crate) struct Worker {
     pool: Pool,
     /// The `application_name` of the pool's connections ([`own_application_name`]).
     application_name: String,
+    /// The `application_name` of the connections code under test opens from a test
+    /// handle's settings ([`handed_application_name`]).
+    handed_name: String,
     served: AtomicU64,
     server: Server,
     dbname: String,
@@ -719,6 +736,8 @@ struct Counters {
     commit_leaks: AtomicU64,
     pools_unchanged: AtomicU64,
     pools_restored: AtomicU64,
+    handed_checked: AtomicU64,
+    handed_restored: AtomicU64,
     spares_used: AtomicU64,
 }
 
@@ -755,6 +774,14 @@ pub struct Stats {
     /// Worker pools released after a test that changed only rows of tables, which
     /// were put back in place from the rows the template held (no rebuild).
     pub pools_restored: u64,
+    /// Test handles that gave their connection settings to code under test
+    /// (`pg_config`, `url`, sqlx's `connect_options`), whose worker was read at their
+    /// release for what the connections opened with them changed.
+    pub handed_checked: u64,
+    /// Of those, the ones after which rows those connections committed were put back
+    /// in place from the rows the template held (no rebuild; a rebuild counts in
+    /// [`Stats::workers_reset`]).
+    pub handed_restored: u64,
     /// Resets done by putting a spare clone in the worker's place (database and
     /// container modes): one made in the background, or, when none was ready, one the
     /// reset waited for or made itself.
@@ -922,6 +949,7 @@ impl Fixture {
             worker,
             owner: Arc::clone(inner),
             test: test.or_else(current_test),
+            handed: Handed::default(),
         };
         Some((checkout, conn))
     }
@@ -960,6 +988,8 @@ impl Fixture {
             commit_leaks: c.commit_leaks.load(Ordering::Relaxed),
             pools_unchanged: c.pools_unchanged.load(Ordering::Relaxed),
             pools_restored: c.pools_restored.load(Ordering::Relaxed),
+            handed_checked: c.handed_checked.load(Ordering::Relaxed),
+            handed_restored: c.handed_restored.load(Ordering::Relaxed),
             spares_used: c.spares_used.load(Ordering::Relaxed),
             served,
         }
@@ -1078,6 +1108,7 @@ impl Inner {
                 worker,
                 owner: Arc::clone(&self),
                 test,
+                handed: Handed::default(),
             })
         })
         .await
@@ -1122,30 +1153,9 @@ impl Inner {
             if let Some(open) = opener {
                 open(&worker, &settings, &self.config);
             }
-            // Marked first: if this process dies while the pool is out, whoever takes
-            // the worker next finds the mark and resets it. The other connections'
-            // statistics reach the server first; then the mark, the first one's
-            // statistics and the reading go in one round trip (a connection runs what
-            // it is sent in order, each statement's statistics flushed as it ends).
-            let (first, others) = clients.split_first().expect("at least one connection");
-            let others: Vec<&tokio_postgres::Client> = others.iter().map(|c| &***c).collect();
-            let (flushes, reader) = futures::future::join(
-                worker.flushes(first),
-                Reader::prepare(first, target, &worker.ddl_logged),
-            )
-            .await;
-            let (flush, reader) = (provision::flush_statistics_sql(flushes?), reader?);
-            provision::flush_statistics(&others, flush).await;
-            let mark = provision::then(
-                provision::mark_sql(target, &self.worker_mark(), true),
-                flush,
-            );
-            let (marked, before) =
-                futures::future::join(first.batch_execute(&mark), reader.read(first)).await;
-            marked.map_err(Error::pg(format!(
-                "marking worker {id} as in use by a worker pool"
-            )))?;
-            let before = before?;
+            let before = self
+                .mark_and_read(&worker, target, &clients, &id, Some("a worker pool"))
+                .await?;
             drop(clients);
             Ok(WorkerPool {
                 settings,
@@ -1161,6 +1171,49 @@ impl Inner {
         })
         .await
         .map_err(Error::with_connection_advice)
+    }
+
+    /// Marks the worker as in use `by` (a worker pool, or a test handle whose settings
+    /// went to code under test; no mark when `None`) and reads it ([`Reader`]), on
+    /// `clients`, every idle connection of its pool ([`idle_connections`]). Marked
+    /// first: if this process dies meanwhile, whoever takes the worker next finds the
+    /// mark and resets it. The other connections' statistics reach the server first;
+    /// then the mark, the first one's statistics and the reading go in one round trip
+    /// (a connection runs what it is sent in order, each statement's statistics flushed
+    /// as it ends).
+    async fn mark_and_read(
+        &self,
+        worker: &Worker,
+        target: provision::Target<'_>,
+        clients: &[deadpool_postgres::Object],
+        id: &WorkerId,
+        by: Option<&str>,
+    ) -> Result<Option<Reading>> {
+        let (first, others) = clients.split_first().expect("at least one connection");
+        let others: Vec<&tokio_postgres::Client> = others.iter().map(|c| &***c).collect();
+        let (flushes, reader) = futures::future::join(
+            worker.flushes(first),
+            Reader::prepare(first, target, &worker.ddl_logged),
+        )
+        .await;
+        let (flush, reader) = (provision::flush_statistics_sql(flushes?), reader?);
+        provision::flush_statistics(&others, flush).await;
+        let Some(by) = by else {
+            if !flush.is_empty() {
+                let (_, reading) =
+                    futures::future::join(first.batch_execute(flush), reader.read(first)).await;
+                return reading;
+            }
+            return reader.read(first).await;
+        };
+        let mark = provision::then(
+            provision::mark_sql(target, &self.worker_mark(), true),
+            flush,
+        );
+        let (marked, reading) =
+            futures::future::join(first.batch_execute(&mark), reader.read(first)).await;
+        marked.map_err(Error::pg(format!("marking worker {id} as in use by {by}")))?;
+        reading
     }
 
     /// The worker of a worker pool, and every idle connection of its pool, so that
@@ -1995,11 +2048,19 @@ impl Inner {
         let restart = provision::sequences_setting(target)
             .filter(|_| sequences_recorded)
             .map(|s| provision::restart_sequences(&s));
-        let settings = Settings::new(&server, &dbname, search_path.as_deref(), restart);
+        let handed_name = handed_application_name(&server.application_name, &worker_name, id);
+        let settings = Settings::handed_out_as(
+            &handed_name,
+            &server,
+            &dbname,
+            search_path.as_deref(),
+            restart,
+        );
         let begin = self.begin_sql(target);
         let worker = Arc::new(Worker {
             pool,
             application_name,
+            handed_name,
             served: AtomicU64::new(0),
             server,
             dbname,
@@ -2101,7 +2162,14 @@ impl Inner {
         let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
         let restart =
             provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
-        let settings = Settings::new(server, dbname, search_path.as_deref(), restart);
+        let handed_name = handed_application_name(&server.application_name, name, id);
+        let settings = Settings::handed_out_as(
+            &handed_name,
+            server,
+            dbname,
+            search_path.as_deref(),
+            restart,
+        );
         let begin = self.begin_sql(target);
         let check = PrimeCheck::new(
             &begin,
@@ -2123,6 +2191,7 @@ impl Inner {
         let worker = Worker {
             pool,
             application_name,
+            handed_name,
             served: AtomicU64::new(0),
             server: server.clone(),
             dbname: dbname.to_owned(),
@@ -2277,10 +2346,18 @@ impl Inner {
         }
         let restart =
             provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
-        let settings = Settings::new(server, &dbname, search_path.as_deref(), restart);
+        let handed_name = handed_application_name(&server.application_name, name, id);
+        let settings = Settings::handed_out_as(
+            &handed_name,
+            server,
+            &dbname,
+            search_path.as_deref(),
+            restart,
+        );
         Ok(Some(Arc::new(Worker {
             pool,
             application_name,
+            handed_name,
             served: AtomicU64::new(0),
             server: server.clone(),
             dbname,
@@ -2328,6 +2405,12 @@ mod tests {
                 assert!(own.len() <= provision::MAX_IDENT, "{own}");
                 assert!(own.starts_with(&format!("{run}/worker-")), "{own}");
                 assert!(names.insert(own.clone()), "{own} twice");
+                // Those code under test opens from a test handle's settings: ended
+                // by name at the handle's release, if its settings went out.
+                let handed = handed_application_name(run, &worker, &id);
+                assert!(handed.len() <= provision::MAX_IDENT, "{handed}");
+                assert!(handed.starts_with(&format!("{run}/test-")), "{handed}");
+                assert!(names.insert(handed.clone()), "{handed} twice");
             }
         }
     }

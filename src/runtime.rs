@@ -82,7 +82,6 @@ fn clock_paused() -> bool {
 }
 
 /// Whether the calling thread is one of the background runtime's.
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
 pub(crate) fn on_background() -> bool {
     std::thread::current().name() == Some(THREAD_NAME)
 }
@@ -98,6 +97,25 @@ where
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => panic!("pgfixture: background task cancelled: {e}"),
     }
+}
+
+/// Runs `future` on the background runtime and blocks the calling thread until it is
+/// done, for work a synchronous method needs before it returns; `None` on a thread of
+/// the background runtime itself, which cannot wait for its own work.
+pub(crate) fn wait<F>(future: F) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    if on_background() {
+        return None;
+    }
+    let (done, output) = std::sync::mpsc::channel();
+    handle().spawn(async move {
+        let _ = done.send(future.await);
+    });
+    // Nothing when the task panicked (the sender is dropped with it).
+    output.recv().ok()
 }
 
 /// Runs `future` on the background runtime and blocks the calling thread until it is

@@ -67,15 +67,42 @@ impl Settings {
         search_path: Option<&str>,
         restart_sequences: Option<String>,
     ) -> Arc<Self> {
+        Self::build(server, server, dbname, search_path, restart_sequences)
+    }
+
+    /// [`Settings::new`], but the connections code under test opens with them are
+    /// named `name` (pgfixture's own keep the server's name): a test handle's, whose
+    /// release finds those connections by that name.
+    pub(crate) fn handed_out_as(
+        name: &str,
+        server: &Server,
+        dbname: &str,
+        search_path: Option<&str>,
+        restart_sequences: Option<String>,
+    ) -> Arc<Self> {
+        let mut theirs = server.clone();
+        theirs.application_name = name.to_owned();
+        Self::build(&theirs, server, dbname, search_path, restart_sequences)
+    }
+
+    /// The settings of code under test's connections from `server`, and of pgfixture's
+    /// own from `own` (the same server, named otherwise).
+    fn build(
+        server: &Server,
+        own: &Server,
+        dbname: &str,
+        search_path: Option<&str>,
+        restart_sequences: Option<String>,
+    ) -> Arc<Self> {
         let pg_config = crate::pool::pg_config(server, dbname, search_path);
-        let own_pg_config = crate::pool::own_pg_config(server, dbname, search_path);
+        let own_pg_config = crate::pool::own_pg_config(own, dbname, search_path);
         let url = url_for(server, &server.host, server.port, dbname, search_path);
-        let own_url = match &server.socket_dir {
+        let own_url = match &own.socket_dir {
             Some(dir) => {
-                let url = url_for(server, "localhost", server.port, dbname, search_path);
+                let url = url_for(own, "localhost", own.port, dbname, search_path);
                 DatabaseUrl(format!("{}&host={}", url.as_str(), encode(dir)).into())
             }
-            None => url.clone(),
+            None => url_for(own, &own.host, own.port, dbname, search_path),
         };
         let (published_pg_config, published_url) = match server.published_port {
             Some(port) => {
@@ -198,6 +225,33 @@ mod tests {
         assert!(!format!("{:?}", settings.pg_config).contains("s3cr"));
         assert_eq!(settings.published_url, settings.url);
         assert_eq!(settings.own_url, settings.url);
+    }
+
+    /// A test handle's settings name the connections code under test opens with them,
+    /// by which its release finds them; pgfixture's own keep the run's name.
+    #[test]
+    fn settings_handed_out_name_their_connections_and_not_pgfixtures() {
+        let mut server = Server::loopback(5433, "pw".into(), "x".into())
+            .with_socket_dir(std::path::Path::new("/tmp/pgfx"));
+        server.application_name = "pgfixture/run1".into();
+        server.published_port = Some(32781);
+        let name = "pgfixture/run1/test-abc-w0";
+        let settings = Settings::handed_out_as(name, &server, "db", Some("s"), None);
+        for config in [&settings.pg_config, &settings.published_pg_config] {
+            assert_eq!(config.get_application_name(), Some(name));
+        }
+        for url in [&settings.url, &settings.published_url] {
+            let parsed: tokio_postgres::Config = url.as_str().parse().unwrap();
+            assert_eq!(parsed.get_application_name(), Some(name), "{url}");
+        }
+        let own: tokio_postgres::Config = settings.own_url.as_str().parse().unwrap();
+        for config in [&settings.own_pg_config, &own] {
+            assert_eq!(config.get_application_name(), Some("pgfixture/run1"));
+        }
+        assert_eq!(
+            settings.own_pg_config.get_options(),
+            settings.pg_config.get_options()
+        );
     }
 
     #[test]

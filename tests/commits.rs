@@ -519,6 +519,107 @@ async fn a_connection_of_its_own_left_open_is_ended_at_release() {
     );
 }
 
+/// A connection the test opens itself from its handle's settings is not inside the
+/// test's transaction: what it commits is put back at the handle's release (rows only:
+/// no rebuild, where the server lets the worker be read), and one it leaves open is
+/// ended, its open transaction rolled back, before the worker goes to the next test.
+#[tokio::test]
+async fn what_a_connection_of_the_tests_own_commits_is_put_back() {
+    let (_serial, fixture) = single_worker().await;
+    let db = fixture.worker_db().await.unwrap();
+    let read = common::worker_pools_are_read(&db).await;
+    let clean = pristine(&db).await;
+    drop(db);
+
+    let before = fixture.stats();
+    let db = fixture.worker_db().await.unwrap();
+    db.batch_execute("INSERT INTO notes (owner, body) VALUES ('handle', 'rolled back')")
+        .await
+        .unwrap();
+    let (own, connection) = db.pg_config().connect(NoTls).await.unwrap();
+    let task = tokio::spawn(connection);
+    own.batch_execute(
+        "INSERT INTO notes (owner, body) VALUES ('own', 'committed'); \
+         UPDATE users SET email = email || '.own'; \
+         BEGIN; INSERT INTO notes (owner, body) VALUES ('own', 'open')",
+    )
+    .await
+    .unwrap();
+    drop(db);
+    assert!(
+        own.simple_query("SELECT 1").await.is_err(),
+        "the connection left open still answers"
+    );
+    let _ = task.await.unwrap();
+    let after = fixture.stats();
+    assert_eq!(after.handed_checked, before.handed_checked + 1);
+    assert_eq!(after.commit_leaks, before.commit_leaks);
+    if read {
+        assert_eq!(
+            after.workers_reset, before.workers_reset,
+            "rows alone rebuilt the worker"
+        );
+        assert_eq!(after.handed_restored, before.handed_restored + 1);
+    }
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        pristine(&db).await,
+        clean,
+        "its changes reached the next test"
+    );
+    assert_eq!(count(&db, "handle").await, 0);
+}
+
+/// DDL through a connection of the test's own (here opened from the URL) rebuilds the
+/// worker; settings handed out and never used cost a reading, not a reset or a
+/// restore, whatever the handle itself wrote (its counts reach the server only as it
+/// rolls back, after the reading).
+#[tokio::test]
+async fn ddl_of_a_connection_of_the_tests_own_rebuilds_and_an_unused_one_costs_nothing() {
+    let (_serial, fixture) = single_worker().await;
+    let db = fixture.worker_db().await.unwrap();
+    let read = common::worker_pools_are_read(&db).await;
+    let clean = pristine(&db).await;
+    drop(db);
+
+    let before = fixture.stats();
+    let db = fixture.worker_db().await.unwrap();
+    let (own, connection) = pgfixture::tokio_postgres::connect(db.url().as_str(), NoTls)
+        .await
+        .unwrap();
+    let task = tokio::spawn(connection);
+    own.batch_execute("ALTER TABLE notes ADD COLUMN own_column int")
+        .await
+        .unwrap();
+    drop(own);
+    let _ = task.await.unwrap();
+    drop(db);
+    let after = fixture.stats();
+    assert_eq!(after.handed_checked, before.handed_checked + 1);
+    assert_eq!(after.workers_reset, before.workers_reset + 1);
+
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(
+        pristine(&db).await,
+        clean,
+        "its column reached the next test"
+    );
+    db.batch_execute("INSERT INTO notes (owner, body) VALUES ('handle', 'rolled back')")
+        .await
+        .unwrap();
+    let before = fixture.stats();
+    let _ = (db.url(), db.pg_config(), db.published_url());
+    db.release().await.unwrap();
+    let after = fixture.stats();
+    assert_eq!(after.handed_checked, before.handed_checked + 1);
+    if read {
+        assert_eq!(after.workers_reset, before.workers_reset);
+        assert_eq!(after.handed_restored, before.handed_restored);
+    }
+    let db = fixture.worker_db().await.unwrap();
+    assert_eq!(count(&db, "handle").await, 0);
+}
+
 /// A client of the worker pool that a task of the test still holds when the test ends
 /// (an application's background job) means a reset, and is ended first: its open
 /// transaction is rolled back, and it cannot write after its test, into the worker's

@@ -566,6 +566,72 @@ async fn a_connection_a_task_still_holds_is_ended_at_release() {
     pool.release().await.unwrap();
 }
 
+/// Connections and pools the test opens itself from its handle's `connect_options()`
+/// are not inside the test's transaction: what they commit is put back at the handle's
+/// release (rows only: no rebuild, where the server lets the worker be read), and a
+/// pool's connections still open are ended, its transaction rolled back. Also when
+/// the handle drops rather than being released.
+#[tokio::test]
+async fn what_connections_of_the_tests_own_commit_is_put_back() {
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(12)
+        .build()
+        .expect("fixture");
+    let read = pools_read(&fixture).await;
+    for release in [true, false] {
+        let before = fixture.stats();
+        let mut db = TestDb::acquire(&fixture).await.unwrap();
+        insert(&mut db, "sqlx-handle").await;
+        let mut own = PgConnection::connect_with(&db.connect_options())
+            .await
+            .unwrap();
+        insert(&mut own, "sqlx-own").await;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(db.connect_options())
+            .await
+            .unwrap();
+        let mut open = pool.begin().await.unwrap();
+        insert(&mut open, "sqlx-own").await;
+        sqlx::query("UPDATE users SET email = email || '.own'")
+            .execute(&mut *open)
+            .await
+            .unwrap();
+        if release {
+            db.release().await.unwrap();
+        } else {
+            drop(db);
+        }
+        assert!(
+            open.commit().await.is_err(),
+            "the pool's connection still committed after its test"
+        );
+        assert!(own.ping().await.is_err(), "the connection still answers");
+        let after = fixture.stats();
+        assert_eq!(after.handed_checked, before.handed_checked + 1);
+        assert_eq!(after.commit_leaks, before.commit_leaks);
+        if read {
+            assert_eq!(after.workers_reset, before.workers_reset, "{after:?}");
+            assert_eq!(after.handed_restored, before.handed_restored + 1);
+        }
+        let mut db = TestDb::acquire(&fixture).await.unwrap();
+        assert_eq!(
+            count(&mut db, "sqlx-own").await,
+            0,
+            "its rows reached the next test"
+        );
+        assert_eq!(count(&mut db, "sqlx-handle").await, 0);
+        let changed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM users WHERE email LIKE '%.own'")
+                .fetch_one(&mut *db)
+                .await
+                .unwrap();
+        assert_eq!(changed, 0, "its update reached the next test");
+        db.release().await.unwrap();
+    }
+}
+
 /// A `#[tokio::test]` that drops its worker pool right after its last query (the
 /// query's connection still on its way back, on the test's runtime that the drop
 /// blocks), or whose task still listens on one of its connections, leaves the worker

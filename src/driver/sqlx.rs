@@ -19,6 +19,7 @@ use super::{
     one_test_per_process,
 };
 use crate::fixture::PrimeCheck;
+use crate::restore::Change;
 use crate::settings::Settings;
 use crate::worker::WorkerId;
 use crate::{DatabaseUrl, Error, Fixture, Result, runtime};
@@ -137,22 +138,24 @@ impl TestDb {
     /// The worker's connection settings as sqlx's [`PgConnectOptions`], for code under
     /// test that opens connections or pools of its own (LISTEN through
     /// `PgListener::connect_with`, a `PgPool` of its own). Those connections are not
-    /// inside the test's transaction; what they commit stays (see "Tests that
-    /// commit" in the README).
+    /// inside the test's transaction. The first call marks and reads the worker (a
+    /// millisecond or two); when the handle goes, those connections still open are
+    /// ended, and what they committed is put back in place, or the worker rebuilt (see
+    /// "Tests that commit" in the README), as for [`TestDb::url`].
     pub fn connect_options(&self) -> PgConnectOptions {
-        connect_options(self.checkout().settings())
+        connect_options(self.checkout().hand_out())
     }
 
     /// The same settings as a `postgres://` URL; its `Debug` and `Display` hide the
     /// password.
     pub fn url(&self) -> &DatabaseUrl {
-        &self.checkout().settings().url
+        &self.checkout().hand_out().url
     }
 
     /// The settings through the port the server publishes on 127.0.0.1 (Docker); see
     /// [`crate::TestDb::published_pg_config`].
     pub fn published_url(&self) -> &DatabaseUrl {
-        &self.checkout().settings().published_url
+        &self.checkout().hand_out().published_url
     }
 
     /// Rolls the test's transaction back and keeps the connection for the worker's next
@@ -191,13 +194,16 @@ impl TestDb {
 /// from any runtime); only a reset, after a commit, goes to the background runtime
 /// (where a dropped handle's end already runs). The connection is kept for the
 /// worker's next test if `keep`.
-async fn end_here(conn: PgConnection, checkout: Checkout, keep: bool) -> Result<()> {
+async fn end_here(conn: PgConnection, mut checkout: Checkout, keep: bool) -> Result<()> {
+    // The connections opened with the handle's settings are ended and the worker read
+    // before the rollback, so that it does not show.
+    let settled = checkout.settle().await;
     let limit = checkout.owner.config().acquire_timeout;
     let ended = runtime::timeout(limit, end_test(conn)).await;
     if matches!(ended, Ok(Ok((_, true)))) {
-        runtime::run(after_end(checkout, ended, limit, keep)).await
+        runtime::run(after_end(checkout, ended, limit, keep, settled)).await
     } else {
-        after_end(checkout, ended, limit, keep).await
+        after_end(checkout, ended, limit, keep, settled).await
     }
 }
 
@@ -217,9 +223,12 @@ impl runtime::Deferred for ScopedEnd {
     }
 
     fn lost(self: Box<Self>) {
-        let ScopedEnd { conn, checkout } = *self;
+        let ScopedEnd { conn, mut checkout } = *self;
         drop(conn);
         runtime::block_on(async move {
+            // Those its settings opened go too: a rebuild in schema mode would not end
+            // them.
+            let _ = checkout.settle().await;
             if let Err(error) = checkout
                 .end_unread("its connection closed with the test's runtime")
                 .await
@@ -241,6 +250,7 @@ async fn after_end(
     ended: EndResult,
     limit: std::time::Duration,
     keep: bool,
+    settled: Option<Change>,
 ) -> Result<()> {
     match ended {
         Ok(Ok((conn, committed))) => {
@@ -249,7 +259,7 @@ async fn after_end(
                 Ended::Cleared(conn) => checkout.keep_idle(conn),
                 Ended::Unclean(conn) => checkout.keep_idle(Unclean(conn)),
             }
-            checkout.end(committed).await
+            checkout.end(committed, settled).await
         }
         // The connection died (the test ended its backend, or the server did): the
         // test's own doing, and no error once the worker is rebuilt.

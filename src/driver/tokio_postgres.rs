@@ -9,7 +9,8 @@ use deadpool_postgres::Object;
 use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
 
-use crate::fixture::{Inner, Worker};
+use crate::fixture::{Handed, Inner, Worker};
+use crate::restore::Change;
 use crate::settings::Settings;
 use crate::worker::{SlotLease, WorkerId};
 use crate::{DatabaseUrl, Error, Result, runtime};
@@ -36,7 +37,9 @@ use crate::driver::{
 /// through `batch_execute` at the top level, a `BEGIN ... COMMIT` of its own in one
 /// batch, or `ROLLBACK` followed by more statements) is reported once on stderr, with
 /// its name, and the worker's database or schema is rebuilt from the fixtures before
-/// any other test gets it. Code that must commit belongs on [`crate::worker_pool`].
+/// any other test gets it. What connections opened from the handle's settings
+/// ([`TestDb::pg_config`]) commit is put back in place at the same moment. Code that
+/// must commit belongs on [`crate::worker_pool`].
 pub struct TestDb {
     client: Option<Object>,
     worker: WorkerId,
@@ -46,6 +49,8 @@ pub struct TestDb {
     /// The test's name (its thread's), for the commit report.
     test: Option<String>,
     settings: Arc<Settings>,
+    /// Whether the settings went to code under test ([`TestDb::pg_config`]).
+    handed: Handed,
 }
 
 impl fmt::Debug for TestDb {
@@ -72,6 +77,7 @@ impl TestDb {
             owner,
             test,
             settings,
+            handed: Handed::default(),
         }
     }
 
@@ -83,9 +89,13 @@ impl TestDb {
         let lease = self.lease.take();
         let owner = Arc::clone(&self.owner);
         let test = self.test.take();
+        let mut handed = std::mem::take(&mut self.handed);
         async move {
             let Some(client) = client else { return Ok(()) };
-            let result = end(client, &worker, &owner, test.as_deref()).await;
+            // The connections opened with the handle's settings are ended and the
+            // worker read before the rollback, so that it does not show.
+            let settled = handed.settle(&owner, &worker).await;
+            let result = end(client, &worker, &owner, test.as_deref(), settled).await;
             // The slot is free only once the worker is clean again.
             drop(lease);
             result
@@ -104,13 +114,17 @@ impl TestDb {
     /// The worker's connection settings (host, port, user, password, database, and
     /// in schema mode the `search_path`), for code under test that opens connections
     /// of its own: `db.pg_config().connect(NoTls)` for LISTEN/NOTIFY, notices,
-    /// cancellation or connection options. No reset is needed afterwards, as long
-    /// as those connections commit nothing (see "Tests that commit"). Its `Debug`
-    /// output hides the password.
+    /// cancellation or connection options. Its `Debug` output hides the password.
     ///
     /// Those connections are not inside the test's transaction: they do not see what
-    /// the handle has written and not committed, and what they commit stays.
+    /// the handle has written and not committed, and what they commit is real until
+    /// the handle goes. The first call marks and reads the worker (a millisecond or
+    /// two); when the handle is released or dropped, the connections opened with these
+    /// settings (or [`TestDb::url`] and the published forms) that are still open are
+    /// ended, and what they committed is put back in place, or the worker rebuilt (see
+    /// "Tests that commit" in the README). Keep them within the test.
     pub fn pg_config(&self) -> &tokio_postgres::Config {
+        self.hand_out();
         &self.settings.pg_config
     }
 
@@ -118,6 +132,7 @@ impl TestDb {
     /// `psql`); in schema mode the `search_path` is its `options` parameter. Its
     /// `Debug` and `Display` hide the password; [`DatabaseUrl::as_str`] gives it all.
     pub fn url(&self) -> &DatabaseUrl {
+        self.hand_out();
         &self.settings.url
     }
 
@@ -128,12 +143,20 @@ impl TestDb {
     /// container on the host's network, which listens on 127.0.0.1 itself) the same as
     /// [`TestDb::pg_config`].
     pub fn published_pg_config(&self) -> &tokio_postgres::Config {
+        self.hand_out();
         &self.settings.published_pg_config
     }
 
     /// [`TestDb::published_pg_config`] as a URL.
     pub fn published_url(&self) -> &DatabaseUrl {
+        self.hand_out();
         &self.settings.published_url
+    }
+
+    /// The settings go to code under test: the release will look for what the
+    /// connections opened with them committed ([`Handed`]).
+    fn hand_out(&self) {
+        self.handed.note(&self.owner, &self.worker);
     }
 
     /// Rolls the test's transaction back, returns the connection to the pool, and
@@ -456,7 +479,13 @@ async fn uncancelled(
 /// two for a transaction a failed statement aborted); after a commit, resets the
 /// worker. A connection that fails is discarded and the worker reset, since whether
 /// the test committed is unknown.
-async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str>) -> Result<()> {
+async fn end(
+    client: Object,
+    worker: &WorkerId,
+    owner: &Inner,
+    test: Option<&str>,
+    settled: Option<Change>,
+) -> Result<()> {
     let limit = owner.config().acquire_timeout;
     let last = one_test_per_process();
     let ended = async {
@@ -503,6 +532,14 @@ async fn end(client: Object, worker: &WorkerId, owner: &Inner, test: Option<&str
         // Its connection goes with the old database or schema.
         let _ = Object::take(client);
         return owner.after_commit(worker, test).await;
+    }
+    // What connections opened with the handle's settings changed is put back in place
+    // on this one, or the worker rebuilt, which its connections go with.
+    if let Some(change) = settled
+        && owner.after_settle(worker, change, Some(&client)).await?
+    {
+        let _ = Object::take(client);
+        return Ok(());
     }
     if unclean {
         // Out of the pool until a test takes it again, which clears it first.
