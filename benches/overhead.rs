@@ -134,6 +134,57 @@ async fn pool_test(
     times
 }
 
+/// `worker_db()` tests whose code under test takes the handle's settings, measured in
+/// turns: the plain test (acquire, `SELECT 1`, release); the same with `pg_config()`
+/// called and left unused (the release reads the worker); and with a connection of the
+/// test's own opened from it that commits a row and closes (the release puts the row
+/// back), whose own part (connect, insert, close) is timed apart as well.
+async fn handed_test(fixture: &Fixture, iterations: usize) -> [Vec<Duration>; 4] {
+    use pgfixture::tokio_postgres::NoTls;
+    let [mut plain, mut unused, mut committed, mut own] =
+        std::array::from_fn(|_| Vec::with_capacity(iterations));
+    for i in 0..iterations + 3 {
+        let started = Instant::now();
+        let db = fixture.worker_db().await.unwrap();
+        db.query_one("SELECT 1", &[]).await.unwrap();
+        db.release().await.unwrap();
+        let plain_time = started.elapsed();
+
+        let started = Instant::now();
+        let db = fixture.worker_db().await.unwrap();
+        let _ = db.pg_config();
+        db.query_one("SELECT 1", &[]).await.unwrap();
+        db.release().await.unwrap();
+        let unused_time = started.elapsed();
+
+        let started = Instant::now();
+        let db = fixture.worker_db().await.unwrap();
+        let opened = Instant::now();
+        let (client, connection) = db.pg_config().connect(NoTls).await.unwrap();
+        let task = tokio::spawn(connection);
+        client
+            .batch_execute("INSERT INTO notes (owner, body) VALUES ('bench', 'x')")
+            .await
+            .unwrap();
+        drop(client);
+        task.await.unwrap().unwrap();
+        let own_time = opened.elapsed();
+        db.query_one("SELECT 1", &[]).await.unwrap();
+        db.release().await.unwrap();
+        // The first few warm the pools up.
+        if i >= 3 {
+            plain.push(plain_time);
+            unused.push(unused_time);
+            committed.push(started.elapsed());
+            own.push(own_time);
+        }
+    }
+    for v in [&mut plain, &mut unused, &mut committed, &mut own] {
+        v.sort();
+    }
+    [plain, unused, committed, own]
+}
+
 /// Throughput of `threads` threads (each holding a worker of its own, as parallel
 /// tests do) running `iterations` tests each: `worker_pool()` tests that commit rows
 /// (put back in place after each) or plain `worker_db()` tests. Tests per second.
@@ -306,6 +357,37 @@ fn main() {
             us(percentile(&rows, 0.95)),
             us(percentile(&rebuilt, 0.5)),
             us(percentile(&back_to_back, 0.5)),
+        );
+    }
+    let handed_iterations = (iterations / 5).max(20);
+    println!();
+    println!(
+        "worker_db() tests whose settings go to code under test ({handed_iterations} iterations per mode, in turns): plain; pg_config() unused; an own connection from it that commits a row (put back at release), and that connection's own part"
+    );
+    println!(
+        "{:<10} {:>11} {:>11} {:>11} {:>11} {:>11} {:>12}",
+        "mode", "plain p50", "unused p50", "commit p50", "commit p95", "own p50", "added p50"
+    );
+    for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
+        let fixture = Fixture::builder()
+            .isolation(isolation)
+            .workers(1)
+            .build()
+            .unwrap();
+        let [plain, unused, committed, own] =
+            runtime.block_on(handed_test(&fixture, handed_iterations));
+        let p50 = |v: &[Duration]| percentile(v, 0.5);
+        // What pgfixture adds to a test that commits through its own connection.
+        let added = p50(&committed).saturating_sub(p50(&plain) + p50(&own));
+        println!(
+            "{:<10} {} {} {} {} {} {}",
+            format!("{isolation:?}").to_lowercase(),
+            us(p50(&plain)),
+            us(p50(&unused)),
+            us(p50(&committed)),
+            us(percentile(&committed, 0.95)),
+            us(p50(&own)),
+            us(added),
         );
     }
     // Whether 4 workers resetting at once scale like 4 workers testing: the speedup
