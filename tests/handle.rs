@@ -368,8 +368,15 @@ async fn own_connection(
 #[tokio::test]
 async fn a_test_opens_connections_of_its_own_from_the_handle_settings() {
     use pgfixture::tokio_postgres::AsyncMessage;
-    let fixture = single_worker();
+    // A worker of its own: before PostgreSQL 15 the release rebuilds it, which would
+    // replace the pooled connections other tests here count on.
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(9)
+        .build()
+        .expect("fixture");
     let db = fixture.worker_db().await.unwrap();
+    let read = common::worker_pools_are_read(&db).await;
     let resets = fixture.stats().workers_reset;
     let here = whereabouts(&db).await;
     let from_url: pgfixture::tokio_postgres::Config = db.url().as_str().parse().unwrap();
@@ -440,7 +447,12 @@ async fn a_test_opens_connections_of_its_own_from_the_handle_settings() {
     }
     drop((listener, notifier));
     db.release().await.unwrap();
-    assert_eq!(fixture.stats().workers_reset, resets, "no reset was needed");
+    // Nothing was committed: no reset, where the server lets the worker be read
+    // (PostgreSQL 15 and later); before, a handle whose settings went out is followed
+    // by one, since what its connections committed cannot be told.
+    if read {
+        assert_eq!(fixture.stats().workers_reset, resets, "no reset was needed");
+    }
 }
 
 mod code_under_test {
@@ -633,7 +645,14 @@ async fn backend_pid(db: &pgfixture::TestDb) -> i32 {
 /// `currval`. The driver's own cached statements stay usable.
 #[tokio::test]
 async fn session_state_never_crosses_tests() {
-    let fixture = single_worker();
+    // A worker of its own: it takes the handle's settings, after which, before
+    // PostgreSQL 15, the release rebuilds the worker, which would replace the pooled
+    // connections other tests here count on.
+    let fixture = Fixture::builder()
+        .workers(1)
+        .pool_size(10)
+        .build()
+        .expect("fixture");
     let db = fixture.worker_db().await.unwrap();
     let first = backend_pid(&db).await;
     db.batch_execute(
