@@ -228,6 +228,15 @@ fn throughput(fixture: &Fixture, threads: usize, iterations: usize, commit: bool
     (threads * iterations) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// A fixture of one worker in `isolation`.
+fn one_worker(isolation: Isolation) -> Fixture {
+    Fixture::builder()
+        .isolation(isolation)
+        .workers(1)
+        .build()
+        .unwrap()
+}
+
 fn main() {
     let iterations: usize = std::env::var("BENCH_ITERATIONS")
         .ok()
@@ -288,11 +297,7 @@ fn main() {
         .build()
         .unwrap();
     for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
-        let fixture = Fixture::builder()
-            .isolation(isolation)
-            .workers(1)
-            .build()
-            .unwrap();
+        let fixture = one_worker(isolation);
         let [per_test, floor, elsewhere] =
             runtime.block_on(measure_sqlx(&fixture, iterations, other.handle()));
         let p50 = percentile(&per_test, 0.5);
@@ -319,11 +324,7 @@ fn main() {
         "mode", "reads p50", "reads p95", "rows p50", "rows p95", "DDL p50", "DDL b2b p50"
     );
     for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
-        let fixture = Fixture::builder()
-            .isolation(isolation)
-            .workers(1)
-            .build()
-            .unwrap();
+        let fixture = one_worker(isolation);
         let reads = runtime.block_on(pool_test(
             &fixture,
             "SELECT count(*) FROM users",
@@ -369,11 +370,7 @@ fn main() {
         "mode", "plain p50", "unused p50", "commit p50", "commit p95", "own p50", "added p50"
     );
     for isolation in [Isolation::Database, Isolation::Schema, Isolation::Container] {
-        let fixture = Fixture::builder()
-            .isolation(isolation)
-            .workers(1)
-            .build()
-            .unwrap();
+        let fixture = one_worker(isolation);
         let [plain, unused, committed, own] =
             runtime.block_on(handed_test(&fixture, handed_iterations));
         let p50 = |v: &[Duration]| percentile(v, 0.5);

@@ -519,17 +519,24 @@ async fn a_connection_of_its_own_left_open_is_ended_at_release() {
     );
 }
 
+/// [`single_worker`], whether its worker can be read ([`common::worker_pools_are_read`]),
+/// and the worker as the fixtures made it ([`pristine`]).
+async fn single_worker_as_built() -> (tokio::sync::MutexGuard<'static, ()>, Fixture, bool, String) {
+    let (serial, fixture) = single_worker().await;
+    let db = fixture.worker_db().await.unwrap();
+    let read = common::worker_pools_are_read(&db).await;
+    let clean = pristine(&db).await;
+    drop(db);
+    (serial, fixture, read, clean)
+}
+
 /// A connection the test opens itself from its handle's settings is not inside the
 /// test's transaction: what it commits is put back at the handle's release (rows only:
 /// no rebuild, where the server lets the worker be read), and one it leaves open is
 /// ended, its open transaction rolled back, before the worker goes to the next test.
 #[tokio::test]
 async fn what_a_connection_of_the_tests_own_commits_is_put_back() {
-    let (_serial, fixture) = single_worker().await;
-    let db = fixture.worker_db().await.unwrap();
-    let read = common::worker_pools_are_read(&db).await;
-    let clean = pristine(&db).await;
-    drop(db);
+    let (_serial, fixture, read, clean) = single_worker_as_built().await;
 
     let before = fixture.stats();
     let db = fixture.worker_db().await.unwrap();
@@ -576,11 +583,7 @@ async fn what_a_connection_of_the_tests_own_commits_is_put_back() {
 /// rolls back, after the reading).
 #[tokio::test]
 async fn ddl_of_a_connection_of_the_tests_own_rebuilds_and_an_unused_one_costs_nothing() {
-    let (_serial, fixture) = single_worker().await;
-    let db = fixture.worker_db().await.unwrap();
-    let read = common::worker_pools_are_read(&db).await;
-    let clean = pristine(&db).await;
-    drop(db);
+    let (_serial, fixture, read, clean) = single_worker_as_built().await;
 
     let before = fixture.stats();
     let db = fixture.worker_db().await.unwrap();
