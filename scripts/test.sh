@@ -88,18 +88,20 @@ for backend in $backends; do
     done
     export PGFIXTURE_ISOLATION=database
     unset PGFIXTURE_GRACE
-    # Docker's own lifecycle tests run with the docker backend only.
-    skip=()
+    # Docker's own lifecycle tests run with the docker backend only. Most of these
+    # tests wait (for grace periods, watchdogs, servers): under `cargo test` they run
+    # four at a time, as under nextest, rather than one per core.
+    harness=(-- --test-threads 4)
     filter=()
     if [ "$backend" != docker ]; then
-        skip=(-- --skip records_of_gone_containers_are_removed)
+        harness+=(--skip records_of_gone_containers_are_removed)
         filter=(-E 'not test(records_of_gone_containers_are_removed)')
     fi
     # The lifecycle suites run once with containers on the bridge, once on the host's
     # network.
     net=()
     [ "$backend" = docker ] && net=(env PGFIXTURE_DOCKER_NETWORK=bridge)
-    run "$backend lifecycle cargo test" "${net[@]}" cargo test --quiet --test lifecycle --test security --test faults --test url "${skip[@]}"
+    run "$backend lifecycle cargo test" "${net[@]}" cargo test --quiet --test lifecycle --test security --test faults --test url "${harness[@]}"
     run "$backend lifecycle nextest" cargo nextest run -j 4 --no-fail-fast --test lifecycle --test security --test faults --test url "${filter[@]}"
     run "$backend soak" scripts/soak.sh
     unset PGFIXTURE_BACKEND PGFIXTURE_ISOLATION
