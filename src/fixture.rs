@@ -417,6 +417,21 @@ fn handed_application_name(run: &str, worker: &str, id: &WorkerId) -> String {
     worker_application_name(run, worker, id, HANDED_ROLE)
 }
 
+/// The worker's settings as a test handle gives them to code under test, and the name
+/// their connections take ([`handed_application_name`]).
+fn handed_settings(
+    server: &Server,
+    worker: &str,
+    id: &WorkerId,
+    dbname: &str,
+    search_path: Option<&str>,
+    restart_sequences: Option<String>,
+) -> (String, Arc<Settings>) {
+    let name = handed_application_name(&server.application_name, worker, id);
+    let settings = Settings::handed_out_as(&name, server, dbname, search_path, restart_sequences);
+    (name, settings)
+}
+
 fn worker_application_name(run: &str, worker: &str, id: &WorkerId, role: &str) -> String {
     let mut name = format!("{run}{role}{}-{id}", crate::digest::sha256_hex(worker, 6));
     name.truncate(provision::MAX_IDENT);
@@ -2048,10 +2063,10 @@ impl Inner {
         let restart = provision::sequences_setting(target)
             .filter(|_| sequences_recorded)
             .map(|s| provision::restart_sequences(&s));
-        let handed_name = handed_application_name(&server.application_name, &worker_name, id);
-        let settings = Settings::handed_out_as(
-            &handed_name,
+        let (handed_name, settings) = handed_settings(
             &server,
+            &worker_name,
+            id,
             &dbname,
             search_path.as_deref(),
             restart,
@@ -2162,14 +2177,8 @@ impl Inner {
         let wanted = self.config.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
         let restart =
             provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
-        let handed_name = handed_application_name(&server.application_name, name, id);
-        let settings = Settings::handed_out_as(
-            &handed_name,
-            server,
-            dbname,
-            search_path.as_deref(),
-            restart,
-        );
+        let (handed_name, settings) =
+            handed_settings(server, name, id, dbname, search_path.as_deref(), restart);
         let begin = self.begin_sql(target);
         let check = PrimeCheck::new(
             &begin,
@@ -2346,14 +2355,8 @@ impl Inner {
         }
         let restart =
             provision::sequences_setting(target).map(|s| provision::restart_sequences(&s));
-        let handed_name = handed_application_name(&server.application_name, name, id);
-        let settings = Settings::handed_out_as(
-            &handed_name,
-            server,
-            &dbname,
-            search_path.as_deref(),
-            restart,
-        );
+        let (handed_name, settings) =
+            handed_settings(server, name, id, &dbname, search_path.as_deref(), restart);
         Ok(Some(Arc::new(Worker {
             pool,
             application_name,
