@@ -368,13 +368,7 @@ async fn own_connection(
 #[tokio::test]
 async fn a_test_opens_connections_of_its_own_from_the_handle_settings() {
     use pgfixture::tokio_postgres::AsyncMessage;
-    // A worker of its own: before PostgreSQL 15 the release rebuilds it, which would
-    // replace the pooled connections other tests here count on.
-    let fixture = Fixture::builder()
-        .workers(1)
-        .pool_size(9)
-        .build()
-        .expect("fixture");
+    let fixture = common::worker_of_its_own(9);
     let db = fixture.worker_db().await.unwrap();
     let read = common::worker_pools_are_read(&db).await;
     let resets = fixture.stats().workers_reset;
@@ -645,14 +639,7 @@ async fn backend_pid(db: &pgfixture::TestDb) -> i32 {
 /// `currval`. The driver's own cached statements stay usable.
 #[tokio::test]
 async fn session_state_never_crosses_tests() {
-    // A worker of its own: it takes the handle's settings, after which, before
-    // PostgreSQL 15, the release rebuilds the worker, which would replace the pooled
-    // connections other tests here count on.
-    let fixture = Fixture::builder()
-        .workers(1)
-        .pool_size(10)
-        .build()
-        .expect("fixture");
+    let fixture = common::worker_of_its_own(10);
     let db = fixture.worker_db().await.unwrap();
     let first = backend_pid(&db).await;
     db.batch_execute(

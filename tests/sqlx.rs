@@ -272,13 +272,7 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
 
 #[tokio::test]
 async fn connect_options_reach_the_workers_database() {
-    // A worker of its own: before PostgreSQL 15 the release rebuilds a worker whose
-    // settings went out, which would replace the connection other tests here count on.
-    let fixture = Fixture::builder()
-        .workers(1)
-        .pool_size(8)
-        .build()
-        .expect("fixture");
+    let fixture = common::worker_of_its_own(8);
     let mut db = TestDb::acquire(&fixture).await.unwrap();
     let mut own = PgConnection::connect_with(&db.connect_options())
         .await

@@ -191,6 +191,18 @@ pub fn schema_mode_on_a_url_server() -> bool {
     config.url.is_some() && config.isolation == pgfixture::Isolation::Schema
 }
 
+/// A fixture of one worker of its own, told apart from the other tests' by its pool
+/// size: a test whose handle gives its settings out, which before PostgreSQL 15 makes
+/// the release rebuild the worker and replace the pooled connections other tests of
+/// a shared worker count on.
+pub fn worker_of_its_own(pool_size: usize) -> pgfixture::Fixture {
+    pgfixture::Fixture::builder()
+        .workers(1)
+        .pool_size(pool_size)
+        .build()
+        .expect("fixture")
+}
+
 /// Whether the server behind `client` lets pgfixture read a worker before and after a
 /// worker pool (PostgreSQL 15 and later): before 15 there is no reading, and every
 /// worker pool is followed by a reset (README, "Tests that commit").
