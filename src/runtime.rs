@@ -137,6 +137,17 @@ where
     }
 }
 
+/// Whether the runtime of the calling thread goes on running its tasks while the
+/// thread blocks in [`tokio::task::block_in_place`]: a multi-thread runtime (its other
+/// threads, or a new one for this thread's share) other than pgfixture's own. A
+/// current-thread runtime has no other thread, and `block_in_place` refuses it.
+#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+pub(crate) fn tasks_run_while_blocked() -> bool {
+    Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        && !on_background()
+}
+
 /// A handle's end that a test's scope runs on the test's runtime once the test is over
 /// ([`in_test_scope`]).
 #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]

@@ -395,6 +395,50 @@ fn worker_pool_connections_outlive_the_runtimes_of_tests() {
     assert_eq!(stats.workers_reset, 0, "{stats:?}");
 }
 
+/// A worker pool dropped right after its last query, at the end of a multi-thread
+/// `#[tokio::test]` (no `release()`): its runtime returns the connection while the drop
+/// waits, so the pool is kept as after a release: the same backends from test to test,
+/// and what half of the tests wrote is put back without a rebuild.
+#[test]
+fn a_worker_pool_dropped_in_a_multi_thread_test_is_kept() {
+    let fixture = common::worker_of_its_own(13);
+    let read = test_runtime(false).block_on(pools_read(&fixture));
+    let mut pids = std::collections::BTreeSet::new();
+    for round in 0..10 {
+        let runtime = test_runtime(true);
+        pids.insert(runtime.block_on(async {
+            let pool = WorkerPool::acquire(&fixture).await.unwrap();
+            let (seen, pid): (i64, i32) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM notes WHERE owner = 'sqlx-dropped'), pg_backend_pid()",
+            )
+            .fetch_one(&*pool)
+            .await
+            .unwrap();
+            assert_eq!(seen, 0, "round {round} sees an earlier round's row");
+            if round % 2 == 0 {
+                // Under nextest the pool keeps one connection: this one, right after
+                // the first query, is opened on the test's runtime, and closed.
+                sqlx::query("INSERT INTO notes (owner, body) VALUES ('sqlx-dropped', 'x')")
+                    .execute(&*pool)
+                    .await
+                    .unwrap();
+            }
+            drop(pool);
+            pid
+        }));
+        drop(runtime);
+    }
+    let stats = fixture.stats();
+    if !read {
+        // Rebuilt after every worker pool, with a new pool each time.
+        assert_eq!(stats.workers_reset, 10, "{stats:?}");
+        return;
+    }
+    assert!(pids.len() <= 2, "new backends after drops: {pids:?}");
+    assert_eq!(stats.pools_restored, 5, "{stats:?}");
+    assert_eq!(stats.workers_reset, 0, "{stats:?}");
+}
+
 /// What a test leaves in the sessions of the worker pool's connections (an advisory
 /// lock, a setting, a statement prepared with SQL, a LISTEN) is gone for the next test,
 /// whose connections are the same.

@@ -600,10 +600,13 @@ async fn connect_within(settings: &Settings) -> Result<PgConnection, ::sqlx::Err
 /// statements prepared with SQL `PREPARE`); sqlx's own statement cache stays. A
 /// connection the test made the pool open beyond the two it keeps (many at once) is
 /// opened on the test's runtime and closed at release. A connection still out when
-/// the test ends (a task of the test's holds it, or it is on its way back to a
-/// dropped guard) is not waited for: the pool is closed and its connections ended,
-/// their backends terminated, before the worker is read. Copies of the pool that a test
-/// keeps past its end still reach the worker: do not.
+/// the test ends is waited for briefly (20 ms), on a release or on a drop in a
+/// multi-thread runtime. One still out then (a task of the test's holds it), or on its
+/// way back to a guard dropped on a current-thread runtime, whose one thread the drop
+/// blocks, is not waited for: the pool is closed and its connections ended, their
+/// backends terminated, before the worker is read. Prefer [`WorkerPool::release`] in a
+/// current-thread test. Copies of the pool that a test keeps past its end still reach
+/// the worker: do not.
 pub struct WorkerPool {
     pool: Option<KeptPool>,
     core: Option<crate::WorkerPool>,
@@ -938,9 +941,20 @@ impl Drop for WorkerPool {
         let (Some(kept), Some(core)) = (self.pool.take(), self.core.take()) else {
             return;
         };
-        // This blocks the test's thread, where sqlx returns the connections the test
-        // dropped last, and whose runtime serves the connections opened on it: with one
-        // still on its way back, or one of those, the pool cannot be kept.
+        // sqlx returns the connections the test dropped last in tasks of the test's
+        // runtime, and that runtime serves the connections opened on it. A
+        // multi-thread runtime goes on running while this blocks, so the drop is a
+        // release.
+        if runtime::tasks_run_while_blocked() {
+            tokio::task::block_in_place(|| {
+                runtime::block_on(async move {
+                    reset_reported(keep_or_close(kept, core).await).await;
+                });
+            });
+            return;
+        }
+        // A current-thread one cannot, since this blocks its only thread: with a
+        // connection still on its way back, or one of those, the pool cannot be kept.
         let back = kept.pool.num_idle() == kept.pool.size() as usize
             && !kept.foreign.load(std::sync::atomic::Ordering::SeqCst);
         runtime::block_on(async move {
@@ -951,10 +965,16 @@ impl Drop for WorkerPool {
                 discard(&kept, &mut core);
                 core
             };
-            if let Err(error) = core.release().await {
-                tracing::warn!(%error, "resetting a worker after its worker pool failed");
-                eprintln!("pgfixture: resetting a worker after its worker pool failed: {error}");
-            }
+            reset_reported(core).await;
         });
+    }
+}
+
+/// Releases the worker of a dropped [`WorkerPool`]: the error of its reset, which a
+/// drop cannot return, is logged and printed.
+async fn reset_reported(core: crate::WorkerPool) {
+    if let Err(error) = core.release().await {
+        tracing::warn!(%error, "resetting a worker after its worker pool failed");
+        eprintln!("pgfixture: resetting a worker after its worker pool failed: {error}");
     }
 }
