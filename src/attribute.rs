@@ -588,6 +588,32 @@ mod sqlx_handles {
         }
     }
 
+    /// `#[sqlx::test]`'s `PgPool` of sqlx 0.8 (feature `sqlx-0_8`), the test crate's
+    /// own: the worker's pool of sqlx 0.8, kept from test to test as sqlx 0.9's is,
+    /// commits allowed. The fixtures are applied through the worker's pool before the
+    /// test, committed, as `#[sqlx::test]` applies them.
+    #[cfg(feature = "sqlx-0_8")]
+    #[diagnostic::do_not_recommend]
+    impl TestHandle for ::sqlx08::PgPool {
+        type Guard = crate::driver::sqlx::kept_0_8::WorkerPool;
+
+        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, Self::Guard)> {
+            let pool = Self::Guard::acquire(fixture).await?;
+            if !args.fixtures.is_empty() {
+                let client = pool.core().get().await.map_err(|source| Error::Pool {
+                    worker: pool.worker_id().to_string(),
+                    source,
+                })?;
+                args.apply_files(&client).await?;
+            }
+            Ok(((*pool).clone(), pool))
+        }
+
+        async fn release(guard: Self::Guard) -> Result<()> {
+            guard.release().await
+        }
+    }
+
     /// `#[sqlx::test]`'s two parameters, `(opts: PgPoolOptions, connect:
     /// PgConnectOptions)`: options for pools and connections of the test's own on the
     /// worker, commits allowed. Its guard is the core's worker pool, as for

@@ -282,3 +282,122 @@ async fn a_sqlx_0_9_pool_beside(pool: pgfixture::sqlx::PgPool) {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+/// The backends that [`one_of_twenty`] ran on.
+static BACKENDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+/// Whether [`one_of_twenty`] ran before PostgreSQL 15, which lets pgfixture read no
+/// worker: each worker pool is followed by a rebuild, and a new pool.
+static BEFORE_15: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// One test of [`the_pool_outlives_the_runtimes_of_tests`]: it finds its worker as
+/// the migrations left it, with a session nothing was left in, then commits a row and
+/// leaves a setting and an advisory lock in its connection's session.
+#[pgfixture::test]
+#[ignore = "run twenty times by the_pool_outlives_the_runtimes_of_tests"]
+async fn one_of_twenty(pool: PgPool) {
+    let mut conn = pool.acquire().await.unwrap();
+    let (pid, timeout, locks, before_15): (i32, String, i64, bool) = sqlx::query_as(
+        "SELECT pg_backend_pid(), current_setting('statement_timeout'), \
+         (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), \
+         current_setting('server_version_num')::int < 150000",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    BEFORE_15.store(before_15, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        (timeout.as_str(), locks),
+        ("0", 0),
+        "what an earlier test left"
+    );
+    alone(&mut conn, "one_of_twenty").await;
+    sqlx::raw_sql("SET statement_timeout = '7s'; SELECT pg_advisory_lock(4242)")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    BACKENDS.lock().unwrap().push(pid);
+}
+
+/// Twenty tests that take sqlx 0.8's `PgPool`, one after the other on one worker, each
+/// on a `#[tokio::test]` runtime of its own: the worker's sqlx 0.8 pool is kept from
+/// test to test as sqlx 0.9's is, its connections (the same backends throughout)
+/// outlive the runtimes, and what each test left (a row, a setting, a lock) is gone
+/// for the next.
+#[test]
+fn the_pool_outlives_the_runtimes_of_tests() {
+    for _ in 0..20 {
+        one_of_twenty();
+    }
+    let backends: std::collections::BTreeSet<i32> =
+        BACKENDS.lock().unwrap().iter().copied().collect();
+    if BEFORE_15.load(std::sync::atomic::Ordering::SeqCst) {
+        // Rebuilt after every test, with a new pool each time.
+        assert_eq!(backends.len(), 20, "{backends:?}");
+        return;
+    }
+    assert!(
+        backends.len() <= 2,
+        "new backends from test to test: {backends:?}"
+    );
+}
+
+/// The connections of the worker's kept sqlx pool open on the server, seen from one
+/// of them (they share its `application_name`), once they have settled: a pool closed
+/// as the other major's was made ends its connections a moment later.
+async fn kept_connections(conn: &mut PgConnection) -> i64 {
+    let mut open = 0;
+    for _ in 0..200 {
+        open = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = current_setting('application_name')",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        if open <= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    open
+}
+
+/// One sqlx 0.8 test of [`pools_of_both_majors_take_turns`].
+#[pgfixture::test]
+#[ignore = "run by pools_of_both_majors_take_turns"]
+async fn a_turn_of_sqlx_0_8(pool: PgPool) {
+    let mut conn = pool.acquire().await.unwrap();
+    alone(&mut conn, "a_turn_of_sqlx_0_8").await;
+    assert!(kept_connections(&mut conn).await <= 2);
+}
+
+/// One sqlx 0.9 test of [`pools_of_both_majors_take_turns`].
+#[pgfixture::test]
+#[ignore = "run by pools_of_both_majors_take_turns"]
+async fn a_turn_of_sqlx_0_9(pool: pgfixture::sqlx::PgPool) {
+    let (seen, open): (i64, i64) = pgfixture::sqlx::query_as(
+        "SELECT (SELECT count(*) FROM notes), (SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = current_setting('application_name'))",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(seen, 1, "rows another test left");
+    pgfixture::sqlx::query("INSERT INTO notes (owner, body) VALUES ('sqlx 0.9', 'x')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // Settling is the sqlx 0.8 turn's to wait for.
+    assert!(open <= 4, "{open} kept connections");
+}
+
+/// Tests of sqlx 0.8's `PgPool` and of sqlx 0.9's take turns on one worker: each finds
+/// the worker as the migrations left it, and the worker keeps the pool of one major at
+/// a time (two connections at most), within what its pool size leaves to the drivers.
+#[test]
+fn pools_of_both_majors_take_turns() {
+    for _ in 0..4 {
+        a_turn_of_sqlx_0_8();
+        a_turn_of_sqlx_0_9();
+    }
+}
