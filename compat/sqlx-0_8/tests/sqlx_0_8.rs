@@ -318,27 +318,31 @@ async fn one_of_twenty(pool: PgPool) {
     BACKENDS.lock().unwrap().push(pid);
 }
 
-/// Twenty tests that take sqlx 0.8's `PgPool`, one after the other on one worker, each
-/// on a `#[tokio::test]` runtime of its own: the worker's sqlx 0.8 pool is kept from
-/// test to test as sqlx 0.9's is, its connections (the same backends throughout)
-/// outlive the runtimes, and what each test left (a row, a setting, a lock) is gone
-/// for the next.
+/// Twenty tests that take sqlx 0.8's `PgPool`, one after the other, each on a
+/// `#[tokio::test]` runtime of its own: the worker's sqlx 0.8 pool is kept from test
+/// to test as sqlx 0.9's is, its connections outlive the runtimes, and what each test
+/// left (a row, a setting, a lock) is gone for the next. Under `cargo test` the thread's
+/// slot is free between two of them, so they may take turns on two workers (two pools),
+/// and a test of sqlx 0.9's pool on one of them closes its sqlx 0.8 pool: most, not all,
+/// reuse a backend an earlier one used (at least half). A new pool per test would
+/// reuse none.
 #[test]
 fn the_pool_outlives_the_runtimes_of_tests() {
     for _ in 0..20 {
         one_of_twenty();
     }
-    let backends: std::collections::BTreeSet<i32> =
-        BACKENDS.lock().unwrap().iter().copied().collect();
+    let ran = BACKENDS.lock().unwrap().clone();
+    let reused = ran
+        .iter()
+        .enumerate()
+        .filter(|(i, pid)| ran[..*i].contains(pid))
+        .count();
     if BEFORE_15.load(std::sync::atomic::Ordering::SeqCst) {
         // Rebuilt after every test, with a new pool each time.
-        assert_eq!(backends.len(), 20, "{backends:?}");
+        assert_eq!(reused, 0, "{ran:?}");
         return;
     }
-    assert!(
-        backends.len() <= 2,
-        "new backends from test to test: {backends:?}"
-    );
+    assert!(reused >= 10, "new backends from test to test: {ran:?}");
 }
 
 /// The connections of the worker's kept sqlx pool open on the server, seen from one
