@@ -306,181 +306,6 @@ fn release_with(
     }
 }
 
-/// The worker's settings, for a handle the test crate's own sqlx builds (feature
-/// `sqlx-0_8`: `#[sqlx::test]`'s types of a sqlx whose major is not pgfixture's).
-#[derive(Debug)]
-pub struct OwnSqlx {
-    url: String,
-    max_connections: u32,
-    acquire_timeout: std::time::Duration,
-}
-
-impl OwnSqlx {
-    /// The worker's URL, with the `application_name` of its worker pool, by which the
-    /// release finds the test's connections; through the server's Unix socket when it
-    /// has one, as pgfixture's own connections (no TCP, no password exchange).
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The most connections the test's pool may open: 5, as `#[sqlx::test]`'s, fewer
-    /// when the worker's pool (which fits the server's `max_connections`) is smaller.
-    pub fn max_connections(&self) -> u32 {
-        self.max_connections
-    }
-
-    /// The fixture's acquire timeout.
-    pub fn acquire_timeout(&self) -> std::time::Duration {
-        self.acquire_timeout
-    }
-}
-
-/// What closes a handle of the test's own sqlx once the test is over (its pool).
-pub type Closer = Pin<Box<dyn Future<Output = ()>>>;
-
-/// A handle the test's own sqlx built, and what closes it; the error as text.
-pub type OwnSqlxMade<H> =
-    Pin<Box<dyn Future<Output = std::result::Result<(H, Option<Closer>), String>>>>;
-
-/// What builds a handle with the test's own sqlx: code the attribute writes, which
-/// names the crate's `::sqlx`.
-pub type MakeOwnSqlx<H> = fn(OwnSqlx) -> OwnSqlxMade<H>;
-
-/// What closes `pool` once the test is over: `close` names the pool's method (the
-/// attribute writes it, naming the crate's own sqlx). The future is the same for every
-/// test of a type, compiled once.
-pub fn closing<P: 'static>(
-    pool: P,
-    close: for<'a> fn(&'a P) -> Pin<Box<dyn Future<Output = ()> + 'a>>,
-) -> Option<Closer> {
-    Some(Box::pin(async move { close(&pool).await }))
-}
-
-/// `built`, a value of the crate's own sqlx, as the test's handle type `H`: the same
-/// type when the attribute's code for it runs at all ([`PickOwnSqlx`]); otherwise an
-/// error that names both.
-pub fn own_sqlx_cast<A: 'static, H: 'static>(built: A) -> std::result::Result<H, String> {
-    let built: Box<dyn std::any::Any> = Box::new(built);
-    built.downcast::<H>().map(|handle| *handle).map_err(|_| {
-        format!(
-            "the test takes {}, and its crate's sqlx gives {}",
-            std::any::type_name::<H>(),
-            std::any::type_name::<A>()
-        )
-    })
-}
-
-/// A handle the test's own sqlx built without waiting, as [`OwnSqlxMade`].
-pub fn own_sqlx_ready<A: 'static, H: 'static>(built: A, closer: Option<Closer>) -> OwnSqlxMade<H> {
-    Box::pin(std::future::ready(
-        own_sqlx_cast(built).map(|handle| (handle, closer)),
-    ))
-}
-
-/// The test's own sqlx could not build its handle: `error` as [`OwnSqlxMade`].
-pub fn own_sqlx_failed<H: 'static>(error: &dyn std::fmt::Display) -> OwnSqlxMade<H> {
-    Box::pin(std::future::ready(Err(error.to_string())))
-}
-
-/// Picks how a test's handle is made, when its type may be pgfixture's handle or one
-/// of `#[sqlx::test]`'s types of the test crate's own sqlx: [`PickHandle`] when `H` is
-/// a [`TestHandle`], else [`PickOwnSqlx`] (method resolution tries `Pick<H>` before
-/// `&Pick<H>`).
-#[derive(Debug)]
-pub struct Pick<H>(std::marker::PhantomData<fn() -> H>);
-
-impl<H> Pick<H> {
-    /// The picker for `H`.
-    #[allow(clippy::new_without_default)]
-    pub const fn new() -> Self {
-        Pick(std::marker::PhantomData)
-    }
-}
-
-/// `H` is pgfixture's handle: [`run`].
-pub trait PickHandle<H, T> {
-    /// Runs the test.
-    fn run(
-        &self,
-        args: TestArgs,
-        runtime: tokio::runtime::Runtime,
-        make: MakeOwnSqlx<H>,
-        test: Body<H, T>,
-    ) -> T;
-}
-
-impl<H: TestHandle, T> PickHandle<H, T> for Pick<H> {
-    fn run(
-        &self,
-        args: TestArgs,
-        runtime: tokio::runtime::Runtime,
-        _: MakeOwnSqlx<H>,
-        test: Body<H, T>,
-    ) -> T {
-        run(args, runtime, test)
-    }
-}
-
-/// `H` is a type of the test's own sqlx: [`run_own_sqlx`].
-pub trait PickOwnSqlx<H, T> {
-    /// Runs the test.
-    fn run(
-        &self,
-        args: TestArgs,
-        runtime: tokio::runtime::Runtime,
-        make: MakeOwnSqlx<H>,
-        test: Body<H, T>,
-    ) -> T;
-}
-
-impl<H, T> PickOwnSqlx<H, T> for &Pick<H> {
-    fn run(
-        &self,
-        args: TestArgs,
-        runtime: tokio::runtime::Runtime,
-        make: MakeOwnSqlx<H>,
-        test: Body<H, T>,
-    ) -> T {
-        run_own_sqlx(args, runtime, make, test)
-    }
-}
-
-/// Runs a test whose handle the test crate's own sqlx builds with `make`, on the
-/// worker's pool ([`crate::WorkerPool`], commits allowed): the fixtures are applied
-/// through it, the handle's pool is closed after the test, and the release puts back
-/// what the test changed, as for `#[sqlx::test]`'s types of pgfixture's sqlx.
-pub fn run_own_sqlx<H, T>(
-    args: TestArgs,
-    runtime: tokio::runtime::Runtime,
-    make: MakeOwnSqlx<H>,
-    test: Body<H, T>,
-) -> T {
-    crate::runtime::in_test_scope(runtime, |runtime| {
-        let (pool, ()) = acquire::<crate::WorkerPool>(runtime, &args);
-        let own = OwnSqlx {
-            url: pool.settings.own_url.as_str().to_owned(),
-            max_connections: crate::driver::sqlx_pool_size(&pool.state),
-            acquire_timeout: pool.owner.config().acquire_timeout,
-        };
-        // Made inside the runtime: sqlx's pools need its context even to be built.
-        let (handle, closing) = runtime
-            .block_on(async move { make(own).await })
-            .unwrap_or_else(|e| {
-                panic!(
-                    "pgfixture: {} could not get its handle: its own sqlx failed on worker {}: {e}",
-                    args.name,
-                    pool.worker_id()
-                )
-            });
-        let output = runtime.block_on(test(handle));
-        if let Some(closing) = closing {
-            runtime.block_on(closing);
-        }
-        release_with(runtime, pool.release(), &args);
-        output
-    })
-}
-
 /// Runs a plain test with its handle `H`.
 pub fn run_sync<H: SyncTestHandle, T>(args: TestArgs, test: fn(H) -> T) -> T {
     let fixture = args.fixture().unwrap_or_else(|e| panic!("pgfixture: {e}"));
@@ -517,32 +342,24 @@ impl TestHandle for crate::WorkerPool {
     }
 }
 
+/// The handles of sqlx 0.9, pgfixture's own sqlx: its driver's, and `#[sqlx::test]`'s
+/// types.
 #[cfg(feature = "sqlx")]
 mod sqlx_handles {
     use std::sync::Arc;
 
     use ::sqlx::pool::PoolConnection;
-    use ::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use ::sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgTransactionManager};
     use ::sqlx::{Connection, PgConnection, PgPool, Postgres};
     use sqlx_core::transaction::TransactionManager;
 
     use super::{TestArgs, TestHandle};
-    use crate::driver::sqlx::{TestDb, WorkerPool};
+    use crate::driver::sqlx::kept::raw_execute;
+    use crate::driver::sqlx::{TestDb, WorkerPool, own_connect_options};
     use crate::{Error, Fixture, Result};
 
-    /// Applies the test's fixtures on `conn`; an error names the file.
-    async fn apply(args: &TestArgs, conn: &mut PgConnection) -> Result<()> {
-        for fixture in args.fixtures {
-            if let Err(e) = ::sqlx::raw_sql(fixture.sql).execute(&mut *conn).await {
-                return Err(Error::Fixture {
-                    path: args.fixture_path(fixture),
-                    line: None,
-                    statement: None,
-                    message: e.to_string(),
-                });
-            }
-        }
-        Ok(())
+    fn sqlx_error(context: &str) -> impl FnOnce(::sqlx::Error) -> Error {
+        Error::sqlx(context)
     }
 
     #[diagnostic::do_not_recommend]
@@ -561,167 +378,37 @@ mod sqlx_handles {
         type Guard = ();
 
         async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, ())> {
-            let pool = WorkerPool::acquire(fixture).await?;
-            if !args.fixtures.is_empty() {
-                let mut conn = pool
-                    .acquire()
-                    .await
-                    .map_err(Error::sqlx("taking a connection of the worker pool"))?;
-                apply(args, &mut conn).await?;
-            }
-            Ok((pool, ()))
+            Ok((kept_pool(fixture, args).await?, ()))
         }
     }
 
-    /// `#[sqlx::test]`'s `PgPool`: the worker's pool, commits allowed.
-    #[diagnostic::do_not_recommend]
-    impl TestHandle for PgPool {
-        type Guard = WorkerPool;
+    include!("attribute_sqlx.rs");
+}
 
-        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, WorkerPool)> {
-            let (guard, ()) = <WorkerPool as TestHandle>::acquire(fixture, args).await?;
-            Ok(((*guard).clone(), guard))
-        }
+/// `#[sqlx::test]`'s types of sqlx 0.8 (feature `sqlx-0_8`), the test crate's own
+/// (cargo builds one sqlx 0.8 for pgfixture and the crate): the same handles as sqlx
+/// 0.9's, over sqlx 0.8's types and the driver's worker pool of sqlx 0.8.
+#[cfg(feature = "sqlx-0_8")]
+mod sqlx_0_8_handles {
+    use std::sync::Arc;
 
-        async fn release(guard: WorkerPool) -> Result<()> {
-            guard.release().await
-        }
+    use ::sqlx08::pool::PoolConnection;
+    use ::sqlx08::postgres::{PgConnectOptions, PgPoolOptions, PgTransactionManager};
+    use ::sqlx08::{Connection, PgConnection, PgPool, Postgres, TransactionManager};
+
+    use super::{TestArgs, TestHandle};
+    use crate::driver::sqlx::kept_0_8::{WorkerPool, own_connect_options, raw_execute};
+    use crate::{Error, Fixture, Result};
+
+    fn sqlx_error(context: &str) -> impl FnOnce(::sqlx08::Error) -> Error {
+        Error::sqlx_0_8(context)
     }
 
-    /// `#[sqlx::test]`'s `PgPool` of sqlx 0.8 (feature `sqlx-0_8`), the test crate's
-    /// own: the worker's pool of sqlx 0.8, kept from test to test as sqlx 0.9's is,
-    /// commits allowed. The fixtures are applied through the worker's pool before the
-    /// test, committed, as `#[sqlx::test]` applies them.
-    #[cfg(feature = "sqlx-0_8")]
-    #[diagnostic::do_not_recommend]
-    impl TestHandle for ::sqlx08::PgPool {
-        type Guard = crate::driver::sqlx::kept_0_8::WorkerPool;
-
-        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, Self::Guard)> {
-            let pool = Self::Guard::acquire(fixture).await?;
-            if !args.fixtures.is_empty() {
-                let client = pool.core().get().await.map_err(|source| Error::Pool {
-                    worker: pool.worker_id().to_string(),
-                    source,
-                })?;
-                args.apply_files(&client).await?;
-            }
-            Ok(((*pool).clone(), pool))
-        }
-
-        async fn release(guard: Self::Guard) -> Result<()> {
-            guard.release().await
-        }
-    }
-
-    /// `#[sqlx::test]`'s two parameters, `(opts: PgPoolOptions, connect:
-    /// PgConnectOptions)`: options for pools and connections of the test's own on the
-    /// worker, commits allowed. Its guard is the core's worker pool, as for
-    /// [`PgConnection`]: the connect options carry its `application_name`, so its
-    /// release ends the test's connections still open (their backends terminated),
-    /// then puts back the rows they wrote.
-    #[diagnostic::do_not_recommend]
-    impl TestHandle for (PgPoolOptions, PgConnectOptions) {
-        type Guard = crate::WorkerPool;
-
-        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, crate::WorkerPool)> {
-            let (pool, ()) = <crate::WorkerPool as TestHandle>::acquire(fixture, args).await?;
-            // As `#[sqlx::test]`'s: 5 connections at most, fewer when the worker's
-            // pool (which fits the server's `max_connections`) is smaller.
-            let options = PgPoolOptions::new()
-                .max_connections(crate::driver::sqlx_pool_size(&pool.state))
-                .acquire_timeout(fixture.config().acquire_timeout);
-            // Through the server's Unix socket when it has one, as pgfixture's own.
-            let connect = crate::driver::sqlx::own_connect_options(&pool.settings);
-            Ok(((options, connect), pool))
-        }
-
-        async fn release(guard: crate::WorkerPool) -> Result<()> {
-            guard.release().await
-        }
-    }
-
-    /// Begins the test's transaction on a connection of the worker pool through
-    /// sqlx's transaction manager: the code under test's `begin()` is a savepoint.
-    async fn begin(conn: &mut PgConnection, args: &TestArgs) -> Result<()> {
-        <::sqlx::postgres::PgTransactionManager as TransactionManager>::begin(conn, None)
-            .await
-            .map_err(Error::sqlx("starting the test's transaction"))?;
-        apply(args, conn).await
-    }
-
-    /// `#[sqlx::test]`'s `PoolConnection<Postgres>`: a connection of the worker pool,
-    /// inside a transaction that is never committed; the worker is reset after the
-    /// test if anything changed.
-    #[diagnostic::do_not_recommend]
-    impl TestHandle for PoolConnection<Postgres> {
-        type Guard = WorkerPool;
-
-        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, WorkerPool)> {
-            let pool = WorkerPool::acquire(fixture).await?;
-            let mut conn = pool
-                .acquire()
-                .await
-                .map_err(Error::sqlx("taking a connection of the worker pool"))?;
-            begin(&mut conn, args).await?;
-            Ok((conn, pool))
-        }
-
-        async fn release(guard: WorkerPool) -> Result<()> {
-            guard.release().await
-        }
-    }
-
-    /// A `PgConnection` of the test's own, on the worker, inside a transaction that is
-    /// never committed; the worker is reset after the test if anything changed. Its
-    /// guard is the core's worker pool, which marks and reads the worker: the sqlx
-    /// driver's kept pool would open a connection the test never uses.
-    #[diagnostic::do_not_recommend]
-    impl TestHandle for PgConnection {
-        type Guard = crate::WorkerPool;
-
-        async fn acquire(fixture: &Fixture, args: &TestArgs) -> Result<(Self, crate::WorkerPool)> {
-            use crate::driver::sqlx::own_connect_options as connect_options;
-            // The connection opens here, on the test's runtime, as soon as the worker
-            // is checked, while the core marks and reads it; through the server's Unix
-            // socket when it has one, as pgfixture's own connections.
-            let (checked, settings) = tokio::sync::oneshot::channel();
-            let opener: crate::fixture::PoolOpener = Box::new(move |_, settings, _| {
-                let _ = checked.send(Arc::clone(settings));
-            });
-            let connect = async {
-                let settings = settings.await.ok()?;
-                Some(PgConnection::connect_with(&connect_options(&settings)).await)
-            };
-            let (pool, conn) =
-                futures::future::join(fixture.worker_pool_opening(Some(opener)), connect).await;
-            let pool = pool?;
-            let conn = match conn {
-                Some(conn) => conn,
-                None => PgConnection::connect_with(&connect_options(&pool.settings)).await,
-            };
-            let mut conn = conn.map_err(Error::sqlx("connecting to the worker"))?;
-            begin(&mut conn, args).await?;
-            Ok((conn, pool))
-        }
-
-        async fn release(guard: crate::WorkerPool) -> Result<()> {
-            guard.release().await
-        }
-    }
+    include!("attribute_sqlx.rs");
 }
 
 #[cfg(test)]
 mod tests {
-    use super::own_sqlx_cast;
-
-    #[test]
-    fn a_value_of_the_crates_own_sqlx_is_handed_over_only_as_its_own_type() {
-        assert_eq!(own_sqlx_cast::<u32, u32>(7), Ok(7));
-        let error = own_sqlx_cast::<u32, String>(7).unwrap_err();
-        assert!(error.contains("String") && error.contains("u32"), "{error}");
-    }
-
     /// A migrator of another sqlx major is copied, once, with its checksums, kinds and
     /// flags; sqlx 0.9's is taken as it is.
     #[cfg(feature = "sqlx")]

@@ -85,6 +85,7 @@ pub(crate) const SESSION_CLEANUP: &str = session_cleanup!();
 /// The most connections a sqlx pool on a worker opens at once: 5, as the pools of
 /// `#[sqlx::test]` allow (a renamed test that leans on that limit behaves the same),
 /// or the worker's pool size when it is smaller.
+#[cfg(feature = "sqlx")]
 pub(crate) fn sqlx_pool_size(worker: &Worker) -> u32 {
     const SQLX_TEST: usize = 5;
     u32::try_from(worker.pool_size().clamp(1, SQLX_TEST)).unwrap_or(1)

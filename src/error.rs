@@ -135,6 +135,18 @@ pub enum Error {
         source: ::sqlx::Error,
     },
 
+    /// A statement or connection of sqlx 0.8 failed, for `#[sqlx::test]`'s types of a
+    /// crate on sqlx 0.8 (feature `sqlx-0_8`).
+    #[cfg(feature = "sqlx-0_8")]
+    #[error("{context}: {source}")]
+    Sqlx0_8 {
+        /// What pgfixture was doing.
+        context: String,
+        /// sqlx 0.8's error.
+        #[source]
+        source: ::sqlx08::Error,
+    },
+
     /// A migration failed, or the migrations folder cannot be used as it is.
     #[error("migration {}{}{}: {message}", path.display(), line.map(|l| format!(", line {l}")).unwrap_or_default(), statement.as_ref().map(|s| format!(", in `{s}`")).unwrap_or_default())]
     Migration {
@@ -254,6 +266,12 @@ impl Error {
         move |source| Error::Sqlx { context, source }
     }
 
+    #[cfg(feature = "sqlx-0_8")]
+    pub(crate) fn sqlx_0_8(context: impl Into<String>) -> impl FnOnce(::sqlx08::Error) -> Self {
+        let context = context.into();
+        move |source| Error::Sqlx0_8 { context, source }
+    }
+
     /// The driver's error inside, if any.
     pub(crate) fn postgres(&self) -> Option<&tokio_postgres::Error> {
         match self {
@@ -276,6 +294,10 @@ impl Error {
         #[cfg(feature = "sqlx")]
         let full = full
             || matches!(&self, Error::Sqlx { source: ::sqlx::Error::Database(db), .. }
+                if db.code().as_deref() == Some(SqlState::TOO_MANY_CONNECTIONS.code()));
+        #[cfg(feature = "sqlx-0_8")]
+        let full = full
+            || matches!(&self, Error::Sqlx0_8 { source: ::sqlx08::Error::Database(db), .. }
                 if db.code().as_deref() == Some(SqlState::TOO_MANY_CONNECTIONS.code()));
         if full {
             let message = match &self {

@@ -46,9 +46,6 @@ pub(crate) struct Settings {
     #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
     pub(crate) own_pg_config: tokio_postgres::Config,
     pub(crate) url: DatabaseUrl,
-    /// [`Self::own_pg_config`] as a URL for sqlx: the socket's directory in a `host`
-    /// parameter, which sqlx takes in place of the URL's host.
-    pub(crate) own_url: DatabaseUrl,
     /// Through the port published on 127.0.0.1 (Docker); else the same as above.
     pub(crate) published_pg_config: tokio_postgres::Config,
     pub(crate) published_url: DatabaseUrl,
@@ -97,13 +94,6 @@ impl Settings {
         let pg_config = crate::pool::pg_config(server, dbname, search_path);
         let own_pg_config = crate::pool::own_pg_config(own, dbname, search_path);
         let url = url_for(server, &server.host, server.port, dbname, search_path);
-        let own_url = match &own.socket_dir {
-            Some(dir) => {
-                let url = url_for(own, "localhost", own.port, dbname, search_path);
-                DatabaseUrl(format!("{}&host={}", url.as_str(), encode(dir)).into())
-            }
-            None => url_for(own, &own.host, own.port, dbname, search_path),
-        };
         let (published_pg_config, published_url) = match server.published_port {
             Some(port) => {
                 // `host` adds a host to the list: start from one without any.
@@ -121,7 +111,6 @@ impl Settings {
             pg_config,
             own_pg_config,
             url,
-            own_url,
             published_pg_config,
             published_url,
             restart_sequences,
@@ -224,7 +213,6 @@ mod tests {
         }
         assert!(!format!("{:?}", settings.pg_config).contains("s3cr"));
         assert_eq!(settings.published_url, settings.url);
-        assert_eq!(settings.own_url, settings.url);
     }
 
     /// A test handle's settings name the connections code under test opens with them,
@@ -244,33 +232,35 @@ mod tests {
             let parsed: tokio_postgres::Config = url.as_str().parse().unwrap();
             assert_eq!(parsed.get_application_name(), Some(name), "{url}");
         }
-        let own: tokio_postgres::Config = settings.own_url.as_str().parse().unwrap();
-        for config in [&settings.own_pg_config, &own] {
-            assert_eq!(config.get_application_name(), Some("pgfixture/run1"));
-        }
+        assert_eq!(
+            settings.own_pg_config.get_application_name(),
+            Some("pgfixture/run1")
+        );
         assert_eq!(
             settings.own_pg_config.get_options(),
             settings.pg_config.get_options()
         );
     }
 
+    /// sqlx's options for pgfixture's own connections go through the server's socket.
+    #[cfg(feature = "sqlx")]
     #[test]
-    fn the_own_url_goes_through_the_servers_socket() {
+    fn sqlxs_own_options_go_through_the_servers_socket() {
         let server = Server::loopback(5433, "pw".into(), "x".into())
             .with_socket_dir(std::path::Path::new("/tmp/pg fx"));
-        let settings = Settings::new(&server, "db", None, None);
-        let own = settings.own_url.as_str();
-        assert!(own.ends_with("&host=%2Ftmp%2Fpg%20fx"), "{own}");
-        #[cfg(feature = "sqlx")]
-        {
-            let parsed: ::sqlx::postgres::PgConnectOptions = own.parse().unwrap();
-            assert_eq!(
-                parsed.get_socket().map(|p| p.as_path()),
-                Some(std::path::Path::new("/tmp/pg fx"))
-            );
-            assert_eq!(parsed.get_port(), 5433);
-            assert_eq!(parsed.get_database(), Some("db"));
-        }
+        let settings = Settings::new(&server, "db", Some("s"), None);
+        let own = crate::driver::sqlx::own_connect_options(&settings);
+        assert_eq!(
+            own.get_socket().map(|p| p.as_path()),
+            Some(std::path::Path::new("/tmp/pg fx"))
+        );
+        assert_eq!(own.get_port(), 5433);
+        assert_eq!(own.get_database(), Some("db"));
+        let search_path = settings.search_path.as_deref().unwrap();
+        assert_eq!(
+            own.get_options(),
+            Some(&*format!("-c search_path={search_path}"))
+        );
     }
 
     #[test]

@@ -236,29 +236,12 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             )
         },
         (None, false) => quote! { #name() },
-        (Some(ty), true) => match own_sqlx(ty, pair) {
-            // sqlx of another major than pgfixture's (feature `sqlx-0_8`): pgfixture's
-            // handle when the type is one, else the test's own sqlx builds it.
-            Some(make) => quote_spanned! {ty.span()=>
-                {
-                    // One of the two is used.
-                    #[allow(unused_imports)]
-                    use ::pgfixture::__macro::{PickHandle as _, PickOwnSqlx as _};
-                    (&::pgfixture::__macro::Pick::<#ty>::new()).run(
-                        #test_args,
-                        #runtime,
-                        #make,
-                        #call,
-                    )
-                }
-            },
-            None => quote_spanned! {ty.span()=>
-                ::pgfixture::__macro::run::<#ty, _>(
-                    #test_args,
-                    #runtime,
-                    #call,
-                )
-            },
+        (Some(ty), true) => quote_spanned! {ty.span()=>
+            ::pgfixture::__macro::run::<#ty, _>(
+                #test_args,
+                #runtime,
+                #call,
+            )
         },
         (Some(ty), false) => {
             quote_spanned! {ty.span()=>
@@ -269,10 +252,7 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
     // The same checks outside the test function, which exists in test builds only:
     // misuse is an error in every build (a plain `cargo build` of the file, trybuild).
     let handle_check = handle_type.map(|ty| {
-        if is_async && own_sqlx(ty, pair).is_some() {
-            // Checked where the test's own sqlx builds it.
-            quote! {}
-        } else if is_async {
+        if is_async {
             quote_spanned! {ty.span()=> ::pgfixture::__macro::assert_handle::<#ty>(); }
         } else {
             quote_spanned! {ty.span()=> ::pgfixture::__macro::assert_sync_handle::<#ty>(); }
@@ -449,111 +429,6 @@ fn is_pool_options(ty: &syn::Type) -> bool {
         syn::Type::Paren(paren) => is_pool_options(&paren.elem),
         _ => false,
     }
-}
-
-/// The last segment of a path type (through groups and parentheses).
-fn last_segment(ty: &syn::Type) -> Option<&syn::PathSegment> {
-    match ty {
-        syn::Type::Path(path) => path.path.segments.last(),
-        syn::Type::Group(group) => last_segment(&group.elem),
-        syn::Type::Paren(paren) => last_segment(&paren.elem),
-        _ => None,
-    }
-}
-
-/// With the feature `sqlx-0_8`: for a parameter that names one of `#[sqlx::test]`'s
-/// types, the code that builds it with the test crate's own `sqlx` (of a major other
-/// than pgfixture's) from the worker's settings ([`pgfixture::__macro::OwnSqlx`]),
-/// used when the type is not a handle of pgfixture's own. `None` otherwise: the
-/// handle's trait picks, as without the feature.
-fn own_sqlx(ty: &syn::Type, pair: bool) -> Option<TokenStream2> {
-    if !cfg!(feature = "sqlx-0_8") {
-        return None;
-    }
-    let connect = quote! {
-        let connect: ::sqlx::postgres::PgConnectOptions = ::core::str::FromStr::from_str(own.url())
-            .map_err(|e| ::std::string::ToString::to_string(&e))?;
-    };
-    // The test's transaction, begun through sqlx's transaction manager (the code under
-    // test's `begin()` is then a savepoint) and left open: the `Transaction` is
-    // forgotten, not dropped, which would roll it back. `Connection::begin` is the
-    // same in every sqlx 0.x that has the types.
-    let begin = |conn: TokenStream2| {
-        quote! {
-            ::core::mem::forget(
-                ::sqlx::Connection::begin(#conn)
-                    .await
-                    .map_err(|e| ::std::string::ToString::to_string(&e))?,
-            );
-        }
-    };
-    let (begin_pooled, begin_own) = (begin(quote!(&mut *conn)), begin(quote!(&mut conn)));
-    // The same without `?`, for the handles built without waiting: their code is then
-    // no future of its own, and the futures it hands over are the same for every test
-    // of a type, compiled once.
-    let connect_now = quote! {
-        let connect: ::sqlx::postgres::PgConnectOptions = match ::core::str::FromStr::from_str(own.url()) {
-            ::core::result::Result::Ok(connect) => connect,
-            ::core::result::Result::Err(e) => return ::pgfixture::__macro::own_sqlx_failed(&e),
-        };
-    };
-    let closing = |pool: TokenStream2| {
-        quote! { ::pgfixture::__macro::closing(#pool, |pool| ::std::boxed::Box::pin(pool.close())) }
-    };
-    let pool_options = quote! {
-        ::sqlx::postgres::PgPoolOptions::new()
-            .max_connections(own.max_connections())
-            .acquire_timeout(own.acquire_timeout())
-    };
-    // Built as the crate's own sqlx types and handed over as the test's type `#ty`
-    // through a checked cast, so that this code compiles whatever `#ty` is: when it is
-    // pgfixture's handle (sqlx 0.9's `PgPool` through `pgfixture::sqlx`, say), this
-    // code is never run.
-    let body = if pair {
-        quote! {
-            #connect_now
-            let options = #pool_options;
-            ::pgfixture::__macro::own_sqlx_ready((options, connect), ::core::option::Option::None)
-        }
-    } else {
-        match last_segment(ty)?.ident.to_string().as_str() {
-            "PgPool" | "Pool" => {
-                let closing = closing(quote!(::core::clone::Clone::clone(&pool)));
-                quote! {
-                    #connect_now
-                    let pool: ::sqlx::PgPool = #pool_options.connect_lazy_with(connect);
-                    let closing = #closing;
-                    ::pgfixture::__macro::own_sqlx_ready(pool, closing)
-                }
-            }
-            "PoolConnection" => {
-                let closing = closing(quote!(pool));
-                quote! {
-                    ::std::boxed::Box::pin(async move {
-                        #connect
-                        let pool: ::sqlx::PgPool = #pool_options.connect_lazy_with(connect);
-                        let mut conn = pool.acquire().await.map_err(|e| ::std::string::ToString::to_string(&e))?;
-                        #begin_pooled
-                        ::core::result::Result::Ok((::pgfixture::__macro::own_sqlx_cast(conn)?, #closing))
-                    })
-                }
-            }
-            "PgConnection" => quote! {
-                ::std::boxed::Box::pin(async move {
-                    #connect
-                    let mut conn = <::sqlx::postgres::PgConnection as ::sqlx::Connection>::connect_with(&connect)
-                        .await
-                        .map_err(|e| ::std::string::ToString::to_string(&e))?;
-                    #begin_own
-                    ::core::result::Result::Ok((::pgfixture::__macro::own_sqlx_cast(conn)?, ::core::option::Option::None))
-                })
-            },
-            _ => return None,
-        }
-    };
-    Some(quote! {
-        |own: ::pgfixture::__macro::OwnSqlx| -> ::pgfixture::__macro::OwnSqlxMade<#ty> { #body }
-    })
 }
 
 fn literal(expr: &Expr) -> Option<Lit> {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use ::sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgSslMode, PgTransactionManager};
+use ::sqlx::postgres::{PgConnectOptions, PgConnection, PgRow, PgTransactionManager};
 use ::sqlx::{AssertSqlSafe, Connection, SqlSafeStr};
 use sqlx_core::transaction::TransactionManager;
 
@@ -490,46 +490,6 @@ fn code(error: &::sqlx::Error) -> Option<&str> {
     }
 }
 
-/// sqlx's options for the worker `settings` describe, as code under test gets them.
-pub(crate) fn connect_options(settings: &Settings) -> PgConnectOptions {
-    options_for(&settings.pg_config, settings)
-}
-
-/// sqlx's options for pgfixture's own connections to the worker (its Unix socket, when
-/// the server has one).
-pub(crate) fn own_connect_options(settings: &Settings) -> PgConnectOptions {
-    options_for(&settings.own_pg_config, settings)
-}
-
-fn options_for(config: &tokio_postgres::Config, settings: &Settings) -> PgConnectOptions {
-    use tokio_postgres::config::Host;
-    let mut options = PgConnectOptions::new_without_pgpass()
-        // pgfixture's servers are local and speak no TLS; so is its tokio-postgres path.
-        .ssl_mode(PgSslMode::Disable)
-        .port(config.get_ports().first().copied().unwrap_or(5432));
-    options = match config.get_hosts().first() {
-        Some(Host::Tcp(host)) => options.host(host),
-        Some(Host::Unix(dir)) => options.socket(dir),
-        None => options,
-    };
-    if let Some(user) = config.get_user() {
-        options = options.username(user);
-    }
-    if let Some(password) = config.get_password() {
-        options = options.password(&String::from_utf8_lossy(password));
-    }
-    if let Some(dbname) = config.get_dbname() {
-        options = options.database(dbname);
-    }
-    if let Some(name) = config.get_application_name() {
-        options = options.application_name(name);
-    }
-    if let Some(search_path) = &settings.search_path {
-        options = options.options([("search_path", search_path.as_str())]);
-    }
-    options
-}
-
 /// A new connection to the worker, opened on the calling runtime (the background one).
 async fn connect(settings: &Settings, worker: &WorkerId) -> Result<PgConnection> {
     connect_within(settings)
@@ -558,18 +518,17 @@ async fn connect_within(settings: &Settings) -> Result<PgConnection, ::sqlx::Err
 }
 
 /// The worker pool of sqlx 0.9, pgfixture's own sqlx ([`WorkerPool`]).
-mod kept {
+pub(crate) mod kept {
     use ::sqlx::postgres::{
-        PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, PgTransactionManager,
+        PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, PgSslMode,
+        PgTransactionManager,
     };
     use ::sqlx::{AssertSqlSafe, Column, Row};
     use sqlx_core::transaction::TransactionManager;
 
-    use super::{connect_options, own_connect_options};
-
     type SqlxError = ::sqlx::Error;
 
-    async fn raw_execute(conn: &mut PgConnection, sql: &str) -> Result<(), SqlxError> {
+    pub(crate) async fn raw_execute(conn: &mut PgConnection, sql: &str) -> Result<(), SqlxError> {
         ::sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
             .execute(conn)
             .await
@@ -594,15 +553,17 @@ mod kept {
 }
 pub use kept::WorkerPool;
 use kept::{column, deallocate, text};
+pub(crate) use kept::{connect_options, own_connect_options};
 
 /// The worker pool of sqlx 0.8 (feature `sqlx-0_8`), for `#[sqlx::test]`'s `PgPool`
-/// of a crate on sqlx 0.8: the same code as sqlx 0.9's ([`WorkerPool`]), over sqlx
-/// 0.8's types, which are the test crate's own (cargo builds one sqlx 0.8).
+/// and `PoolConnection` of a crate on sqlx 0.8: the same code as sqlx 0.9's
+/// ([`WorkerPool`]), over sqlx 0.8's types, which are the test crate's own (cargo
+/// builds one sqlx 0.8).
 #[cfg(feature = "sqlx-0_8")]
-#[allow(dead_code)]
 pub(crate) mod kept_0_8 {
     use ::sqlx08::postgres::{
-        PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, PgTransactionManager,
+        PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, PgSslMode,
+        PgTransactionManager,
     };
     use ::sqlx08::{Column, Executor, Row, TransactionManager};
     use futures::future::BoxFuture;
@@ -613,7 +574,7 @@ pub(crate) mod kept_0_8 {
     // as one simple query (several statements), as `raw_sql` does: its futures are
     // boxed and `Send`, where sqlx 0.8's `raw_sql` gives futures that the compiler
     // cannot prove `Send` for every lifetime.
-    fn raw_execute<'c>(
+    pub(crate) fn raw_execute<'c>(
         conn: &'c mut PgConnection,
         sql: &'c str,
     ) -> BoxFuture<'c, Result<(), SqlxError>> {
@@ -625,23 +586,6 @@ pub(crate) mod kept_0_8 {
         sql: &'c str,
     ) -> BoxFuture<'c, Result<Vec<PgRow>, SqlxError>> {
         Executor::fetch_all(conn, sql)
-    }
-
-    /// sqlx 0.8's options for the worker `settings` describe, from their URL.
-    fn connect_options(settings: &Settings) -> PgConnectOptions {
-        options_from(settings.url.as_str())
-    }
-
-    /// sqlx 0.8's options for pgfixture's own connections (the server's Unix socket,
-    /// when it has one), from their URL.
-    fn own_connect_options(settings: &Settings) -> PgConnectOptions {
-        options_from(settings.own_url.as_str())
-    }
-
-    fn options_from(url: &str) -> PgConnectOptions {
-        url.parse::<PgConnectOptions>()
-            .expect("pgfixture's URLs parse")
-            .ssl_mode(::sqlx08::postgres::PgSslMode::Disable)
     }
 
     /// A worker keeps one sqlx pool: sqlx 0.9's goes when sqlx 0.8's is made.

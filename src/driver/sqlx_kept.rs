@@ -2,8 +2,8 @@
 // pgfixture serves and included into a module per major (`src/driver/sqlx.rs`), which
 // brings that major's names into scope: `PgPool`, `PgPoolOptions`, `PgConnection`,
 // `PgConnectOptions`, `PgRow`, `PgTransactionManager`, the traits `Row`, `Column` and
-// `TransactionManager`, `SqlxError`, and the shims `raw_execute`, `raw_rows`,
-// `connect_options` and `own_connect_options` (what differs between the majors).
+// `TransactionManager`, `PgSslMode`, `SqlxError`, and the shims `raw_execute`,
+// `raw_rows` and `close_other_kept` (what differs between the majors).
 
 use std::fmt;
 use std::ops::Deref;
@@ -441,4 +441,44 @@ pub(super) fn column(row: &PgRow) -> Option<&str> {
 
 pub(super) fn text(row: &PgRow) -> Option<String> {
     row.try_get::<Option<String>, _>(0).ok().flatten()
+}
+
+/// sqlx's options for the worker `settings` describe, as code under test gets them.
+pub(crate) fn connect_options(settings: &Settings) -> PgConnectOptions {
+    options_for(&settings.pg_config, settings)
+}
+
+/// sqlx's options for pgfixture's own connections to the worker (its Unix socket, when
+/// the server has one).
+pub(crate) fn own_connect_options(settings: &Settings) -> PgConnectOptions {
+    options_for(&settings.own_pg_config, settings)
+}
+
+fn options_for(config: &tokio_postgres::Config, settings: &Settings) -> PgConnectOptions {
+    use tokio_postgres::config::Host;
+    let mut options = PgConnectOptions::new_without_pgpass()
+        // pgfixture's servers are local and speak no TLS; so is its tokio-postgres path.
+        .ssl_mode(PgSslMode::Disable)
+        .port(config.get_ports().first().copied().unwrap_or(5432));
+    options = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => options.host(host),
+        Some(Host::Unix(dir)) => options.socket(dir),
+        None => options,
+    };
+    if let Some(user) = config.get_user() {
+        options = options.username(user);
+    }
+    if let Some(password) = config.get_password() {
+        options = options.password(&String::from_utf8_lossy(password));
+    }
+    if let Some(dbname) = config.get_dbname() {
+        options = options.database(dbname);
+    }
+    if let Some(name) = config.get_application_name() {
+        options = options.application_name(name);
+    }
+    if let Some(search_path) = &settings.search_path {
+        options = options.options([("search_path", search_path.as_str())]);
+    }
+    options
 }

@@ -283,19 +283,23 @@ async fn a_sqlx_0_9_pool_beside(pool: pgfixture::sqlx::PgPool) {
     assert_eq!(n, 1);
 }
 
-/// The backends that [`one_of_twenty`] ran on.
-static BACKENDS: std::sync::Mutex<Vec<i32>> = std::sync::Mutex::new(Vec::new());
+/// The backends that [`one_of_twenty`] and [`one_of_twenty_by_connection`] ran on,
+/// and which of the two ran.
+static BACKENDS: std::sync::Mutex<Vec<(i32, Handle)>> = std::sync::Mutex::new(Vec::new());
 /// Whether [`one_of_twenty`] ran before PostgreSQL 15, which lets pgfixture read no
 /// worker: each worker pool is followed by a rebuild, and a new pool.
 static BEFORE_15: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// One test of [`the_pool_outlives_the_runtimes_of_tests`]: it finds its worker as
-/// the migrations left it, with a session nothing was left in, then commits a row and
-/// leaves a setting and an advisory lock in its connection's session.
-#[pgfixture::test]
-#[ignore = "run twenty times by the_pool_outlives_the_runtimes_of_tests"]
-async fn one_of_twenty(pool: PgPool) {
-    let mut conn = pool.acquire().await.unwrap();
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Handle {
+    Pool,
+    Connection,
+}
+
+/// The body of [`one_of_twenty`] and [`one_of_twenty_by_connection`]: it finds its
+/// worker as the migrations left it, with a session nothing was left in, then writes
+/// a row and leaves a setting and an advisory lock in its connection's session.
+async fn one_of_twenty_on(conn: &mut PgConnection, handle: Handle) {
     let (pid, timeout, locks, before_15): (i32, String, i64, bool) = sqlx::query_as(
         "SELECT pg_backend_pid(), current_setting('statement_timeout'), \
          (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), \
@@ -310,39 +314,65 @@ async fn one_of_twenty(pool: PgPool) {
         ("0", 0),
         "what an earlier test left"
     );
-    alone(&mut conn, "one_of_twenty").await;
+    alone(&mut *conn, "one_of_twenty").await;
     sqlx::raw_sql("SET statement_timeout = '7s'; SELECT pg_advisory_lock(4242)")
         .execute(&mut *conn)
         .await
         .unwrap();
-    BACKENDS.lock().unwrap().push(pid);
+    BACKENDS.lock().unwrap().push((pid, handle));
 }
 
-/// Twenty tests that take sqlx 0.8's `PgPool`, one after the other, each on a
-/// `#[tokio::test]` runtime of its own: the worker's sqlx 0.8 pool is kept from test
-/// to test as sqlx 0.9's is, its connections outlive the runtimes, and what each test
-/// left (a row, a setting, a lock) is gone for the next. Under `cargo test` the thread's
-/// slot is free between two of them, so they may take turns on two workers (two pools),
-/// and a test of sqlx 0.9's pool on one of them closes its sqlx 0.8 pool: most, not all,
-/// reuse a backend an earlier one used (at least half). A new pool per test would
-/// reuse none.
+/// One `PgPool` test of [`the_pool_outlives_the_runtimes_of_tests`]: it commits.
+#[pgfixture::test]
+#[ignore = "run ten times by the_pool_outlives_the_runtimes_of_tests"]
+async fn one_of_twenty(pool: PgPool) {
+    one_of_twenty_on(&mut pool.acquire().await.unwrap(), Handle::Pool).await;
+}
+
+/// One `PoolConnection` test of [`the_pool_outlives_the_runtimes_of_tests`]: a
+/// connection of the same kept pool, inside the test's transaction.
+#[pgfixture::test]
+#[ignore = "run ten times by the_pool_outlives_the_runtimes_of_tests"]
+async fn one_of_twenty_by_connection(mut conn: PoolConnection<Postgres>) {
+    assert!(in_transaction(&mut conn).await);
+    one_of_twenty_on(&mut conn, Handle::Connection).await;
+}
+
+/// Twenty tests that take sqlx 0.8's `PgPool` or `PoolConnection<Postgres>`, in turns,
+/// one after the other, each on a `#[tokio::test]` runtime of its own: the worker's
+/// sqlx 0.8 pool is kept from test to test as sqlx 0.9's is, for both types, its
+/// connections outlive the runtimes, and what each test left (a row, a setting, a
+/// lock) is gone for the next. Under `cargo test` the thread's slot is free between
+/// two of them, so they may take turns on two workers (two pools), and a test of sqlx
+/// 0.9's pool on one of them closes its sqlx 0.8 pool: most, not all, reuse a backend
+/// an earlier one used (at least half, of each type). A new pool per test would reuse
+/// none.
 #[test]
 fn the_pool_outlives_the_runtimes_of_tests() {
-    for _ in 0..20 {
-        one_of_twenty();
+    for i in 0..20 {
+        if i % 2 == 0 {
+            one_of_twenty();
+        } else {
+            one_of_twenty_by_connection();
+        }
     }
     let ran = BACKENDS.lock().unwrap().clone();
-    let reused = ran
-        .iter()
-        .enumerate()
-        .filter(|(i, pid)| ran[..*i].contains(pid))
-        .count();
+    let reused = |handle| {
+        ran.iter()
+            .enumerate()
+            .filter(|(i, (pid, by))| *by == handle && ran[..*i].iter().any(|(p, _)| p == pid))
+            .count()
+    };
+    let reused = [reused(Handle::Pool), reused(Handle::Connection)];
     if BEFORE_15.load(std::sync::atomic::Ordering::SeqCst) {
         // Rebuilt after every test, with a new pool each time.
-        assert_eq!(reused, 0, "{ran:?}");
+        assert_eq!(reused, [0, 0], "{ran:?}");
         return;
     }
-    assert!(reused >= 10, "new backends from test to test: {ran:?}");
+    assert!(
+        reused.iter().all(|&n| n >= 5),
+        "new backends from test to test: {reused:?} reused, {ran:?}"
+    );
 }
 
 /// The connections of the worker's kept sqlx pool open on the server, seen from one
