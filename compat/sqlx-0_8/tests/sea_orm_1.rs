@@ -69,9 +69,11 @@ macro_rules! sea_orm_tests {
 
 sea_orm_tests!(sea_orm_1_a, sea_orm_1_b, sea_orm_1_c, sea_orm_1_d);
 
-/// The fixtures apply before sea-orm sees the pool.
+/// The fixtures apply before sea-orm sees the pool. The pool is named through
+/// sea-orm's own re-export of sqlx, as a crate with no `sqlx` dependency of its own
+/// names it: the attribute's code for it names no `sqlx`.
 #[pgfixture::test(fixtures("users"))]
-async fn sea_orm_1_sees_the_fixtures(pool: PgPool) {
+async fn sea_orm_1_sees_the_fixtures(pool: sea_orm::sqlx::PgPool) {
     let db = SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
     assert_eq!(owners(&db).await, ["seed", "fixture"]);
 }
