@@ -9,8 +9,8 @@
 # starts and passes as PGFIXTURE_URL (scripts/url-server.sh).
 # Takes about 25 minutes on a 2-core machine. BENCH_TESTS, BENCH_REPEAT and the other
 # variables of each bench apply. BENCHES="suite provision" runs only those (of overhead,
-# process, process-dev, provision, suite, tune) and rebuilds the report from their new
-# output and the others' last output.
+# process, process-dev, sqlx08, provision, suite, tune) and rebuilds the report from
+# their new output and the others' last output (sqlx08 is compat/sqlx-0_8's bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ mkdir -p "$out" docs
 cargo bench --no-run --quiet
 cargo build --release --example tune --quiet
 
-selected=" ${BENCHES:-overhead process process-dev provision suite tune} "
+selected=" ${BENCHES:-overhead process process-dev sqlx08 provision suite tune} "
 run() { # name, backend, command...
     local name=$1 backend=$2
     shift 2
@@ -50,6 +50,7 @@ for backend in $backends; do
     run overhead "$backend" cargo bench --quiet --bench overhead
     run process "$backend" cargo bench --quiet --bench process
     run process-dev "$backend" cargo bench --quiet --bench process --profile dev
+    run sqlx08 "$backend" cargo bench --quiet -p pgfixture-sqlx-0_8 --bench handles --profile dev
     run provision "$backend" cargo bench --quiet --bench provision
     BENCH_PLOT="docs/suite-$backend.svg" run suite "$backend" cargo bench --quiet --bench suite
     run tune "$backend" cargo run --quiet --release --example tune
@@ -58,11 +59,12 @@ done
 # A nextest process on a server of the user's, as a team's CI service is.
 . scripts/url-server.sh
 url=
-if [[ $selected == *" process "* || $selected == *" process-dev "* ]]; then
+if [[ $selected == *" process "* || $selected == *" process-dev "* || $selected == *" sqlx08 "* ]]; then
     start_url_server || { echo "benchmarks.sh: no PostgreSQL cluster for the url backend" >&2; exit 1; }
 fi
 PGFIXTURE_URL=$url run process url cargo bench --quiet --bench process
 PGFIXTURE_URL=$url run process-dev url cargo bench --quiet --bench process --profile dev
+PGFIXTURE_URL=$url run sqlx08 url cargo bench --quiet -p pgfixture-sqlx-0_8 --bench handles --profile dev
 
 machine() {
     echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"
@@ -146,6 +148,14 @@ dependency in test builds, so this is what a user's test binary gets). On \`url\
 hashes the cluster's password with PostgreSQL's default 4096 PBKDF2 rounds, unoptimised: about 50 ms
 in every column that connects (README, \"Under nextest\", says which crates to
 optimise); pgfixture's own servers store verifiers of one round." "$backends url"
+    section "sqlx 0.8's types, per test in-process, unoptimised build" sqlx08 \
+"\`compat/sqlx-0_8/benches/handles.rs\`, \`--profile dev\` (as test binaries are built): a test as
+\`#[pgfixture::test]\` runs it (its runtime, the handle, \`SELECT 1\`, the release) for
+\`#[sqlx::test]\`'s types of sqlx 0.8 (feature \`sqlx-0_8\`), beside sqlx 0.9's through
+\`pgfixture::sqlx\`, and \`new pool per test\`: what the attribute did for sqlx 0.8's \`PgPool\` and
+\`PoolConnection\` before they were handles (a new sqlx 0.8 pool on the worker, closed after the
+test). One thread, database mode; the kinds take turns in runs of 10 tests. On \`url\` every new
+connection hashes the password with the default 4096 rounds, unoptimised." "$backends url"
     section "Provisioning and memory per worker" provision \
 "\`benches/provision.rs\`: time to the first handle of a new process: a new run (\`cold\`), a new
 worker on running servers, the same worker again (\`reused\`, as the next nextest process or the
