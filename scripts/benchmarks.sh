@@ -81,7 +81,7 @@ machine() {
         echo "- Docker: $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})'), image ${image:-${PGFIXTURE_IMAGE:-postgres:18-alpine}}"
     fi
     echo "- $(rustc --version)"
-    echo "- generated $(date -u '+%Y-%m-%d %H:%M UTC') by \`scripts/benchmarks.sh\`"
+    echo "- generated $(date -u '+%Y-%m-%d %H:%M UTC') by \`scripts/benchmarks.sh\`${BENCHES:+ (\`BENCHES=\"$BENCHES\"\`: the other tables are from an earlier run)}"
 }
 
 section() { # title, name, text[, backends]
