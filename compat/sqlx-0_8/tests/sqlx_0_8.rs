@@ -242,23 +242,29 @@ async fn runs_its_own_migrations(pool: PgPool) {
     alone(&mut pool.acquire().await.unwrap(), "own migrations").await;
 }
 
-/// The pool connects through the server's Unix socket, as pgfixture's own connections
-/// (a local server always has one): no TCP, no password exchange.
-#[pgfixture::test]
-async fn connects_through_the_socket(pool: PgPool) {
-    let port: Option<i32> = sqlx::query_scalar("SELECT inet_server_port()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+/// `conn` goes through the server's Unix socket, as pgfixture's own connections (a
+/// local server always has one): no TCP, no password exchange. Its application_name,
+/// by which the release finds it, is pgfixture's.
+async fn through_the_socket(conn: &mut PgConnection) {
+    let (port, name): (Option<i32>, String) =
+        sqlx::query_as("SELECT inet_server_port(), current_setting('application_name')")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
     if std::env::var("PGFIXTURE_BACKEND").as_deref() == Ok("local") {
         assert_eq!(port, None, "connected over TCP");
     }
-    // The release finds the pool's connections by their application_name.
-    let name: String = sqlx::query_scalar("SELECT current_setting('application_name')")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
     assert!(name.starts_with("pgfixture/"), "{name}");
+}
+
+#[pgfixture::test]
+async fn connects_through_the_socket(pool: PgPool) {
+    through_the_socket(&mut pool.acquire().await.unwrap()).await;
+}
+
+#[pgfixture::test]
+async fn a_connection_of_its_own_connects_through_the_socket(mut conn: PgConnection) {
+    through_the_socket(&mut conn).await;
 }
 
 /// pgfixture's own handles still work beside sqlx 0.8's.
