@@ -116,6 +116,18 @@ async fn applies_fixtures(pool: PgPool) {
     assert_eq!(owners, ["seed", "fixture"]);
 }
 
+/// A connection's fixtures apply inside the test's transaction, rolled back with it:
+/// the other tests' `alone` would see the row otherwise.
+#[pgfixture::test(fixtures("users"))]
+async fn a_connection_sees_the_fixtures(mut conn: PoolConnection<Postgres>) {
+    assert!(in_transaction(&mut conn).await);
+    let owners: Vec<String> = sqlx::query_scalar("SELECT owner FROM notes ORDER BY id")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(owners, ["seed", "fixture"]);
+}
+
 #[pgfixture::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_multi_thread_runtime(pool: PgPool) {
     let pool2 = pool.clone();
