@@ -42,10 +42,15 @@ pub(crate) async fn with_lock<T>(
     work: impl AsyncFnOnce() -> Result<T>,
 ) -> Result<T> {
     let key = lock_key(name);
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&key])
-        .await
-        .map_err(Error::pg(format!("locking {name}")))?;
+    let waiting = format!(
+        "waiting for the lock on {name} (another test or process holds it while it builds or resets it)"
+    );
+    crate::runtime::noticed(
+        &waiting,
+        client.execute("SELECT pg_advisory_lock($1)", &[&key]),
+    )
+    .await
+    .map_err(Error::pg(format!("locking {name}")))?;
     let result = work().await;
     // Closing the connection would release the lock too; unlock now to let waiters in.
     let _ = client
@@ -326,7 +331,11 @@ pub(crate) async fn template(
                 .connect(&building)
                 .await
                 .map_err(Error::pg(format!("connecting to {building}")))?;
-            fixtures.apply_all(&client, server, &building).await?;
+            let doing = format!(
+                "building the template {name} (its migrations, fixtures and setup code)"
+            );
+            crate::runtime::noticed(&doing, fixtures.apply_all(&client, server, &building))
+                .await?;
             let sequences = sequences(&client, "").await?;
             // Recorded for in-place restores; without a record, a worker is rebuilt.
             let recorded = async {
@@ -806,9 +815,12 @@ async fn build_schema(
                 .batch_execute(&path)
                 .await
                 .map_err(Error::pg(format!("creating schema {building}")))?;
-            let ran = fixtures
-                .run_migrators(client, at.0, at.1, Some(&building))
-                .await;
+            let doing = format!("building the schema {building} (its migrations and setup code)");
+            let ran = crate::runtime::noticed(
+                &doing,
+                fixtures.run_migrators(client, at.0, at.1, Some(&building)),
+            )
+            .await;
             let reset = client.batch_execute("RESET search_path").await;
             ran?;
             reset.map_err(Error::pg(format!("creating schema {building}")))?;

@@ -50,6 +50,45 @@ pub(crate) fn timeout<F: std::future::IntoFuture>(
     tokio::time::timeout(limit, work)
 }
 
+/// How long a wait of pgfixture's goes before it says what it is waiting for
+/// ([`noticed`]), and how often it says so again.
+const SLOW_FIRST: Duration = Duration::from_secs(10);
+const SLOW_EVERY: Duration = Duration::from_secs(30);
+
+/// Runs `work` to its end. When it takes longer than 10 s, and every 30 s after, says
+/// on stderr (and as a warning) that pgfixture is still `doing` it, so that a lock
+/// another test or process holds, or migrations or setup code that hang, are seen
+/// rather than silent. Nothing is cut short.
+pub(crate) async fn noticed<T>(doing: &str, work: impl Future<Output = T>) -> T {
+    noticed_after(doing, work, SLOW_FIRST, SLOW_EVERY, |doing, waited| {
+        tracing::warn!(waited_secs = waited.as_secs(), "still {doing}");
+        eprintln!("pgfixture: still {doing} after {} s", waited.as_secs());
+    })
+    .await
+}
+
+/// [`noticed`], with its intervals and what it says given.
+async fn noticed_after<T>(
+    doing: &str,
+    work: impl Future<Output = T>,
+    first: Duration,
+    every: Duration,
+    notice: impl Fn(&str, Duration),
+) -> T {
+    let mut work = std::pin::pin!(work);
+    let (mut limit, mut waited) = (first, first);
+    loop {
+        match timeout(limit, work.as_mut()).await {
+            Ok(done) => return done,
+            Err(_) => {
+                notice(doing, waited);
+                limit = every;
+                waited += every;
+            }
+        }
+    }
+}
+
 /// `tokio::time::sleep`, on a clock that runs ([`timeout`]).
 pub(crate) fn sleep(duration: Duration) -> tokio::time::Sleep {
     let _clock = clock_paused().then(|| handle().enter());
@@ -243,6 +282,44 @@ pub(crate) fn in_test_scope<T>(runtime: Runtime, test: impl FnOnce(&Runtime) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long wait is noticed after the first interval and at every one after it,
+    /// with the time waited; a short one is not.
+    #[test]
+    fn a_long_wait_is_noticed_and_a_short_one_is_not() {
+        let rt = current_thread(false);
+        let notices = std::sync::Mutex::new(Vec::new());
+        let (done, finished) = tokio::sync::oneshot::channel::<u8>();
+        let done = std::sync::Mutex::new(Some(done));
+        let (first, every) = (Duration::from_millis(5), Duration::from_millis(7));
+        let out = rt.block_on(noticed_after(
+            "waiting",
+            finished,
+            first,
+            every,
+            |doing, waited| {
+                let mut seen = notices.lock().unwrap();
+                seen.push((doing.to_owned(), waited));
+                if seen.len() == 3 {
+                    let _ = done.lock().unwrap().take().unwrap().send(7);
+                }
+            },
+        ));
+        assert_eq!(out, Ok(7));
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(
+            notices.into_inner().unwrap(),
+            [
+                ("waiting".into(), ms(5)),
+                ("waiting".into(), ms(12)),
+                ("waiting".into(), ms(19))
+            ]
+        );
+        let quiet = rt.block_on(noticed_after("x", async { 3 }, first, every, |_, _| {
+            panic!("a short wait noticed")
+        }));
+        assert_eq!(quiet, 3);
+    }
 
     fn current_thread(paused: bool) -> Runtime {
         Builder::new_current_thread()
