@@ -43,94 +43,19 @@ pub enum Migrations {
     Path(&'static str),
     /// `migrations = false`.
     Disabled,
-    /// A static sqlx migrator (`sqlx::migrate!()`).
+    /// A static sqlx migrator (`sqlx::migrate!()`) of either major, run by its own
+    /// ([`Migrations::migrator`]).
     #[cfg(feature = "sqlx")]
-    Migrator(&'static ::sqlx::migrate::Migrator),
-    /// A static migrator of the test crate's own sqlx, whichever its major (feature
-    /// `sqlx-0_8`): sqlx 0.9's is taken as it is, another's is read through `parts`,
-    /// code the attribute writes, which names the migrator's fields.
-    #[cfg(feature = "sqlx")]
-    OwnMigrator {
-        /// The migrator itself.
-        migrator: &'static (dyn std::any::Any + Send + Sync),
-        /// Hands each of its migrations to the function it is given.
-        parts: EachMigration,
-        /// Its `ignore_missing`, `locking` and `no_tx`.
-        flags: [bool; 3],
-    },
+    Migrator(crate::config::MigratorRef),
 }
 
-/// Code the attribute writes that hands each migration of a migrator of the test
-/// crate's own sqlx to the function it is given.
 #[cfg(feature = "sqlx")]
-pub type EachMigration = fn(&mut dyn FnMut(MigrationParts<'_>));
-
-/// One migration of a migrator of the test crate's own sqlx ([`Migrations::OwnMigrator`]).
-#[cfg(feature = "sqlx")]
-#[derive(Debug)]
-pub struct MigrationParts<'a> {
-    /// Its version.
-    pub version: i64,
-    /// Its description.
-    pub description: &'a str,
-    /// Whether it is one of a reversible pair.
-    pub reversible: bool,
-    /// Whether it is the down migration of its pair.
-    pub down: bool,
-    /// Its SQL.
-    pub sql: &'a str,
-    /// Its checksum, as that sqlx computed it.
-    pub checksum: &'a [u8],
-    /// Whether it runs outside a transaction.
-    pub no_tx: bool,
-}
-
-/// `migrator`, a static migrator of the test crate's own sqlx, as sqlx 0.9's: itself
-/// when it is one, else a copy of its migrations, made once per migrator.
-#[cfg(feature = "sqlx")]
-fn own_migrator(
-    migrator: &'static (dyn std::any::Any + Send + Sync),
-    parts: EachMigration,
-    [ignore_missing, locking, no_tx]: [bool; 3],
-) -> &'static ::sqlx::migrate::Migrator {
-    use ::sqlx::SqlSafeStr;
-    use ::sqlx::migrate::{Migration, MigrationType, Migrator};
-    use std::sync::Mutex;
-    if let Some(migrator) = migrator.downcast_ref::<Migrator>() {
-        return migrator;
+impl Migrations {
+    /// `migrator = "MIGRATOR"`: the test crate's static migrator, of sqlx 0.9 or (feature
+    /// `sqlx-0_8`) of sqlx 0.8.
+    pub fn migrator(migrator: &'static impl crate::sqlx::SqlxMigrator) -> Self {
+        Migrations::Migrator(migrator.__migrator())
     }
-    // By the static's address: the same migrator for every test that names it.
-    static MADE: Mutex<Vec<(usize, &'static Migrator)>> = Mutex::new(Vec::new());
-    let address = migrator as *const (dyn std::any::Any + Send + Sync) as *const () as usize;
-    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, m)) = made.iter().find(|(a, _)| *a == address) {
-        return m;
-    }
-    let mut migrations = Vec::new();
-    parts(&mut |part| {
-        let kind = match (part.reversible, part.down) {
-            (false, _) => MigrationType::Simple,
-            (true, false) => MigrationType::ReversibleUp,
-            (true, true) => MigrationType::ReversibleDown,
-        };
-        // Built whole, not with `Migration::new`, which would hash the SQL again: the
-        // checksum is that sqlx's own, which its `_sqlx_migrations` holds.
-        migrations.push(Migration {
-            version: part.version,
-            description: part.description.to_owned().into(),
-            migration_type: kind,
-            sql: ::sqlx::AssertSqlSafe(part.sql.to_owned()).into_sql_str(),
-            checksum: part.checksum.to_vec().into(),
-            no_tx: part.no_tx,
-        });
-    });
-    let mut m = Migrator::with_migrations(migrations);
-    m.set_ignore_missing(ignore_missing);
-    m.set_locking(locking);
-    m.no_tx = no_tx;
-    let m: &'static Migrator = Box::leak(Box::new(m));
-    made.push((address, m));
-    m
 }
 
 impl TestArgs {
@@ -143,13 +68,7 @@ impl TestArgs {
             Migrations::Path(path) => builder.migrations(Path::new(self.manifest_dir).join(path)),
             Migrations::Disabled => builder.no_migrations(),
             #[cfg(feature = "sqlx")]
-            Migrations::Migrator(migrator) => builder.sqlx_migrator(migrator),
-            #[cfg(feature = "sqlx")]
-            Migrations::OwnMigrator {
-                migrator,
-                parts,
-                flags,
-            } => builder.sqlx_migrator(own_migrator(migrator, parts, flags)),
+            Migrations::Migrator(migrator) => builder.migrator(migrator),
         };
         let builder = match self.setup {
             Some(setup) => setup(builder),
@@ -405,56 +324,4 @@ mod sqlx_0_8_handles {
     }
 
     include!("attribute_sqlx.rs");
-}
-
-#[cfg(test)]
-mod tests {
-    /// A migrator of another sqlx major is copied, once, with its checksums, kinds and
-    /// flags; sqlx 0.9's is taken as it is.
-    #[cfg(feature = "sqlx")]
-    #[test]
-    fn a_migrator_of_the_crates_own_sqlx_is_copied_once() {
-        use super::{MigrationParts, own_migrator};
-        use ::sqlx::migrate::{MigrationType, Migrator};
-        /// Stands for a migrator of another sqlx: (version, reversible, down).
-        static OTHER: [(i64, bool, bool); 3] =
-            [(1, false, false), (2, true, false), (2, true, true)];
-        fn parts(part: &mut dyn FnMut(MigrationParts<'_>)) {
-            for (version, reversible, down) in OTHER {
-                part(MigrationParts {
-                    version,
-                    description: "things",
-                    reversible,
-                    down,
-                    sql: "CREATE TABLE things ()",
-                    checksum: &[version as u8; 4],
-                    no_tx: down,
-                });
-            }
-        }
-        let copy = own_migrator(&OTHER, parts, [true, false, true]);
-        assert!(std::ptr::eq(
-            copy,
-            own_migrator(&OTHER, parts, [true, false, true])
-        ));
-        let read: Vec<_> = copy
-            .iter()
-            .map(|m| (m.version, m.migration_type, m.checksum.to_vec(), m.no_tx))
-            .collect();
-        assert_eq!(
-            read,
-            [
-                (1, MigrationType::Simple, vec![1; 4], false),
-                (2, MigrationType::ReversibleUp, vec![2; 4], false),
-                (2, MigrationType::ReversibleDown, vec![2; 4], true),
-            ]
-        );
-        assert_eq!(
-            copy.iter().next().unwrap().sql.as_str(),
-            "CREATE TABLE things ()"
-        );
-        assert!(copy.ignore_missing && !copy.locking && copy.no_tx);
-        static OWN: Migrator = Migrator::DEFAULT;
-        assert!(std::ptr::eq(own_migrator(&OWN, parts, [false; 3]), &OWN));
-    }
 }

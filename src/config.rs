@@ -234,15 +234,88 @@ pub struct Config {
     pub(crate) setup: Option<crate::setup::Setup>,
 }
 
-/// A static sqlx migrator, compared by address.
+/// A static sqlx migrator (`sqlx::migrate!()`) of either major, compared by address.
+/// Not nameable outside the crate: [`SqlxMigrator`] hands it over.
 #[cfg(feature = "sqlx")]
 #[derive(Clone, Copy)]
-pub(crate) struct MigratorRef(pub(crate) &'static ::sqlx::migrate::Migrator);
+pub enum MigratorRef {
+    /// sqlx 0.9's, pgfixture's own sqlx.
+    Sqlx(&'static ::sqlx::migrate::Migrator),
+    /// sqlx 0.8's, the test crate's own (feature `sqlx-0_8`), run by sqlx 0.8 itself.
+    #[cfg(feature = "sqlx-0_8")]
+    Sqlx0_8(&'static ::sqlx08::migrate::Migrator),
+}
+
+/// One migration of a [`MigratorRef`], as either major holds it.
+#[cfg(feature = "sqlx")]
+pub(crate) struct MigrationRef<'a> {
+    pub(crate) version: i64,
+    pub(crate) description: &'a str,
+    pub(crate) down: bool,
+    pub(crate) checksum: &'a [u8],
+    pub(crate) sql: &'a str,
+}
+
+#[cfg(feature = "sqlx")]
+impl MigratorRef {
+    /// Its migrations, in its order.
+    pub(crate) fn migrations(&self) -> Vec<MigrationRef<'static>> {
+        /// The fields both majors name alike; the SQL is the one that differs.
+        macro_rules! each {
+            ($m:expr, |$one:ident| $sql:expr) => {
+                $m.iter()
+                    .map(|$one| MigrationRef {
+                        version: $one.version,
+                        description: &$one.description,
+                        down: $one.migration_type.is_down_migration(),
+                        checksum: &$one.checksum,
+                        sql: $sql,
+                    })
+                    .collect()
+            };
+        }
+        match *self {
+            MigratorRef::Sqlx(m) => each!(m, |one| one.sql.as_str()),
+            #[cfg(feature = "sqlx-0_8")]
+            MigratorRef::Sqlx0_8(m) => each!(m, |one| &one.sql),
+        }
+    }
+
+    /// Where it records its migrations, as a line for keys: its table and the schemas
+    /// it creates (sqlx 0.9), or the major that records them in sqlx's default table.
+    pub(crate) fn record(&self) -> String {
+        match self {
+            MigratorRef::Sqlx(m) => format!("{:?} {:?}", m.table_name, m.create_schemas),
+            #[cfg(feature = "sqlx-0_8")]
+            MigratorRef::Sqlx0_8(_) => "sqlx 0.8".to_owned(),
+        }
+    }
+
+    /// Its table (empty for sqlx's default) and the schemas it creates.
+    pub(crate) fn table_and_schemas(&self) -> (&'static str, Vec<&'static str>) {
+        match *self {
+            MigratorRef::Sqlx(m) => (
+                &m.table_name,
+                m.create_schemas.iter().map(|s| &**s).collect(),
+            ),
+            #[cfg(feature = "sqlx-0_8")]
+            MigratorRef::Sqlx0_8(_) => ("", Vec::new()),
+        }
+    }
+
+    fn address(&self) -> *const () {
+        match *self {
+            MigratorRef::Sqlx(m) => std::ptr::from_ref(m).cast(),
+            #[cfg(feature = "sqlx-0_8")]
+            MigratorRef::Sqlx0_8(m) => std::ptr::from_ref(m).cast(),
+        }
+    }
+}
 
 #[cfg(feature = "sqlx")]
 impl PartialEq for MigratorRef {
     fn eq(&self, other: &Self) -> bool {
-        std::ptr::eq(self.0, other.0)
+        self.address() == other.address()
     }
 }
 
@@ -252,8 +325,43 @@ impl PartialEq for MigratorRef {
 #[cfg(feature = "sqlx")]
 impl std::fmt::Debug for MigratorRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let versions: Vec<i64> = self.0.iter().map(|m| m.version).collect();
-        write!(f, "Migrator(versions {versions:?})")
+        let versions: Vec<i64> = self.migrations().iter().map(|m| m.version).collect();
+        match self {
+            MigratorRef::Sqlx(_) => write!(f, "Migrator(versions {versions:?})"),
+            #[cfg(feature = "sqlx-0_8")]
+            MigratorRef::Sqlx0_8(_) => write!(f, "Migrator 0.8(versions {versions:?})"),
+        }
+    }
+}
+
+/// A static sqlx migrator pgfixture runs as it is, through its own sqlx:
+/// `static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!()` of sqlx 0.9 (feature
+/// `sqlx`) or of sqlx 0.8 (feature `sqlx-0_8`). Given to
+/// [`FixtureBuilder::sqlx_migrator`](crate::FixtureBuilder::sqlx_migrator) and to
+/// `#[pgfixture::test(migrator = "...")]`.
+#[cfg(feature = "sqlx")]
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a sqlx migrator pgfixture can run",
+    label = "not a `static` of `sqlx::migrate!()`",
+    note = "pgfixture runs a `sqlx::migrate::Migrator` of sqlx 0.9 (feature `sqlx`) or of sqlx 0.8 (feature `sqlx-0_8`)"
+)]
+pub trait SqlxMigrator: Sync + 'static {
+    /// The migrator, as pgfixture holds it.
+    #[doc(hidden)]
+    fn __migrator(&'static self) -> MigratorRef;
+}
+
+#[cfg(feature = "sqlx")]
+impl SqlxMigrator for ::sqlx::migrate::Migrator {
+    fn __migrator(&'static self) -> MigratorRef {
+        MigratorRef::Sqlx(self)
+    }
+}
+
+#[cfg(feature = "sqlx-0_8")]
+impl SqlxMigrator for ::sqlx08::migrate::Migrator {
+    fn __migrator(&'static self) -> MigratorRef {
+        MigratorRef::Sqlx0_8(self)
     }
 }
 

@@ -97,19 +97,15 @@ impl Fingerprint {
         // the record, so that each migrator of a run has its own.
         #[cfg(feature = "sqlx")]
         if let Some(m) = config.migrator {
-            let _ = writeln!(
-                dirs,
-                "migrator {:?} {:?}",
-                m.0.table_name, m.0.create_schemas
-            );
-            for m in m.0.iter() {
+            let _ = writeln!(dirs, "migrator {}", m.record());
+            for m in m.migrations() {
                 let prefix: [u8; 8] = m.checksum.get(..8)?.try_into().ok()?;
                 let _ = writeln!(
                     dirs,
                     "{} {:?} {} {:x}",
                     m.version,
                     m.description,
-                    m.migration_type.is_down_migration(),
+                    m.down,
                     u64::from_le_bytes(prefix)
                 );
             }
@@ -470,7 +466,7 @@ mod tests {
         };
         let fp = |m| {
             Fingerprint::of(&Config {
-                migrator: Some(crate::config::MigratorRef(m)),
+                migrator: Some(crate::config::MigratorRef::Sqlx(m)),
                 ..Config::default()
             })
             .unwrap()

@@ -109,15 +109,23 @@ impl FixtureBuilder {
         }
         self
     }
-    setter!(
-    /// A sqlx migrator given in code (`sqlx::migrate!()`), run instead of a migrations
-    /// folder (`#[pgfixture::test(migrator = "...")]`).
+    /// A sqlx migrator given in code (`static MIGRATOR: Migrator = sqlx::migrate!()`),
+    /// run instead of a migrations folder (`#[pgfixture::test(migrator = "...")]`), by
+    /// its own sqlx: sqlx 0.9's, or sqlx 0.8's with the feature `sqlx-0_8`.
     #[cfg(feature = "sqlx")]
-    sqlx_migrator: &'static ::sqlx::migrate::Migrator => |c, v| {
-        c.migrations = None;
-        c.migrations_unknown = false;
-        c.migrator = Some(crate::config::MigratorRef(v));
-    });
+    pub fn sqlx_migrator(self, migrator: &'static impl crate::sqlx::SqlxMigrator) -> Self {
+        self.migrator(migrator.__migrator())
+    }
+    /// [`FixtureBuilder::sqlx_migrator`], of either major.
+    #[cfg(feature = "sqlx")]
+    pub(crate) fn migrator(mut self, migrator: crate::config::MigratorRef) -> Self {
+        if let Ok(c) = &mut self.config {
+            c.migrations = None;
+            c.migrations_unknown = false;
+            c.migrator = Some(migrator);
+        }
+        self
+    }
     /// Code that builds part of the template, run once into each template (in schema
     /// mode once into each worker schema, in container mode once per server) after
     /// the migrations and before the fixtures: migrations written in Rust
@@ -300,7 +308,7 @@ fn read_fixtures(config: &Config) -> Result<Content> {
     };
     #[cfg(feature = "sqlx")]
     let migrations = match config.migrator {
-        Some(m) => Some(crate::migrations::Migrations::from_migrator(m.0)),
+        Some(m) => Some(crate::migrations::Migrations::from_migrator(m)),
         None => migrations,
     };
     let fixtures = FixtureSet::load_with(migrations, config.fixtures.as_deref())?

@@ -57,6 +57,7 @@ pub use tokio_postgres;
 /// `pgfixture::sqlx::PgPool` and the rest never mismatch your own.
 #[cfg(feature = "sqlx")]
 pub mod sqlx {
+    pub use crate::config::SqlxMigrator;
     pub use crate::driver::sqlx::{TestDb, WorkerPool, worker_db, worker_pool};
     #[doc(no_inline)]
     pub use ::sqlx::*;

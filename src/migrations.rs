@@ -183,9 +183,10 @@ fn refusal(layout: Layout, sqlx: bool) -> Option<String> {
 pub(crate) enum Source {
     /// A folder, in the layout found.
     Dir(PathBuf),
-    /// A migrator given in code (`#[pgfixture::test(migrator = "...")]`).
+    /// A migrator given in code (`#[pgfixture::test(migrator = "...")]`), of either
+    /// sqlx major, run by its own.
     #[cfg(feature = "sqlx")]
-    Migrator(&'static ::sqlx::migrate::Migrator),
+    Migrator(crate::config::MigratorRef),
 }
 
 /// The migrations of a run: applied before the fixtures, and part of the templates' key.
@@ -274,7 +275,7 @@ impl Migrations {
 
     /// A static sqlx migrator's migrations.
     #[cfg(feature = "sqlx")]
-    pub(crate) fn from_migrator(migrator: &'static ::sqlx::migrate::Migrator) -> Self {
+    pub(crate) fn from_migrator(migrator: crate::config::MigratorRef) -> Self {
         Migrations {
             source: Source::Migrator(migrator),
             layout: Layout::Sqlx,
@@ -293,15 +294,13 @@ impl Migrations {
         }
         #[cfg(feature = "sqlx")]
         if let Source::Migrator(migrator) = &self.source {
-            for m in migrator.iter() {
+            for m in migrator.migrations() {
                 digest.update(m.version.to_le_bytes());
                 digest.update(m.description.as_bytes());
-                digest.update([u8::from(m.migration_type.is_down_migration())]);
-                digest.update(&m.checksum[..]);
+                digest.update([u8::from(m.down)]);
+                digest.update(m.checksum);
             }
-            digest.update(
-                format!("{:?} {:?}", migrator.table_name, migrator.create_schemas).as_bytes(),
-            );
+            digest.update(migrator.record().as_bytes());
         }
     }
 
@@ -331,11 +330,10 @@ impl Migrations {
                 None => ("", Vec::new(), dir.clone()),
             },
             #[cfg(feature = "sqlx")]
-            Source::Migrator(m) => (
-                &m.table_name,
-                m.create_schemas.iter().map(|s| &**s).collect(),
-                self.folder(),
-            ),
+            Source::Migrator(m) => {
+                let (table, schemas) = m.table_and_schemas();
+                (table, schemas, self.folder())
+            }
         };
         if let Some(shared) = SqlxToml::shared_schemas(table, &schemas) {
             return Err(Error::Migration {
@@ -360,13 +358,10 @@ impl Migrations {
             }
             #[cfg(feature = "sqlx")]
             Source::Migrator(migrator) => {
-                for m in migrator
-                    .iter()
-                    .filter(|m| !m.migration_type.is_down_migration())
-                {
+                for m in migrator.migrations().into_iter().filter(|m| !m.down) {
                     let path =
                         PathBuf::from(format!("migration {} ({})", m.version, m.description));
-                    ups.push((m.version, path, m.sql.as_str().to_owned()));
+                    ups.push((m.version, path, m.sql.to_owned()));
                 }
             }
         }
@@ -460,7 +455,11 @@ impl Migrations {
                 owned = m;
                 &owned
             }
-            Source::Migrator(m) => m,
+            Source::Migrator(crate::config::MigratorRef::Sqlx(m)) => m,
+            #[cfg(feature = "sqlx-0_8")]
+            Source::Migrator(crate::config::MigratorRef::Sqlx0_8(m)) => {
+                return self.run_sqlx_0_8(m, server, dbname, schema).await;
+            }
         };
         // Schema mode: the migrations whose shared statements ran once per database
         // run without them, under their files' checksums.
@@ -474,15 +473,10 @@ impl Migrations {
             let migrations = migrator
                 .iter()
                 .map(|m| {
-                    let text = self
-                        .blanked
-                        .iter()
-                        .find(|(v, _)| *v == m.version)
-                        .filter(|_| !m.migration_type.is_down_migration());
-                    match text {
+                    match self.blanked_sql(m.version, m.migration_type.is_down_migration()) {
                         // The file's checksum, not a hash of the blanked text.
-                        Some((_, sql)) => Migration {
-                            sql: AssertSqlSafe(sql.clone()).into_sql_str(),
+                        Some(sql) => Migration {
+                            sql: AssertSqlSafe(sql.to_owned()).into_sql_str(),
                             ..m.clone()
                         },
                         None => m.clone(),
@@ -511,20 +505,92 @@ impl Migrations {
         let result = migrator.run_direct(None, &mut conn, false).await;
         let _ = conn.close().await;
         result.map_err(|e| match e {
-            MigrateError::ExecuteMigration(source, version) => self.located(version, &source),
-            other => Error::Migration {
-                path: self.folder(),
-                line: None,
-                statement: None,
-                message: format!("sqlx's migrator failed: {other}"),
-            },
+            MigrateError::ExecuteMigration(source, version) => {
+                self.located(version, error_parts(&source))
+            }
+            other => self.failed(&other),
         })
     }
 
-    /// The error of migration `version`: its file, line, statement and the server's
-    /// message.
+    /// Runs a migrator of sqlx 0.8 (the test crate's own, feature `sqlx-0_8`) through
+    /// sqlx 0.8 itself, as [`Migrations::run_sqlx`] runs sqlx 0.9's.
+    #[cfg(feature = "sqlx-0_8")]
+    async fn run_sqlx_0_8(
+        &self,
+        given: &'static ::sqlx08::migrate::Migrator,
+        server: &crate::server::Server,
+        dbname: &str,
+        schema: Option<&str>,
+    ) -> Result<()> {
+        use ::sqlx08::Connection;
+        use ::sqlx08::migrate::{MigrateError, Migration, Migrator};
+        // Schema mode: as for sqlx 0.9, under the files' checksums.
+        let schema_owned;
+        let migrator = if self.blanked.is_empty() {
+            given
+        } else {
+            let migrations = given
+                .iter()
+                .map(
+                    |m| match self.blanked_sql(m.version, m.migration_type.is_down_migration()) {
+                        Some(sql) => Migration {
+                            sql: sql.to_owned().into(),
+                            ..m.clone()
+                        },
+                        None => m.clone(),
+                    },
+                )
+                .collect();
+            schema_owned = Migrator {
+                migrations,
+                ignore_missing: given.ignore_missing,
+                locking: false,
+                no_tx: given.no_tx,
+            };
+            &schema_owned
+        };
+        let settings = crate::settings::Settings::new(server, dbname, schema, None);
+        let options = crate::driver::sqlx::kept_0_8::own_connect_options(&settings);
+        let mut conn = ::sqlx08::PgConnection::connect_with(&options)
+            .await
+            .map_err(Error::sqlx_0_8(format!(
+                "connecting to {dbname} to run the migrations"
+            )))?;
+        let result = migrator.run_direct(&mut conn).await;
+        let _ = conn.close().await;
+        result.map_err(|e| match e {
+            MigrateError::ExecuteMigration(source, version) => {
+                self.located(version, error_parts_0_8(&source))
+            }
+            other => self.failed(&other),
+        })
+    }
+
+    /// In schema mode, the text migration `version` runs in place of its own, its
+    /// shared statements blanked ([`Migrations::for_schemas`]); never for a down one.
     #[cfg(feature = "sqlx")]
-    fn located(&self, version: i64, error: &::sqlx::Error) -> Error {
+    fn blanked_sql(&self, version: i64, down: bool) -> Option<&str> {
+        self.blanked
+            .iter()
+            .find(|(v, _)| *v == version && !down)
+            .map(|(_, sql)| sql.as_str())
+    }
+
+    /// sqlx's migrator failed outside a migration's own SQL.
+    #[cfg(feature = "sqlx")]
+    fn failed(&self, error: &dyn std::fmt::Display) -> Error {
+        Error::Migration {
+            path: self.folder(),
+            line: None,
+            statement: None,
+            message: format!("sqlx's migrator failed: {error}"),
+        }
+    }
+
+    /// The error of migration `version`: its file, line, statement and the server's
+    /// message (with the position in its SQL, when the server gave one).
+    #[cfg(feature = "sqlx")]
+    fn located(&self, version: i64, (message, position): (String, Option<usize>)) -> Error {
         let file = self.files.iter().find(|f| {
             f.path
                 .file_name()
@@ -533,29 +599,22 @@ impl Migrations {
                 .is_some_and(|(v, _)| v.parse() == Ok(version))
                 && !f.path.to_string_lossy().ends_with(".down.sql")
         });
-        let (message, position) = match error {
-            ::sqlx::Error::Database(db) => {
-                match db.try_downcast_ref::<::sqlx::postgres::PgDatabaseError>() {
-                    Some(pg) => {
-                        let mut message = pg.message().to_owned();
-                        if let Some(detail) = pg.detail() {
-                            message.push_str(&format!(" (detail: {detail})"));
-                        }
-                        if let Some(hint) = pg.hint() {
-                            message.push_str(&format!(" (hint: {hint})"));
-                        }
-                        let position = match pg.position() {
-                            Some(::sqlx::postgres::PgErrorPosition::Original(p)) => Some(p),
-                            _ => None,
-                        };
-                        (message, position)
-                    }
-                    None => (db.message().to_owned(), None),
-                }
-            }
-            other => (other.to_string(), None),
+        // A migrator given in code has no files, but holds each migration's SQL.
+        let given = match &self.source {
+            Source::Migrator(m) if file.is_none() => m
+                .migrations()
+                .into_iter()
+                .find(|m| m.version == version && !m.down)
+                .map(|m| FixtureFile {
+                    path: PathBuf::from(format!(
+                        "{} ({}) of the sqlx migrator given in code",
+                        m.version, m.description
+                    )),
+                    sql: m.sql.to_owned(),
+                }),
+            _ => None,
         };
-        match file {
+        match file.or(given.as_ref()) {
             Some(file) => {
                 let (line, statement) = match position {
                     Some(_) => crate::fixtures::locate(&file.sql, position, 0),
@@ -587,6 +646,39 @@ impl Migrations {
         }
     }
 }
+
+/// The server's message of a sqlx error (with its detail and hint) and the position
+/// in the statement it gave; of sqlx 0.9 and, with `sqlx-0_8`, of sqlx 0.8.
+#[cfg(feature = "sqlx")]
+macro_rules! error_parts {
+    ($name:ident, $sqlx:ident) => {
+        fn $name(error: &::$sqlx::Error) -> (String, Option<usize>) {
+            use ::$sqlx::postgres::{PgDatabaseError, PgErrorPosition};
+            let ::$sqlx::Error::Database(db) = error else {
+                return (error.to_string(), None);
+            };
+            let Some(pg) = db.try_downcast_ref::<PgDatabaseError>() else {
+                return (db.message().to_owned(), None);
+            };
+            let mut message = pg.message().to_owned();
+            if let Some(detail) = pg.detail() {
+                message.push_str(&format!(" (detail: {detail})"));
+            }
+            if let Some(hint) = pg.hint() {
+                message.push_str(&format!(" (hint: {hint})"));
+            }
+            let position = match pg.position() {
+                Some(PgErrorPosition::Original(p)) => Some(p),
+                _ => None,
+            };
+            (message, position)
+        }
+    };
+}
+#[cfg(feature = "sqlx")]
+error_parts!(error_parts, sqlx);
+#[cfg(feature = "sqlx-0_8")]
+error_parts!(error_parts_0_8, sqlx08);
 
 /// A fixture error of a plain migration file, as the migration error it is.
 fn as_migration_error(error: Error) -> Error {
@@ -708,7 +800,9 @@ mod tests {
                 .into(),
                 ..Migrator::DEFAULT
             }));
-            keys.push(key(Some(Migrations::from_migrator(migrator))));
+            keys.push(key(Some(Migrations::from_migrator(
+                crate::config::MigratorRef::Sqlx(migrator),
+            ))));
             pinned.push("24b4b8c32362de03");
         }
         assert_eq!(keys, pinned);

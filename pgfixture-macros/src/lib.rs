@@ -122,32 +122,10 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
         Migrations::Inferred => quote! { ::pgfixture::__macro::Migrations::Inferred },
         Migrations::Path(path) => quote! { ::pgfixture::__macro::Migrations::Path(#path) },
         Migrations::Disabled => quote! { ::pgfixture::__macro::Migrations::Disabled },
-        Migrations::Migrator(path) if cfg!(feature = "sqlx-0_8") => {
-            // The crate's own sqlx may be 0.8: pgfixture takes sqlx 0.9's migrator as it
-            // is and reads another's through these fields, which both majors have.
-            quote_spanned! {path.span()=>
-                ::pgfixture::__macro::Migrations::OwnMigrator {
-                    migrator: &#path,
-                    parts: |part| {
-                        for m in #path.iter() {
-                            part(::pgfixture::__macro::MigrationParts {
-                                version: m.version,
-                                description: &m.description,
-                                reversible: m.migration_type.is_reversible(),
-                                down: m.migration_type.is_down_migration(),
-                                sql: ::core::convert::AsRef::<str>::as_ref(&m.sql),
-                                checksum: &m.checksum,
-                                no_tx: m.no_tx,
-                            });
-                        }
-                    },
-                    flags: [#path.ignore_missing, #path.locking, #path.no_tx],
-                }
-            }
-        }
-        Migrations::Migrator(path) => {
-            quote! { ::pgfixture::__macro::Migrations::Migrator(&#path) }
-        }
+        // Either sqlx major's: pgfixture runs it through its own.
+        Migrations::Migrator(path) => quote_spanned! {path.span()=>
+            ::pgfixture::__macro::Migrations::migrator(&#path)
+        },
     };
     if handle_type.is_none() && !args.fixtures.is_empty() {
         return Err(syn::Error::new(
@@ -261,6 +239,10 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
     let fixture_checks = args.fixtures.iter().map(|path| {
         quote_spanned! {path.span()=> let _: &str = ::core::include_str!(#path); }
     });
+    let migrator_check = match &args.migrations {
+        Migrations::Migrator(_) => Some(quote! { let _ = #migrations; }),
+        _ => None,
+    };
     let asyncness = &sig.asyncness;
     Ok(quote! {
         #(#attrs)*
@@ -276,6 +258,7 @@ fn expand(args: TokenStream2, input: ItemFn) -> syn::Result<TokenStream2> {
             #[allow(dead_code)]
             fn check() {
                 #handle_check
+                #migrator_check
                 #(#fixture_checks)*
             }
         };

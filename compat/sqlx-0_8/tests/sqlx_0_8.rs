@@ -191,7 +191,9 @@ async fn takes_the_apps_migrator(pool: PgPool) {
 }
 
 /// Another folder's migrator (versions 1, 2 and a reversible 10): its migrations, not
-/// `migrations/`'s, in numeric order, and no down migration.
+/// `migrations/`'s, in numeric order, and no down migration. Its first creates an
+/// extension: in schema mode, sqlx 0.8's migrator runs it without that statement, which
+/// runs once per database.
 static OTHER: Migrator = sqlx::migrate!("tests/other_migrations");
 
 #[pgfixture::test(migrator = "OTHER")]
@@ -224,6 +226,11 @@ async fn takes_another_migrator(mut conn: PgConnection) {
         .await
         .unwrap();
     assert_eq!(owners, ["seed"]);
+    let tagged: i64 = sqlx::query_scalar("SELECT count(*) FROM widgets WHERE tag = 'SEED'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(tagged, 1, "citext compares without case");
     assert!(in_transaction(&mut conn).await);
 }
 
@@ -239,6 +246,69 @@ async fn another_migrator_finds_nothing_to_do(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
+}
+
+/// The builder takes sqlx 0.8's migrator too, for a plain `#[tokio::test]`: run by
+/// sqlx 0.8, it leaves what the migrator itself writes.
+#[tokio::test]
+async fn the_builder_takes_a_migrator_of_sqlx_0_8() {
+    let fixture = pgfixture::Fixture::builder()
+        .sqlx_migrator(&OTHER)
+        .build()
+        .unwrap();
+    let pool = fixture.worker_pool().await.unwrap();
+    let client = pool.get().await.unwrap();
+    let recorded: Vec<(i64, Vec<u8>)> = client
+        .query(
+            "SELECT version, checksum FROM _sqlx_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let expected: Vec<(i64, Vec<u8>)> = OTHER
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .map(|m| (m.version, m.checksum.to_vec()))
+        .collect();
+    assert_eq!(recorded, expected);
+    drop(client);
+    pool.release().await.unwrap();
+}
+
+/// A migration of a sqlx 0.8 migrator that fails: the error names its version,
+/// description, line and statement, and the server's message.
+#[tokio::test]
+async fn a_failing_migration_of_sqlx_0_8_is_named() {
+    let dir = std::env::temp_dir().join(format!("pgfx-compat-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("1_ok.sql"), "CREATE TABLE fine (id int);").unwrap();
+    std::fs::write(
+        dir.join("2_bad.sql"),
+        "CREATE TABLE later (id int);\nSELECT no_such_column FROM later;",
+    )
+    .unwrap();
+    let migrator: &'static Migrator =
+        Box::leak(Box::new(Migrator::new(dir.as_path()).await.unwrap()));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let fixture = pgfixture::Fixture::builder()
+        .sqlx_migrator(migrator)
+        .build()
+        .unwrap();
+    let error = fixture
+        .worker_db()
+        .await
+        .expect_err("a failing migration")
+        .to_string();
+    for wanted in [
+        "migration 2 (bad) of the sqlx migrator given in code, line 2",
+        "in `SELECT no_such_column FROM later",
+        "column \"no_such_column\" does not exist",
+    ] {
+        assert!(error.contains(wanted), "{wanted:?} not in: {error}");
+    }
 }
 
 /// `migrations = false`, and the test runs the application's migrator itself (DDL
