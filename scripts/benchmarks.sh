@@ -50,7 +50,7 @@ for backend in $backends; do
     run overhead "$backend" cargo bench --quiet --bench overhead
     run process "$backend" cargo bench --quiet --bench process
     run process-dev "$backend" cargo bench --quiet --bench process --profile dev
-    run sqlx08 "$backend" cargo bench --quiet -p pgfixture-sqlx-0_8 --bench handles --profile dev
+    run sqlx08 "$backend" cargo bench --quiet -p pgfixture-sqlx-0_8 --features sqlx-0_9 --bench handles --profile dev
     run provision "$backend" cargo bench --quiet --bench provision
     BENCH_PLOT="docs/suite-$backend.svg" run suite "$backend" cargo bench --quiet --bench suite
     run tune "$backend" cargo run --quiet --release --example tune
@@ -64,7 +64,7 @@ if [[ $selected == *" process "* || $selected == *" process-dev "* || $selected 
 fi
 PGFIXTURE_URL=$url run process url cargo bench --quiet --bench process
 PGFIXTURE_URL=$url run process-dev url cargo bench --quiet --bench process --profile dev
-PGFIXTURE_URL=$url run sqlx08 url cargo bench --quiet -p pgfixture-sqlx-0_8 --bench handles --profile dev
+PGFIXTURE_URL=$url run sqlx08 url cargo bench --quiet -p pgfixture-sqlx-0_8 --features sqlx-0_9 --bench handles --profile dev
 
 machine() {
     echo "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores"

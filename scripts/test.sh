@@ -58,13 +58,16 @@ fi
 # its features on (Cargo.toml).
 cargo build --tests --quiet || exit 1
 # A crate on sqlx 0.8 (compat/sqlx-0_8: feature `sqlx-0_8`), built apart: its own sqlx
-# is not pgfixture's.
+# is not pgfixture's, and it builds no sqlx 0.9.
 cargo build --tests --quiet -p pgfixture-sqlx-0_8 || exit 1
 run "unit tests" cargo test --lib --quiet
 run "doc tests" cargo test --doc --quiet
 run "attribute misuse (compile-fail)" cargo test --quiet --test compile_fail
 # With `sqlx-0_8` on beside `sqlx`, sqlx 0.9's types still get pgfixture's handles.
 run "attribute, every feature" cargo test --quiet --all-features --test attribute
+# The crate on sqlx 0.8 with sqlx 0.9 beside it (`sqlx` and `sqlx-0_8`): its tests, and
+# those that take turns with sqlx 0.9's types, on the best backend.
+run "sqlx 0.8 beside sqlx 0.9" cargo test --quiet -p pgfixture-sqlx-0_8 --features sqlx-0_9 --tests
 suites=(--test isolation --test handle --test commits --test attribute --test sqlx --test migrations --test sea_orm)
 
 for backend in $backends; do

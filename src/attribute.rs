@@ -45,15 +45,15 @@ pub enum Migrations {
     Disabled,
     /// A static sqlx migrator (`sqlx::migrate!()`) of either major, run by its own
     /// ([`Migrations::migrator`]).
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     Migrator(crate::config::MigratorRef),
 }
 
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 impl Migrations {
     /// `migrator = "MIGRATOR"`: the test crate's static migrator, of sqlx 0.9 or (feature
     /// `sqlx-0_8`) of sqlx 0.8.
-    pub fn migrator(migrator: &'static impl crate::sqlx::SqlxMigrator) -> Self {
+    pub fn migrator(migrator: &'static impl crate::SqlxMigrator) -> Self {
         Migrations::Migrator(migrator.__migrator())
     }
 }
@@ -67,7 +67,7 @@ impl TestArgs {
             Migrations::Inferred => builder,
             Migrations::Path(path) => builder.migrations(Path::new(self.manifest_dir).join(path)),
             Migrations::Disabled => builder.no_migrations(),
-            #[cfg(feature = "sqlx")]
+            #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
             Migrations::Migrator(migrator) => builder.migrator(migrator),
         };
         let builder = match self.setup {
@@ -316,7 +316,7 @@ mod sqlx_0_8_handles {
     use ::sqlx08::{Connection, PgConnection, PgPool, Postgres, TransactionManager};
 
     use super::{TestArgs, TestHandle};
-    use crate::driver::sqlx::kept_0_8::{WorkerPool, own_connect_options, raw_execute};
+    use crate::driver::sqlx_0_8::{WorkerPool, own_connect_options, raw_execute};
     use crate::{Error, Fixture, Result};
 
     fn sqlx_error(context: &str) -> impl FnOnce(::sqlx08::Error) -> Error {

@@ -227,7 +227,7 @@ pub struct Config {
     /// `CARGO_MANIFEST_DIR` is not set: no `sqlx.toml` was looked for.
     pub(crate) sqlx_toml_unknown: bool,
     /// A sqlx migrator given in code, instead of `migrations`.
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     pub(crate) migrator: Option<MigratorRef>,
     /// Code of the user's that builds part of the template
     /// ([`crate::FixtureBuilder::setup`]).
@@ -236,10 +236,11 @@ pub struct Config {
 
 /// A static sqlx migrator (`sqlx::migrate!()`) of either major, compared by address.
 /// Not nameable outside the crate: [`SqlxMigrator`] hands it over.
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 #[derive(Clone, Copy)]
 pub enum MigratorRef {
     /// sqlx 0.9's, pgfixture's own sqlx.
+    #[cfg(feature = "sqlx")]
     Sqlx(&'static ::sqlx::migrate::Migrator),
     /// sqlx 0.8's, the test crate's own (feature `sqlx-0_8`), run by sqlx 0.8 itself.
     #[cfg(feature = "sqlx-0_8")]
@@ -247,7 +248,7 @@ pub enum MigratorRef {
 }
 
 /// One migration of a [`MigratorRef`], as either major holds it.
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 pub(crate) struct MigrationRef<'a> {
     pub(crate) version: i64,
     pub(crate) description: &'a str,
@@ -256,7 +257,7 @@ pub(crate) struct MigrationRef<'a> {
     pub(crate) sql: &'a str,
 }
 
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 impl MigratorRef {
     /// Its migrations, in its order.
     pub(crate) fn migrations(&self) -> Vec<MigrationRef<'static>> {
@@ -275,6 +276,7 @@ impl MigratorRef {
             };
         }
         match *self {
+            #[cfg(feature = "sqlx")]
             MigratorRef::Sqlx(m) => each!(m, |one| one.sql.as_str()),
             #[cfg(feature = "sqlx-0_8")]
             MigratorRef::Sqlx0_8(m) => each!(m, |one| &one.sql),
@@ -285,6 +287,7 @@ impl MigratorRef {
     /// it creates (sqlx 0.9), or the major that records them in sqlx's default table.
     pub(crate) fn record(&self) -> String {
         match self {
+            #[cfg(feature = "sqlx")]
             MigratorRef::Sqlx(m) => format!("{:?} {:?}", m.table_name, m.create_schemas),
             #[cfg(feature = "sqlx-0_8")]
             MigratorRef::Sqlx0_8(_) => "sqlx 0.8".to_owned(),
@@ -294,6 +297,7 @@ impl MigratorRef {
     /// Its table (empty for sqlx's default) and the schemas it creates.
     pub(crate) fn table_and_schemas(&self) -> (&'static str, Vec<&'static str>) {
         match *self {
+            #[cfg(feature = "sqlx")]
             MigratorRef::Sqlx(m) => (
                 &m.table_name,
                 m.create_schemas.iter().map(|s| &**s).collect(),
@@ -305,6 +309,7 @@ impl MigratorRef {
 
     fn address(&self) -> *const () {
         match *self {
+            #[cfg(feature = "sqlx")]
             MigratorRef::Sqlx(m) => std::ptr::from_ref(m).cast(),
             #[cfg(feature = "sqlx-0_8")]
             MigratorRef::Sqlx0_8(m) => std::ptr::from_ref(m).cast(),
@@ -312,7 +317,7 @@ impl MigratorRef {
     }
 }
 
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 impl PartialEq for MigratorRef {
     fn eq(&self, other: &Self) -> bool {
         self.address() == other.address()
@@ -322,11 +327,12 @@ impl PartialEq for MigratorRef {
 /// Without the address: the configuration's text names its workers and containers
 /// (see `Inner::instance`), and every process loads the migrator at an address of its
 /// own. What the migrations hold is in the fixtures' hash.
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 impl std::fmt::Debug for MigratorRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let versions: Vec<i64> = self.migrations().iter().map(|m| m.version).collect();
         match self {
+            #[cfg(feature = "sqlx")]
             MigratorRef::Sqlx(_) => write!(f, "Migrator(versions {versions:?})"),
             #[cfg(feature = "sqlx-0_8")]
             MigratorRef::Sqlx0_8(_) => write!(f, "Migrator 0.8(versions {versions:?})"),
@@ -336,10 +342,10 @@ impl std::fmt::Debug for MigratorRef {
 
 /// A static sqlx migrator pgfixture runs as it is, through its own sqlx:
 /// `static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!()` of sqlx 0.9 (feature
-/// `sqlx`) or of sqlx 0.8 (feature `sqlx-0_8`). Given to
+/// `sqlx`) or of sqlx 0.8 (feature `sqlx-0_8`, without sqlx 0.9). Given to
 /// [`FixtureBuilder::sqlx_migrator`](crate::FixtureBuilder::sqlx_migrator) and to
 /// `#[pgfixture::test(migrator = "...")]`.
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a sqlx migrator pgfixture can run",
     label = "not a `static` of `sqlx::migrate!()`",
@@ -395,7 +401,7 @@ impl Default for Config {
             migrations_unknown: false,
             sqlx_toml: None,
             sqlx_toml_unknown: false,
-            #[cfg(feature = "sqlx")]
+            #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
             migrator: None,
             setup: None,
         }

@@ -13,9 +13,13 @@
 //!   workers, so it takes its handle from the core directly.
 //! - `sqlx` (feature `sqlx`): a `PgConnection` kept in the worker's stash, begun
 //!   through sqlx's transaction manager, and a `PgPool` over the core's worker pool.
+//! - `sqlx_0_8` (feature `sqlx-0_8`): the same `PgPool` of sqlx 0.8, for the types of
+//!   `#[sqlx::test]` of a crate on sqlx 0.8 (`crate::attribute`).
 
 #[cfg(feature = "sqlx")]
 pub(crate) mod sqlx;
+#[cfg(feature = "sqlx-0_8")]
+pub(crate) mod sqlx_0_8;
 pub(crate) mod tokio_postgres;
 
 use std::any::Any;
@@ -85,7 +89,7 @@ pub(crate) const SESSION_CLEANUP: &str = session_cleanup!();
 /// The most connections a sqlx pool on a worker opens at once: 5, as the pools of
 /// `#[sqlx::test]` allow (a renamed test that leans on that limit behaves the same),
 /// or the worker's pool size when it is smaller.
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 pub(crate) fn sqlx_pool_size(worker: &Worker) -> u32 {
     const SQLX_TEST: usize = 5;
     u32::try_from(worker.pool_size().clamp(1, SQLX_TEST)).unwrap_or(1)

@@ -70,7 +70,7 @@ impl Fingerprint {
         let mut dirs = format!(
             "pgfixture {} sqlx={} isolation={}\n",
             env!("CARGO_PKG_VERSION"),
-            cfg!(feature = "sqlx"),
+            cfg!(any(feature = "sqlx", feature = "sqlx-0_8")),
             match config.isolation {
                 Isolation::Database => "database",
                 Isolation::Schema => "schema",
@@ -95,7 +95,7 @@ impl Fingerprint {
         }
         // A migrator given in code has no files to list: its migrations' lines name
         // the record, so that each migrator of a run has its own.
-        #[cfg(feature = "sqlx")]
+        #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
         if let Some(m) = config.migrator {
             let _ = writeln!(dirs, "migrator {}", m.record());
             for m in m.migrations() {

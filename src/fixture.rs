@@ -94,7 +94,7 @@ impl FixtureBuilder {
     migrations: impl Into<std::path::PathBuf> => |c, v| {
         c.migrations = Some(v.into());
         c.migrations_unknown = false;
-        #[cfg(feature = "sqlx")]
+        #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
         { c.migrator = None; }
     });
     /// No migrations at all (`#[pgfixture::test(migrations = false)]`).
@@ -102,7 +102,7 @@ impl FixtureBuilder {
         if let Ok(c) = &mut self.config {
             c.migrations = None;
             c.migrations_unknown = false;
-            #[cfg(feature = "sqlx")]
+            #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
             {
                 c.migrator = None;
             }
@@ -112,12 +112,12 @@ impl FixtureBuilder {
     /// A sqlx migrator given in code (`static MIGRATOR: Migrator = sqlx::migrate!()`),
     /// run instead of a migrations folder (`#[pgfixture::test(migrator = "...")]`), by
     /// its own sqlx: sqlx 0.9's, or sqlx 0.8's with the feature `sqlx-0_8`.
-    #[cfg(feature = "sqlx")]
-    pub fn sqlx_migrator(self, migrator: &'static impl crate::sqlx::SqlxMigrator) -> Self {
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
+    pub fn sqlx_migrator(self, migrator: &'static impl crate::SqlxMigrator) -> Self {
         self.migrator(migrator.__migrator())
     }
     /// [`FixtureBuilder::sqlx_migrator`], of either major.
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     pub(crate) fn migrator(mut self, migrator: crate::config::MigratorRef) -> Self {
         if let Ok(c) = &mut self.config {
             c.migrations = None;
@@ -306,7 +306,7 @@ fn read_fixtures(config: &Config) -> Result<Content> {
         Some(dir) => crate::migrations::Migrations::load(dir, config.sqlx_toml.as_ref())?,
         None => None,
     };
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     let migrations = match config.migrator {
         Some(m) => Some(crate::migrations::Migrations::from_migrator(m)),
         None => migrations,
@@ -463,7 +463,7 @@ const KEPT_ROLE: &str = "/kept-";
 /// between tests (the sqlx driver's pool), from the worker pool's (`pool_name`, of
 /// [`pool_application_name`]): the same with [`KEPT_ROLE`], so that a release ends
 /// them only when asked (`WorkerPool::end_kept_on_release`).
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
 pub(crate) fn kept_application_name(pool_name: &str) -> String {
     match pool_name.rfind(POOL_ROLE) {
         Some(at) => format!(
@@ -543,7 +543,7 @@ pub(crate) struct Worker {
     settings: Arc<Settings>,
     /// What begins a test's transaction ([`Inner::begin_sql`]).
     begin: String,
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
     /// Connections other drivers keep between tests ([`crate::driver`]); they go with
     /// the worker when it is reset.
     idle: Mutex<Vec<Box<dyn std::any::Any + Send>>>,
@@ -568,12 +568,12 @@ type Described = Option<(Vec<crate::restore::Table>, Option<u32>)>;
 /// Connections a worker's stash keeps per driver: one test holds a worker at a time, so
 /// more than two are rarely needed; more are closed. The sqlx driver also keeps as
 /// many in its worker pool ([`DRIVER_CONNECTIONS`]).
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
 pub(crate) const IDLE_PER_WORKER: usize = 2;
 
 /// Connections the other drivers keep open per worker besides the worker's pool: the
 /// sqlx driver's stash of test connections and its worker pool's.
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
 const DRIVER_CONNECTIONS: usize = 2 * IDLE_PER_WORKER;
 
 #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
@@ -681,7 +681,7 @@ pub(crate) struct PrimeCheck {
     pub(crate) begin: String,
 }
 
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
 impl PrimeCheck {
     /// `begin`, then the check of the mark (`marked`, a [`mark_source`]) and of
     /// `max_connections` against `needed`: [`provision::State::of`]'s clean, in SQL.
@@ -2149,7 +2149,7 @@ impl Inner {
         let budget =
             (max.max(0) as usize).saturating_sub(RESERVED_CONNECTIONS) / pools_per_server.max(1);
         // Other drivers keep a few connections per worker besides the pool.
-        let others = if cfg!(feature = "sqlx") {
+        let others = if cfg!(any(feature = "sqlx", feature = "sqlx-0_8")) {
             DRIVER_CONNECTIONS
         } else {
             0
@@ -2171,7 +2171,7 @@ impl Inner {
     /// the pool size asked for (else the worker is provisioned the usual way, which
     /// lowers the pool size to fit). The connection goes to the worker's stash, its
     /// test's transaction open, for the first test.
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
     async fn attach_primed(
         &self,
         id: &WorkerId,
@@ -2246,7 +2246,7 @@ impl Inner {
 
     /// The `max_connections` a server needs for every worker's pool of `wanted`
     /// connections and what other drivers keep ([`Inner::fit_pool_size`] in reverse).
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
     fn max_connections_for(&self, wanted: usize) -> usize {
         (wanted + DRIVER_CONNECTIONS) * self.pools_per_server().max(1) + RESERVED_CONNECTIONS
     }

@@ -27,6 +27,8 @@ mod stream;
 mod worker;
 mod worker_pool;
 
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
+pub use config::SqlxMigrator;
 pub use config::{Backend, Config, DEFAULT_IMAGE, DockerNetwork, Env, Isolation, OsEnv, ServerUrl};
 pub use driver::tokio_postgres::{CancelToken, TestDb};
 pub use error::{Error, Result};
@@ -57,7 +59,6 @@ pub use tokio_postgres;
 /// `pgfixture::sqlx::PgPool` and the rest never mismatch your own.
 #[cfg(feature = "sqlx")]
 pub mod sqlx {
-    pub use crate::config::SqlxMigrator;
     pub use crate::driver::sqlx::{TestDb, WorkerPool, worker_db, worker_pool};
     #[doc(no_inline)]
     pub use ::sqlx::*;

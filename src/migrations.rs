@@ -170,7 +170,7 @@ fn refusal(layout: Layout, sqlx: bool) -> Option<String> {
             layout.describe()
         )),
         Layout::Sqlx if !sqlx => Some(format!(
-            "is in {}: enable pgfixture's `sqlx` feature (pgfixture = {{ version = \"...\", features = [\"sqlx\"] }}) to run it through sqlx's migrator",
+            "is in {}: enable pgfixture's `sqlx` feature (pgfixture = {{ version = \"...\", features = [\"sqlx\"] }}), or `sqlx-0_8` for a crate on sqlx 0.8, to run it through sqlx's migrator",
             layout.describe()
         )),
         _ => None,
@@ -179,19 +179,19 @@ fn refusal(layout: Layout, sqlx: bool) -> Option<String> {
 
 /// Where the migrations come from.
 #[derive(Debug, Clone)]
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
 pub(crate) enum Source {
     /// A folder, in the layout found.
     Dir(PathBuf),
     /// A migrator given in code (`#[pgfixture::test(migrator = "...")]`), of either
     /// sqlx major, run by its own.
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     Migrator(crate::config::MigratorRef),
 }
 
 /// The migrations of a run: applied before the fixtures, and part of the templates' key.
 #[derive(Debug, Clone)]
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
 pub(crate) struct Migrations {
     pub(crate) source: Source,
     pub(crate) layout: Layout,
@@ -240,7 +240,7 @@ impl Migrations {
         let Some(layout) = layout(&entries).map_err(folder_error)? else {
             return Ok(None);
         };
-        if let Some(refusal) = refusal(layout, cfg!(feature = "sqlx")) {
+        if let Some(refusal) = refusal(layout, cfg!(any(feature = "sqlx", feature = "sqlx-0_8"))) {
             return Err(folder_error(refusal));
         }
         let mut files = Vec::new();
@@ -274,7 +274,7 @@ impl Migrations {
     }
 
     /// A static sqlx migrator's migrations.
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     pub(crate) fn from_migrator(migrator: crate::config::MigratorRef) -> Self {
         Migrations {
             source: Source::Migrator(migrator),
@@ -292,7 +292,7 @@ impl Migrations {
         if let Some(toml) = &self.sqlx_toml {
             digest.update(toml.key().as_bytes());
         }
-        #[cfg(feature = "sqlx")]
+        #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
         if let Source::Migrator(migrator) = &self.source {
             for m in migrator.migrations() {
                 digest.update(m.version.to_le_bytes());
@@ -329,7 +329,7 @@ impl Migrations {
                 ),
                 None => ("", Vec::new(), dir.clone()),
             },
-            #[cfg(feature = "sqlx")]
+            #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
             Source::Migrator(m) => {
                 let (table, schemas) = m.table_and_schemas();
                 (table, schemas, self.folder())
@@ -356,7 +356,7 @@ impl Migrations {
                     }
                 }
             }
-            #[cfg(feature = "sqlx")]
+            #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
             Source::Migrator(migrator) => {
                 for m in migrator.migrations().into_iter().filter(|m| !m.down) {
                     let path =
@@ -413,6 +413,9 @@ impl Migrations {
             }
             #[cfg(feature = "sqlx")]
             Layout::Sqlx => self.run_sqlx(server, dbname, schema).await,
+            // Without sqlx 0.9, a crate on sqlx 0.8 has its folder run by sqlx 0.8.
+            #[cfg(all(feature = "sqlx-0_8", not(feature = "sqlx")))]
+            Layout::Sqlx => self.run_sqlx_0_8(server, dbname, schema).await,
             _ => {
                 let _ = (server, dbname, schema);
                 unreachable!("refused when loaded")
@@ -438,12 +441,7 @@ impl Migrations {
                 resolve.ignore_chars(toml.ignored_chars);
                 let mut m = Migrator::new(::sqlx::migrate::ResolveWith(dir.clone(), resolve))
                     .await
-                    .map_err(|e| Error::Migration {
-                        path: dir.clone(),
-                        line: None,
-                        statement: None,
-                        message: format!("sqlx's migrator cannot read the folder: {e}"),
-                    })?;
+                    .map_err(|e| unreadable(dir, &e))?;
                 // pgfixture holds its own lock on what it builds.
                 m.set_locking(false);
                 if let Some(table) = toml.table_name {
@@ -457,8 +455,8 @@ impl Migrations {
             }
             Source::Migrator(crate::config::MigratorRef::Sqlx(m)) => m,
             #[cfg(feature = "sqlx-0_8")]
-            Source::Migrator(crate::config::MigratorRef::Sqlx0_8(m)) => {
-                return self.run_sqlx_0_8(m, server, dbname, schema).await;
+            Source::Migrator(crate::config::MigratorRef::Sqlx0_8(_)) => {
+                return self.run_sqlx_0_8(server, dbname, schema).await;
             }
         };
         // Schema mode: the migrations whose shared statements ran once per database
@@ -513,17 +511,34 @@ impl Migrations {
     }
 
     /// Runs a migrator of sqlx 0.8 (the test crate's own, feature `sqlx-0_8`) through
-    /// sqlx 0.8 itself, as [`Migrations::run_sqlx`] runs sqlx 0.9's.
+    /// sqlx 0.8 itself, as `run_sqlx` runs sqlx 0.9's; without sqlx 0.9 (no `sqlx`
+    /// feature), a folder in sqlx's layout too.
     #[cfg(feature = "sqlx-0_8")]
     async fn run_sqlx_0_8(
         &self,
-        given: &'static ::sqlx08::migrate::Migrator,
         server: &crate::server::Server,
         dbname: &str,
         schema: Option<&str>,
     ) -> Result<()> {
         use ::sqlx08::Connection;
         use ::sqlx08::migrate::{MigrateError, Migration, Migrator};
+        let read;
+        let given: &Migrator = match &self.source {
+            Source::Migrator(crate::config::MigratorRef::Sqlx0_8(m)) => m,
+            Source::Dir(dir) => {
+                let mut m = Migrator::new(dir.as_path())
+                    .await
+                    .map_err(|e| unreadable(dir, &e))?;
+                // pgfixture holds its own lock on what it builds.
+                m.set_locking(false);
+                read = m;
+                &read
+            }
+            #[cfg(feature = "sqlx")]
+            Source::Migrator(crate::config::MigratorRef::Sqlx(_)) => {
+                unreachable!("sqlx 0.9's migrator runs through sqlx 0.9")
+            }
+        };
         // Schema mode: as for sqlx 0.9, under the files' checksums.
         let schema_owned;
         let migrator = if self.blanked.is_empty() {
@@ -550,7 +565,7 @@ impl Migrations {
             &schema_owned
         };
         let settings = crate::settings::Settings::new(server, dbname, schema, None);
-        let options = crate::driver::sqlx::kept_0_8::own_connect_options(&settings);
+        let options = crate::driver::sqlx_0_8::own_connect_options(&settings);
         let mut conn = ::sqlx08::PgConnection::connect_with(&options)
             .await
             .map_err(Error::sqlx_0_8(format!(
@@ -568,7 +583,7 @@ impl Migrations {
 
     /// In schema mode, the text migration `version` runs in place of its own, its
     /// shared statements blanked ([`Migrations::for_schemas`]); never for a down one.
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     fn blanked_sql(&self, version: i64, down: bool) -> Option<&str> {
         self.blanked
             .iter()
@@ -577,7 +592,7 @@ impl Migrations {
     }
 
     /// sqlx's migrator failed outside a migration's own SQL.
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     fn failed(&self, error: &dyn std::fmt::Display) -> Error {
         Error::Migration {
             path: self.folder(),
@@ -589,7 +604,7 @@ impl Migrations {
 
     /// The error of migration `version`: its file, line, statement and the server's
     /// message (with the position in its SQL, when the server gave one).
-    #[cfg(feature = "sqlx")]
+    #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
     fn located(&self, version: i64, (message, position): (String, Option<usize>)) -> Error {
         let file = self.files.iter().find(|f| {
             f.path
@@ -637,19 +652,30 @@ impl Migrations {
     }
 
     /// The folder, or what stands for a migrator given in code.
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
     pub(crate) fn folder(&self) -> PathBuf {
         match &self.source {
             Source::Dir(dir) => dir.clone(),
-            #[cfg(feature = "sqlx")]
+            #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
             Source::Migrator(_) => PathBuf::from("<the migrator given to #[pgfixture::test]>"),
         }
     }
 }
 
+/// sqlx's migrator could not read the folder `dir`.
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
+fn unreadable(dir: &Path, error: &dyn std::fmt::Display) -> Error {
+    Error::Migration {
+        path: dir.to_owned(),
+        line: None,
+        statement: None,
+        message: format!("sqlx's migrator cannot read the folder: {error}"),
+    }
+}
+
 /// The server's message of a sqlx error (with its detail and hint) and the position
 /// in the statement it gave; of sqlx 0.9 and, with `sqlx-0_8`, of sqlx 0.8.
-#[cfg(feature = "sqlx")]
+#[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
 macro_rules! error_parts {
     ($name:ident, $sqlx:ident) => {
         fn $name(error: &::$sqlx::Error) -> (String, Option<usize>) {
@@ -883,6 +909,10 @@ mod tests {
     fn layouts_pgfixture_cannot_run_say_what_to_do() {
         let sqlx = refusal(Layout::Sqlx, false).unwrap();
         assert!(sqlx.contains("`sqlx` feature"), "{sqlx}");
+        assert!(
+            sqlx.contains("`sqlx-0_8` for a crate on sqlx 0.8"),
+            "{sqlx}"
+        );
         assert_eq!(refusal(Layout::Sqlx, true), None);
         assert_eq!(refusal(Layout::Plain, false), None);
         for layout in [Layout::Diesel, Layout::Refinery] {
@@ -905,7 +935,7 @@ mod tests {
         }
         let loaded = Migrations::load(&dir, None);
         std::fs::remove_dir_all(&dir).unwrap();
-        if cfg!(feature = "sqlx") {
+        if cfg!(any(feature = "sqlx", feature = "sqlx-0_8")) {
             let m = loaded.unwrap().unwrap();
             let names: Vec<_> = m
                 .files

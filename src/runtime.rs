@@ -180,7 +180,7 @@ where
 /// thread blocks in [`tokio::task::block_in_place`]: a multi-thread runtime (its other
 /// threads, or a new one for this thread's share) other than pgfixture's own. A
 /// current-thread runtime has no other thread, and `block_in_place` refuses it.
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
 pub(crate) fn tasks_run_while_blocked() -> bool {
     Handle::try_current()
         .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
@@ -189,7 +189,7 @@ pub(crate) fn tasks_run_while_blocked() -> bool {
 
 /// A handle's end that a test's scope runs on the test's runtime once the test is over
 /// ([`in_test_scope`]).
-#[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
 pub(crate) trait Deferred: Send {
     /// Ends the handle, on the runtime its connection lives on.
     fn end(self: Box<Self>) -> futures::future::BoxFuture<'static, ()>;

@@ -43,7 +43,7 @@ pub(crate) struct Settings {
     pub(crate) pg_config: tokio_postgres::Config,
     /// What pgfixture's own connections use: through the server's Unix socket when it
     /// has one ([`Server::own_pg_config`]).
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
     pub(crate) own_pg_config: tokio_postgres::Config,
     pub(crate) url: DatabaseUrl,
     /// Through the port published on 127.0.0.1 (Docker); else the same as above.
@@ -53,7 +53,7 @@ pub(crate) struct Settings {
     /// keeps them ([`crate::provision::restart_sequences`]).
     pub(crate) restart_sequences: Option<String>,
     /// Schema mode: the connections' `search_path`, for drivers that set it themselves.
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
     pub(crate) search_path: Option<String>,
 }
 

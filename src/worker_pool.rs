@@ -38,7 +38,7 @@ pub struct WorkerPool {
     pub(crate) before: Option<crate::restore::Reading>,
     /// The worker as it was when the pool was handed out, whose stash keeps what other
     /// drivers keep between tests (the sqlx driver's pool).
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
     pub(crate) state: Arc<crate::fixture::Worker>,
 }
 
@@ -95,7 +95,7 @@ impl WorkerPool {
     /// before it reads the worker ([`crate::fixture::kept_application_name`]): for a
     /// driver whose kept connections were not all back, or not all cleared, when the
     /// test ended. A connection it cannot end makes the release rebuild the worker.
-    #[cfg_attr(not(feature = "sqlx"), allow(dead_code))]
+    #[cfg_attr(not(any(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
     pub(crate) fn end_kept_on_release(&mut self) {
         self.end_kept = true;
     }

@@ -1,5 +1,6 @@
 // The sqlx driver's worker pool ([`WorkerPool`]), written once for each sqlx major
-// pgfixture serves and included into a module per major (`src/driver/sqlx.rs`), which
+// pgfixture serves and included into a module per major (`kept` in `src/driver/sqlx.rs`,
+// and `src/driver/sqlx_0_8.rs`), which
 // brings that major's names into scope: `PgPool`, `PgPoolOptions`, `PgConnection`,
 // `PgConnectOptions`, `PgRow`, `PgTransactionManager`, the traits `Row`, `Column` and
 // `TransactionManager`, `PgSslMode`, `SqlxError`, and the shims `raw_execute`,
@@ -201,8 +202,8 @@ fn new_kept(
 /// Closes the kept pool `worker` holds, and one opening, if any (on pgfixture's
 /// runtime, where their connections live): a worker keeps the pool of one sqlx major
 /// at a time, within the connections its pool size leaves to the drivers.
-#[cfg_attr(not(feature = "sqlx-0_8"), allow(dead_code))]
-pub(super) fn close_kept(worker: &crate::fixture::Worker) {
+#[cfg_attr(not(all(feature = "sqlx", feature = "sqlx-0_8")), allow(dead_code))]
+pub(crate) fn close_kept(worker: &crate::fixture::Worker) {
     let opening = worker.take_idle::<Opening>().map(|Opening { kept, opened }| {
         opened.abort();
         kept

@@ -361,7 +361,8 @@ async fn a_pgfixture_handle_beside(db: pgfixture::TestDb) {
 }
 
 /// sqlx 0.9's types, through pgfixture's re-export, still get pgfixture's sqlx handles
-/// beside sqlx 0.8's (the attribute's code for the crate's own sqlx would fail here).
+/// beside sqlx 0.8's, with both features on (this crate's feature `sqlx-0_9`).
+#[cfg(feature = "sqlx-0_9")]
 #[pgfixture::test]
 async fn a_sqlx_0_9_pool_beside(pool: pgfixture::sqlx::PgPool) {
     let n: i64 = pgfixture::sqlx::query_scalar("SELECT count(*) FROM notes")
@@ -463,6 +464,7 @@ fn the_pool_outlives_the_runtimes_of_tests() {
     );
 }
 
+#[cfg(feature = "sqlx-0_9")]
 /// The connections of the worker's kept sqlx pool open on the server, seen from one
 /// of them (they share its `application_name`), once they have settled: a pool closed
 /// as the other major's was made ends its connections a moment later.
@@ -485,6 +487,7 @@ async fn kept_connections(conn: &mut PgConnection) -> i64 {
 }
 
 /// One sqlx 0.8 test of [`pools_of_both_majors_take_turns`].
+#[cfg(feature = "sqlx-0_9")]
 #[pgfixture::test]
 #[ignore = "run by pools_of_both_majors_take_turns"]
 async fn a_turn_of_sqlx_0_8(pool: PgPool) {
@@ -494,6 +497,7 @@ async fn a_turn_of_sqlx_0_8(pool: PgPool) {
 }
 
 /// One sqlx 0.9 test of [`pools_of_both_majors_take_turns`].
+#[cfg(feature = "sqlx-0_9")]
 #[pgfixture::test]
 #[ignore = "run by pools_of_both_majors_take_turns"]
 async fn a_turn_of_sqlx_0_9(pool: pgfixture::sqlx::PgPool) {
@@ -513,9 +517,11 @@ async fn a_turn_of_sqlx_0_9(pool: pgfixture::sqlx::PgPool) {
     assert!(open <= 4, "{open} kept connections");
 }
 
-/// Tests of sqlx 0.8's `PgPool` and of sqlx 0.9's take turns on one worker: each finds
+/// Tests of sqlx 0.8's `PgPool` and of sqlx 0.9's take turns on one worker (both
+/// features on, this crate's feature `sqlx-0_9`): each finds
 /// the worker as the migrations left it, and the worker keeps the pool of one major at
 /// a time (two connections at most), within what its pool size leaves to the drivers.
+#[cfg(feature = "sqlx-0_9")]
 #[test]
 fn pools_of_both_majors_take_turns() {
     for _ in 0..4 {
