@@ -738,14 +738,18 @@ kill -INT "$pg"
 wait "$pg"
 "#;
         let outside = r#"base=$1 tag=$2 name=$3 data=$4 inside=$5 initdb_args=$6 owner=$7
+# Untagged initialised images of this base that no container uses any more: removed
+# however the builder ends, also when another process's builder built the image or
+# holds the builder's name.
+prune() { docker image prune --force --filter "label=pgfixture.base=$base" >/dev/null 2>&1; }
 # Built meanwhile by another process's builder: committing again would leave that
 # image behind untagged.
-docker image inspect "$tag" >/dev/null 2>&1 && exit 0
+docker image inspect "$tag" >/dev/null 2>&1 && { prune; exit 0; }
 docker rm "$name" >/dev/null 2>&1
 docker run --name "$name" --label pgfixture.initializer=1 \
     -e POSTGRES_USER=postgres -e POSTGRES_PASSWORD -e POSTGRES_DB=postgres \
     -e POSTGRES_INITDB_ARGS="$initdb_args" -e "PGDATA=$data" \
-    "$base" sh -c "$inside" >/dev/null 2>&1 || exit 0
+    "$base" sh -c "$inside" >/dev/null 2>&1 || { prune; exit 0; }
 docker commit --change "LABEL pgfixture.base=$base" --change "LABEL pgfixture.owner=$owner" \
     "$name" "$tag" >/dev/null 2>&1
 docker rm "$name" >/dev/null 2>&1
@@ -755,8 +759,7 @@ docker images --filter "label=pgfixture.base=$base" --format '{{.Repository}}:{{
         of=$(docker image inspect -f '{{index .Config.Labels "pgfixture.owner"}}' "$old" 2>/dev/null)
         case "$of" in "$owner" | "" | "<no value>") docker rmi "$old" >/dev/null 2>&1 ;; esac
     done
-# Untagged initialised images of this base that no container uses any more.
-docker image prune --force --filter "label=pgfixture.base=$base" >/dev/null 2>&1
+prune
 "#;
         let name = format!("pgfixture-initializer-{}", tag.rsplit(':').next().unwrap_or(""));
         detached(
