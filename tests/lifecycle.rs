@@ -734,7 +734,11 @@ async fn reuse_keeps_servers_for_the_next_run_until_idle() {
         );
         let env = [
             ("PGFIXTURE_REUSE", "1"),
-            ("PGFIXTURE_REUSE_IDLE", "6"),
+            // The second and third processes must come within the idle time. 6 s left
+            // 3.5 s for a process's start and its Docker lookups, and CI once saw the
+            // second process start a new server (likely a Docker daemon busy with
+            // another test's image build).
+            ("PGFIXTURE_REUSE_IDLE", "12"),
             ("PGFIXTURE_GRACE", "1"),
             ("PGFIXTURE_RUN_ID", run.as_str()),
             ("PGFIXTURE_ISOLATION", isolation),
