@@ -525,19 +525,6 @@ async fn containers_start_initialised_with_passwords_of_their_own() {
         .await
         .unwrap()
         .id;
-    // A process of another test may have built the image again meanwhile: untagged,
-    // so that the next process builds it (and prunes) for sure.
-    let _ = docker
-        .remove_image(
-            &initialised,
-            Some(
-                bollard::query_parameters::RemoveImageOptionsBuilder::new()
-                    .force(true)
-                    .build(),
-            ),
-            None,
-        )
-        .await;
     let out = run_child(&[
         ("PGFIXTURE_RUN_ID", &common::unique_run("init4")),
         ("PGFIXTURE_ISOLATION", "container"),
