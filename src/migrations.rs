@@ -657,7 +657,7 @@ impl Migrations {
         match &self.source {
             Source::Dir(dir) => dir.clone(),
             #[cfg(any(feature = "sqlx", feature = "sqlx-0_8"))]
-            Source::Migrator(_) => PathBuf::from("<the migrator given to #[pgfixture::test]>"),
+            Source::Migrator(_) => PathBuf::from("<the sqlx migrator given in code>"),
         }
     }
 }
