@@ -2,7 +2,8 @@
 //!
 //! A worker pool hands code under test the worker itself, and its commits are real.
 //! Before and after, the worker is read ([`fingerprint`]): the row counters of every
-//! relation with storage (of the catalogs too, so that any DDL shows), and what no
+//! relation with storage (of the catalogs too, so that any DDL shows; not the
+//! planner's statistics, which an `ANALYZE` writes), and what no
 //! counter sees (settings, privileges, prepared transactions; in schema mode, the
 //! DDL log's last entry for the schema ([`provision::ddl_log`]) and its relations'
 //! files, or where there is no log, the catalog rows of the schema's objects).
@@ -133,12 +134,17 @@ impl Reading {
     }
 }
 
-/// The counters of every relation with storage, catalogs included, that has any.
+/// The counters of every relation with storage, catalogs included, that has any, but
+/// the planner's statistics: `pg_statistic` (2619), `pg_statistic_ext_data` (3429) and
+/// their TOAST tables (2840, 3430), which an `ANALYZE` writes, the autovacuum's too, at
+/// any moment on a server that runs it. Statistics change plans, never what a query
+/// returns; DDL that drops or adds them shows in other catalogs.
 const DATABASE_COUNTERS: &str = "\
 (SELECT string_agg(c.oid || ':' || c.n, ',' ORDER BY c.oid) FROM ( \
    SELECT oid, pg_stat_get_tuples_inserted(oid) || '.' || pg_stat_get_tuples_updated(oid) \
           || '.' || pg_stat_get_tuples_deleted(oid) AS n \
-   FROM pg_class WHERE relkind IN ('r', 't', 'm') AND NOT relisshared) c \
+   FROM pg_class WHERE relkind IN ('r', 't', 'm') AND NOT relisshared \
+    AND oid NOT IN (2619, 2840, 3429, 3430)) c \
  WHERE c.n <> '0.0.0')";
 
 /// A worker database's reading ([`Reading`]): its relations' counters, and as the

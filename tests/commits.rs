@@ -968,6 +968,38 @@ async fn a_worker_pool_that_changes_nothing_needs_no_reset() {
         let db = fixture.worker_db().await.unwrap();
         assert_eq!(pristine(&db).await, fresh, "{change} reached the next test");
     }
+
+    // The planner's statistics, which an `ANALYZE` writes (the autovacuum's too, at any
+    // moment on a server that runs it): no change, with or without rows written.
+    for (change, table, expected) in [
+        ("ANALYZE users", "users", (0, u64::from(!read))),
+        (
+            "INSERT INTO notes (owner, body) SELECT 'analyzed', 'x' FROM generate_series(1, 20); \
+             ANALYZE notes",
+            "notes",
+            put_back(read),
+        ),
+    ] {
+        assert_eq!(
+            through_pool(&fixture, change).await,
+            expected,
+            "{change}: statistics taken for a change"
+        );
+        let db = fixture.worker_db().await.unwrap();
+        assert_eq!(pristine(&db).await, fresh, "{change} reached the next test");
+        if read {
+            // Kept: else the case tested nothing.
+            let kept: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM pg_stats WHERE schemaname = current_schema() AND tablename = $1",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert!(kept > 0, "{change} left no statistics");
+        }
+    }
 }
 
 /// A connection that code under test opened from the pool's settings, still closing as
