@@ -354,18 +354,57 @@ struct Reset {
     keep: Option<Arc<Worker>>,
 }
 
-/// What an acquire is waiting for, reported when it times out.
+/// What an acquire is waiting for, reported when it times out: the step it is on, and
+/// how long it and each step before it took, so that a timeout names where the time
+/// went (a Docker daemon that stalls while the server is looked up, say, rather than
+/// the connection the last second was spent on).
 #[derive(Default)]
-struct Phase(Mutex<String>);
+struct Phase(Mutex<Vec<(String, Instant)>>);
+
+tokio::task_local! {
+    /// The phase of the acquire whose task runs, for the steps of provisioning
+    /// ([`step`]).
+    static PHASE: Arc<Phase>;
+}
+
+/// Records a step of provisioning in the phase of the acquire that runs it, if any.
+fn step(label: impl FnOnce() -> String) {
+    let _ = PHASE.try_with(|phase| phase.set(label()));
+}
 
 impl Phase {
     fn set(&self, phase: String) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = phase;
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((phase, Instant::now()));
     }
 
     fn get(&self) -> String {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        describe_steps(
+            &self.0.lock().unwrap_or_else(|e| e.into_inner()),
+            Instant::now(),
+        )
     }
+}
+
+/// `steps` (what was waited for, from when) as of `now`: the last, and how long each
+/// took.
+fn describe_steps(steps: &[(String, Instant)], now: Instant) -> String {
+    let Some(((last, since), before)) = steps.split_last() else {
+        return "a worker".to_owned();
+    };
+    let secs = |from: Instant, to: Instant| format!("{:.1} s", (to - from).as_secs_f64());
+    let mut text = format!("{last}, for the last {}", secs(*since, now));
+    if !before.is_empty() {
+        let took: Vec<String> = before
+            .iter()
+            .zip(steps.iter().skip(1))
+            .map(|((label, from), (_, to))| format!("{label}: {}", secs(*from, *to)))
+            .collect();
+        text.push_str(&format!(" (before it, {})", took.join("; ")));
+    }
+    text
 }
 
 /// A connection of the maintenance `pool` of `server`.
@@ -1025,9 +1064,13 @@ impl Inner {
     }
 
     /// Runs `work` within the acquire timeout; a timeout reports the last phase.
-    async fn timed<T>(&self, phase: &Phase, work: impl Future<Output = Result<T>>) -> Result<T> {
+    async fn timed<T>(
+        &self,
+        phase: &Arc<Phase>,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         let timeout = self.config.acquire_timeout;
-        match runtime::timeout(timeout, work).await {
+        match runtime::timeout(timeout, PHASE.scope(Arc::clone(phase), work)).await {
             Ok(result) => result,
             Err(_) => Err(Error::AcquireTimeout {
                 timeout,
@@ -1068,7 +1111,7 @@ impl Inner {
         held: Option<Arc<SlotLease>>,
         test: Option<String>,
     ) -> Result<TestDb> {
-        let phase = Phase::default();
+        let phase = Arc::new(Phase::default());
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
@@ -1110,7 +1153,7 @@ impl Inner {
         test: Option<String>,
         primer: Option<Primer>,
     ) -> Result<Checkout> {
-        let phase = Phase::default();
+        let phase = Arc::new(Phase::default());
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
@@ -1143,7 +1186,7 @@ impl Inner {
         held: Option<Arc<SlotLease>>,
         opener: Option<PoolOpener>,
     ) -> Result<WorkerPool> {
-        let phase = Phase::default();
+        let phase = Arc::new(Phase::default());
         let deadline = Instant::now() + self.config.acquire_timeout;
         self.timed(&phase, async {
             let (lease, id) = self.take_worker(held, &phase).await;
@@ -1920,6 +1963,7 @@ impl Inner {
             None => (false, None),
         };
         let worker_name = self.worker_name(id);
+        step(|| format!("the server of worker {id} to be found or started"));
         let server = match self.config.isolation {
             Isolation::Container => {
                 self.server(&format!("{}-w{id}", self.instance), deadline)
@@ -1934,6 +1978,7 @@ impl Inner {
         // where every test restarts the sequences, whose setting only the long way
         // makes sure of; the check's failure there, even to connect, sends the worker
         // the long way, whose error names the fix.
+        step(|| format!("worker {id} to be found on {}", server.name));
         if !reset
             && (!shared_server || !self.config.reset_sequences)
             && let Some(worker) = match primer {
@@ -1957,6 +2002,7 @@ impl Inner {
             tracing::debug!(worker = %id, target = %worker_name, elapsed = ?started.elapsed(), "worker found ready");
             return Ok(worker);
         }
+        step(|| format!("worker {id} to be made on {}", server.name));
         let mark = self.worker_mark();
         let (fixtures, shared_statements) = self.content()?;
         // One maintenance connection for every step; a worker found complete (the
@@ -2389,6 +2435,34 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A timeout names the step it came in and how long every step took, so that the
+    /// time is put where it went.
+    #[test]
+    fn a_timeout_says_how_long_each_step_took() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        assert_eq!(describe_steps(&[], start), "a worker");
+        let steps = vec![
+            ("worker 3 to be provisioned".to_owned(), at(0)),
+            (
+                "the server of worker 3 to be found or started".to_owned(),
+                at(100),
+            ),
+            ("worker 3 to be made on pgfx".to_owned(), at(29_300)),
+            ("a pooled connection of worker 3".to_owned(), at(29_800)),
+        ];
+        assert_eq!(
+            describe_steps(&steps[..1], at(30_000)),
+            "worker 3 to be provisioned, for the last 30.0 s"
+        );
+        assert_eq!(
+            describe_steps(&steps, at(30_000)),
+            "a pooled connection of worker 3, for the last 0.2 s (before it, worker 3 to be \
+             provisioned: 0.1 s; the server of worker 3 to be found or started: 29.2 s; \
+             worker 3 to be made on pgfx: 0.5 s)"
+        );
+    }
 
     /// The release ends the connections of its worker pool's name still open: two
     /// workers of one id in two configurations (or runs) never share it, even with

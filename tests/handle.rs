@@ -227,7 +227,12 @@ async fn waiting_for_a_busy_slot_times_out_with_a_clear_error() {
     held_rx.recv().unwrap();
     match fixture.worker_db().await {
         Err(pgfixture::Error::AcquireTimeout { waiting_for, .. }) => {
-            assert!(waiting_for.contains("free worker slot"), "{waiting_for}")
+            assert!(waiting_for.contains("free worker slot"), "{waiting_for}");
+            // The one step it was on, and for how long.
+            assert!(
+                waiting_for.contains(", for the last ") && !waiting_for.contains("before it"),
+                "{waiting_for}"
+            );
         }
         other => panic!("expected an acquire timeout, got {other:?}"),
     }
