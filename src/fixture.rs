@@ -397,10 +397,9 @@ fn describe_steps(steps: &[(String, Instant)], now: Instant) -> String {
     let secs = |from: Instant, to: Instant| format!("{:.1} s", (to - from).as_secs_f64());
     let mut text = format!("{last}, for the last {}", secs(*since, now));
     if !before.is_empty() {
-        let took: Vec<String> = before
-            .iter()
-            .zip(steps.iter().skip(1))
-            .map(|((label, from), (_, to))| format!("{label}: {}", secs(*from, *to)))
+        let took: Vec<String> = steps
+            .windows(2)
+            .map(|w| format!("{}: {}", w[0].0, secs(w[0].1, w[1].1)))
             .collect();
         text.push_str(&format!(" (before it, {})", took.join("; ")));
     }
@@ -1063,7 +1062,8 @@ impl Inner {
         &self.config
     }
 
-    /// Runs `work` within the acquire timeout; a timeout reports the last phase.
+    /// Runs `work` within the acquire timeout, with `phase` for the steps of provisioning
+    /// ([`step`]); a timeout reports the steps and how long each took.
     async fn timed<T>(
         &self,
         phase: &Arc<Phase>,
