@@ -480,6 +480,21 @@ async fn containers_start_initialised_with_passwords_of_their_own() {
         .build()
         .unwrap();
     let held = third.worker_db().await.unwrap();
+    // The builder also removes the untagged initialised images of this base that no
+    // container uses, such as one left by a rebuild under the same tag: here, one made
+    // for it before the tag goes, so that whichever build comes next (this test's
+    // child's, or one another test's container creation starts) runs after it.
+    let orphan = docker
+        .commit_container(
+            bollard::query_parameters::CommitContainerOptionsBuilder::default()
+                .container(containers[0].id.as_deref().unwrap())
+                .changes(&format!("LABEL pgfixture.base={base}"))
+                .build(),
+            bollard::models::ContainerConfig::default(),
+        )
+        .await
+        .unwrap()
+        .id;
     let options = bollard::query_parameters::RemoveImageOptionsBuilder::new()
         .force(true)
         .build();
@@ -511,20 +526,9 @@ async fn containers_start_initialised_with_passwords_of_their_own() {
         .collect();
     assert!(images.contains(&base), "{images:?}");
 
-    // The next process finds no initialised image and has it built again. The builder
-    // also removes the untagged initialised images of this base that no container
-    // uses, such as one left by a rebuild under the same tag: here, one made for it.
-    let orphan = docker
-        .commit_container(
-            bollard::query_parameters::CommitContainerOptionsBuilder::default()
-                .container(containers[0].id.as_deref().unwrap())
-                .changes(&format!("LABEL pgfixture.base={base}"))
-                .build(),
-            bollard::models::ContainerConfig::default(),
-        )
-        .await
-        .unwrap()
-        .id;
+    // The next process finds no initialised image and has it built again, unless a
+    // container creation of another test had it built meanwhile. Either way a build
+    // ran after the orphan below was made, and removed it.
     let out = run_child(&[
         ("PGFIXTURE_RUN_ID", &common::unique_run("init4")),
         ("PGFIXTURE_ISOLATION", "container"),
