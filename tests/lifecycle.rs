@@ -528,7 +528,7 @@ async fn containers_start_initialised_with_passwords_of_their_own() {
 
     // The next process finds no initialised image and has it built again, unless a
     // container creation of another test had it built meanwhile. Either way a build
-    // ran after the orphan below was made, and removed it.
+    // ran after the orphan above was made, and removed it.
     let out = run_child(&[
         ("PGFIXTURE_RUN_ID", &common::unique_run("init4")),
         ("PGFIXTURE_ISOLATION", "container"),
